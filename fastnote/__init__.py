@@ -1,0 +1,18 @@
+"""fastnote: fused Triton and CUDA kernels for GAN and vision-transformer training.
+
+The public API is flat: ``from fastnote import hard_swish``. Drop-in modules live in
+``fastnote.nn``; the plain-PyTorch oracle in ``fastnote.reference``.
+"""
+from . import reference
+from .ops.hardswish import hard_sigmoid, hard_swish
+from .ops.squeeze_excitation import hswish_se, squeeze_excitation
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "hard_sigmoid",
+    "hard_swish",
+    "hswish_se",
+    "squeeze_excitation",
+    "reference",
+]

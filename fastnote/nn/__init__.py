@@ -1,0 +1,5 @@
+"""Drop-in nn.Modules built on fastnote.ops, with the parameter names existing checkpoints use."""
+from .activation import Hardsigmoid, Hardswish
+from .squeeze_excitation import SqueezeExcitation
+
+__all__ = ["Hardsigmoid", "Hardswish", "SqueezeExcitation"]

@@ -1,0 +1,1 @@
+"""Module utilities (spectral norm front ends)."""

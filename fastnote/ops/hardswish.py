@@ -1,0 +1,73 @@
+"""hard_swish(x) = x * relu6(x + 3) / 6 and hard_sigmoid(x) = relu6(x + 3) / 6 (SPEC.md section 1),
+with torch's exact gradients at the kinks x = -3 and x = 3."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import backend, checks, reference
+
+_REFERENCE = {"hard_swish": reference.hard_swish, "hard_sigmoid": reference.hard_sigmoid}
+
+
+@torch.library.custom_op("fastnote::hard_activation", mutates_args=())
+def _forward_op(x: Tensor, kind: str) -> Tensor:
+    from ..triton_kernels import hardswish as kernels
+
+    x = x.contiguous()
+    return kernels.forward(x, kind, backend.empty(x.shape, x.dtype, x.device))
+
+
+@_forward_op.register_fake
+def _(x, kind):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("fastnote::hard_activation_backward", mutates_args=())
+def _backward_op(grad: Tensor, x: Tensor, kind: str) -> Tensor:
+    from ..triton_kernels import hardswish as kernels
+
+    x = x.contiguous()
+    grad = grad.to(x.dtype).contiguous()
+    return kernels.backward(grad, x, kind, backend.empty(x.shape, x.dtype, x.device))
+
+
+@_backward_op.register_fake
+def _(grad, x, kind):
+    return x.new_empty(x.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    x, kind = inputs
+    ctx.save_for_backward(x)
+    ctx.kind = kind
+
+
+def _backward(ctx, grad):
+    (x,) = ctx.saved_tensors
+    return _backward_op(grad, x, ctx.kind), None
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _apply(x: Tensor, kind: str) -> Tensor:
+    checks.tensor("x", x)
+    if not backend.use_triton(x.device):
+        return _REFERENCE[kind](x)
+    return _forward_op(x, kind)
+
+
+def hard_swish(x: Tensor) -> Tensor:
+    """``x * relu6(x + 3) / 6``, elementwise; any shape, fp32/fp16/bf16, output in x's dtype.
+
+    >>> import torch, fastnote
+    >>> fastnote.hard_swish(torch.tensor([-4.0, 0.0, 1.0, 4.0]))
+    tensor([-0.0000,  0.0000,  0.6667,  4.0000])
+    """
+    return _apply(x, "hard_swish")
+
+
+def hard_sigmoid(x: Tensor) -> Tensor:
+    """``relu6(x + 3) / 6``, elementwise; any shape, fp32/fp16/bf16, output in x's dtype."""
+    return _apply(x, "hard_sigmoid")

@@ -1,0 +1,66 @@
+"""Build and install fastnote.
+
+The Triton kernels live in ``triton_kernels/`` and install as ``fastnote.triton_kernels``
+(never as a top-level ``triton_kernels``: that import name belongs to another PyPI project).
+The C++/CUDA extension ``fastnote._C`` is built from ``csrc/`` (see ``extensions()``).
+
+Install with ``pip install --no-build-isolation -e .``: build isolation would download a
+multi-GB CUDA torch just to compile against.
+"""
+import glob
+import os
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def extensions():
+    """``fastnote._C``: C++ always; CUDA sources too when a toolkit and a CUDA torch are present,
+    or when FORCE_CUDA=1 (then TORCH_CUDA_ARCH_LIST gets a default, since with no GPU torch cannot
+    pick one). Returns ([], {}) while csrc/ holds no sources."""
+    cpp = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    cu = sorted(glob.glob(os.path.join("csrc", "*.cu")))
+    if not cpp:
+        return [], {}
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+    force = os.environ.get("FORCE_CUDA", "0") == "1"
+    use_cuda = bool(cu) and CUDA_HOME is not None and (torch.version.cuda is not None or force)
+    cxx = ["-O3", "-std=c++17"]
+    if use_cuda:
+        if force and not torch.cuda.is_available():
+            os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        ext = CUDAExtension(
+            "fastnote._C",
+            cpp + cu,
+            define_macros=[("FASTNOTE_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+        )
+    else:
+        ext = CppExtension("fastnote._C", cpp, extra_compile_args={"cxx": cxx})
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = extensions()
+
+setup(
+    name="fastnote-kernels",
+    version="0.1.0",
+    description="Fused Triton and CUDA kernels for GAN and vision-transformer training",
+    long_description=open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    if os.path.exists(os.path.join(ROOT, "README.md"))
+    else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=["fastnote", "fastnote.ops", "fastnote.nn", "fastnote.nn.utils", "fastnote.triton_kernels"],
+    package_dir={"fastnote": "fastnote", "fastnote.triton_kernels": "triton_kernels"},
+    install_requires=["torch>=2.6", "triton>=3.2", "numpy"],
+    extras_require={
+        "test": ["pytest", "hypothesis", "pytest-benchmark"],
+        "bench": ["matplotlib"],
+    },
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

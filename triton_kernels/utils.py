@@ -1,0 +1,47 @@
+"""Launch helpers shared by the kernels."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# One program per BLOCK elements for streaming kernels. Large enough that the interpreter (which
+# runs programs one after another) stays fast, and that each GPU program moves >= 16 KB.
+ELEMENTWISE_BLOCK = 4096
+ELEMENTWISE_WARPS = 8
+
+
+def next_pow2(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def dot_precision() -> str:
+    """``input_precision`` for ``tl.dot`` on fp32 inputs, from torch's own setting: TF32 only when
+    the user allowed it (``torch.set_float32_matmul_precision('high'|'medium')`` or
+    ``torch.backends.cuda.matmul.allow_tf32``), else exact IEEE fp32 as the interpreter computes."""
+    if torch.get_float32_matmul_precision() != "highest" or torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+@triton.jit
+def hard_swish_f32(x):
+    # Same operation order as torch's kernel: x * min(max(x + 3, 0), 6) / 6.
+    return x * tl.minimum(tl.maximum(x + 3.0, 0.0), 6.0) / 6.0
+
+
+@triton.jit
+def hard_swish_grad_f32(x):
+    # torch's hardswish_backward: 0 for x <= -3, x/3 + 1/2 for -3 < x < 3, 1 for x >= 3.
+    return tl.where(x <= -3.0, 0.0, tl.where(x < 3.0, x / 3.0 + 0.5, 1.0))
+
+
+@triton.jit
+def hard_sigmoid_f32(x):
+    return tl.minimum(tl.maximum(x + 3.0, 0.0), 6.0) / 6.0
+
+
+@triton.jit
+def hard_sigmoid_grad_f32(x):
+    # torch's hardsigmoid_backward: 1/6 strictly inside (-3, 3), else 0.
+    return tl.where((x > -3.0) & (x < 3.0), 1.0 / 6.0, 0.0)
