@@ -54,3 +54,11 @@ def pytest_report_header(config):
         tv = "absent"
     mode = "GPU " + _t.cuda.get_device_name(0) if HAS_CUDA else "no GPU: Triton interpreter on"
     return f"fastnote: torch {_t.__version__}, triton {tv}, {mode}"
+
+
+@pytest.fixture
+def compile_backend():
+    """torch.compile backend for the fullgraph tests: inductor on a GPU; on the CPU under the
+    interpreter aot_eager, which traces the same graph (dynamo + fake tensors + autograd) without
+    spending minutes in the C++ compiler on two cores."""
+    return "inductor" if HAS_CUDA else "aot_eager"
