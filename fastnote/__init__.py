@@ -3,7 +3,7 @@
 The public API is flat: ``from fastnote import hard_swish``. Drop-in modules live in
 ``fastnote.nn``; the plain-PyTorch oracle in ``fastnote.reference``.
 """
-from . import reference
+from . import nn, reference
 from .ops.hardswish import hard_sigmoid, hard_swish
 from .ops.squeeze_excitation import hswish_se, squeeze_excitation
 
@@ -14,5 +14,6 @@ __all__ = [
     "hard_swish",
     "hswish_se",
     "squeeze_excitation",
+    "nn",
     "reference",
 ]

@@ -4,22 +4,20 @@ from __future__ import annotations
 from torch import nn
 
 from ..ops.squeeze_excitation import squeeze_excitation
+from .activation import Hardsigmoid, Hardswish
 
-_ACTIVATIONS = {nn.ReLU: "relu", nn.SiLU: "silu", nn.Hardswish: "hard_swish"}
-_GATES = {nn.Hardsigmoid: "hard_sigmoid", nn.Sigmoid: "sigmoid"}
+_ACTIVATIONS = {nn.ReLU: "relu", nn.SiLU: "silu", nn.Hardswish: "hard_swish", Hardswish: "hard_swish"}
+_GATES = {nn.Hardsigmoid: "hard_sigmoid", Hardsigmoid: "hard_sigmoid", nn.Sigmoid: "sigmoid"}
 
 
-def _name(kind: str, cls, table) -> str:
+def _name(kind: str, activation, table) -> str:
+    """The op's name for an activation given as a class (torchvision's convention) or instance."""
+    cls = activation if isinstance(activation, type) else type(activation)
     for base, name in table.items():
-        if isinstance(cls, type) and issubclass(cls, base):
+        if issubclass(cls, base):
             return name
-        if cls.__class__.__name__ == base.__name__:  # fastnote's own Hardswish/Hardsigmoid
-            return name
-    for base, name in table.items():
-        if getattr(cls, "__name__", None) == base.__name__:
-            return name
-    names = ", ".join(f"nn.{b.__name__}" for b in table)
-    raise ValueError(f"{kind} must be one of ({names}), got {cls!r}")
+    names = ", ".join(f"nn.{b.__name__}" for b in table if b.__module__.startswith("torch"))
+    raise ValueError(f"{kind} must be one of ({names}), got {activation!r}")
 
 
 class SqueezeExcitation(nn.Module):

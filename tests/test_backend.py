@@ -1,0 +1,69 @@
+"""The backend switch, the NaN-poisoned allocator, input checks and the tolerance table."""
+import pytest
+import torch
+
+import fastnote
+from fastnote import backend, checks, testing
+
+
+def test_switch(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("FASTNOTE_BACKEND", "reference")
+    assert backend.use_triton(cpu) is False
+    monkeypatch.setenv("FASTNOTE_BACKEND", "auto")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert backend.use_triton(cpu) is True
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert backend.use_triton(cpu) is False
+    monkeypatch.setenv("FASTNOTE_BACKEND", "triton")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        backend.use_triton(cpu)
+    monkeypatch.setenv("FASTNOTE_BACKEND", "fast")
+    with pytest.raises(ValueError, match="FASTNOTE_BACKEND"):
+        backend.use_triton(cpu)
+
+
+def test_reference_backend_bypasses_kernels(monkeypatch):
+    calls = []
+    from fastnote.ops import hardswish as op_module
+
+    real = op_module._forward_op
+    monkeypatch.setattr(op_module, "_forward_op", lambda *a: calls.append(a) or real(*a))
+    x = torch.randn(10)
+    monkeypatch.setenv("FASTNOTE_BACKEND", "reference")
+    fastnote.hard_swish(x)
+    assert calls == []
+    if backend.interpreter_on():
+        monkeypatch.setenv("FASTNOTE_BACKEND", "auto")
+        fastnote.hard_swish(x)
+        assert len(calls) == 1
+
+
+def test_poisoned_allocations(monkeypatch):
+    monkeypatch.setenv("FASTNOTE_POISON_ALLOC", "1")
+    assert torch.isnan(backend.empty((3, 4), torch.float16, torch.device("cpu"))).all()
+    monkeypatch.setenv("FASTNOTE_POISON_ALLOC", "0")
+    assert backend.empty((3, 4), torch.float32, torch.device("cpu")).shape == (3, 4)
+
+
+def test_checks_messages():
+    with pytest.raises(ValueError, match=r"q must have 4 dimensions, got shape \(2, 3\)"):
+        checks.tensor("q", torch.zeros(2, 3), ndim=4)
+    with pytest.raises(ValueError, match=r"bias must have shape \[3, \*\], got \[2, 2\]"):
+        checks.shape("bias", torch.zeros(2, 2), [3, None])
+    with pytest.raises(TypeError, match="one dtype"):
+        checks.same_dtype(q=torch.zeros(1), k=torch.zeros(1, dtype=torch.float16))
+    with pytest.raises(ValueError, match="nce_T must be > 0"):
+        checks.positive("nce_T", 0.0)
+    with pytest.raises(ValueError, match="nce_T must be > 0"):
+        checks.positive("nce_T", float("nan"))
+
+
+def test_tolerance_table():
+    assert testing.tolerance(torch.float32, "elementwise") == (1e-5, 1e-5)
+    assert testing.tolerance(torch.float32, "two_matmul") == (2e-4, 2e-4)
+    assert testing.tolerance(torch.float16, "two_matmul") == (3e-2, 3e-2)
+    assert testing.tolerance(torch.bfloat16, "reduction") == (2e-2, 2e-2)
+    with pytest.raises(AssertionError):
+        testing.assert_close(torch.tensor([1.0 + 1e-3]), torch.tensor([1.0]), "elementwise")
+    testing.assert_close(torch.tensor([1.0 + 1e-6]), torch.tensor([1.0]), "elementwise")
