@@ -1,0 +1,67 @@
+# Sourced by scripts/main.sh and scripts/test.sh: installs what is missing, then the project.
+# Leaves $PY pointing at the interpreter to use.
+#
+# - A Python that already has torch (e.g. a GPU image) is used as it is.
+# - Otherwise a virtual environment .venv/ is made; torch comes as the CPU wheel
+#   (torch==2.13.0) unless an NVIDIA driver is present, never the multi-GB CUDA build by accident.
+# - Packages already importable are not reinstalled, so a machine without a registry works
+#   when they are there.
+# - The project installs editable without build isolation (isolation would download a CUDA torch
+#   just to compile the extension against).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+log() { printf '[setup] %s\n' "$*"; }
+
+PY=${PYTHON:-}
+if [ -z "$PY" ]; then
+  if [ -x .venv/bin/python ]; then
+    PY=.venv/bin/python
+  elif python3 -c "import torch" >/dev/null 2>&1; then
+    PY=$(command -v python3)
+  else
+    log "creating .venv"
+    python3 -m venv .venv
+    PY=.venv/bin/python
+  fi
+fi
+log "python: $PY"
+
+# pip's status is kept; only its noise about absent local index folders is filtered.
+pip_install() {
+  "$PY" -m pip install --disable-pip-version-check -q "$@" 2>&1 | { grep -v '^WARNING: Location' || true; }
+  return "${PIPESTATUS[0]}"
+}
+has() { "$PY" -c "import $1" >/dev/null 2>&1; }
+
+if ! has torch; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
+    log "installing torch (CUDA build: an NVIDIA driver is present)"
+    pip_install "torch>=2.6" || exit 1
+  else
+    log "installing torch==2.13.0 (CPU wheel)"
+    pip_install torch==2.13.0 || exit 1
+  fi
+fi
+missing=()
+for pair in triton:triton numpy:numpy pytest:pytest hypothesis:hypothesis pytest_benchmark:pytest-benchmark \
+            matplotlib:matplotlib ninja:ninja setuptools:setuptools wheel:wheel; do
+  has "${pair%%:*}" || missing+=("${pair#*:}")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  log "installing: ${missing[*]}"
+  pip_install "${missing[@]}" || exit 1
+fi
+for mod in torch triton pytest; do
+  has "$mod" || { log "could not install $mod"; exit 1; }
+done
+
+log "installing fastnote (editable, builds fastnote._C)"
+pip_install --no-build-isolation --no-deps -e . || { log "installing fastnote failed"; exit 1; }
+"$PY" -c "import fastnote" || { log "fastnote does not import"; exit 1; }
+"$PY" - <<'PYEOF'
+import torch, triton
+print(f"[setup] torch {torch.__version__}, triton {triton.__version__}, "
+      f"GPU: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}")
+PYEOF
+export PY
