@@ -206,3 +206,17 @@ def test_module_drop_in(eager_cls, scale_activation, device):
 def test_module_rejects_unknown_activation():
     with pytest.raises(ValueError, match="activation must be one of"):
         fastnote.nn.SqueezeExcitation(8, 4, activation=nn.GELU)
+
+
+def test_wide_squeeze_takes_reference_path(device):
+    # Squeeze widths past MAX_SQUEEZE are not held on chip: the op falls back to the reference.
+    from fastnote.ops.squeeze_excitation import MAX_SQUEEZE
+
+    _check(fastnote.hswish_se, reference.hswish_se, _inputs(1, 4, 2, 2, MAX_SQUEEZE + 1, device), "relu", "sigmoid")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_weights(dtype, device):
+    # A model converted with .half()/.bfloat16(): weights and activations in the same half dtype.
+    x, w1, b1, w2, b2 = (p.detach().to(dtype).requires_grad_() for p in _inputs(2, 24, 6, 6, 8, device))
+    _check(fastnote.squeeze_excitation, reference.squeeze_excitation, (x, w1, b1, w2, b2), "silu", "sigmoid")

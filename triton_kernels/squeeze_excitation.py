@@ -3,10 +3,12 @@
 With ``y = pre(x)`` (identity, or hard_swish for ``hswish_se``) and ``g = gate(MLP(mean_hw(y)))``:
 
 forward   pass 1 ``plane_reduce``: s[b, c] = mean_hw y             reads x
-          (the tiny MLP on s runs in torch, fp32)
+          ``mlp_forward``: g = gate(fc2(act(fc1(s))))  one program per image
+
           pass 2 ``apply``:        out = y * g[b, c]              reads x, writes out
 backward  pass A ``plane_reduce``: dg[b, c] = sum_hw grad * y      reads grad, x
-          (MLP backward in torch gives ds)
+          ``mlp_backward``: dz2, dz1, ds per image; the weight gradients
+                           dW = dZ^T @ S are two small matmuls in torch
           pass B ``input_grad``:   dx = (grad * g + ds / HW) * pre'(x)   reads grad, x, writes dx
 
 Minimum traffic, with T = B*C*H*W*itemsize: forward 3T, backward 5T (eager PyTorch with a
@@ -19,7 +21,20 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import ELEMENTWISE_BLOCK, ELEMENTWISE_WARPS, hard_swish_f32, hard_swish_grad_f32, next_pow2
+from .utils import (
+    ELEMENTWISE_BLOCK,
+    ELEMENTWISE_WARPS,
+    hard_sigmoid_f32,
+    hard_sigmoid_grad_f32,
+    hard_swish_f32,
+    hard_swish_grad_f32,
+    next_pow2,
+    sigmoid_f32,
+)
+
+# Codes for the constexpr switches of the MLP kernels.
+ACTIVATION_CODES = {"relu": 0, "silu": 1, "hard_swish": 2}
+GATE_CODES = {"hard_sigmoid": 0, "sigmoid": 1}
 
 
 @triton.jit
@@ -116,3 +131,139 @@ def input_grad(grad, x, g, ds, hswish: bool, out: torch.Tensor) -> torch.Tensor:
             HSWISH=hswish, BLOCK=ELEMENTWISE_BLOCK, num_warps=ELEMENTWISE_WARPS,
         )
     return out
+
+
+@triton.jit
+def _act(z, ACT: tl.constexpr):
+    if ACT == 0:
+        return tl.maximum(z, 0.0)
+    elif ACT == 1:
+        return z * sigmoid_f32(z)
+    else:
+        return hard_swish_f32(z)
+
+
+@triton.jit
+def _act_grad(z, ACT: tl.constexpr):
+    # torch's formulas: threshold_backward (0 at z = 0), silu_backward, hardswish_backward.
+    if ACT == 0:
+        return tl.where(z > 0.0, 1.0, 0.0)
+    elif ACT == 1:
+        sg = sigmoid_f32(z)
+        return sg * (1.0 + z * (1.0 - sg))
+    else:
+        return hard_swish_grad_f32(z)
+
+
+@triton.jit
+def _gate(z, GATE: tl.constexpr):
+    if GATE == 0:
+        return hard_sigmoid_f32(z)
+    else:
+        return sigmoid_f32(z)
+
+
+@triton.jit
+def _gate_grad(z, GATE: tl.constexpr):
+    if GATE == 0:
+        return hard_sigmoid_grad_f32(z)
+    else:
+        sg = sigmoid_f32(z)
+        return sg * (1.0 - sg)
+
+
+@triton.jit
+def _hidden(s_ptr, w1_ptr, b1_ptr, b, C, CR, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+    """z1 = fc1(s[b]) as a [BLOCK_R] fp32 vector (rows past CR are 0)."""
+    rs = tl.arange(0, BLOCK_R)
+    r_mask = rs < CR
+    acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cs = c0 + tl.arange(0, BLOCK_C)
+        c_mask = cs < C
+        s = tl.load(s_ptr + b * C + cs, mask=c_mask, other=0.0)
+        w = tl.load(w1_ptr + rs[:, None] * C + cs[None, :], mask=r_mask[:, None] & c_mask[None, :],
+                    other=0.0).to(tl.float32)
+        acc += tl.sum(w * s[None, :], axis=1)
+    return acc + tl.load(b1_ptr + rs, mask=r_mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _mlp_forward_kernel(s_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, g_ptr, C, CR,
+                        ACT: tl.constexpr, GATE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    rs = tl.arange(0, BLOCK_R)
+    r_mask = rs < CR
+    a = tl.where(r_mask, _act(_hidden(s_ptr, w1_ptr, b1_ptr, b, C, CR, BLOCK_C, BLOCK_R), ACT), 0.0)
+    for c0 in range(0, C, BLOCK_C):
+        cs = c0 + tl.arange(0, BLOCK_C)
+        c_mask = cs < C
+        w = tl.load(w2_ptr + cs[:, None] * CR + rs[None, :], mask=c_mask[:, None] & r_mask[None, :],
+                    other=0.0).to(tl.float32)
+        z2 = tl.sum(w * a[None, :], axis=1) + tl.load(b2_ptr + cs, mask=c_mask, other=0.0).to(tl.float32)
+        tl.store(g_ptr + b * C + cs, _gate(z2, GATE), mask=c_mask)
+
+
+@triton.jit
+def _mlp_backward_kernel(s_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, dg_ptr, a_ptr, dz1_ptr, dz2_ptr, ds_ptr, C, CR,
+                         ACT: tl.constexpr, GATE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+    # Per image b: recompute z1, a, z2; dz2 = dg * gate'(z2); da = W2^T dz2; dz1 = da * act'(z1);
+    # ds = W1^T dz1. Writes a, dz1 [B, CR] and dz2, ds [B, C] for the weight gradients.
+    b = tl.program_id(0).to(tl.int64)
+    rs = tl.arange(0, BLOCK_R)
+    r_mask = rs < CR
+    z1 = _hidden(s_ptr, w1_ptr, b1_ptr, b, C, CR, BLOCK_C, BLOCK_R)
+    a = tl.where(r_mask, _act(z1, ACT), 0.0)
+    tl.store(a_ptr + b * CR + rs, a, mask=r_mask)
+    da = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cs = c0 + tl.arange(0, BLOCK_C)
+        c_mask = cs < C
+        w = tl.load(w2_ptr + cs[:, None] * CR + rs[None, :], mask=c_mask[:, None] & r_mask[None, :],
+                    other=0.0).to(tl.float32)
+        z2 = tl.sum(w * a[None, :], axis=1) + tl.load(b2_ptr + cs, mask=c_mask, other=0.0).to(tl.float32)
+        dz2 = tl.load(dg_ptr + b * C + cs, mask=c_mask, other=0.0) * _gate_grad(z2, GATE)
+        dz2 = tl.where(c_mask, dz2, 0.0)
+        tl.store(dz2_ptr + b * C + cs, dz2, mask=c_mask)
+        da += tl.sum(w * dz2[:, None], axis=0)
+    dz1 = tl.where(r_mask, da * _act_grad(z1, ACT), 0.0)
+    tl.store(dz1_ptr + b * CR + rs, dz1, mask=r_mask)
+    for c0 in range(0, C, BLOCK_C):
+        cs = c0 + tl.arange(0, BLOCK_C)
+        c_mask = cs < C
+        w = tl.load(w1_ptr + rs[:, None] * C + cs[None, :], mask=r_mask[:, None] & c_mask[None, :],
+                    other=0.0).to(tl.float32)
+        tl.store(ds_ptr + b * C + cs, tl.sum(w * dz1[:, None], axis=0), mask=c_mask)
+
+
+def _mlp_blocks(C: int, CR: int):
+    block_r = next_pow2(CR)
+    return max(1, min(next_pow2(C), 8192 // block_r)), block_r
+
+
+def mlp_forward(s, w1, b1, w2, b2, activation: str, gate: str) -> torch.Tensor:
+    """g = gate(fc2(act(fc1(s)))) in fp32 [B, C]; weights contiguous [CR, C], [C, CR]."""
+    B, C = s.shape
+    CR = w1.shape[0]
+    g = torch.empty((B, C), dtype=torch.float32, device=s.device)
+    if B:
+        block_c, block_r = _mlp_blocks(C, CR)
+        _mlp_forward_kernel[(B,)](s, w1, b1, w2, b2, g, C, CR, ACT=ACTIVATION_CODES[activation],
+                                  GATE=GATE_CODES[gate], BLOCK_C=block_c, BLOCK_R=block_r, num_warps=4)
+    return g
+
+
+def mlp_backward(s, w1, b1, w2, b2, dg, activation: str, gate: str):
+    """Returns (ds, dw1, db1, dw2, db2) in fp32 for dg = dL/dg [B, C]."""
+    B, C = s.shape
+    CR = w1.shape[0]
+    a = torch.empty((B, CR), dtype=torch.float32, device=s.device)
+    dz1 = torch.empty_like(a)
+    dz2 = torch.empty((B, C), dtype=torch.float32, device=s.device)
+    ds = torch.empty_like(dz2)
+    if B:
+        block_c, block_r = _mlp_blocks(C, CR)
+        _mlp_backward_kernel[(B,)](s, w1, b1, w2, b2, dg, a, dz1, dz2, ds, C, CR,
+                                   ACT=ACTIVATION_CODES[activation], GATE=GATE_CODES[gate],
+                                   BLOCK_C=block_c, BLOCK_R=block_r, num_warps=4)
+    return ds, dz1.t() @ s, dz1.sum(0), dz2.t() @ a, dz2.sum(0)

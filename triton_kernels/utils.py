@@ -45,3 +45,8 @@ def hard_sigmoid_f32(x):
 def hard_sigmoid_grad_f32(x):
     # torch's hardsigmoid_backward: 1/6 strictly inside (-3, 3), else 0.
     return tl.where((x > -3.0) & (x < 3.0), 1.0 / 6.0, 0.0)
+
+
+@triton.jit
+def sigmoid_f32(x):
+    return 1.0 / (1.0 + tl.exp(-x))

@@ -6,34 +6,15 @@ from __future__ import annotations
 from typing import List, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .. import backend, checks, reference
 
 ACTIVATIONS = ("relu", "silu", "hard_swish")
 GATES = ("hard_sigmoid", "sigmoid")
-
-_ACT = {"relu": F.relu, "silu": F.silu, "hard_swish": F.hardswish}
-_ACT_GRAD = {
-    "relu": lambda grad, z: torch.ops.aten.threshold_backward(grad, z, 0),
-    "silu": torch.ops.aten.silu_backward,
-    "hard_swish": torch.ops.aten.hardswish_backward,
-}
-_GATE = {"hard_sigmoid": F.hardsigmoid, "sigmoid": torch.sigmoid}
-_GATE_GRAD = {
-    "hard_sigmoid": lambda grad, z, g: torch.ops.aten.hardsigmoid_backward(grad, z),
-    "sigmoid": lambda grad, z, g: torch.ops.aten.sigmoid_backward(grad, g),
-}
-
-
-def _mlp(s, w1, b1, w2, b2, activation, gate):
-    """The excitation MLP in fp32 on the pooled means s [B, C]; returns its intermediates."""
-    z1 = torch.addmm(b1.float(), s, w1.float().t())
-    a = _ACT[activation](z1)
-    z2 = torch.addmm(b2.float(), a, w2.float().t())
-    return z1, a, z2, _GATE[gate](z2)
-
+# The excitation MLP runs one program per image holding the squeeze vector on chip; wider
+# squeezes (none in MobileNetV3/EfficientNet) take the reference path.
+MAX_SQUEEZE = 1024
 
 @torch.library.custom_op("fastnote::squeeze_excitation", mutates_args=())
 def _forward_op(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
@@ -42,7 +23,7 @@ def _forward_op(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
 
     x = x.contiguous()
     s = kernels.plane_reduce(x, None, hswish, 1.0 / max(x[0, 0].numel() if x.numel() else 1, 1))
-    g = _mlp(s, w1, b1, w2, b2, activation, gate)[-1].contiguous()
+    g = kernels.mlp_forward(s, w1.contiguous(), b1, w2.contiguous(), b2, activation, gate)
     out = kernels.apply(x, g, hswish, backend.empty(x.shape, x.dtype, x.device))
     return [out, s]
 
@@ -59,19 +40,12 @@ def _backward_op(grad: Tensor, x: Tensor, s: Tensor, w1: Tensor, b1: Tensor, w2:
 
     x = x.contiguous()
     grad = grad.to(x.dtype).contiguous()
-    z1, a, z2, g = _mlp(s, w1, b1, w2, b2, activation, gate)
+    w1, w2 = w1.contiguous(), w2.contiguous()
+    g = kernels.mlp_forward(s, w1, b1, w2, b2, activation, gate)
     dg = kernels.plane_reduce(x, grad, hswish, 1.0)
-    dz2 = _GATE_GRAD[gate](dg, z2, g)
-    dz1 = _ACT_GRAD[activation](dz2 @ w2.float(), z1)
-    ds = (dz1 @ w1.float()).contiguous()
-    dx = kernels.input_grad(grad, x, g.contiguous(), ds, hswish, backend.empty(x.shape, x.dtype, x.device))
-    return [
-        dx,
-        (dz1.t() @ s).to(w1.dtype),
-        dz1.sum(0).to(b1.dtype),
-        (dz2.t() @ a).to(w2.dtype),
-        dz2.sum(0).to(b2.dtype),
-    ]
+    ds, dw1, db1, dw2, db2 = kernels.mlp_backward(s, w1, b1, w2, b2, dg, activation, gate)
+    dx = kernels.input_grad(grad, x, g, ds, hswish, backend.empty(x.shape, x.dtype, x.device))
+    return [dx, dw1.to(w1.dtype), db1.to(b1.dtype), dw2.to(w2.dtype), db2.to(b2.dtype)]
 
 
 @_backward_op.register_fake
@@ -116,7 +90,7 @@ def _se(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, gate, hswish)
     checks.choice("activation", activation, ACTIVATIONS)
     checks.choice("gate", gate, GATES)
     w1, b1, w2, b2 = _weights(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
-    if not backend.use_triton(x.device):
+    if not backend.use_triton(x.device) or w1.shape[0] > MAX_SQUEEZE:
         fn = reference.hswish_se if hswish else reference.squeeze_excitation
         return fn(x, w1, b1, w2, b2, activation=activation, gate=gate)
     return _forward_op(x, w1, b1, w2, b2, activation, gate, hswish)[0]
