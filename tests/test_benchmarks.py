@@ -1,0 +1,177 @@
+"""The benchmark scripts stay runnable: run_all in smoke mode, the parity report, the README table.
+
+Subprocesses inherit this process's environment, so without a GPU the conftest's
+TRITON_INTERPRET=1 applies and the fastnote provider runs the Triton kernels."""
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "benchmarks")
+COLUMNS = ["op", "provider", "mode", "metric", "unit", "x_name", "x_value", "p50", "p20", "p80",
+           "config", "gpu", "torch", "triton", "fastnote_commit", "timestamp"]
+# op CSV -> providers that run on the CPU in smoke mode (torch.compile is skipped there)
+EXPECTED = {
+    "hard_swish": {"eager", "fastnote"},
+    "hard_sigmoid": {"eager", "fastnote"},
+    "hswish_se": {"eager", "fastnote"},
+}
+PARITY_OPS = ["hard_swish", "hard_sigmoid", "squeeze_excitation", "hswish_se"]
+
+
+def _run(*args, timeout=300):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def smoke_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    proc = _run(os.path.join(BENCH, "run_all.py"), "--smoke", "--out", str(out))
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    folders = list(out.glob("*-smoke"))  # cpu-smoke, or <gpu>-smoke on a GPU machine
+    assert len(folders) == 1, folders
+    return folders[0], proc.stdout
+
+
+def test_run_all_smoke_writes_every_csv(smoke_results):
+    folder, stdout = smoke_results
+    assert "0 failed" in stdout
+    for op, providers in EXPECTED.items():
+        path = folder / f"{op}.csv"
+        assert path.exists(), f"missing {path}"
+        with open(path, newline="") as f:
+            reader = csv.reader(f)
+            assert next(reader) == COLUMNS
+            rows = [dict(zip(COLUMNS, r)) for r in reader]
+        assert rows, f"{op}: no rows"
+        assert providers <= {r["provider"] for r in rows}, f"{op}: providers {({r['provider'] for r in rows})}"
+        assert {r["op"] for r in rows} == {op}
+        for r in rows:
+            json.loads(r["config"])
+            assert r["metric"] in ("time", "memory", "throughput")
+        times = [r for r in rows if r["provider"] == "fastnote" and r["metric"] == "time"]
+        assert times and all(math.isfinite(float(r["p50"])) for r in times), f"{op}: fastnote times"
+        assert {r["mode"] for r in times} == {"fwd", "bwd", "both"}
+        assert list(folder.glob(f"{op}*.png")), f"{op}: no plot"
+
+
+def test_run_all_smoke_every_csv_has_the_header(smoke_results):
+    folder, _ = smoke_results
+    paths = list(folder.glob("*.csv"))
+    assert len(paths) >= len(EXPECTED)
+    for path in paths:
+        with open(path, newline="") as f:
+            assert next(csv.reader(f)) == COLUMNS, path
+
+
+def test_parity_report_passes(tmp_path):
+    out = tmp_path / "parity.csv"
+    proc = _run(os.path.join(BENCH, "parity_report.py"), "--out", str(out))
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    lines = proc.stdout.splitlines()
+    for op in PARITY_OPS:
+        assert any(line.split()[:1] == [op] and line.rstrip().endswith("PASS") for line in lines), op
+    assert "FAIL" not in proc.stdout
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["op"] for r in rows} >= set(PARITY_OPS)
+
+
+def _write_results(folder, rows):
+    folder.mkdir(parents=True)
+    base = {"op": "hard_swish", "x_name": "N", "gpu": "NVIDIA H100 80GB HBM3", "torch": "2.11.0",
+            "triton": "3.6.0", "fastnote_commit": "abc1234", "timestamp": "2026-01-01T00:00:00+00:00"}
+    with open(folder / "hard_swish.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        for provider, mode, metric, unit, value in rows:
+            cfg = {"dtype": "bf16", "shape": [128, 960, 7, 7]}
+            w.writerow(dict(base, provider=provider, mode=mode, metric=metric, unit=unit, x_value=6021120,
+                            p50=value, p20=value, p80=value, config=json.dumps(cfg)))
+
+
+def test_make_table_writes_between_markers(tmp_path):
+    results = tmp_path / "results"
+    _write_results(results / "nvidia-h100-80gb-hbm3", [
+        ("eager", "fwd", "time", "ms", 0.2), ("torch.compile", "fwd", "time", "ms", 0.15),
+        ("fastnote", "fwd", "time", "ms", 0.1), ("eager", "fwd", "memory", "MB", 100.0),
+        ("fastnote", "fwd", "memory", "MB", 50.0), ("fastnote", "fwd", "throughput", "GB/s", 2000.0),
+    ])
+    _write_results(results / "cpu-smoke", [("smokeprovider", "fwd", "time", "ms", 9.0)])
+    readme = tmp_path / "README.md"
+    readme.write_text("# title\n\n<!-- perf-table:start -->\nold\n<!-- perf-table:end -->\n\ntail\n")
+    proc = _run(os.path.join(BENCH, "make_table.py"), "--results", str(results), "--readme", str(readme))
+    assert proc.returncode == 0, proc.stderr
+    text = readme.read_text()
+    assert text.startswith("# title\n") and text.endswith("<!-- perf-table:end -->\n\ntail\n")
+    table = text.split("<!-- perf-table:start -->")[1].split("<!-- perf-table:end -->")[0]
+    assert "old" not in table and "smokeprovider" not in table
+    assert "NVIDIA H100 80GB HBM3" in table and "hard_swish" in table
+    row = next(line for line in table.splitlines() if line.startswith("| 128x960x7x7"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[:3] == ["128x960x7x7", "bf16", "fwd"]
+    assert "2.00x" in cells and "1.50x" in cells and "0.50x" in cells  # speedups, memory ratio
+
+
+def test_make_table_without_results_or_markers(tmp_path):
+    results = tmp_path / "results"
+    _write_results(results / "cpu-smoke", [("fastnote", "fwd", "time", "ms", 1.0)])
+    readme = tmp_path / "README.md"
+    readme.write_text("# no markers here\n")
+    proc = _run(os.path.join(BENCH, "make_table.py"), "--results", str(results), "--readme", str(readme))
+    assert proc.returncode == 0, proc.stderr
+    assert "No GPU results are committed yet" in proc.stdout
+    assert readme.read_text() == "# no markers here\n"
+
+
+def test_harness_gpu_rows_with_a_stand_in_timer(tmp_path, monkeypatch):
+    """The rows a GPU run writes (memory, GB/s, % of copy and nominal bandwidth, NaN on OOM),
+    exercised on the CPU with do_bench and the memory probe replaced."""
+    import torch
+
+    sys.path.insert(0, BENCH)
+    try:
+        import harness
+    finally:
+        sys.path.remove(BENCH)
+    monkeypatch.setattr(harness, "_time_cuda", lambda fn, leaves: (fn(), [2.0, 1.0, 4.0])[1])
+    monkeypatch.setattr(harness, "_peak_memory_mb", lambda fn, leaves, device: (fn(), 12.5)[1])
+
+    def oom(inputs, case):
+        def fn():
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (stand-in)")
+        return fn
+
+    bench = harness.Benchmark(
+        op="toy", make_inputs=lambda case, device: {"x": torch.randn(4, 8, requires_grad=True)},
+        providers=[harness.Provider("eager", lambda inputs, case: lambda: inputs["x"] * 2),
+                   harness.Provider("big", oom)],
+        cases=[harness.Case("N", 32, {"dtype": "fp32"})], smoke_cases=[],
+        bytes_moved=lambda case, mode: 2e9,  # 2 GB in 2 ms -> 1000 GB/s
+    )
+    run = harness._Run(device=torch.device("cpu"), smoke=False, cpu_timing=False, slug="fake-h100",
+                       gpu="NVIDIA H100 80GB HBM3", warmup=0, repeats=1, peak_gbps=None, peak_tflops=None,
+                       copy_gbps=2000.0, meta=dict(gpu="NVIDIA H100 80GB HBM3", torch="t", triton="t",
+                                                   fastnote_commit="c", timestamp="now"))
+    rows, failures = harness.run_benchmark(bench, run, bench.cases, list(harness.MODES), bench.providers, False)
+    assert failures == 0  # OOM is recorded, not counted as a failure
+    eager = {(r["mode"], r["metric"], r["unit"]): r for r in rows if r["provider"] == "eager"}
+    assert eager[("fwd", "time", "ms")]["p50"] == 2.0
+    assert eager[("bwd", "memory", "MB")]["p50"] == 12.5
+    gbps = eager[("both", "throughput", "GB/s")]
+    assert (gbps["p50"], gbps["p20"], gbps["p80"]) == pytest.approx((1000.0, 500.0, 2000.0))
+    assert eager[("fwd", "throughput", "% of copy BW")]["p50"] == pytest.approx(50.0)
+    assert eager[("fwd", "throughput", "% of peak BW")]["p50"] == pytest.approx(100 * 1000 / 3350)
+    big = [r for r in rows if r["provider"] == "big"]
+    assert big and all(math.isnan(r["p50"]) for r in big)
+    assert all(json.loads(r["config"])["note"] == "OOM" for r in big)
+    path = tmp_path / "toy.csv"
+    harness.write_csv(str(path), rows)
+    with open(path, newline="") as f:
+        assert next(csv.reader(f)) == COLUMNS
+    assert harness.plot(bench, rows, str(tmp_path))
