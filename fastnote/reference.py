@@ -11,6 +11,8 @@ dtype (float64 is what ``torch.autograd.gradcheck`` needs). The scalar losses (`
 for half inputs. Each docstring says which applies.
 """
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -38,6 +40,19 @@ __all__ = [
 ]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _exact(fn):
+    """Run ``fn`` with autocast off on its tensors' device: under torch.autocast the matmuls
+    would otherwise drop back to fp16/bf16 despite the fp32 upcast, and the oracle (and the CPU
+    fallback) would lose the precision it promises."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        first = next((a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        device_type = first.device.type if first is not None else "cpu"
+        with torch.autocast(device_type, enabled=False):
+            return fn(*args, **kwargs)
+    return wrapper
 
 
 def _up(t):
@@ -71,6 +86,7 @@ _SE_ACTIVATIONS = {"relu": F.relu, "silu": F.silu, "hard_swish": F.hardswish}
 _SE_GATES = {"hard_sigmoid": F.hardsigmoid, "sigmoid": torch.sigmoid}
 
 
+@_exact
 def squeeze_excitation(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
                        activation="relu", gate="hard_sigmoid"):
     """Squeeze-excitation: ``x * gate(fc2(act(fc1(mean_hw(x)))))[:, :, None, None]``.
@@ -106,6 +122,7 @@ def hswish_se(u, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
 # 2. Gram matrix, style loss, total variation (perceptual loss)
 # --------------------------------------------------------------------------------------------
 
+@_exact
 def gram(x, normalize="chw"):
     """Gram matrix ``F @ F^T / norm`` with ``F = x.view(B, C, N)``.
 
@@ -120,6 +137,7 @@ def gram(x, normalize="chw"):
     return g.to(x.dtype)
 
 
+@_exact
 def style_loss(x, target_gram, normalize="chw"):
     """``sum((gram(x, normalize) - target_gram) ** 2) / (C*H*W)``; a 0-dim tensor.
 
@@ -169,6 +187,7 @@ def _patch_nce_logits(feat_q, feat_k, nce_T, batch_size, include_all_negatives_f
     return torch.cat((l_pos, l_neg), dim=1) / nce_T            # [B*P, M+1]
 
 
+@_exact
 def patch_nce_logits(feat_q, feat_k, nce_T=0.07, batch_size=1,
                      include_all_negatives_from_minibatch=False):
     """CUT's PatchNCE logits ``cat([l_pos, l_neg], 1) / nce_T``: [B*P, M+1].
@@ -184,6 +203,7 @@ def patch_nce_logits(feat_q, feat_k, nce_T=0.07, batch_size=1,
     return logits.to(feat_q.dtype)
 
 
+@_exact
 def patch_nce_loss(feat_q, feat_k, nce_T=0.07, batch_size=1,
                    include_all_negatives_from_minibatch=False):
     """Per-row PatchNCE loss ``cross_entropy(logits, 0, reduction='none')``: [B*P].
@@ -197,6 +217,7 @@ def patch_nce_loss(feat_q, feat_k, nce_T=0.07, batch_size=1,
     return F.cross_entropy(logits, target, reduction="none")
 
 
+@_exact
 def clip_loss(image_embeds, text_embeds, logit_scale):
     """Symmetric CLIP loss; a 0-dim tensor.
 
@@ -281,6 +302,7 @@ def shift_mask(H, W, window_size, shift, device=None):
     return attn_mask.masked_fill(attn_mask != 0, -100.0).masked_fill(attn_mask == 0, 0.0)
 
 
+@_exact
 def window_attention(q, k, v, bias=None, mask=None, scale=None):
     """``softmax(q @ k^T * scale + bias + mask) @ v`` per window and head.
 
@@ -303,6 +325,7 @@ def window_attention(q, k, v, bias=None, mask=None, scale=None):
     return (attn @ vf).to(q.dtype)
 
 
+@_exact
 def swin_block_attention(x, qkv_weight, qkv_bias, proj_weight, proj_bias,
                          relative_position_bias_table, window_size, num_heads, shift_size=0):
     """The W-MSA / SW-MSA path of one Swin block (no norm, MLP or residual).
@@ -352,6 +375,7 @@ def swin_block_attention(x, qkv_weight, qkv_bias, proj_weight, proj_bias,
 # 5. SAGAN self-attention
 # --------------------------------------------------------------------------------------------
 
+@_exact
 def sagan_attention(q, k, v, x=None, gamma=None, return_attention=False):
     """SAGAN attention: ``out = v @ softmax(q^T @ k, -1)^T`` (no 1/sqrt(d) scaling).
 
@@ -385,6 +409,7 @@ def _l2_normalize(a, eps, rule):
     raise ValueError(f"rule must be 'max' or 'add', got {rule!r}")
 
 
+@_exact
 def power_iteration(weight_mat, u, v, n_power_iterations=1, eps=1e-12, rule="max"):
     """Power iteration for the largest singular value of weight_mat [h, w].
 
@@ -405,6 +430,7 @@ def power_iteration(weight_mat, u, v, n_power_iterations=1, eps=1e-12, rule="max
     return sigma.to(weight_mat.dtype), u_new.to(u.dtype), v_new.to(v.dtype)
 
 
+@_exact
 def spectral_norm_weight(weight, u, v, dim=0, n_power_iterations=1, eps=1e-12, rule="max"):
     """Spectrally normalised weight: (weight / sigma, u, v).
 

@@ -986,3 +986,15 @@ def test_spectral_norm_low_precision(dtype):
     w_exp, _, _ = ref.spectral_norm_weight(W.to(dtype).float(), u0.to(dtype).float(),
                                            v0.to(dtype).float())
     close(w_sn.float(), w_exp, atol=2e-2, rtol=2e-2)
+
+
+def test_autocast_does_not_lower_reference_precision():
+    # The oracle computes in fp32 under torch.autocast too (its matmuls would otherwise run in bf16).
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 8, 16) * 10, torch.randn(2, 8, 16) * 10
+    v = torch.randn(2, 64, 16)
+    plain = ref.sagan_attention(q, k, v)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = ref.sagan_attention(q, k, v)
+    assert under.dtype == torch.float32
+    torch.testing.assert_close(under, plain, atol=0, rtol=0)
