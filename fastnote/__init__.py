@@ -5,7 +5,10 @@ The public API is flat: ``from fastnote import hard_swish``. Drop-in modules liv
 """
 from . import nn, reference
 from .ops.hardswish import hard_sigmoid, hard_swish
+from .ops.sagan_attention import sagan_attention
 from .ops.squeeze_excitation import hswish_se, squeeze_excitation
+from .ops.window_attention import swin_window_attention, window_attention
+from .patch import patch
 
 __version__ = "0.1.0"
 
@@ -13,7 +16,11 @@ __all__ = [
     "hard_sigmoid",
     "hard_swish",
     "hswish_se",
+    "sagan_attention",
     "squeeze_excitation",
+    "swin_window_attention",
+    "window_attention",
     "nn",
+    "patch",
     "reference",
 ]

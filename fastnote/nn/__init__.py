@@ -1,5 +1,7 @@
 """Drop-in nn.Modules built on fastnote.ops, with the parameter names existing checkpoints use."""
 from .activation import Hardsigmoid, Hardswish
+from .self_attention import SelfAttention
 from .squeeze_excitation import SqueezeExcitation
+from .window_attention import ShiftedWindowAttention, WindowAttention
 
-__all__ = ["Hardsigmoid", "Hardswish", "SqueezeExcitation"]
+__all__ = ["Hardsigmoid", "Hardswish", "SelfAttention", "SqueezeExcitation", "ShiftedWindowAttention", "WindowAttention"]

@@ -1,0 +1,216 @@
+"""Swin window attention, forward and backward: the core op (``window_attention``) and the fused
+W-MSA / SW-MSA block path (``swin_window_attention``).
+
+Providers: eager (Swin's own code: ``q * scale @ k^T + bias (+ mask)``, softmax, ``@ v``; for the
+block also pad, roll, partition, qkv/proj Linears, reverse, roll back, crop), the same with
+``F.scaled_dot_product_attention`` and the additive bias + mask as ``attn_mask`` (windows folded
+into the head axis, so the ``[nW*heads, N, N]`` mask broadcasts over the batch and is never
+expanded), ``torch.compile`` of eager, and fastnote.
+
+Shapes: Swin-T (224x224, window 7, shift 3; x axis = stage 1..4: 56x56 C=96 3 heads ... 7x7 C=768
+24 heads, where Swin uses no shift) at batch 128, and Swin-B at 384x384 (window 12, shift 6;
+96x96 C=128 4 heads ... 12x12 C=1024 32 heads) at batch 32; head_dim 32 throughout; bf16, fp16.
+
+Bytes model (minimum traffic). Core, T = B*nW * heads * N * d * itemsize (bias and mask, at most
+``nW*N*N``, are small next to T and ignored):
+  fwd   reads q, k, v, writes o                                  4T
+  bwd   reads q, k, v, o, do, writes dq, dk, dv                  8T
+  both                                                           12T
+Block, X = B*H*W*C*itemsize (the unfused parts are GEMMs that each read and write their operands):
+  fwd   qkv Linear reads x writes qkv (1+3), attention reads qkv writes o (3+1), proj (1+1)   10X
+  bwd   proj (dy, o -> do: 3), attention (qkv, o, do -> dqkv: 8), qkv Linear (dqkv twice,
+        x -> dx: 8)                                                                          19X
+  both                                                                                      29X
+FLOPs (core): fwd 4 * B*nW*heads*N^2*d, bwd 10 * B*nW*heads*N^2*d (the scores are recomputed).
+
+    python benchmarks/window_attention.py [--smoke] [--out DIR] [--modes fwd,bwd,both] [--dtypes bf16,fp16]
+"""
+import torch
+import torch.nn.functional as F
+
+import fastnote
+import harness
+from fastnote import reference
+from harness import Benchmark, Case, Provider
+
+# (model, batch, [(H, W, C, heads)] per stage, window, shift)
+SWIN_T = ("swin_t_224", 128, [(56, 56, 96, 3), (28, 28, 192, 6), (14, 14, 384, 12), (7, 7, 768, 24)], 7, 3)
+SWIN_B_384 = ("swin_b_384", 32, [(96, 96, 128, 4), (48, 48, 256, 8), (24, 24, 512, 16), (12, 12, 1024, 32)], 12, 6)
+SMOKE = ("smoke", 1, [(14, 14, 32, 2), (7, 7, 64, 4)], 7, 3)
+
+
+def _cases(models, dtypes):
+    cases = []
+    for model, batch, stages, ws, shift in models:
+        for dtype in dtypes:
+            for i, (H, W, C, heads) in enumerate(stages, start=1):
+                # Swin turns the shift off when a stage is a single window.
+                s = shift if min(H, W) > ws else 0
+                cases.append(Case("stage", i, {"dtype": dtype, "model": model, "B": batch, "H": H, "W": W,
+                                               "C": C, "heads": heads, "window": ws, "shift": s}))
+    return cases
+
+
+def _geometry(cfg):
+    ws = cfg["window"]
+    nW = (-(-cfg["H"] // ws)) * (-(-cfg["W"] // ws))
+    return nW, ws * ws, cfg["C"] // cfg["heads"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Core: q, k, v [B*nW, heads, N, d]
+# ------------------------------------------------------------------------------------------------
+
+def core_inputs(case, device):
+    cfg = case.config
+    nW, N, d = _geometry(cfg)
+    B_, heads = cfg["B"] * nW, cfg["heads"]
+    q, k, v = (torch.randn(B_, heads, N, d, device=device, dtype=case.dtype).requires_grad_() for _ in range(3))
+    bias = (torch.randn(heads, N, N, device=device) * 0.5).to(case.dtype).requires_grad_()
+    mask = None
+    if cfg["shift"]:
+        Hp, Wp = -(-cfg["H"] // cfg["window"]) * cfg["window"], -(-cfg["W"] // cfg["window"]) * cfg["window"]
+        mask = reference.shift_mask(Hp, Wp, cfg["window"], cfg["shift"], device=device).to(case.dtype)
+    return {"q": q, "k": k, "v": v, "bias": bias, "mask": mask}
+
+
+def eager_core(q, k, v, bias, mask):
+    """Swin's WindowAttention after the qkv projection."""
+    B_, heads, N, d = q.shape
+    attn = (q * d ** -0.5) @ k.transpose(-2, -1) + bias.unsqueeze(0)
+    if mask is not None:
+        nW = mask.shape[0]
+        attn = (attn.view(B_ // nW, nW, heads, N, N) + mask.unsqueeze(1).unsqueeze(0)).view(-1, heads, N, N)
+    return attn.softmax(dim=-1) @ v
+
+
+def sdpa_core(q, k, v, bias, mask):
+    B_, heads, N, d = q.shape
+    nW = mask.shape[0] if mask is not None else 1
+    add = bias.unsqueeze(0) if mask is None else bias.unsqueeze(0) + mask.unsqueeze(1)   # [nW, heads, N, N]
+    fold = lambda t: t.reshape(B_ // nW, nW * heads, N, d)  # noqa: E731  (views: windows of an image adjacent)
+    out = F.scaled_dot_product_attention(fold(q), fold(k), fold(v), attn_mask=add.reshape(1, nW * heads, N, N))
+    return out.reshape(B_, heads, N, d)
+
+
+def _core_provider(fn):
+    def setup(inputs, case):
+        return lambda: fn(**inputs)
+    return setup
+
+
+def core_bytes(case, mode):
+    nW, N, d = _geometry(case.config)
+    T = case.config["B"] * nW * case.config["heads"] * N * d * case.itemsize
+    return {"fwd": 4, "bwd": 8, "both": 12}[mode] * T
+
+
+def core_flops(case, mode):
+    nW, N, d = _geometry(case.config)
+    base = case.config["B"] * nW * case.config["heads"] * N * N * d
+    return {"fwd": 4, "bwd": 10, "both": 14}[mode] * base
+
+
+# ------------------------------------------------------------------------------------------------
+# Block: x [B, H, W, C] -> W-MSA / SW-MSA -> [B, H, W, C]
+# ------------------------------------------------------------------------------------------------
+
+def block_inputs(case, device):
+    cfg = case.config
+    C, heads, ws = cfg["C"], cfg["heads"], cfg["window"]
+
+    def param(*shape, std):
+        return (torch.randn(*shape, device=device) * std).to(case.dtype).requires_grad_()
+
+    x = torch.randn(cfg["B"], cfg["H"], cfg["W"], C, device=device, dtype=case.dtype).requires_grad_()
+    inputs = {"x": x, "qkv_weight": param(3 * C, C, std=C ** -0.5), "qkv_bias": param(3 * C, std=0.02),
+              "proj_weight": param(C, C, std=C ** -0.5), "proj_bias": param(C, std=0.02),
+              "relative_position_bias_table": param((2 * ws - 1) ** 2, heads, std=0.02)}
+    Hp, Wp = -(-cfg["H"] // ws) * ws, -(-cfg["W"] // ws) * ws
+    # Swin keeps the index and the shift mask in buffers: built once, outside the timed region.
+    extra = {"index": reference.relative_position_index(ws, device=device),
+             "mask": reference.shift_mask(Hp, Wp, ws, cfg["shift"], device=device).to(case.dtype)
+             if cfg["shift"] else None}
+    return inputs, extra
+
+
+def eager_block(x, qkv_weight, qkv_bias, proj_weight, proj_bias, relative_position_bias_table, index, mask,
+                window, heads, shift, core=eager_core):
+    """Swin's SwinTransformerBlock attention path (pad, roll, partition, WindowAttention, reverse, roll, crop)."""
+    B, H, W, C = x.shape
+    ws = window
+    x = F.pad(x, (0, 0, 0, (ws - W % ws) % ws, 0, (ws - H % ws) % ws))
+    Hp, Wp = x.shape[1], x.shape[2]
+    if shift:
+        x = torch.roll(x, shifts=(-shift, -shift), dims=(1, 2))
+    win = reference.window_partition(x, ws)
+    B_, N, _ = win.shape
+    qkv = F.linear(win, qkv_weight, qkv_bias).reshape(B_, N, 3, heads, C // heads).permute(2, 0, 3, 1, 4)
+    bias = relative_position_bias_table[index.view(-1)].view(N, N, -1).permute(2, 0, 1).contiguous()
+    out = core(qkv[0], qkv[1], qkv[2], bias, mask)
+    out = F.linear(out.transpose(1, 2).reshape(B_, N, C), proj_weight, proj_bias)
+    out = reference.window_reverse(out, ws, Hp, Wp)
+    if shift:
+        out = torch.roll(out, shifts=(shift, shift), dims=(1, 2))
+    return out[:, :H, :W, :].contiguous()
+
+
+def _block_provider(core):
+    def setup(all_inputs, case):
+        inputs, extra = all_inputs
+        cfg = case.config
+        return lambda: eager_block(**inputs, **extra, window=cfg["window"], heads=cfg["heads"], shift=cfg["shift"],
+                                   core=core)
+    return setup
+
+
+def fastnote_block(all_inputs, case):
+    inputs, extra = all_inputs
+    cfg = case.config
+    return lambda: fastnote.swin_window_attention(**inputs, window_size=cfg["window"], num_heads=cfg["heads"],
+                                                  shift_size=cfg["shift"], relative_position_index=extra["index"])
+
+
+def block_bytes(case, mode):
+    cfg = case.config
+    X = cfg["B"] * cfg["H"] * cfg["W"] * cfg["C"] * case.itemsize
+    return {"fwd": 10, "bwd": 19, "both": 29}[mode] * X
+
+
+CASES = _cases([SWIN_T, SWIN_B_384], ["bf16", "fp16"])
+SMOKE_CASES = _cases([SMOKE], ["fp32"])
+
+BENCHMARKS = [
+    Benchmark(
+        op="window_attention",
+        make_inputs=core_inputs,
+        providers=[
+            Provider("eager", _core_provider(eager_core)),
+            Provider("sdpa", _core_provider(sdpa_core)),
+            Provider("torch.compile", _core_provider(eager_core), compile=True),
+            Provider("fastnote", _core_provider(fastnote.window_attention)),
+        ],
+        cases=CASES,
+        smoke_cases=SMOKE_CASES,
+        bytes_moved=core_bytes,
+        flops=core_flops,
+        plot_by=("dtype", "model"),
+    ),
+    Benchmark(
+        op="swin_window_attention",
+        make_inputs=block_inputs,
+        providers=[
+            Provider("eager", _block_provider(eager_core)),
+            Provider("sdpa", _block_provider(sdpa_core)),
+            Provider("torch.compile", _block_provider(eager_core), compile=True),
+            Provider("fastnote", fastnote_block),
+        ],
+        cases=CASES,
+        smoke_cases=SMOKE_CASES,
+        bytes_moved=block_bytes,
+        plot_by=("dtype", "model"),
+    ),
+]
+
+if __name__ == "__main__":
+    harness.main(BENCHMARKS)

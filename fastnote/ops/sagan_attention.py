@@ -1,0 +1,174 @@
+"""sagan_attention(q, k, v, x, gamma) = gamma * v softmax(q^T k)^T + x (SPEC.md section 5), the
+unscaled SAGAN self-attention with its residual, flash style: O(N) memory instead of the [B, N, N_k]
+attention map. Backward recomputes the attention from q, k and the saved per-row log-sum-exp.
+
+It also saves the attention output O = v softmax(q^T k)^T in fp32 (4 bytes per element of
+``out``; not needed, hence not written, for fp32 inputs without a residual, where O is ``out``).
+Backward needs r = sum_c dOut * O per query: gamma's gradient is sum(r), and flash attention's
+D = rowsum(dO_attn * O) is gamma * r. Recovering O as (out - x) / gamma would fail at SAGAN's
+initial gamma = 0; O rounded to bf16 would make D inconsistent with the recomputed attention, and
+dS = P * (dP - D) cancels badly when the unscaled softmax is peaked (measured: 7% error in dk
+for bf16 with logits ~ 250, against 0.7% with O in fp32)."""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+from torch import Tensor
+
+from .. import backend, checks, reference
+
+
+@torch.library.custom_op("fastnote::sagan_attention", mutates_args=())
+def _forward_op(q: Tensor, k: Tensor, v: Tensor, x: Optional[Tensor], gamma: Optional[Tensor]) -> List[Tensor]:
+    """[out, O in fp32 (empty when out is O in fp32 already), lse [B, N] fp32]."""
+    from ..triton_kernels import sagan_attention as kernels
+
+    out_shape, o_shape, lse_shape = _shapes(q, v, x)
+    out = backend.empty(out_shape, q.dtype, q.device)
+    o = backend.empty(o_shape, torch.float32, q.device)
+    lse = backend.empty(lse_shape, torch.float32, q.device)
+    q, k, v = (kernels.batch_strided(t) for t in (q, k, v))
+    if x is not None:
+        x = kernels.batch_strided(x)
+        gamma = gamma.reshape(1).float()
+    kernels.forward(q, k, v, x, gamma, out, o if o.dim() == 3 else None, lse)
+    return [out, o, lse]
+
+
+def _shapes(q, v, x):
+    """out [B, d_v, N]; the saved O in fp32 [B, d_v, N], or [0] when it is ``out`` itself (fp32
+    without a residual); lse [B, N]."""
+    B, _, N = q.shape
+    shape = (B, v.shape[1], N)
+    o_separate = x is not None or q.dtype != torch.float32
+    return shape, shape if o_separate else (0,), (B, N)
+
+
+@_forward_op.register_fake
+def _(q, k, v, x, gamma):
+    out_shape, o_shape, lse_shape = _shapes(q, v, x)
+    return [q.new_empty(out_shape), q.new_empty(o_shape, dtype=torch.float32),
+            q.new_empty(lse_shape, dtype=torch.float32)]
+
+
+@torch.library.custom_op("fastnote::sagan_attention_backward", mutates_args=())
+def _backward_op(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
+                 gamma: Optional[Tensor]) -> List[Tensor]:
+    """[dq, dk, dv, r] with r[b, n] = sum_c grad * O (fp32; gamma's gradient is sum(r))."""
+    from ..triton_kernels import sagan_attention as kernels
+
+    grad = kernels.batch_strided(grad.to(q.dtype))
+    q, k, v = (kernels.batch_strided(t) for t in (q, k, v))
+    if gamma is not None:
+        gamma = gamma.reshape(1).float()
+    dq = backend.empty(q.shape, q.dtype, q.device)
+    dk = backend.empty(k.shape, k.dtype, k.device)
+    dv = backend.empty(v.shape, v.dtype, v.device)
+    r = backend.empty((q.shape[0], q.shape[2]), torch.float32, q.device)
+    kernels.backward(grad, q, k, v, o.contiguous(), lse.contiguous(), gamma, dq, dk, dv, r)
+    return [dq, dk, dv, r]
+
+
+@_backward_op.register_fake
+def _(grad, q, k, v, o, lse, gamma):
+    return [q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
+            q.new_empty((q.shape[0], q.shape[2]), dtype=torch.float32)]
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, x, gamma = inputs
+    out, o, lse = output
+    ctx.has_residual = x is not None
+    ctx.x_dtype = x.dtype if x is not None else None
+    ctx.save_for_backward(q, k, v, o if o.dim() == 3 else out, lse, gamma)
+
+
+def _backward(ctx, grads):
+    grad = grads[0]
+    q, k, v, o, lse, gamma = ctx.saved_tensors
+    dq, dk, dv, r = _backward_op(grad, q, k, v, o, lse, gamma)
+    if not ctx.has_residual:
+        return dq, dk, dv, None, None
+    dgamma = r.sum().to(gamma.dtype).reshape(gamma.shape)
+    return dq, dk, dv, grad.to(ctx.x_dtype), dgamma
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _attention_map(q: Tensor, k: Tensor) -> Tensor:
+    """softmax(q^T k) [B, N, N_k] in q's dtype, by plain torch ops in fp32 (differentiable)."""
+    with torch.autocast(q.device.type, enabled=False):
+        energy = torch.bmm(q.float().transpose(1, 2), k.float())
+        return energy.softmax(dim=-1).to(q.dtype)
+
+
+def _check(q, k, v, x, gamma):
+    q = checks.tensor("q", q, ndim=3)
+    k = checks.tensor("k", k, ndim=3)
+    v = checks.tensor("v", v, ndim=3)
+    B, d_qk, N = q.shape
+    checks.shape("k", k, [B, d_qk, None])
+    N_k = k.shape[2]
+    checks.shape("v", v, [B, None, N_k])
+    d_v = v.shape[1]
+    if d_qk == 0:
+        raise ValueError(f"q must have at least one channel (d_qk >= 1), got shape {list(q.shape)}")
+    if d_v == 0:
+        raise ValueError(f"v must have at least one channel (d_v >= 1), got shape {list(v.shape)}")
+    if N_k == 0 and N > 0:
+        raise ValueError(f"k must have at least one position to attend to, got shape {list(k.shape)}")
+    if (x is None) != (gamma is None):
+        given, missing = ("x", "gamma") if gamma is None else ("gamma", "x")
+        raise ValueError(f"{missing} must be given together with {given} (out = gamma * attention + x), "
+                         f"got {given} without {missing}")
+    if x is not None:
+        checks.tensor("x", x, ndim=(3, 4))
+        if x.dim() == 3:
+            checks.shape("x", x, [B, d_v, N])
+        elif list(x.shape[:2]) != [B, d_v] or x.shape[2] * x.shape[3] != N:
+            raise ValueError(f"x must have shape [{B}, {d_v}, {N}] or [{B}, {d_v}, W, H] with W*H = {N}, "
+                             f"got {list(x.shape)}")
+        checks.tensor("gamma", gamma)
+        if gamma.numel() != 1:
+            raise ValueError(f"gamma must be a scalar tensor (0-dim or one element), got shape {list(gamma.shape)}")
+    checks.same_device(q=q, k=k, v=v, x=x, gamma=gamma)
+
+
+def sagan_attention(q: Tensor, k: Tensor, v: Tensor, x: Optional[Tensor] = None, gamma: Optional[Tensor] = None,
+                    return_attention: bool = False):
+    """SAGAN self-attention: ``gamma * (v @ softmax(q^T @ k, -1)^T) + x`` with no 1/sqrt(d) scaling.
+
+    q: [B, d_qk, N]; k: [B, d_qk, N_k]; v: [B, d_v, N_k] -- SAGAN's 1x1-conv outputs flattened,
+    channels first (N_k < N when keys and values are pooled, as in BigGAN). x: [B, d_v, N] or
+    [B, d_v, W, H] with W*H = N, and gamma (0-dim or one-element tensor) come together or not at
+    all; without them the plain attention output [B, d_v, N] is returned, with them the result
+    has x's shape. q, k, v, x share one dtype (fp32, fp16, bf16; gamma may be any of them, e.g.
+    an fp32 parameter beside fp16 activations); under autocast they are cast to the autocast
+    dtype. Gradients flow to q, k, v, x and gamma.
+
+    The fused kernel never stores the [B, N, N_k] attention. ``return_attention=True`` returns
+    ``(out, attention)`` and additionally computes the attention map with plain torch ops
+    (O(N * N_k) memory, differentiable); ``out`` and its gradients still come from the kernel.
+
+    >>> import torch, fastnote
+    >>> q, k, v = torch.randn(2, 8, 16), torch.randn(2, 8, 16), torch.randn(2, 64, 16)
+    >>> fastnote.sagan_attention(q, k, v, x=torch.randn(2, 64, 4, 4), gamma=torch.zeros(1)).shape
+    torch.Size([2, 64, 4, 4])
+    """
+    _check(q, k, v, x, gamma)
+    if torch.is_autocast_enabled(q.device.type):
+        dtype = torch.get_autocast_dtype(q.device.type)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        x = x.to(dtype) if x is not None else None
+    checks.same_dtype(q=q, k=k, v=v, x=x)
+    if not backend.use_triton(q.device):
+        return reference.sagan_attention(q, k, v, x=x, gamma=gamma, return_attention=return_attention)
+    x3 = x.reshape(q.shape[0], v.shape[1], q.shape[2]) if x is not None else None
+    out = _forward_op(q, k, v, x3, gamma)[0]
+    if x is not None:
+        out = out.reshape(x.shape)
+    if return_attention:
+        return out, _attention_map(q, k)
+    return out

@@ -1,0 +1,433 @@
+"""sagan_attention: forward and every gradient (q, k, v, x, gamma) vs reference.py, fewer keys than
+queries (BigGAN), large unscaled logits, the SAGAN Self_Attn drop-in, errors, custom-op checks,
+compile, AMP."""
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import fastnote
+from fastnote import reference
+from fastnote.testing import assert_close
+
+NAMES = ("q", "k", "v", "x", "gamma")
+
+
+def _inputs(B, d_qk, d_v, N, N_k, device, dtype=torch.float32, scale=1.0, residual=True, gamma=0.7):
+    def leaf(*shape, s=1.0):
+        return (torch.randn(*shape, device=device) * s).to(dtype).requires_grad_()
+
+    q, k, v = leaf(B, d_qk, N, s=scale), leaf(B, d_qk, N_k, s=scale), leaf(B, d_v, N_k)
+    if not residual:
+        return q, k, v, None, None
+    # gamma stays fp32, as SAGAN's nn.Parameter does under AMP.
+    return q, k, v, leaf(B, d_v, N), torch.tensor([gamma], device=device, requires_grad=True)
+
+
+def _check(inputs, kind="two_matmul"):
+    """fastnote vs the fp32 reference on the same (upcast) inputs: output and every gradient."""
+    present = [(n, t) for n, t in zip(NAMES, inputs) if t is not None]
+    dtype = inputs[0].dtype
+    out = fastnote.sagan_attention(*inputs)
+    assert out.dtype == dtype and out.shape == (inputs[0].shape[0], inputs[2].shape[1], inputs[0].shape[2])
+    grad = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [t for _, t in present], grad)
+    leaves = [t.detach().float().requires_grad_() if t is not None else None for t in inputs]
+    expected = reference.sagan_attention(*leaves)
+    expected_grads = torch.autograd.grad(expected, [t for t in leaves if t is not None], grad.float())
+    assert_close(out, expected, kind)
+    for (name, t), got, want in zip(present, grads, expected_grads):
+        assert got.dtype == t.dtype and got.shape == t.shape, name
+        # fp16/bf16: P and dS are rounded to the input dtype before their matmuls (as in flash
+        # attention), so a gradient entry's error scales with the gradient's largest entries, not
+        # with the entry: compare relative to max(1, max |expected|). Measured on SAGAN shapes,
+        # eager torch in bf16 is 2-3x less accurate than the kernels by this metric (and off by
+        # 100% with logits ~ 1e3).
+        scale = max(1.0, want.abs().max().item()) if dtype != torch.float32 else 1.0
+        assert_close(got.float() / scale, want / scale, kind, dtype=dtype, msg=f"gradient of {name}")
+
+
+# (B, d_qk, d_v, N, N_k): N = 1, 7, 45 and tile-crossing sizes; d_v not a multiple of 16; d_v
+# over one d_v tile (128); d_qk = 8 (SAGAN's C = 64) and odd; N_k below and above N.
+SHAPES = [
+    (2, 8, 64, 1, 1),
+    (2, 8, 12, 7, 7),
+    (1, 8, 40, 45, 45),
+    (2, 16, 24, 45, 12),
+    (1, 8, 20, 70, 130),
+    (1, 5, 200, 33, 33),
+    (1, 3, 300, 20, 9),
+]
+
+
+@pytest.mark.parametrize("B,d_qk,d_v,N,N_k", SHAPES)
+@pytest.mark.parametrize("residual", [True, False], ids=["residual", "plain"])
+def test_forward_backward(B, d_qk, d_v, N, N_k, residual, device):
+    _check(_inputs(B, d_qk, d_v, N, N_k, device, residual=residual))
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(B=st.integers(1, 2), d_qk=st.integers(1, 20), d_v=st.integers(1, 150), N=st.integers(1, 90),
+       N_k=st.integers(1, 90), residual=st.booleans(), scale=st.sampled_from([0.5, 3.0]))
+def test_random_shapes(B, d_qk, d_v, N, N_k, residual, scale, device):
+    _check(_inputs(B, d_qk, d_v, N, N_k, device, scale=scale, residual=residual))
+
+
+def test_n1000(device):
+    # C = 64 as in SAGAN's generator, N = 1000: many query and key tiles, the last ones partial.
+    _check(_inputs(1, 8, 64, 1000, 1000, device))
+
+
+def test_biggan_pooled_keys(device):
+    # BigGAN: keys and values max-pooled 2x2, N_k = N / 4.
+    _check(_inputs(2, 8, 32, 16 * 16, 8 * 8, device))
+
+
+@pytest.mark.parametrize("gamma_shape", [(), (1,)], ids=["0-dim", "[1]"])
+def test_gamma_shapes_and_zero(gamma_shape, device):
+    q, k, v, x, _ = _inputs(2, 8, 16, 30, 30, device)
+    gamma = torch.zeros(gamma_shape, device=device, requires_grad=True)
+    _check((q, k, v, x, gamma))
+    # SAGAN starts with gamma = 0: out is exactly x, q/k/v get zero gradients, gamma does not.
+    out = fastnote.sagan_attention(q, k, v, x, gamma)
+    assert torch.equal(out, x)
+    dq, dk, dv, dgamma = torch.autograd.grad(out.square().sum(), (q, k, v, gamma))
+    assert not dq.any() and not dk.any() and not dv.any()
+    assert dgamma.shape == gamma.shape and dgamma.abs().item() > 0
+
+
+@pytest.mark.parametrize("scale", [12.0, 20.0])
+def test_large_logits_fp32(scale, device):
+    # Unscaled SAGAN logits with |q||k| in the thousands (~1e3 here): exp without the running max
+    # would overflow even fp32.
+    inputs = _inputs(2, 8, 16, 50, 50, device, scale=scale)
+    logits = torch.bmm(inputs[0].transpose(1, 2), inputs[1]).abs().max().item()
+    assert logits > 1e3
+    _check(inputs)
+
+
+def test_all_logits_very_negative(device):
+    # Every logit below -150 (log-sum-exp too): padded key slots, whose logit would read as 0,
+    # must stay masked or exp(0 - lse) overflows to inf and poisons the gradients.
+    q, k, v, x, gamma = _inputs(2, 8, 16, 37, 45, device)
+    with torch.no_grad():
+        q.copy_(-(q.abs() + 5))
+        k.copy_(k.abs() + 5)
+    assert torch.bmm(q.transpose(1, 2), k).max() < -150
+    _check((q, k, v, x, gamma))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("d_v", [16, 200])
+def test_half_precision_large_logits(dtype, d_v, device):
+    # logits ~ 250: exp(logit) overflows fp16 (max 65504) from logit 11 on. d_v = 200 takes
+    # several d_v tiles in both passes.
+    inputs = _inputs(2, 8, d_v, 50, 50, device, dtype=dtype, scale=4.0)
+    _check(inputs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("B,C,N,N_k", [
+    (4, 64, 4096, 4096),      # SAGAN generator 64x64
+    (4, 128, 1024, 1024),     # generator 32x32
+    (4, 256, 1024, 256),      # discriminator 32x32, BigGAN-style pooled keys
+    (4, 512, 256, 256),       # discriminator 16x16
+    (1, 64, 16384, 16384),    # 128x128
+    (2, 64, 1000, 1000),
+])
+def test_sagan_shapes_gpu(B, C, N, N_k, dtype, device):
+    _check(_inputs(B, C // 8, C, N, N_k, device, dtype=dtype))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_precision_logits_1e3_gpu(dtype, device):
+    inputs = _inputs(2, 8, 64, 1024, 1024, device, dtype=dtype, scale=11.0)
+    assert torch.bmm(inputs[0].float().transpose(1, 2), inputs[1].float()).abs().max() > 1e3
+    _check(inputs)
+
+
+def test_return_attention(device):
+    q, k, v, x, gamma = _inputs(2, 8, 24, 33, 17, device)
+    out, attention = fastnote.sagan_attention(q, k, v, x, gamma, return_attention=True)
+    want_out, want_attention = reference.sagan_attention(q, k, v, x, gamma, return_attention=True)
+    assert attention.shape == (2, 33, 17) and attention.dtype == q.dtype
+    assert_close(out, want_out, "two_matmul")
+    assert_close(attention, want_attention, "reduction")
+    plain = fastnote.sagan_attention(q, k, v, return_attention=False)
+    assert isinstance(plain, torch.Tensor)
+    # The returned map is differentiable too (plain torch ops).
+    w = torch.randn_like(attention)
+    got = torch.autograd.grad((out.square().sum() + (attention * w).sum()), (q, k, v, x, gamma))
+    want = torch.autograd.grad((want_out.square().sum() + (want_attention * w).sum()), (q, k, v, x, gamma))
+    for name, g, r in zip(NAMES, got, want):
+        assert_close(g, r, "two_matmul", msg=name)
+
+
+def test_residual_4d_x(device):
+    # x may keep its [B, C, W, H] shape; the result then has it too.
+    q, k, v, x, gamma = _inputs(2, 8, 16, 20, 20, device)
+    x4 = x.detach().reshape(2, 16, 4, 5).requires_grad_()
+    out = fastnote.sagan_attention(q, k, v, x4, gamma)
+    assert out.shape == x4.shape
+    assert_close(out, reference.sagan_attention(q, k, v, x4, gamma), "two_matmul")
+    out.sum().backward()
+    assert x4.grad.shape == x4.shape
+
+
+def test_non_contiguous(device):
+    B, d_qk, d_v, N, N_k = 2, 8, 20, 37, 23
+    # [B, N, d] storage viewed as [B, d, N]; v every other channel; x a transposed view.
+    q = torch.randn(B, N, d_qk, device=device).transpose(1, 2).requires_grad_()
+    k = torch.randn(B, N_k, d_qk, device=device).transpose(1, 2).requires_grad_()
+    v = torch.randn(B, 2 * d_v, N_k, device=device)[:, ::2].requires_grad_()
+    x = torch.randn(N, B, d_v, device=device).permute(1, 2, 0).requires_grad_()
+    assert not any(t.is_contiguous() for t in (q, k, v, x))
+    _check((q, k, v, x, torch.tensor(0.5, device=device, requires_grad=True)))
+    # and a non-contiguous upstream gradient (stride 0 from sum())
+    q2, k2, v2 = (t.detach().requires_grad_() for t in (q, k, v))
+    fastnote.sagan_attention(q2, k2, v2).sum().backward()
+    q3, k3, v3 = (t.detach().requires_grad_() for t in (q, k, v))
+    reference.sagan_attention(q3, k3, v3).sum().backward()
+    for a, b in ((q2, q3), (k2, k3), (v2, v3)):
+        assert_close(a.grad, b.grad, "two_matmul")
+
+
+def test_empty(device):
+    q, k, v, x, gamma = _inputs(0, 8, 16, 10, 10, device)
+    out = fastnote.sagan_attention(q, k, v, x, gamma)
+    assert out.shape == (0, 16, 10)
+    out.sum().backward()
+    assert q.grad.shape == q.shape and v.grad.shape == v.shape and x.grad.shape == x.shape
+    assert gamma.grad.shape == gamma.shape and gamma.grad.item() == 0
+    # no queries at all: empty output, zero gradients for the keys
+    q, k, v, x, gamma = _inputs(2, 8, 16, 0, 10, device)
+    out = fastnote.sagan_attention(q, k, v, x, gamma)
+    assert out.shape == (2, 16, 0)
+    out.sum().backward()
+    assert not k.grad.any() and not v.grad.any()
+
+
+def test_errors(device):
+    q, k, v, x, gamma = _inputs(2, 8, 16, 10, 10, device)
+    with pytest.raises(ValueError, match="q must have 3 dimensions"):
+        fastnote.sagan_attention(q[0], k, v)
+    with pytest.raises(ValueError, match=r"k must have shape \[2, 8, \*\]"):
+        fastnote.sagan_attention(q, k[:, :4], v)
+    with pytest.raises(ValueError, match=r"k must have shape \[2, 8, \*\]"):
+        fastnote.sagan_attention(q, k[:1], v)
+    with pytest.raises(ValueError, match=r"v must have shape \[2, \*, 10\]"):
+        fastnote.sagan_attention(q, k, v[..., :5])
+    with pytest.raises(ValueError, match=r"x must have shape \[2, 16, 10\]"):
+        fastnote.sagan_attention(q, k, v, x[:, :3], gamma)
+    with pytest.raises(ValueError, match="x must have shape"):
+        fastnote.sagan_attention(q, k, v, x.detach().reshape(2, 16, 2, 5)[..., :2], gamma)
+    with pytest.raises(ValueError, match="gamma must be given together with x"):
+        fastnote.sagan_attention(q, k, v, x=x)
+    with pytest.raises(ValueError, match="x must be given together with gamma"):
+        fastnote.sagan_attention(q, k, v, gamma=gamma)
+    with pytest.raises(ValueError, match="gamma must be a scalar"):
+        fastnote.sagan_attention(q, k, v, x, torch.zeros(2, device=device))
+    with pytest.raises(TypeError, match="gamma must be a torch.Tensor"):
+        fastnote.sagan_attention(q, k, v, x, 0.5)
+    with pytest.raises(TypeError, match="all tensors must have one dtype"):
+        fastnote.sagan_attention(q, k.detach().half(), v)
+    with pytest.raises(TypeError, match="all tensors must have one dtype.*x float16"):
+        fastnote.sagan_attention(q, k, v, x.detach().half(), gamma)
+    with pytest.raises(TypeError, match="v must have dtype"):
+        fastnote.sagan_attention(q, k, v.detach().double())
+    with pytest.raises(ValueError, match="k must have at least one position"):
+        fastnote.sagan_attention(q, k[..., :0], v[..., :0])
+    with pytest.raises(ValueError, match="q must have at least one channel"):
+        fastnote.sagan_attention(q[:, :0], k[:, :0], v)
+    with pytest.raises(ValueError, match="x must have 4 dimensions"):
+        fastnote.nn.SelfAttention(16)(x)
+    with pytest.raises(ValueError, match="in_dim must be >= 8"):
+        fastnote.nn.SelfAttention(4)
+
+
+def test_device_mix():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    q, k, v, x, gamma = _inputs(2, 8, 16, 10, 10, "cuda")
+    with pytest.raises(ValueError, match="one device.*k on cpu"):
+        fastnote.sagan_attention(q, k.detach().cpu(), v)
+    with pytest.raises(ValueError, match="one device.*gamma on cpu"):
+        fastnote.sagan_attention(q, k, v, x, gamma.detach().cpu())
+
+
+def test_device_mix_meta():
+    # Device mixes are caught before any kernel runs; meta tensors stand in for a second device.
+    q, k, v, x, gamma = _inputs(2, 8, 16, 10, 10, "cpu")
+    with pytest.raises(ValueError, match="one device.*v on meta"):
+        fastnote.sagan_attention(q, k, v.detach().to("meta"))
+
+
+def test_opcheck(device):
+    for residual in (True, False):
+        for dtype in (torch.float32, torch.float16):
+            q, k, v, x, gamma = (t.detach() if t is not None else None
+                                 for t in _inputs(2, 8, 16, 9, 5, device, dtype=dtype, residual=residual))
+            torch.library.opcheck(torch.ops.fastnote.sagan_attention.default, (q, k, v, x, gamma))
+            _, o, lse = torch.ops.fastnote.sagan_attention.default(q, k, v, x, gamma)
+            o = o if o.dim() == 3 else torch.ops.fastnote.sagan_attention.default(q, k, v, x, gamma)[0]
+            grad = torch.randn(2, 16, 9, device=device, dtype=dtype)
+            torch.library.opcheck(torch.ops.fastnote.sagan_attention_backward.default,
+                                  (grad, q, k, v, o, lse, gamma))
+
+
+def test_compile_fullgraph(device, compile_backend):
+    inputs = _inputs(2, 8, 16, 20, 12, device)
+
+    def f(q, k, v, x, gamma):
+        return fastnote.sagan_attention(q, k, v, x, gamma).square().sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend=compile_backend)
+    out = compiled(*inputs)
+    grads = torch.autograd.grad(out, inputs)
+    ref_out = reference.sagan_attention(*inputs).square().sum()
+    ref_grads = torch.autograd.grad(ref_out, inputs)
+    assert_close(out, ref_out, "two_matmul")
+    for name, g, r in zip(NAMES, grads, ref_grads):
+        assert_close(g, r, "two_matmul", msg=name)
+
+
+def test_autocast_bf16(device):
+    # Under autocast q, k, v, x run in bf16 (gamma stays fp32); compared with the fp32 reference
+    # on the fp32 inputs at the bf16 tolerance.
+    inputs = _inputs(2, 8, 32, 40, 40, device)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        out = fastnote.sagan_attention(*inputs)
+    assert out.dtype == torch.bfloat16
+    grad = torch.randn_like(out)
+    grads = torch.autograd.grad(out, inputs, grad)
+    ref_out = reference.sagan_attention(*inputs)
+    ref_grads = torch.autograd.grad(ref_out, inputs, grad.float())
+    assert_close(out, ref_out, "two_matmul")
+    for name, g, r in zip(NAMES, grads, ref_grads):
+        assert g.dtype == torch.float32, name
+        assert_close(g, r, "two_matmul", dtype=torch.bfloat16, msg=name)
+
+
+# Compiles the kernels for sm_90 ahead of time (no GPU needed): catches code that the interpreter
+# runs but the compiler rejects. A fresh process, because the interpreter replaces @triton.jit.
+_AOT_SCRIPT = r"""
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fastnote.triton_kernels import sagan_attention as K
+
+FP32_PTRS = {"gamma_ptr", "o_ptr", "lse_ptr", "r_ptr"}
+
+def build(fn, dtype, cfg, **flags):
+    cfg = dict(cfg, **flags)
+    warps = cfg.pop("num_warps")
+    sig = {n: "constexpr" if n in cfg else ("*fp32" if n in FP32_PTRS else "*" + dtype) if n.endswith("_ptr")
+           else "i32" for n in fn.arg_names}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(n),): v for n, v in cfg.items()})
+    triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 2})
+
+for dtype, tdt in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)):
+    for d_qk, d_v in ((8, 64), (64, 512)):
+        q = torch.empty(1, d_qk, 1, dtype=tdt, device="meta")
+        build(K._forward_kernel, dtype, K._config(q, 4096, 4096, d_v, backward=False), HAS_RESIDUAL=True,
+              STORE_O=True)
+        cfg = K._config(q, 4096, 4096, d_v, backward=True)
+        single = d_v <= cfg["BLOCK_DV"]
+        build(K._dkdv_kernel, dtype, cfg, HAS_GAMMA=True, WITH_DK=True, SINGLE_DV=single)
+        build(K._dq_kernel, dtype, cfg, HAS_GAMMA=False, SINGLE_DV=single)
+        if not single:
+            build(K._dkdv_kernel, dtype, cfg, HAS_GAMMA=True, WITH_DK=False, SINGLE_DV=False)
+build(K._preprocess_kernel, "bf16", dict(BLOCK_N=K.PREPROCESS_BLOCK_N, BLOCK_C=K.PREPROCESS_BLOCK_C,
+                                         num_warps=4))
+print("compiled")
+"""
+
+
+def test_kernels_compile_for_sm90():
+    import os
+    import subprocess
+    import sys
+
+    if torch.cuda.is_available():
+        pytest.skip("the GPU tests compile and run the kernels")
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0 and "compiled" in run.stdout, run.stderr[-3000:]
+
+
+def test_reference_backend_switch(device, monkeypatch):
+    inputs = _inputs(2, 8, 16, 20, 12, device)
+    got = fastnote.sagan_attention(*inputs)
+    monkeypatch.setenv("FASTNOTE_BACKEND", "reference")
+    assert_close(got, fastnote.sagan_attention(*inputs), "two_matmul")
+
+
+class Self_Attn(nn.Module):
+    """SAGAN's Self_Attn (seed 001); forward transcribed as it is."""
+
+    def __init__(self, in_dim, activation):
+        super().__init__()
+        self.chanel_in = in_dim
+        self.activation = activation
+        self.query_conv = nn.Conv2d(in_channels=in_dim, out_channels=in_dim // 8, kernel_size=1)
+        self.key_conv = nn.Conv2d(in_channels=in_dim, out_channels=in_dim // 8, kernel_size=1)
+        self.value_conv = nn.Conv2d(in_channels=in_dim, out_channels=in_dim, kernel_size=1)
+        self.gamma = nn.Parameter(torch.zeros(1))
+        self.softmax = nn.Softmax(dim=-1)
+
+    def forward(self, x):
+        m_batchsize, C, width, height = x.size()
+        proj_query = self.query_conv(x).view(m_batchsize, -1, width * height).permute(0, 2, 1)  # B X CX(N)
+        proj_key = self.key_conv(x).view(m_batchsize, -1, width * height)  # B X C x (*W*H)
+        energy = torch.bmm(proj_query, proj_key)  # transpose check
+        attention = self.softmax(energy)  # BX (N) X (N)
+        proj_value = self.value_conv(x).view(m_batchsize, -1, width * height)  # B X C X N
+
+        out = torch.bmm(proj_value, attention.permute(0, 2, 1))
+        out = out.view(m_batchsize, C, width, height)
+
+        out = self.gamma * out + x
+        return out, attention
+
+
+@pytest.mark.parametrize("return_attention", [False, True])
+@pytest.mark.parametrize("C,W,H", [(64, 8, 8), (32, 5, 7)])
+def test_module_drop_in(C, W, H, return_attention, device):
+    eager = Self_Attn(C, "relu").to(device)
+    with torch.no_grad():
+        eager.gamma.fill_(0.7)
+        for conv in (eager.query_conv, eager.key_conv):  # larger energies: a peaked softmax
+            conv.weight.mul_(3)
+    ours = fastnote.nn.SelfAttention(C, "relu", return_attention=return_attention).to(device)
+    assert set(ours.state_dict()) == set(eager.state_dict())
+    ours.load_state_dict(eager.state_dict(), strict=True)
+    x = torch.randn(2, C, W, H, device=device, requires_grad=True)
+    (y_ours, a_ours), (y_eager, a_eager) = ours(x), eager(x)
+    assert y_ours.shape == x.shape
+    assert_close(y_ours, y_eager, "two_matmul")
+    if return_attention:
+        assert_close(a_ours, a_eager, "reduction")
+    else:
+        assert a_ours is None
+    g = torch.randn_like(y_ours)
+    got = torch.autograd.grad(y_ours, [x] + list(ours.parameters()), g)
+    want = torch.autograd.grad(y_eager, [x] + list(eager.parameters()), g)
+    for (name, _), a, b in zip([("x", None)] + list(ours.named_parameters()), got, want):
+        assert_close(a, b, "two_matmul", msg=name)
+
+
+def test_module_compile(device, compile_backend):
+    m = fastnote.nn.SelfAttention(32).to(device)
+    with torch.no_grad():
+        m.gamma.fill_(0.5)
+    x = torch.randn(2, 32, 4, 4, device=device, requires_grad=True)
+    compiled = torch.compile(m, fullgraph=True, backend=compile_backend)
+    out, attention = compiled(x)
+    assert attention is None
+    out.square().sum().backward()
+    assert x.grad is not None and m.gamma.grad is not None

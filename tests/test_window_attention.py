@@ -1,0 +1,542 @@
+"""Swin window attention: the core op, the WindowAttention drop-in and the fused block path, forward
+and backward, against fastnote.reference (and against transcribed Swin / timm modules)."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastnote
+from fastnote import reference
+from fastnote.ops import window_attention as ops
+from fastnote.testing import assert_close
+
+KIND = "two_matmul"
+
+
+def _swin_mask(nW, N, generator=None):
+    # Swin's values: 0 within a region, -100 across.
+    return torch.where(torch.rand(nW, N, N, generator=generator) < 0.3, -100.0, 0.0)
+
+
+def _inputs(B_, heads, N, d, nW, with_bias, with_mask, device, dtype=torch.float32):
+    q, k, v = (torch.randn(B_, heads, N, d, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    bias = torch.randn(heads, N, N, device=device, dtype=dtype, requires_grad=True) if with_bias else None
+    mask = _swin_mask(nW, N).to(device) if with_mask else None
+    return q, k, v, bias, mask
+
+
+def _grads(out, tensors, grad):
+    tensors = [t for t in tensors if t is not None]
+    return torch.autograd.grad(out, tensors, grad)
+
+
+CORE_CASES = [
+    # B*nW, heads, N, d, nW, bias, mask
+    (2, 1, 1, 16, 1, True, True),
+    (4, 2, 9, 16, 2, True, True),
+    (4, 3, 49, 32, 4, True, True),
+    (2, 6, 49, 16, 1, False, False),
+    (3, 2, 50, 32, 3, True, False),
+    (2, 4, 50, 16, 2, False, True),
+    (2, 5, 64, 32, 1, True, True),
+    (2, 1, 65, 16, 2, True, True),   # just past one tile: the online-softmax / atomic path
+    (2, 1, 144, 32, 1, True, True),  # window 12
+]
+
+
+@pytest.mark.parametrize("B_,heads,N,d,nW,with_bias,with_mask", CORE_CASES)
+def test_core_forward_backward(device, B_, heads, N, d, nW, with_bias, with_mask):
+    q, k, v, bias, mask = _inputs(B_, heads, N, d, nW, with_bias, with_mask, device)
+    out = fastnote.window_attention(q, k, v, bias=bias, mask=mask)
+    ref = reference.window_attention(q, k, v, bias=bias, mask=mask)
+    assert out.shape == (B_, heads, N, d) and out.dtype == q.dtype
+    assert_close(out, ref, KIND)
+    grad = torch.randn_like(ref)
+    for name, a, b in zip(("q", "k", "v", "bias"), _grads(out, (q, k, v, bias), grad),
+                          _grads(ref, (q, k, v, bias), grad)):
+        assert_close(a, b, KIND, msg=name)
+
+
+@pytest.mark.parametrize("group,slots", [(1, "own"), (2, "own"), (3, "one"), (2, "two")])
+def test_program_grouping_and_dbias_slots(device, monkeypatch, group, slots):
+    # Real shapes give several images per program (GROUP > 1) and one dbias partial per program;
+    # small ones would not: force both, with a ragged last group (5 images), and the shared-slot
+    # (atomic) dbias too, for the core (one tile and tiled) and the fused path.
+    from fastnote.triton_kernels import window_attention as kernels
+
+    monkeypatch.setattr(kernels, "forward_group", lambda *a: group)
+    monkeypatch.setattr(kernels, "backward_group", lambda *a: group)
+    monkeypatch.setattr(kernels, "dbias_slots", {"own": lambda p, *a: p, "one": lambda *a: 1,
+                                                 "two": lambda p, *a: min(p, 2)}[slots])
+    for N in (9, 65):
+        q, k, v, bias, mask = _inputs(5 * 2, 2, N, 16, 2, True, True, device)
+        out = fastnote.window_attention(q, k, v, bias=bias, mask=mask)
+        ref = reference.window_attention(q, k, v, bias=bias, mask=mask)
+        assert_close(out, ref, KIND)
+        grad = torch.randn_like(ref)
+        for a, b in zip(_grads(out, (q, k, v, bias), grad), _grads(ref, (q, k, v, bias), grad)):
+            assert_close(a, b, KIND)
+    x = torch.randn(5, 6, 7, 16, device=device, requires_grad=True)
+    params = _block_params(16, 2, 4, device)
+    out = fastnote.swin_window_attention(x, *params, 4, 2, shift_size=2)
+    ref = reference.swin_block_attention(x, *params, 4, 2, shift_size=2)
+    assert_close(out, ref, KIND)
+    grad = torch.randn_like(ref)
+    for a, b in zip(_grads(out, (x,) + params, grad), _grads(ref, (x,) + params, grad)):
+        assert_close(a, b, KIND)
+
+
+def test_core_custom_scale_and_extreme_logits(device):
+    # Large logits (|q.k| * scale ~ 1e3) must not overflow: the softmax subtracts the row max.
+    q, k, v, bias, mask = _inputs(4, 2, 49, 32, 2, True, True, device)
+    with torch.no_grad():
+        q.mul_(30.0)
+    out = fastnote.window_attention(q, k, v, bias=bias, mask=mask, scale=1.0)
+    ref = reference.window_attention(q, k, v, bias=bias, mask=mask, scale=1.0)
+    assert torch.isfinite(out).all()
+    assert_close(out, ref, KIND)
+
+
+def test_core_non_contiguous_and_qkv_views(device):
+    B_, heads, N, d = 4, 3, 49, 32
+    qkv = torch.randn(B_, N, 3, heads, d, device=device, requires_grad=True)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)              # Swin's strided views
+    bias = torch.randn(N, N, heads, device=device, requires_grad=True)
+    mask = _swin_mask(2, N).to(device).transpose(1, 2)           # non-contiguous mask
+    out = fastnote.window_attention(q, k, v, bias=bias.permute(2, 0, 1), mask=mask)
+    ref = reference.window_attention(q, k, v, bias=bias.permute(2, 0, 1), mask=mask)
+    assert_close(out, ref, KIND)
+    grad = torch.randn_like(ref).transpose(2, 3).contiguous().transpose(2, 3)  # non-contiguous grad
+    for a, b in zip(_grads(out, (qkv, bias), grad), _grads(ref, (qkv, bias), grad)):
+        assert_close(a, b, KIND)
+    # A feature dimension that is not contiguous is copied, not misread.
+    qt = torch.randn(B_, heads, d, N, device=device).transpose(2, 3)
+    assert_close(fastnote.window_attention(qt, qt, qt), reference.window_attention(qt, qt, qt), KIND)
+
+
+def test_core_empty_batch(device):
+    q = torch.randn(0, 2, 49, 32, device=device, requires_grad=True)
+    bias = torch.randn(2, 49, 49, device=device, requires_grad=True)
+    out = fastnote.window_attention(q, q, q, bias=bias, mask=torch.zeros(4, 49, 49, device=device))
+    assert out.shape == (0, 2, 49, 32)
+    out.sum().backward()
+    assert q.grad.shape == q.shape and torch.equal(bias.grad, torch.zeros_like(bias))
+
+
+def test_core_bias_only_grad_and_no_bias_grad(device):
+    q, k, v, bias, mask = _inputs(2, 2, 9, 16, 1, True, True, device)
+    q.requires_grad_(False), k.requires_grad_(False), v.requires_grad_(False)
+    out = fastnote.window_attention(q, k, v, bias=bias, mask=mask)
+    ref = reference.window_attention(q, k, v, bias=bias, mask=mask)
+    g = torch.randn_like(ref)
+    assert_close(torch.autograd.grad(out, bias, g)[0], torch.autograd.grad(ref, bias, g)[0], KIND)
+    bias2 = bias.detach()
+    q.requires_grad_(True)
+    out = fastnote.window_attention(q, k, v, bias=bias2, mask=mask)
+    ref = reference.window_attention(q, k, v, bias=bias2, mask=mask)
+    assert_close(torch.autograd.grad(out, q, g)[0], torch.autograd.grad(ref, q, g)[0], KIND)
+
+
+def test_core_autocast_bf16(device):
+    q, k, v, bias, mask = _inputs(4, 2, 49, 32, 2, True, True, device)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        out = fastnote.window_attention(q, k, v, bias=bias, mask=mask)
+    assert out.dtype == torch.bfloat16
+    ref = reference.window_attention(q, k, v, bias=bias, mask=mask)
+    assert_close(out, ref, KIND, dtype=torch.bfloat16)
+    grad = torch.randn_like(ref)
+    for a, b in zip(_grads(out.float(), (q, k, v, bias), grad), _grads(ref, (q, k, v, bias), grad)):
+        assert a.dtype == torch.float32
+        assert_close(a, b, KIND, dtype=torch.bfloat16)
+
+
+def test_core_gradcheck_reference_float64():
+    # The oracle's own gradients (fastnote's ops take fp32/fp16/bf16 only).
+    q, k, v, bias, _ = _inputs(2, 2, 5, 4, 1, True, False, "cpu", dtype=torch.float64)
+    mask = _swin_mask(2, 5).double()
+    assert torch.autograd.gradcheck(lambda *t: reference.window_attention(*t, mask=mask), (q, k, v, bias))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("B,nW,heads,N,d", [(8, 64, 3, 49, 32), (8, 1, 24, 49, 32), (4, 4, 4, 144, 32),
+                                            (2, 4, 2, 64, 64), (2, 9, 2, 49, 128), (2, 3, 5, 200, 16)])
+@pytest.mark.gpu
+def test_core_half_gpu(device, dtype, B, nW, heads, N, d):
+    q, k, v, bias, mask = _inputs(B * nW, heads, N, d, nW, True, True, device, dtype=dtype)
+    out = fastnote.window_attention(q, k, v, bias=bias, mask=mask)
+    qf, kf, vf, bf = (t.detach().float().requires_grad_() for t in (q, k, v, bias))
+    ref = reference.window_attention(qf, kf, vf, bias=bf, mask=mask)
+    assert out.dtype == dtype
+    assert_close(out, ref, KIND)
+    grad = torch.randn_like(ref)
+    for name, a, b in zip("qkvb", _grads(out, (q, k, v, bias), grad.to(dtype)), _grads(ref, (qf, kf, vf, bf), grad)):
+        # bias gradient sums over all B*nW windows: compare relative to its magnitude.
+        scale = max(1.0, b.abs().max().item()) if name == "b" else 1.0
+        assert_close(a.float() / scale, b / scale, KIND, dtype=dtype, msg=name)
+
+
+# ------------------------------------------------------------------------------------------------
+# Errors
+# ------------------------------------------------------------------------------------------------
+
+def test_core_errors(device):
+    q = torch.randn(4, 2, 9, 16, device=device)
+    with pytest.raises(ValueError, match="mask"):
+        fastnote.window_attention(q, q, q, mask=torch.zeros(3, 9, 9, device=device))
+    with pytest.raises(ValueError, match="mask"):
+        fastnote.window_attention(q, q, q, mask=torch.zeros(2, 8, 8, device=device))
+    with pytest.raises(ValueError, match="mask"):
+        fastnote.window_attention(q, q, q, mask=torch.zeros(2, 9, 9, device=device, requires_grad=True))
+    with pytest.raises(ValueError, match="bias"):
+        fastnote.window_attention(q, q, q, bias=torch.zeros(3, 9, 9, device=device))
+    with pytest.raises(ValueError, match="q"):
+        fastnote.window_attention(q[0], q[0], q[0])
+    with pytest.raises(ValueError, match="k"):
+        fastnote.window_attention(q, q[:, :1], q)
+    with pytest.raises(TypeError, match="dtype"):
+        fastnote.window_attention(q, q.half(), q)
+    with pytest.raises(TypeError, match="bias"):
+        fastnote.window_attention(q.half(), q.half(), q.half(), bias=torch.zeros(2, 9, 9, device=device,
+                                                                                 dtype=torch.bfloat16))
+    with pytest.raises(TypeError, match="q"):
+        fastnote.window_attention(q.long(), q.long(), q.long())
+    with pytest.raises(TypeError, match="scale"):
+        fastnote.window_attention(q, q, q, scale="0.25")
+
+
+def test_block_errors(device):
+    x = torch.randn(1, 8, 8, 32, device=device)
+    w, b, pw, pb, table = _block_params(32, 2, 4, device)
+    with pytest.raises(ValueError, match="shift_size"):
+        fastnote.swin_window_attention(x, w, b, pw, pb, table, 4, 2, shift_size=4)
+    with pytest.raises(ValueError, match="num_heads"):
+        fastnote.swin_window_attention(x, w, b, pw, pb, table, 4, 3)
+    with pytest.raises(ValueError, match="relative_position_bias_table"):
+        fastnote.swin_window_attention(x, w, b, pw, pb, table, 3, 2)
+    with pytest.raises(ValueError, match="window_size"):
+        fastnote.swin_window_attention(x, w, b, pw, pb, table, (4, 2), 2)
+    with pytest.raises(ValueError, match="x"):
+        fastnote.swin_window_attention(x[0], w, b, pw, pb, table, 4, 2)
+    with pytest.raises(ValueError, match="qkv_weight"):
+        fastnote.swin_window_attention(x, w[:32], b, pw, pb, table, 4, 2)
+    with pytest.raises(TypeError, match="dtype"):
+        fastnote.swin_window_attention(x.double(), w, b, pw, pb, table, 4, 2)
+    m = fastnote.nn.WindowAttention(32, 4, 2).to(device)
+    with pytest.raises(ValueError, match="x"):
+        m(torch.randn(2, 15, 32, device=device))
+    with pytest.raises(ValueError, match="attn_drop"):
+        fastnote.nn.WindowAttention(32, 4, 2, attn_drop=0.1).to(device).train()(torch.randn(2, 16, 32, device=device))
+    fastnote.nn.WindowAttention(32, 4, 2, attn_drop=0.1).to(device).eval()(torch.randn(2, 16, 32, device=device))
+    with pytest.raises(TypeError, match="window_size"):
+        fastnote.nn.WindowAttention(32, 4.0, 2)
+
+
+# ------------------------------------------------------------------------------------------------
+# torch.library / torch.compile
+# ------------------------------------------------------------------------------------------------
+
+def test_opcheck_core(device):
+    q, k, v, bias, mask = _inputs(4, 2, 9, 16, 2, True, True, device)
+    torch.library.opcheck(torch.ops.fastnote.window_attention.default, (q, k, v, bias, mask, 0.25))
+    torch.library.opcheck(torch.ops.fastnote.window_attention.default, (q, k, v, None, None, 0.25))
+    out, lse = torch.ops.fastnote.window_attention(q, k, v, bias, mask, 0.25)
+    args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), bias.detach(),
+            mask, 0.25, True)
+    torch.library.opcheck(torch.ops.fastnote.window_attention_backward.default, args)
+
+
+def test_opcheck_block(device):
+    x = torch.randn(1, 5, 6, 32, device=device)
+    w, b, _, _, table = _block_params(32, 2, 4, device)
+    qkv = F.linear(x, w, b).detach().requires_grad_()
+    index = reference.relative_position_index(4, device)
+    bias = reference.relative_position_bias(table, index, 2).detach().requires_grad_()
+    qb = b.detach().requires_grad_()
+    args = (qkv, qb, bias, 4, 2, 2, 0.25, -100.0)
+    torch.library.opcheck(torch.ops.fastnote.swin_window_attention.default, args)
+    out, lse = torch.ops.fastnote.swin_window_attention(*args)
+    bargs = (torch.randn_like(out), qkv.detach(), qb.detach(), bias.detach(), out.detach(), lse.detach(), 4, 2, 2, 0.25,
+             -100.0, True)
+    torch.library.opcheck(torch.ops.fastnote.swin_window_attention_backward.default, bargs)
+
+
+def test_compile_fullgraph(device, compile_backend):
+    q, k, v, bias, mask = _inputs(4, 2, 9, 16, 2, True, True, device)
+
+    def f(q, k, v, bias, mask):
+        return fastnote.window_attention(q * 1.5, k, v, bias=bias, mask=mask).square().sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend=compile_backend)
+    got = compiled(q, k, v, bias, mask)
+    want = f(q, k, v, bias, mask)
+    assert_close(got, want, KIND)
+    for a, b in zip(torch.autograd.grad(got, (q, k, v, bias)), torch.autograd.grad(want, (q, k, v, bias))):
+        assert_close(a, b, KIND)
+
+
+def test_compile_fullgraph_block(device, compile_backend):
+    torch._dynamo.reset()
+    m = fastnote.nn.ShiftedWindowAttention(32, 4, 2, shift_size=2).to(device)
+    x = torch.randn(1, 6, 7, 32, device=device, requires_grad=True)
+    compiled = torch.compile(m, fullgraph=True, backend=compile_backend)
+    got, want = compiled(x), m(x)
+    assert_close(got, want, KIND)
+    g = torch.randn_like(want)
+    assert_close(torch.autograd.grad(got, x, g)[0], torch.autograd.grad(want, x, g)[0], KIND)
+
+
+# ------------------------------------------------------------------------------------------------
+# Modules: Swin's and timm's WindowAttention, transcribed
+# ------------------------------------------------------------------------------------------------
+
+class SwinWindowAttention(nn.Module):
+    """The original Swin Transformer WindowAttention (index buffer persistent)."""
+
+    def __init__(self, dim, window_size, num_heads, qkv_bias=True, qk_scale=None, attn_drop=0., proj_drop=0.):
+        super().__init__()
+        self.dim = dim
+        self.window_size = window_size
+        self.num_heads = num_heads
+        head_dim = dim // num_heads
+        self.scale = qk_scale or head_dim ** -0.5
+        self.relative_position_bias_table = nn.Parameter(
+            torch.zeros((2 * window_size[0] - 1) * (2 * window_size[1] - 1), num_heads))
+        coords = torch.stack(torch.meshgrid([torch.arange(window_size[0]), torch.arange(window_size[1])],
+                                            indexing="ij"))
+        coords_flatten = torch.flatten(coords, 1)
+        relative_coords = (coords_flatten[:, :, None] - coords_flatten[:, None, :]).permute(1, 2, 0).contiguous()
+        relative_coords[:, :, 0] += window_size[0] - 1
+        relative_coords[:, :, 1] += window_size[1] - 1
+        relative_coords[:, :, 0] *= 2 * window_size[1] - 1
+        self.register_buffer("relative_position_index", relative_coords.sum(-1), persistent=self.persistent_index)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        nn.init.trunc_normal_(self.relative_position_bias_table, std=.02)
+        self.softmax = nn.Softmax(dim=-1)
+
+    persistent_index = True
+
+    def forward(self, x, mask=None):
+        B_, N, C = x.shape
+        qkv = self.qkv(x).reshape(B_, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        q = q * self.scale
+        attn = q @ k.transpose(-2, -1)
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(N, N, -1)
+        attn = attn + bias.permute(2, 0, 1).contiguous().unsqueeze(0)
+        if mask is not None:
+            nW = mask.shape[0]
+            attn = attn.view(B_ // nW, nW, self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
+            attn = attn.view(-1, self.num_heads, N, N)
+        attn = self.attn_drop(self.softmax(attn))
+        x = (attn @ v).transpose(1, 2).reshape(B_, N, C)
+        return self.proj_drop(self.proj(x))
+
+
+class TimmWindowAttention(SwinWindowAttention):
+    """timm's variant: the index buffer is non-persistent, so its state_dicts lack it."""
+
+    persistent_index = False
+
+
+@pytest.mark.parametrize("source", [SwinWindowAttention, TimmWindowAttention])
+@pytest.mark.parametrize("window,heads,nW", [(7, 3, 2), (3, 2, 1), ((2, 3), 2, 2)])
+def test_module_state_dict_and_parity(device, source, window, heads, nW):
+    ws = window if isinstance(window, tuple) else (window, window)
+    N = ws[0] * ws[1]
+    dim = 16 * heads
+    eager = source(dim, ws, heads).to(device)
+    with torch.no_grad():
+        eager.relative_position_bias_table.normal_()
+    sd = eager.state_dict()
+    assert ("relative_position_index" in sd) == source.persistent_index
+    ours = fastnote.nn.WindowAttention(dim, window, heads).to(device)
+    ours.load_state_dict(sd, strict=True)
+    assert torch.equal(ours.relative_position_index, eager.relative_position_index)
+    x = torch.randn(2 * nW, N, dim, device=device, requires_grad=True)
+    mask = _swin_mask(nW, N).to(device)
+    for m in (None, mask):
+        got, want = ours(x, mask=m), eager(x, mask=m)
+        assert_close(got, want, KIND)
+        g = torch.randn_like(want)
+        def params(mod):
+            return x, mod.qkv.weight, mod.qkv.bias, mod.proj.weight, mod.relative_position_bias_table
+
+        for name, a, b in zip(("x", "qkv.weight", "qkv.bias", "proj.weight", "table"),
+                              torch.autograd.grad(got, params(ours), g), torch.autograd.grad(want, params(eager), g)):
+            assert_close(a, b, KIND, msg=name)
+    # And back: fastnote's state_dict (index included) loads into Swin's module.
+    source(dim, ws, heads).to(device).load_state_dict(ours.state_dict(), strict=source.persistent_index)
+
+
+def test_module_index_matches_reference():
+    for ws in (1, 2, 7, 12):
+        assert torch.equal(ops.relative_position_index(ws), reference.relative_position_index(ws))
+
+
+def test_module_qk_scale_head_dim_and_4d_input(device):
+    m = fastnote.nn.WindowAttention(32, (4, 4), 2, qk_scale=0.1, head_dim=8).to(device)
+    assert m.qkv.out_features == 48 and m.proj.in_features == 16
+    x = torch.randn(3, 4, 4, 32, device=device)
+    y = m(x)
+    assert y.shape == x.shape
+    qkv = m.qkv(x.reshape(3, 16, 32)).reshape(3, 16, 3, 2, 8).permute(2, 0, 3, 1, 4)
+    ref = reference.window_attention(qkv[0], qkv[1], qkv[2], bias=m.relative_position_bias(), scale=0.1)
+    assert_close(y, m.proj(ref.transpose(1, 2).reshape(3, 16, 16)).reshape(3, 4, 4, 32), KIND)
+
+
+def test_module_empty_batch(device):
+    m = fastnote.nn.WindowAttention(32, 7, 2).to(device)
+    x = torch.randn(0, 49, 32, device=device, requires_grad=True)
+    y = m(x)
+    assert y.shape == (0, 49, 32)
+    y.sum().backward()
+
+
+# ------------------------------------------------------------------------------------------------
+# Fused block path vs reference.swin_block_attention
+# ------------------------------------------------------------------------------------------------
+
+def _block_params(C, heads, ws, device, qkv_bias=True, dtype=torch.float32):
+    g = dict(device=device, dtype=dtype)
+    w = (torch.randn(3 * C, C, **g) * C ** -0.5).requires_grad_()
+    b = torch.randn(3 * C, **g).requires_grad_() if qkv_bias else None
+    pw = (torch.randn(C, C, **g) * C ** -0.5).requires_grad_()
+    pb = torch.randn(C, **g).requires_grad_()
+    table = torch.randn((2 * ws - 1) ** 2, heads, **g).requires_grad_()
+    return w, b, pw, pb, table
+
+
+BLOCK_CASES = [
+    # B, H, W, C, heads, ws, shift, qkv_bias
+    (2, 8, 8, 32, 2, 4, 0, True),
+    (2, 8, 8, 32, 2, 4, 2, True),
+    (1, 7, 10, 32, 2, 4, 2, True),    # H, W not multiples of the window
+    (1, 7, 7, 16, 1, 7, 3, True),     # Swin-T's window and shift
+    (1, 9, 11, 32, 2, 7, 3, True),
+    (1, 9, 9, 32, 2, 7, 0, False),    # padding, no qkv bias: padded tokens are zeros
+    (1, 5, 6, 16, 1, 3, 1, False),
+    (1, 13, 12, 32, 1, 12, 6, True),  # window 12 (N = 144): tiled path
+]
+
+
+@pytest.mark.parametrize("B,H,W,C,heads,ws,shift,qkv_bias", BLOCK_CASES)
+def test_block_forward_backward(device, B, H, W, C, heads, ws, shift, qkv_bias):
+    x = torch.randn(B, H, W, C, device=device, requires_grad=True)
+    params = _block_params(C, heads, ws, device, qkv_bias)
+    out = fastnote.swin_window_attention(x, *params, ws, heads, shift_size=shift)
+    ref = reference.swin_block_attention(x, *params, ws, heads, shift_size=shift)
+    assert out.shape == x.shape
+    assert_close(out, ref, KIND)
+    leaves = (x,) + tuple(params)
+    grad = torch.randn_like(ref)
+    names = ("x", "qkv_weight", "qkv_bias", "proj_weight", "proj_bias", "table")
+    got = _grads(out, leaves, grad)
+    want = _grads(ref, leaves, grad)
+    for name, a, b in zip([n for n, t in zip(names, leaves) if t is not None], got, want):
+        assert_close(a, b, KIND, msg=name)
+
+
+def test_block_module_matches_window_attention_module(device):
+    # ShiftedWindowAttention == pad/roll/partition + WindowAttention + reverse/roll/crop, same state_dict.
+    dim, heads, ws, shift = 32, 2, 4, 2
+    wa = fastnote.nn.WindowAttention(dim, ws, heads).to(device)
+    swa = fastnote.nn.ShiftedWindowAttention(dim, ws, heads, shift_size=shift).to(device)
+    swa.load_state_dict(TimmWindowAttention(dim, (ws, ws), heads).state_dict() | {}, strict=True)
+    wa.load_state_dict(swa.state_dict(), strict=True)
+    x = torch.randn(2, 8, 12, dim, device=device)
+    xs = torch.roll(x, (-shift, -shift), (1, 2))
+    win = reference.window_partition(xs, ws)
+    mask = reference.shift_mask(8, 12, ws, shift, device=device)
+    y = reference.window_reverse(wa(win, mask=mask), ws, 8, 12)
+    assert_close(swa(x), torch.roll(y, (shift, shift), (1, 2)), KIND)
+
+
+def test_block_reference_path_and_mask_value(device, monkeypatch):
+    x = torch.randn(1, 7, 9, 16, device=device)
+    params = _block_params(16, 2, 4, device)
+    index = reference.relative_position_index(4, device)
+    want = reference.swin_block_attention(x, *params, 4, 2, shift_size=2)
+    # The reference path with an explicit index (the module's route) is the reference.
+    with monkeypatch.context() as m:
+        m.setenv("FASTNOTE_BACKEND", "reference")
+        assert_close(fastnote.swin_window_attention(x, *params, 4, 2, 2, relative_position_index=index), want, KIND)
+        ref_other = fastnote.swin_window_attention(x, *params, 4, 2, 2, mask_value=-1e4, scale=0.3)
+    got_other = fastnote.swin_window_attention(x, *params, 4, 2, 2, mask_value=-1e4, scale=0.3)
+    assert_close(got_other, ref_other, KIND)
+    assert (got_other - want).abs().max() > 1e-3  # the options change the result
+
+
+def test_block_autocast_bf16(device):
+    m = fastnote.nn.ShiftedWindowAttention(32, 4, 2, shift_size=2).to(device)
+    x = torch.randn(1, 7, 9, 32, device=device, requires_grad=True)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        y = m(x)
+    assert y.dtype == torch.bfloat16
+    ref = reference.swin_block_attention(x, m.qkv.weight, m.qkv.bias, m.proj.weight, m.proj.bias,
+                                         m.relative_position_bias_table, 4, 2, 2)
+    assert_close(y, ref, KIND, dtype=torch.bfloat16)
+    y.float().sum().backward()
+    assert m.relative_position_bias_table.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_block_empty_batch(device):
+    m = fastnote.nn.ShiftedWindowAttention(16, 4, 2, shift_size=2).to(device)
+    x = torch.randn(0, 5, 5, 16, device=device, requires_grad=True)
+    y = m(x)
+    assert y.shape == x.shape
+    y.sum().backward()
+    assert torch.equal(m.relative_position_bias_table.grad, torch.zeros_like(m.relative_position_bias_table))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("B,H,W,C,heads,ws,shift", [(4, 56, 56, 96, 3, 7, 3), (4, 7, 7, 768, 24, 7, 0),
+                                                    (2, 24, 24, 128, 4, 12, 6), (2, 30, 33, 64, 2, 7, 3)])
+def test_block_half_gpu(device, dtype, B, H, W, C, heads, ws, shift):
+    x = torch.randn(B, H, W, C, device=device, requires_grad=True)
+    params = _block_params(C, heads, ws, device)
+    with torch.no_grad():
+        params[4].mul_(0.1)
+    ref = reference.swin_block_attention(x, *params, ws, heads, shift_size=shift)
+    xh = x.detach().to(dtype).requires_grad_()
+    ph = [p.detach().to(dtype).requires_grad_() for p in params]
+    out = fastnote.swin_window_attention(xh, *ph, ws, heads, shift_size=shift)
+    assert_close(out, ref, KIND)
+    grad = torch.randn_like(ref)
+    got = _grads(out, [xh] + ph, grad.to(dtype))
+    want = _grads(ref, (x,) + tuple(params), grad)
+    for a, b in zip(got, want):
+        scale = max(1.0, b.abs().max().item())  # weight/table gradients sum over B*H*W tokens
+        assert_close(a.float() / scale, b / scale, KIND, dtype=dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# timm's Swin-T with fastnote's WindowAttention swapped in (runs where timm is installed)
+# ------------------------------------------------------------------------------------------------
+
+def test_timm_swin_tiny_swap(device):
+    timm = pytest.importorskip("timm")
+    from timm.models.swin_transformer import WindowAttention as TimmWA
+
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False).to(device).eval()
+    x = torch.randn(2, 3, 224, 224, device=device)
+    with torch.no_grad():
+        want = model(x)
+        swapped = 0
+        for module in list(model.modules()):
+            for name, child in list(module.named_children()):
+                if isinstance(child, TimmWA):
+                    heads = child.num_heads
+                    ours = fastnote.nn.WindowAttention(
+                        child.qkv.in_features, tuple(child.window_size), heads, qkv_bias=child.qkv.bias is not None,
+                        head_dim=child.qkv.out_features // 3 // heads).to(device)
+                    ours.load_state_dict(child.state_dict(), strict=True)
+                    setattr(module, name, ours)
+                    swapped += 1
+        assert swapped == 12
+        got = model(x)
+    # 12 blocks of fp32 attention in a different summation order: a little looser than one op.
+    torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)

@@ -1,0 +1,360 @@
+"""SAGAN self-attention, flash style (SPEC.md section 5), in SAGAN's channels-first layout.
+
+q [B, d_qk, N], k [B, d_qk, N_k], v [B, d_v, N_k]; P = softmax(q^T k) (no 1/sqrt(d) scaling),
+O = v P^T [B, d_v, N], out = gamma * O + x. Nothing of size N * N_k ever reaches memory.
+
+forward   ``_forward_kernel``, grid (query tile, d_v tile, batch). Each program streams the key
+          tiles with an online softmax (running max and sum in fp32) and accumulates its
+          [BLOCK_M, BLOCK_DV] slice of O; the epilogue writes gamma * O + x straight into
+          [B, d_v, N] (and O itself in fp32, which backward needs for r below), plus the per-row
+          log-sum-exp [B, N] fp32 (from the d_v tile 0 programs only).
+          Why a grid over d_v tiles rather than a loop: the accumulator stays in registers at
+          d_v = 512, the programs need no synchronisation, and the price -- q^T k and the exps
+          recomputed once per d_v tile -- is small for SAGAN, where d_qk = d_v / 8: with fp16/bf16
+          d_v <= 128 is a single tile, and d_v = 512 takes 4 tiles, about 1.3x the minimum
+          matmul FLOPs.
+backward  all gradients are computed for the attention O with upstream dO = dOut, then scaled
+          by gamma in the epilogues (dO_attn = gamma * dOut and D = gamma * r factor out of
+          dS = P * (dP - D)).
+          ``_preprocess_kernel``: r[b, n] = sum_c dOut[b, c, n] * O[b, c, n] (fp32);
+          gamma's gradient is sum(r), and D = gamma * r.
+          ``_dkdv_kernel``, grid (key tile, d_v tile, batch): each program owns a block of keys
+          and loops over all queries, recomputing P^T from q, k and the log-sum-exp, and
+          accumulates dv = P^T dO for its d_v tile; the d_v tile 0 programs also compute
+          dP^T = v^T dO over all of d_v (a loop over d_v chunks) and dk = dS^T q^T. When d_v fits
+          one tile (SAGAN up to C = 128 in fp16/bf16) this is one fused launch; otherwise a second
+          launch of the same kernel, without dk, covers the remaining d_v tiles.
+          ``_dq_kernel``, grid (query tile, batch): loops over key tiles, dq = dS k^T.
+          No atomics: every output element is written by exactly one program.
+
+All accumulation is fp32; P and dS are cast to the input dtype before their matmuls (as flash
+attention does), so fp16/bf16 inputs use the tensor cores. Logits are never scaled or
+exponentiated before the running max is subtracted, so unscaled SAGAN logits of any size stay
+finite in every dtype. Batch offsets are int64; within one batch an input must span < 2^31
+elements (``batch_strided`` makes an input contiguous where its strides say otherwise).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .utils import dot_precision, next_pow2
+
+# tl.dot needs every dimension >= 16: smaller d_qk, d_v and tiles are padded by masked loads.
+MIN_DOT = 16
+MAX_BLOCK_DV = 128    # value channels per program, fp16/bf16 (tiles for each case: _config)
+PREPROCESS_BLOCK_N = 128
+PREPROCESS_BLOCK_C = 32
+
+
+@triton.jit
+def _dot(a, b, PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    # UPCAST_DOT (interpreter with bf16 only): the interpreter multiplies bf16 operands as their
+    # raw uint16 bits; fp32 operands give the same products as the GPU's bf16 tensor cores.
+    if UPCAST_DOT:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _forward_kernel(q_ptr, k_ptr, v_ptr, x_ptr, gamma_ptr, out_ptr, o_ptr, lse_ptr,
+                    N, NK, DQK, DV,
+                    sq_b, sq_c, sq_n, sk_b, sk_c, sk_n, sv_b, sv_c, sv_n, sx_b, sx_c, sx_n,
+                    HAS_RESIDUAL: tl.constexpr, STORE_O: tl.constexpr,
+                    PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < N
+    ch = tl.arange(0, BLOCK_D)
+    ch_ok = ch < DQK
+    cv = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    cv_ok = cv < DV
+    k_base = k_ptr + b * sk_b
+    v_base = v_ptr + b * sv_b
+
+    # q^T tile [BLOCK_M, BLOCK_D]: query positions are q's last (contiguous) axis.
+    qt = tl.load(q_ptr + b * sq_b + rows[:, None] * sq_n + ch[None, :] * sq_c,
+                 mask=row_ok[:, None] & ch_ok[None, :], other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    for start in range(0, NK, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        col_ok = cols < NK
+        kk = tl.load(k_base + ch[:, None] * sk_c + cols[None, :] * sk_n,
+                     mask=ch_ok[:, None] & col_ok[None, :], other=0.0)
+        s = _dot(qt, kk, PRECISION, UPCAST_DOT)
+        s = tl.where(col_ok[None, :], s, float("-inf"))
+        # Every tile holds at least one real key, so m_new is finite and no exp sees inf - inf.
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        vt = tl.load(v_base + cols[:, None] * sv_n + cv[None, :] * sv_c,
+                     mask=col_ok[:, None] & cv_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, PRECISION, UPCAST_DOT)
+        m_i = m_new
+
+    o = acc / l_i[:, None]
+    # out, o: contiguous [B, DV, N], written transposed from the [query, channel] tile.
+    offs = b * DV * N + cv[None, :] * N + rows[:, None]
+    mask = row_ok[:, None] & cv_ok[None, :]
+    y = o
+    if HAS_RESIDUAL:
+        gamma = tl.load(gamma_ptr).to(tl.float32)
+        xt = tl.load(x_ptr + b * sx_b + rows[:, None] * sx_n + cv[None, :] * sx_c, mask=mask, other=0.0)
+        y = gamma * o + xt.to(tl.float32)
+    tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+    if STORE_O:
+        tl.store(o_ptr + offs, o, mask=mask)
+    if pid_v == 0:
+        tl.store(lse_ptr + b * N + rows, m_i + tl.log(l_i), mask=row_ok)
+
+
+@triton.jit
+def _preprocess_kernel(do_ptr, o_ptr, r_ptr, N, DV, sdo_b, sdo_c, sdo_n,
+                       BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+    # r[b, n] = sum_c dOut[b, c, n] * O[b, c, n]; O contiguous [B, DV, N].
+    b = tl.program_id(1).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    acc = tl.zeros([BLOCK_C, BLOCK_N], tl.float32)
+    for c0 in range(0, DV, BLOCK_C):
+        ch = c0 + tl.arange(0, BLOCK_C)
+        mask = (ch < DV)[:, None] & row_ok[None, :]
+        do = tl.load(do_ptr + b * sdo_b + ch[:, None] * sdo_c + rows[None, :] * sdo_n, mask=mask, other=0.0)
+        o = tl.load(o_ptr + b * DV * N + ch[:, None] * N + rows[None, :], mask=mask, other=0.0)
+        acc += do.to(tl.float32) * o.to(tl.float32)
+    tl.store(r_ptr + b * N + rows, tl.sum(acc, 0), mask=row_ok)
+
+
+@triton.jit
+def _dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, r_ptr, gamma_ptr, dk_ptr, dv_ptr,
+                 N, NK, DQK, DV,
+                 sq_b, sq_c, sq_n, sk_b, sk_c, sk_n, sv_b, sv_c, sv_n, sdo_b, sdo_c, sdo_n,
+                 DV_TILE0, HAS_GAMMA: tl.constexpr, WITH_DK: tl.constexpr, SINGLE_DV: tl.constexpr,
+                 PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    # Works on the transposed problem: S^T [keys, queries] = k^T q, so each key block's dk, dv
+    # rows stay in this program's registers. SINGLE_DV: all of d_v is this program's tile.
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1) + DV_TILE0
+    b = tl.program_id(2).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < NK
+    ch = tl.arange(0, BLOCK_D)
+    ch_ok = ch < DQK
+    cv = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    cv_ok = cv < DV
+    q_base = q_ptr + b * sq_b
+    v_base = v_ptr + b * sv_b
+    do_base = do_ptr + b * sdo_b
+
+    kt = tl.load(k_ptr + b * sk_b + cols[:, None] * sk_n + ch[None, :] * sk_c,
+                 mask=col_ok[:, None] & ch_ok[None, :], other=0.0)
+    if SINGLE_DV:
+        vt = tl.load(v_base + cols[:, None] * sv_n + cv[None, :] * sv_c,
+                     mask=col_ok[:, None] & cv_ok[None, :], other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    for start in range(0, N, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        row_ok = rows < N
+        qq = tl.load(q_base + ch[:, None] * sq_c + rows[None, :] * sq_n,
+                     mask=ch_ok[:, None] & row_ok[None, :], other=0.0)
+        # Padded query columns get lse = +inf, hence P^T = 0 there.
+        lse = tl.load(lse_ptr + b * N + rows, mask=row_ok, other=float("inf"))
+        # Padded key rows are never stored, but exp(0 - lse) may overflow there: keep them finite.
+        st = _dot(kt, qq, PRECISION, UPCAST_DOT) - lse[None, :]
+        pt = tl.exp(tl.where(col_ok[:, None], st, float("-inf")))
+        dout = tl.load(do_base + cv[:, None] * sdo_c + rows[None, :] * sdo_n,
+                       mask=cv_ok[:, None] & row_ok[None, :], other=0.0)
+        dv += _dot(pt.to(dout.dtype), tl.trans(dout), PRECISION, UPCAST_DOT)
+        if WITH_DK:
+            if SINGLE_DV:
+                dpt = _dot(vt, dout, PRECISION, UPCAST_DOT)
+            else:
+                dpt = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+                for c0 in range(0, DV, BLOCK_DV):
+                    cc = c0 + tl.arange(0, BLOCK_DV)
+                    cc_ok = cc < DV
+                    vc = tl.load(v_base + cols[:, None] * sv_n + cc[None, :] * sv_c,
+                                 mask=col_ok[:, None] & cc_ok[None, :], other=0.0)
+                    doc = tl.load(do_base + cc[:, None] * sdo_c + rows[None, :] * sdo_n,
+                                  mask=cc_ok[:, None] & row_ok[None, :], other=0.0)
+                    dpt += _dot(vc, doc, PRECISION, UPCAST_DOT)
+            r = tl.load(r_ptr + b * N + rows, mask=row_ok, other=0.0)
+            dst = pt * (dpt - r[None, :])
+            dk += _dot(dst.to(qq.dtype), tl.trans(qq), PRECISION, UPCAST_DOT)
+
+    gamma = 1.0
+    if HAS_GAMMA:
+        gamma = tl.load(gamma_ptr).to(tl.float32)
+    # dk, dv: contiguous [B, DQK, NK] and [B, DV, NK].
+    tl.store(dv_ptr + b * DV * NK + cv[None, :] * NK + cols[:, None],
+             (gamma * dv).to(dv_ptr.dtype.element_ty), mask=col_ok[:, None] & cv_ok[None, :])
+    if WITH_DK:
+        tl.store(dk_ptr + b * DQK * NK + ch[None, :] * NK + cols[:, None],
+                 (gamma * dk).to(dk_ptr.dtype.element_ty), mask=col_ok[:, None] & ch_ok[None, :])
+
+
+@triton.jit
+def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, r_ptr, gamma_ptr, dq_ptr,
+               N, NK, DQK, DV,
+               sq_b, sq_c, sq_n, sk_b, sk_c, sk_n, sv_b, sv_c, sv_n, sdo_b, sdo_c, sdo_n,
+               HAS_GAMMA: tl.constexpr, SINGLE_DV: tl.constexpr,
+               PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < N
+    ch = tl.arange(0, BLOCK_D)
+    ch_ok = ch < DQK
+    k_base = k_ptr + b * sk_b
+    v_base = v_ptr + b * sv_b
+    do_base = do_ptr + b * sdo_b
+
+    qt = tl.load(q_ptr + b * sq_b + rows[:, None] * sq_n + ch[None, :] * sq_c,
+                 mask=row_ok[:, None] & ch_ok[None, :], other=0.0)
+    lse = tl.load(lse_ptr + b * N + rows, mask=row_ok, other=0.0)
+    r = tl.load(r_ptr + b * N + rows, mask=row_ok, other=0.0)
+    if SINGLE_DV:
+        cv = tl.arange(0, BLOCK_DV)
+        cv_ok = cv < DV
+        dout = tl.load(do_base + rows[:, None] * sdo_n + cv[None, :] * sdo_c,
+                       mask=row_ok[:, None] & cv_ok[None, :], other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start in range(0, NK, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        col_ok = cols < NK
+        kk = tl.load(k_base + ch[:, None] * sk_c + cols[None, :] * sk_n,
+                     mask=ch_ok[:, None] & col_ok[None, :], other=0.0)
+        # Padded keys: logit 0 (k loads as 0), and exp(0 - lse) may overflow (all logits << 0).
+        s = _dot(qt, kk, PRECISION, UPCAST_DOT) - lse[:, None]
+        p = tl.exp(tl.where(col_ok[None, :], s, float("-inf")))
+        if SINGLE_DV:
+            vv = tl.load(v_base + cv[:, None] * sv_c + cols[None, :] * sv_n,
+                         mask=cv_ok[:, None] & col_ok[None, :], other=0.0)
+            dp = _dot(dout, vv, PRECISION, UPCAST_DOT)
+        else:
+            dp = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            for c0 in range(0, DV, BLOCK_DV):
+                cc = c0 + tl.arange(0, BLOCK_DV)
+                cc_ok = cc < DV
+                doc = tl.load(do_base + rows[:, None] * sdo_n + cc[None, :] * sdo_c,
+                              mask=row_ok[:, None] & cc_ok[None, :], other=0.0)
+                vc = tl.load(v_base + cc[:, None] * sv_c + cols[None, :] * sv_n,
+                             mask=cc_ok[:, None] & col_ok[None, :], other=0.0)
+                dp += _dot(doc, vc, PRECISION, UPCAST_DOT)
+        ds = p * (dp - r[:, None])
+        dq += _dot(ds.to(kk.dtype), tl.trans(kk), PRECISION, UPCAST_DOT)
+
+    gamma = 1.0
+    if HAS_GAMMA:
+        gamma = tl.load(gamma_ptr).to(tl.float32)
+    # dq: contiguous [B, DQK, N].
+    tl.store(dq_ptr + b * DQK * N + ch[None, :] * N + rows[:, None],
+             (gamma * dq).to(dq_ptr.dtype.element_ty), mask=row_ok[:, None] & ch_ok[None, :])
+
+
+# ------------------------------------------------------------------------------------------------
+# launchers
+
+def _tile(n: int, cap: int) -> int:
+    return min(max(next_pow2(n), MIN_DOT), cap)
+
+
+def _config(q: torch.Tensor, N: int, NK: int, DV: int, backward: bool) -> dict:
+    """Tiles and warps, chosen so that ptxas for sm_90 (compiled ahead of time with Triton 3.9)
+    reports no register spills at SAGAN's (d_qk, d_v) = (8, 64) ... (64, 512), in fp16/bf16 and
+    in fp32 with IEEE or TF32 dots (which hold more registers: smaller tiles). Not yet tuned by
+    timing on a GPU."""
+    d_qk = q.shape[1]
+    if q.dtype == torch.float32:
+        if backward:
+            block_m, block_n, max_dv, warps = 64, 32, 32, 8
+        else:
+            block_m, block_n, max_dv, warps = 64, 32 if d_qk > 16 else 64, 64, 8
+    else:
+        block_m, block_n, warps = 64, 64, 8
+        # backward, d_v > one tile: 64-wide chunks keep dv, dk and the dP accumulators in registers
+        max_dv = 64 if backward and DV > MAX_BLOCK_DV else MAX_BLOCK_DV
+        if not backward and DV <= 64:
+            warps = 4
+    # The interpreter multiplies bf16 as raw bits (see _dot); CPU tensors only reach the kernels
+    # through the interpreter.
+    upcast = q.dtype == torch.bfloat16 and q.device.type == "cpu"
+    return dict(
+        BLOCK_M=_tile(N, block_m), BLOCK_N=_tile(NK, block_n),
+        BLOCK_D=max(next_pow2(d_qk), MIN_DOT), BLOCK_DV=_tile(DV, max_dv),
+        # input_precision only matters for fp32 operands; fp16/bf16 take the compiler default.
+        PRECISION=dot_precision() if q.dtype == torch.float32 or upcast else None,
+        UPCAST_DOT=upcast, num_warps=warps,
+    )
+
+
+def batch_strided(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as is when offsets within one batch entry fit in int32 (the kernels' index type
+    below the batch axis), else a contiguous copy."""
+    span = sum((s - 1) * abs(st) for s, st in zip(t.shape[1:], t.stride()[1:]) if s > 0)
+    return t if span < 2**31 else t.contiguous()
+
+
+def forward(q, k, v, x, gamma, out, o, lse) -> None:
+    """out = gamma * v softmax(q^T k)^T + x (or the attention output alone when x is None); o =
+    the attention output O in fp32, or None where backward can read O from ``out`` (fp32 inputs
+    without a residual); lse [B, N] fp32. q, k, v, x may be strided; out, o, lse are contiguous;
+    gamma a 1-element fp32 tensor, or None when x is None."""
+    B, _, N = q.shape
+    DV, NK = v.shape[1], v.shape[2]
+    if B == 0 or N == 0:
+        return
+    cfg = _config(q, N, NK, DV, backward=False)
+    has_res = x is not None
+    xs = x.stride() if has_res else (0, 0, 0)
+    grid = (triton.cdiv(N, cfg["BLOCK_M"]), triton.cdiv(DV, cfg["BLOCK_DV"]), B)
+    _forward_kernel[grid](
+        q, k, v, x if has_res else q, gamma if has_res else lse, out, o if o is not None else lse, lse,
+        N, NK, q.shape[1], DV, *q.stride(), *k.stride(), *v.stride(), *xs,
+        HAS_RESIDUAL=has_res, STORE_O=o is not None, num_stages=2, **cfg,
+    )
+
+
+def backward(grad, q, k, v, o, lse, gamma, dq, dk, dv, r) -> None:
+    """Gradients of out = gamma * O (+ x) for upstream ``grad`` [B, DV, N] (any strides): dq, dk,
+    dv (contiguous, input dtype) and r[b, n] = sum_c grad * O (contiguous fp32 [B, N]; gamma's
+    gradient is its sum). o: O, contiguous [B, DV, N] (fp32, or the fp32 output itself); gamma
+    None means 1."""
+    B, DQK, N = q.shape
+    DV, NK = v.shape[1], v.shape[2]
+    if B == 0:
+        return
+    if N:
+        _preprocess_kernel[(triton.cdiv(N, PREPROCESS_BLOCK_N), B)](
+            grad, o, r, N, DV, *grad.stride(), BLOCK_N=PREPROCESS_BLOCK_N, BLOCK_C=PREPROCESS_BLOCK_C,
+            num_warps=4,
+        )
+    if NK == 0:
+        return
+    cfg = _config(q, max(N, 1), NK, DV, backward=True)
+    n_dv = triton.cdiv(DV, cfg["BLOCK_DV"])
+    has_gamma = gamma is not None
+    args = (q, k, v, grad, lse, r, gamma if has_gamma else r, dk, dv, N, NK, DQK, DV,
+            *q.stride(), *k.stride(), *v.stride(), *grad.stride())
+    common = dict(HAS_GAMMA=has_gamma, SINGLE_DV=n_dv == 1, **cfg)
+    key_tiles = triton.cdiv(NK, cfg["BLOCK_N"])
+    _dkdv_kernel[(key_tiles, 1, B)](*args, 0, WITH_DK=True, **common)
+    if n_dv > 1:
+        _dkdv_kernel[(key_tiles, n_dv - 1, B)](*args, 1, WITH_DK=False, **common)
+    if N:
+        _dq_kernel[(triton.cdiv(N, cfg["BLOCK_M"]), B)](
+            q, k, v, grad, lse, r, gamma if has_gamma else r, dq, N, NK, DQK, DV,
+            *q.stride(), *k.stride(), *v.stride(), *grad.stride(), **common,
+        )

@@ -1,0 +1,492 @@
+"""Swin window attention: ``softmax(q @ k^T * scale + bias[h] + mask[w]) @ v`` per window and head.
+
+Two layouts share the same two kernels (``FUSED`` constexpr):
+
+core   q, k, v ``[B*nW, heads, N, d]`` (any strides with a unit last stride), ``bias`` ``[heads, N, N]``,
+       ``mask`` ``[nW, N, N]`` loaded from memory (row ``w`` of ``B*nW`` uses ``mask[w % nW]``).
+fused  the Swin block: ``qkv`` ``[B, H, W, 3C]`` as a plain Linear over ``x`` writes it. Window ``w``
+       (image ``w // nW``) token ``i`` sits at the rolled, padded coordinate
+       ``(ph, pw) = (row(w) * Ws + i // Ws, col(w) * Ws + i % Ws)`` and reads image position
+       ``((ph + shift) % Hp, (pw + shift) % Wp)``: cyclic shift and window partition are index
+       arithmetic, and the output goes back to that same position in ``[B, H, W, C]`` (reverse and
+       roll-back). A position outside ``H x W`` is a zero-padded token, whose q/k/v equal the qkv
+       bias: the kernel loads the bias vector instead of memory, and the backward adds those
+       tokens' dk/dv to the bias gradient. The shift mask is not loaded: each token's region id
+       per axis (0, 1, 2 for ``[0, Hp-Ws)``, ``[Hp-Ws, Hp-shift)``, ``[Hp-shift, Hp)``) comes from its
+       padded coordinate, and pairs with different ids get ``mask_value`` (-100.0 as in Swin).
+
+Programs and tiles. ``N`` and ``d`` are padded in registers (masked loads) to powers of two >= 16,
+as ``tl.dot`` needs. For ``N <= 64`` (windows 7 and 8) a program holds the full ``N x N`` score tile
+of one (window, head) and one pass does everything (exact softmax over the row). For larger ``N``
+(window 12: N = 144, up to 256) tiles are 64 x 64 and the forward runs an online softmax over key
+blocks, one program per (window, head, query block) in the forward. A program takes one head ``h``,
+one window place ``j`` in the image (``w % nW``) and ``GROUP`` images: bias[h] and mask[j] (or, fused,
+the region labels of place j) are the same for all its windows, so with one tile per window the
+additive ``(bias + mask) * log2(e)`` tile is built once per program and kept in registers. Heads
+vary fastest across programs, so neighbouring programs read the same qkv rows. ``GROUP`` is chosen
+to leave ~1024 programs (8 per SM on an H100), and in the backward it also amortises the dbias
+write.
+
+Launch: 8 warps for 64 x 64 tiles (4 below), ``num_stages=1`` (the key loop has one iteration for
+N <= 64, so software pipelining only costs registers). Compiled offline for sm_90 with Triton 3.9
+(``ptxas -v``), the N <= 64 tiles use up to ~255 registers per thread, with no or small spills for
+d = 32 (bias and the core-layout mask loads are what push the forward from ~110 to ~250): the
+first thing to tune on a GPU is occupancy (warps, GROUP) against these numbers.
+
+Saved for backward: the per-row log-sum-exp only (base 2, ``[B*nW, heads, N]`` fp32); the
+``N x N`` probabilities are recomputed.
+
+Bias gradient. ``dbias[h] = sum over windows of dS``. Each backward program sums ``dS`` over its
+``GROUP`` windows in fp32 registers and writes one ``[N, N]`` partial, ``partial[g, h]``; torch sums
+the ``nW * ceil(B / GROUP)`` partials of each head. Chosen over one ``tl.atomic_add`` per element
+per program: every program of a head would hit the same ``N*N`` addresses (Swin-T stage 1, B=128,
+GROUP=1: 8192 windows -> 8192 atomics per address, serialised in L2) and the sum order would
+change from run to run. The partials are deterministic and cost ``N / (4 * GROUP * d)`` of the
+minimum bytes to write and as much to read back (GROUP=15 at N=49, d=32: 2.6% each; Swin-T
+stage 4, where few windows share a head and GROUP stays small to keep the GPU busy: 6.6%). Where
+they would pass 10% (large N, few windows: Swin-B 384 stage 4) fewer slots are used, each shared
+by a few programs through ``tl.atomic_add`` (``dbias_slots``); only then is the sum order
+run-dependent.
+For ``N > 64`` the tile of one program no longer holds ``dS``; partials and dq (which sums over key
+blocks) are then accumulated with uncontended ``tl.atomic_add`` into fp32 buffers owned by the
+program (no two programs touch the same element of ``dq``; a partial slot belongs to one program).
+In the fused layout the zero-padded tokens' dk/dv (their part of the qkv-bias gradient) are
+summed per program and added with one ``tl.atomic_add`` per feature into a ``[3C]`` fp32 vector.
+
+Bytes model (minimum traffic, T = B*nW * heads * N * d * itemsize; bias ``heads*N*N`` and mask
+``nW*N*N`` are small and come from L2; with one tile per window a program loads its head's bias
+tile once for all its windows):
+    forward   reads q, k, v, writes o                         4T (+ lse: 4 bytes per row)
+    backward  reads q, k, v, o, do (+ lse), writes dq, dk, dv  8T (+ dbias partials, see above)
+Eager PyTorch writes and reads the ``[B*nW, heads, N, N]`` scores several times over (N/d = 1.5
+times T per pass at N=49, d=32), and the Swin block adds rolled and partitioned copies of x and
+of the attention output, which the fused layout never writes.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .utils import dot_precision, next_pow2
+
+LOG2E = 1.4426950408889634
+
+# Largest padded N whose full score tile one program holds; beyond it, 64 x 64 tiles.
+SINGLE_TILE_MAX_N = 64
+TILE = 64
+
+
+@triton.jit
+def _tokens(w, idx, N, nW, nWw, H, W, Hp, Wp, shift, WS: tl.constexpr, FUSED: tl.constexpr):
+    """(token, in_image, region label) of in-window indices ``idx`` of window ``w``.
+
+    core: token = idx, in_image = idx < N. fused: token = (b * H + y) * W + x, the image position
+    the token reads and writes; in_image is False for padded positions and for idx >= N; the
+    label is 3 * region(ph) + region(pw) of the rolled padded coordinate."""
+    valid = idx < N
+    if FUSED:
+        b = w // nW
+        wi = w % nW
+        ph = (wi // nWw) * WS + idx // WS
+        pw = (wi % nWw) * WS + idx % WS
+        y = (ph + shift) % Hp
+        x = (pw + shift) % Wp
+        inside = valid & (y < H) & (x < W)
+        tok = (b * H + y) * W + x
+        label = ((ph >= Hp - WS).to(tl.int32) + (ph >= Hp - shift).to(tl.int32)) * 3 \
+            + (pw >= Wp - WS).to(tl.int32) + (pw >= Wp - shift).to(tl.int32)
+    else:
+        tok = idx.to(tl.int64)
+        inside = valid
+        label = idx
+    return tok, inside, label
+
+
+@triton.jit
+def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    # UPCAST: the Triton interpreter multiplies bf16 tiles wrongly (it is exact for fp32 and fp16),
+    # so under it bf16 operands go through fp32; compiled kernels always use the native dot.
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _load_rows(ptr, w, h, tok, rows_ok, cols_d, d_ok, s_b, s_h, s_n):
+    offs = w * s_b + h * s_h + tok[:, None] * s_n + cols_d[None, :]
+    return tl.load(ptr + offs, mask=rows_ok[:, None] & d_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _row_offsets(w, h, tok, cols_d, s_b, s_h, s_n):
+    return w * s_b + h * s_h + tok[:, None] * s_n + cols_d[None, :]
+
+
+@triton.jit
+def _with_pad_value(x, rows_ok, inside, qkvb_ptr, sel_off, cols_d, d_ok, HAS_QKV_BIAS: tl.constexpr):
+    # A zero-padded token's q/k/v is the qkv bias (zero without one: the masked load already gave 0).
+    if HAS_QKV_BIAS:
+        b = tl.load(qkvb_ptr + sel_off + cols_d, mask=d_ok, other=0.0).to(x.dtype)
+        x = tl.where((rows_ok & ~inside)[:, None], b[None, :], x)
+    return x
+
+
+@triton.jit
+def _additive(bias_ptr, mask_ptr, h, j, rows, cols, lab_q, lab_k, N, mask_value,
+              HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, FUSED: tl.constexpr,
+              BM: tl.constexpr, BN: tl.constexpr):
+    """``(bias[h] + mask[j]) * log2(e)`` on a ``[BM, BN]`` tile, fp32, -inf in padded key columns.
+    It depends on the head and on the window's place ``j`` in its image only, not on the image."""
+    ok = (rows < N)[:, None] & (cols < N)[None, :]
+    t = tl.zeros([BM, BN], dtype=tl.float32)
+    if HAS_BIAS:
+        t += tl.load(bias_ptr + h * N * N + rows[:, None] * N + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    if HAS_MASK:
+        if FUSED:
+            t += tl.where(lab_q[:, None] != lab_k[None, :], mask_value, 0.0)
+        else:
+            t += tl.load(mask_ptr + j * N * N + rows[:, None] * N + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    return tl.where((cols < N)[None, :], t * 1.4426950408889634, float("-inf"))
+
+
+@triton.jit
+def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, bias_ptr, mask_ptr, qkvb_ptr,
+                sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n,
+                num_images, N, nW, nWw, H, W, Hp, Wp, shift, C, qk_scale, mask_value,
+                HEADS: tl.constexpr, D: tl.constexpr, WS: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
+                HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, FUSED: tl.constexpr,
+                HAS_QKV_BIAS: tl.constexpr, SINGLE: tl.constexpr, PRECISION: tl.constexpr,
+                UPCAST: tl.constexpr):
+    # Program (head h, window place j, images first .. first + GROUP - 1, query block).
+    pid = tl.program_id(0)
+    h = pid % HEADS
+    rest = pid // HEADS
+    j = rest % nW
+    first = (rest // nW) * GROUP
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols_d = tl.arange(0, BLOCK_D)
+    d_ok = cols_d < D
+    if SINGLE:  # one tile per window: bias + mask are the same for all the program's windows
+        cols = tl.arange(0, BLOCK_N)
+        lab_r = _tokens(j, rows, N, nW, nWw, H, W, Hp, Wp, shift, WS, FUSED)[2]
+        lab_c = _tokens(j, cols, N, nW, nWw, H, W, Hp, Wp, shift, WS, FUSED)[2]
+        add = _additive(bias_ptr, mask_ptr, h, j, rows, cols, lab_r, lab_c, N, mask_value,
+                        HAS_BIAS, HAS_MASK, FUSED, BLOCK_M, BLOCK_N)
+    for i in range(0, GROUP):
+        img = first + i
+        if img < num_images:
+            w = img.to(tl.int64) * nW + j
+            tok_q, in_q, lab_q = _tokens(w, rows, N, nW, nWw, H, W, Hp, Wp, shift, WS, FUSED)
+            q = _load_rows(q_ptr, w, h, tok_q, in_q, cols_d, d_ok, sq_b, sq_h, sq_n)
+            if FUSED:
+                q = _with_pad_value(q, rows < N, in_q, qkvb_ptr, h * D, cols_d, d_ok, HAS_QKV_BIAS)
+            m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+            l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+            acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+            for n0 in range(0, N, BLOCK_N):
+                cols = n0 + tl.arange(0, BLOCK_N)
+                tok_k, in_k, lab_k = _tokens(w, cols, N, nW, nWw, H, W, Hp, Wp, shift, WS, FUSED)
+                k = _load_rows(k_ptr, w, h, tok_k, in_k, cols_d, d_ok, sk_b, sk_h, sk_n)
+                v = _load_rows(v_ptr, w, h, tok_k, in_k, cols_d, d_ok, sv_b, sv_h, sv_n)
+                if FUSED:
+                    k = _with_pad_value(k, cols < N, in_k, qkvb_ptr, C + h * D, cols_d, d_ok, HAS_QKV_BIAS)
+                    v = _with_pad_value(v, cols < N, in_k, qkvb_ptr, 2 * C + h * D, cols_d, d_ok, HAS_QKV_BIAS)
+                if not SINGLE:
+                    add = _additive(bias_ptr, mask_ptr, h, j, rows, cols, lab_q, lab_k, N, mask_value,
+                                    HAS_BIAS, HAS_MASK, FUSED, BLOCK_M, BLOCK_N)
+                # Scores in base-2 units: (q k^T * scale + bias + mask) * log2(e).
+                s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale + add
+                m_new = tl.maximum(m_i, tl.max(s, axis=1))
+                alpha = tl.exp2(m_i - m_new)
+                p = tl.exp2(s - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, axis=1)
+                acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION, UPCAST)
+                m_i = m_new
+            o = acc / l_i[:, None]
+            o_offs = _row_offsets(w, h, tok_q, cols_d, so_b, so_h, so_n)
+            tl.store(o_ptr + o_offs, o.to(o_ptr.dtype.element_ty), mask=in_q[:, None] & d_ok[None, :])
+            tl.store(lse_ptr + (w * HEADS + h) * N + rows, m_i + tl.log2(l_i), mask=rows < N)
+
+
+@triton.jit
+def _bwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, bias_ptr, mask_ptr, qkvb_ptr,
+                dq_ptr, dk_ptr, dv_ptr, dbias_ptr, dqkvb_ptr,
+                sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n,
+                sdq_b, sdq_h, sdq_n, sd_b, sd_h, sd_n,
+                num_images, N, nW, nWw, H, W, Hp, Wp, shift, C, qk_scale, scale, mask_value, num_slots,
+                HEADS: tl.constexpr, D: tl.constexpr, WS: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
+                HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, SHARED_SLOTS: tl.constexpr,
+                HAS_MASK: tl.constexpr,
+                FUSED: tl.constexpr, HAS_QKV_BIAS: tl.constexpr, SINGLE: tl.constexpr,
+                PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    # Program (head h, window place j, images first .. first + GROUP - 1); its dbias goes to partial
+    # slot ``rest % num_slots`` (its own unless SHARED_SLOTS).
+    pid = tl.program_id(0)
+    h = pid % HEADS
+    rest = pid // HEADS
+    j = rest % nW
+    first = (rest // nW) * GROUP
+    cols_d = tl.arange(0, BLOCK_D)
+    d_ok = cols_d < D
+    db_base = ((rest % num_slots).to(tl.int64) * HEADS + h) * N * N
+    db_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if SINGLE:
+        rows = tl.arange(0, BLOCK_M)
+        cols = tl.arange(0, BLOCK_N)
+        lab_r = _tokens(j, rows, N, nW, nWw, H, W, Hp, Wp, shift, WS, FUSED)[2]
+        lab_c = _tokens(j, cols, N, nW, nWw, H, W, Hp, Wp, shift, WS, FUSED)[2]
+        add = _additive(bias_ptr, mask_ptr, h, j, rows, cols, lab_r, lab_c, N, mask_value,
+                        HAS_BIAS, HAS_MASK, FUSED, BLOCK_M, BLOCK_N)
+    for i in range(0, GROUP):
+        img = first + i
+        if img < num_images:
+            w = img.to(tl.int64) * nW + j
+            lse_base = (w * HEADS + h) * N
+            for n0 in range(0, N, BLOCK_N):
+                cols = n0 + tl.arange(0, BLOCK_N)
+                tok_k, in_k, lab_k = _tokens(w, cols, N, nW, nWw, H, W, Hp, Wp, shift, WS, FUSED)
+                k = _load_rows(k_ptr, w, h, tok_k, in_k, cols_d, d_ok, sk_b, sk_h, sk_n)
+                v = _load_rows(v_ptr, w, h, tok_k, in_k, cols_d, d_ok, sv_b, sv_h, sv_n)
+                if FUSED:
+                    k = _with_pad_value(k, cols < N, in_k, qkvb_ptr, C + h * D, cols_d, d_ok, HAS_QKV_BIAS)
+                    v = _with_pad_value(v, cols < N, in_k, qkvb_ptr, 2 * C + h * D, cols_d, d_ok, HAS_QKV_BIAS)
+                dk_acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+                dv_acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+                for m0 in range(0, N, BLOCK_M):
+                    rows = m0 + tl.arange(0, BLOCK_M)
+                    tok_q, in_q, lab_q = _tokens(w, rows, N, nW, nWw, H, W, Hp, Wp, shift, WS, FUSED)
+                    q = _load_rows(q_ptr, w, h, tok_q, in_q, cols_d, d_ok, sq_b, sq_h, sq_n)
+                    if FUSED:
+                        q = _with_pad_value(q, rows < N, in_q, qkvb_ptr, h * D, cols_d, d_ok, HAS_QKV_BIAS)
+                    # Cropped (padded) query tokens have no output, so do = 0 there and they add nothing.
+                    do = _load_rows(do_ptr, w, h, tok_q, in_q, cols_d, d_ok, so_b, so_h, so_n)
+                    o = _load_rows(o_ptr, w, h, tok_q, in_q, cols_d, d_ok, so_b, so_h, so_n)
+                    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+                    lse = tl.load(lse_ptr + lse_base + rows, mask=rows < N, other=0.0)
+                    if not SINGLE:
+                        add = _additive(bias_ptr, mask_ptr, h, j, rows, cols, lab_q, lab_k, N, mask_value,
+                                        HAS_BIAS, HAS_MASK, FUSED, BLOCK_M, BLOCK_N)
+                    s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale + add
+                    tile_ok = (rows < N)[:, None] & (cols < N)[None, :]
+                    p = tl.where(tile_ok, tl.exp2(s - lse[:, None]), 0.0)
+                    dv_acc += _dot(tl.trans(p.to(do.dtype)), do, PRECISION, UPCAST)
+                    dp = _dot(do, tl.trans(v), PRECISION, UPCAST)
+                    ds = p * (dp - delta[:, None])
+                    dk_acc += _dot(tl.trans(ds.to(q.dtype)), q, PRECISION, UPCAST)
+                    dq = _dot(ds.to(k.dtype), k, PRECISION, UPCAST) * scale
+                    dq_offs = _row_offsets(w, h, tok_q, cols_d, sdq_b, sdq_h, sdq_n)
+                    q_ok = in_q[:, None] & d_ok[None, :]
+                    if SINGLE:
+                        tl.store(dq_ptr + dq_offs, dq.to(dq_ptr.dtype.element_ty), mask=q_ok)
+                        if BIAS_GRAD:
+                            db_acc += ds
+                    else:
+                        tl.atomic_add(dq_ptr + dq_offs, dq, mask=q_ok)
+                        if BIAS_GRAD:
+                            tl.atomic_add(dbias_ptr + db_base + rows[:, None] * N + cols[None, :], ds, mask=tile_ok)
+                dk_acc = dk_acc * scale
+                d_offs = _row_offsets(w, h, tok_k, cols_d, sd_b, sd_h, sd_n)
+                k_ok = in_k[:, None] & d_ok[None, :]
+                tl.store(dk_ptr + d_offs, dk_acc.to(dk_ptr.dtype.element_ty), mask=k_ok)
+                tl.store(dv_ptr + d_offs, dv_acc.to(dv_ptr.dtype.element_ty), mask=k_ok)
+                if FUSED:
+                    if HAS_QKV_BIAS:
+                        pad = ((cols < N) & ~in_k)[:, None]
+                        tl.atomic_add(dqkvb_ptr + C + h * D + cols_d, tl.sum(tl.where(pad, dk_acc, 0.0), axis=0),
+                                      mask=d_ok)
+                        tl.atomic_add(dqkvb_ptr + 2 * C + h * D + cols_d, tl.sum(tl.where(pad, dv_acc, 0.0), axis=0),
+                                      mask=d_ok)
+    if SINGLE:
+        if BIAS_GRAD:
+            r = tl.arange(0, BLOCK_M)
+            c = tl.arange(0, BLOCK_N)
+            db_offs = db_base + r[:, None] * N + c[None, :]
+            db_ok = (r < N)[:, None] & (c < N)[None, :]
+            if SHARED_SLOTS:
+                tl.atomic_add(dbias_ptr + db_offs, db_acc, mask=db_ok)
+            else:
+                tl.store(dbias_ptr + db_offs, db_acc, mask=db_ok)
+
+
+# ------------------------------------------------------------------------------------------------
+# Launchers. Tensors arrive checked (fastnote.ops.window_attention); outputs are passed in or made
+# here. ``geometry`` = (num_windows, N, nW, nWw, H, W, Hp, Wp, shift, C, window_size).
+# ------------------------------------------------------------------------------------------------
+
+def blocks(N: int, d: int):
+    """(BLOCK_M, BLOCK_N, BLOCK_D, single_tile)."""
+    bd = max(16, next_pow2(d))
+    bn = max(16, next_pow2(N))
+    if bn <= SINGLE_TILE_MAX_N:
+        return bn, bn, bd, True
+    return TILE, TILE, bd, False
+
+
+def forward_group(num_images: int, nW: int, heads: int, N: int) -> int:
+    # Images per program: enough programs to fill the GPU (~1024, 8 per SM on an H100) and no more;
+    # tiny windows get several per program so each does >= ~64 query rows.
+    fill = (num_images * nW * heads) // 1024
+    return max(1, min(8, num_images, max(fill, 64 // max(N, 1))))
+
+
+def backward_group(num_images: int, nW: int, heads: int, N: int, d: int) -> int:
+    # The dbias partials cost N / (4 * GROUP * d) of the minimum bytes to write (and as much to read
+    # back in the sum): aim at ~2.5% each, while keeping ~512 programs (the backward tile holds one
+    # 8-warp program per SM at ~240 registers, so that is ~4 waves on an H100).
+    want = min(16, (10 * N) // max(d, 1))
+    fill = (num_images * nW * heads) // 512
+    return max(1, min(want, fill, num_images))
+
+
+def dbias_slots(programs_per_head: int, tensor_bytes: int, heads: int, N: int) -> int:
+    # One partial per program (deterministic) unless the partials would pass ~10% of the minimum
+    # backward traffic (8 * tensor_bytes): then fewer slots, each shared by several programs through
+    # tl.atomic_add (a few programs per address; the summation order then varies run to run).
+    cap = (8 * tensor_bytes // 10) // max(heads * N * N * 4, 1)
+    return max(1, min(programs_per_head, cap))
+
+
+def _upcast(dtype):
+    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _precision(dtype):
+    # Only fp32 operands have a precision choice; half operands take tl.dot's default.
+    return dot_precision() if dtype == torch.float32 else None
+
+
+def _fwd(q, k, v, qs, ks, vs, o, os_, lse, bias, mask, qkv_bias, geometry, heads, d, scale, mask_value,
+         fused, has_mask):
+    num_windows, N, nW, nWw, H, W, Hp, Wp, shift, C, ws = geometry
+    if num_windows == 0 or N == 0:
+        return
+    bm, bn, bd, single = blocks(N, d)
+    num_images = num_windows // nW
+    group = forward_group(num_images, nW, heads, N)
+    grid = (triton.cdiv(num_images, group) * nW * heads, triton.cdiv(N, bm))
+    dummy = lse
+    _fwd_kernel[grid](
+        q, k, v, o, lse,
+        bias if bias is not None else dummy, mask if mask is not None else dummy,
+        qkv_bias if qkv_bias is not None else dummy,
+        *qs, *ks, *vs, *os_,
+        num_images, N, nW, nWw, H, W, Hp, Wp, shift, C, scale * LOG2E, mask_value,
+        HEADS=heads, D=d, WS=ws, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, GROUP=group,
+        HAS_BIAS=bias is not None, HAS_MASK=has_mask, FUSED=fused, HAS_QKV_BIAS=qkv_bias is not None,
+        SINGLE=single, PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype),
+        num_warps=8 if bm * bn >= 64 * 64 else 4, num_stages=1,
+    )
+
+
+def _bwd(q, k, v, qs, ks, vs, o, do, os_, lse, bias, bias_grad, mask, qkv_bias, dq, dqs, dk, dv, ds_,
+         dqkv_bias, geometry, heads, d, scale, mask_value, fused, has_mask):
+    """Returns the fp32 bias-gradient partials [slots, heads, N, N] (or None)."""
+    num_windows, N, nW, nWw, H, W, Hp, Wp, shift, C, ws = geometry
+    bm, bn, bd, single = blocks(N, d)
+    num_images = num_windows // nW
+    group = backward_group(num_images, nW, heads, N, d)
+    n_groups = triton.cdiv(num_images, group) * nW   # programs per head
+    slots = dbias_slots(n_groups, num_windows * heads * N * d * q.element_size(), heads, N)
+    shared = slots < n_groups
+    partial = None
+    if bias_grad:
+        alloc = torch.zeros if (shared or not single) else torch.empty
+        partial = alloc((slots, heads, N, N), dtype=torch.float32, device=q.device)
+    if num_windows == 0 or N == 0:
+        return partial.zero_() if partial is not None else None
+    dummy = lse
+    _bwd_kernel[(n_groups * heads,)](
+        q, k, v, o, do, lse,
+        bias if bias is not None else dummy, mask if mask is not None else dummy,
+        qkv_bias if qkv_bias is not None else dummy,
+        dq, dk, dv, partial if partial is not None else dummy,
+        dqkv_bias if dqkv_bias is not None else dummy,
+        *qs, *ks, *vs, *os_, *dqs, *ds_,
+        num_images, N, nW, nWw, H, W, Hp, Wp, shift, C, scale * LOG2E, scale, mask_value, slots,
+        HEADS=heads, D=d, WS=ws, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, GROUP=group,
+        HAS_BIAS=bias is not None, BIAS_GRAD=bias_grad, SHARED_SLOTS=shared, HAS_MASK=has_mask,
+        FUSED=fused, HAS_QKV_BIAS=qkv_bias is not None, SINGLE=single, PRECISION=_precision(q.dtype),
+        UPCAST=_upcast(q.dtype),        num_warps=8 if bm * bn >= 64 * 64 else 4, num_stages=1,
+    )
+    return partial
+
+
+def _strides(t):
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _core_geometry(q, mask):
+    B_, heads, N, d = q.shape
+    nW = mask.shape[0] if mask is not None else 1
+    return (B_, N, nW, 1, 1, 1, 1, 1, 0, heads * d, 1)
+
+
+def forward(q, k, v, bias, mask, scale: float, out, lse):
+    """Core layout. q, k, v [B_, heads, N, d] with unit last stride; bias [heads, N, N] and mask
+    [nW, N, N] contiguous or None; out [B_, heads, N, d] and lse [B_, heads, N] fp32, contiguous."""
+    _, heads, N, d = q.shape
+    _fwd(q, k, v, _strides(q), _strides(k), _strides(v), out, _strides(out), lse, bias, mask, None,
+         _core_geometry(q, mask), heads, d, scale, 0.0, False, mask is not None)
+    return out, lse
+
+
+def backward(do, q, k, v, out, lse, bias, bias_grad: bool, mask, scale: float, dq, dk, dv):
+    """Core layout; do and out contiguous like ``out``; dq, dk, dv contiguous [B_, heads, N, d].
+    Returns the fp32 dbias [heads, N, N] (or None)."""
+    _, heads, N, d = q.shape
+    single = blocks(N, d)[3]
+    dq_buf = dq if single else torch.zeros(dq.shape, dtype=torch.float32, device=dq.device)
+    partial = _bwd(q, k, v, _strides(q), _strides(k), _strides(v), out, do, _strides(out), lse, bias,
+                   bias_grad, mask, None, dq_buf, _strides(dq_buf), dk, dv, _strides(dk), None,
+                   _core_geometry(q, mask), heads, d, scale, 0.0, False, mask is not None)
+    if not single:
+        dq.copy_(dq_buf)
+    return partial.sum(0) if partial is not None else None
+
+
+def _fused_geometry(qkv, window_size: int, shift: int, heads: int):
+    B, H, W, C3 = qkv.shape
+    ws = window_size
+    Hp, Wp = -(-H // ws) * ws, -(-W // ws) * ws
+    nW = (Hp // ws) * (Wp // ws)
+    return (B * nW, ws * ws, nW, Wp // ws, H, W, Hp, Wp, shift, C3 // 3, ws)
+
+
+def fused_forward(qkv, qkv_bias, bias, window_size: int, shift: int, heads: int, scale: float,
+                  mask_value: float, out, lse):
+    """Fused layout. qkv [B, H, W, 3C] contiguous, qkv_bias [3C] (q/k/v of padded tokens) or None,
+    bias [heads, N, N] contiguous or None; out [B, H, W, C] and lse [B*nW, heads, N] fp32."""
+    geometry = _fused_geometry(qkv, window_size, shift, heads)
+    C = geometry[9]
+    d = C // heads
+    qs = (0, d, 3 * C)
+    _fwd(qkv, qkv[..., C:], qkv[..., 2 * C:], qs, qs, qs, out, (0, d, C), lse, bias, None, qkv_bias,
+         geometry, heads, d, scale, mask_value, True, shift > 0)
+    return out, lse
+
+
+def fused_backward(do, qkv, qkv_bias, bias, bias_grad: bool, out, lse, window_size: int, shift: int,
+                   heads: int, scale: float, mask_value: float, dqkv, dqkv_bias):
+    """dqkv [B, H, W, 3C] (every element written); dqkv_bias fp32 [3C] zeros, receives the padded
+    tokens' part of the qkv-bias gradient. Returns the fp32 dbias [heads, N, N] (or None)."""
+    geometry = _fused_geometry(qkv, window_size, shift, heads)
+    C = geometry[9]
+    N = geometry[1]
+    d = C // heads
+    single = blocks(N, d)[3]
+    qs = (0, d, 3 * C)
+    if single:
+        dq_buf, dqs = dqkv, qs
+    else:
+        dq_buf, dqs = torch.zeros(out.shape, dtype=torch.float32, device=out.device), (0, d, C)
+    partial = _bwd(qkv, qkv[..., C:], qkv[..., 2 * C:], qs, qs, qs, out, do, (0, d, C), lse, bias,
+                   bias_grad, None, qkv_bias, dq_buf, dqs, dqkv[..., C:], dqkv[..., 2 * C:], qs,
+                   dqkv_bias, geometry, heads, d, scale, mask_value, True, shift > 0)
+    if not single:
+        dqkv[..., :C].copy_(dq_buf)
+    return partial.sum(0) if partial is not None else None
