@@ -5,10 +5,10 @@ from torch import nn
 
 import fastnote
 from fastnote.testing import assert_close
-from test_squeeze_excitation import TorchvisionSE
+from transcriptions import TorchvisionSqueezeExcitation
 
 
-class SqueezeExcitation(TorchvisionSE):
+class SqueezeExcitation(TorchvisionSqueezeExcitation):
     """Same name as torchvision's class, as the patcher matches it."""
 
 

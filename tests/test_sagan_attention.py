@@ -10,6 +10,7 @@ from torch import nn
 import fastnote
 from fastnote import reference
 from fastnote.testing import assert_close
+from transcriptions import Self_Attn
 
 NAMES = ("q", "k", "v", "x", "gamma")
 
@@ -365,34 +366,6 @@ def test_reference_backend_switch(device, monkeypatch):
     got = fastnote.sagan_attention(*inputs)
     monkeypatch.setenv("FASTNOTE_BACKEND", "reference")
     assert_close(got, fastnote.sagan_attention(*inputs), "two_matmul")
-
-
-class Self_Attn(nn.Module):
-    """SAGAN's Self_Attn (seed 001); forward transcribed as it is."""
-
-    def __init__(self, in_dim, activation):
-        super().__init__()
-        self.chanel_in = in_dim
-        self.activation = activation
-        self.query_conv = nn.Conv2d(in_channels=in_dim, out_channels=in_dim // 8, kernel_size=1)
-        self.key_conv = nn.Conv2d(in_channels=in_dim, out_channels=in_dim // 8, kernel_size=1)
-        self.value_conv = nn.Conv2d(in_channels=in_dim, out_channels=in_dim, kernel_size=1)
-        self.gamma = nn.Parameter(torch.zeros(1))
-        self.softmax = nn.Softmax(dim=-1)
-
-    def forward(self, x):
-        m_batchsize, C, width, height = x.size()
-        proj_query = self.query_conv(x).view(m_batchsize, -1, width * height).permute(0, 2, 1)  # B X CX(N)
-        proj_key = self.key_conv(x).view(m_batchsize, -1, width * height)  # B X C x (*W*H)
-        energy = torch.bmm(proj_query, proj_key)  # transpose check
-        attention = self.softmax(energy)  # BX (N) X (N)
-        proj_value = self.value_conv(x).view(m_batchsize, -1, width * height)  # B X C X N
-
-        out = torch.bmm(proj_value, attention.permute(0, 2, 1))
-        out = out.view(m_batchsize, C, width, height)
-
-        out = self.gamma * out + x
-        return out, attention
 
 
 @pytest.mark.parametrize("return_attention", [False, True])

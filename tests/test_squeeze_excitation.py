@@ -9,6 +9,7 @@ import fastnote
 from fastnote import reference
 from fastnote.ops.squeeze_excitation import ACTIVATIONS, GATES
 from fastnote.testing import assert_close
+from transcriptions import TorchvisionSqueezeExcitation
 
 
 def _make_divisible(v, divisor=8):
@@ -159,24 +160,8 @@ def test_autocast(device):
     assert_close(y, want, "reduction")
 
 
-class TorchvisionSE(nn.Module):
-    """torchvision.ops.SqueezeExcitation, transcribed (torchvision is not always installed)."""
-
-    def __init__(self, input_channels, squeeze_channels, activation=nn.ReLU, scale_activation=nn.Sigmoid):
-        super().__init__()
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc1 = nn.Conv2d(input_channels, squeeze_channels, 1)
-        self.fc2 = nn.Conv2d(squeeze_channels, input_channels, 1)
-        self.activation = activation()
-        self.scale_activation = scale_activation()
-
-    def forward(self, x):
-        scale = self.scale_activation(self.fc2(self.activation(self.fc1(self.avgpool(x)))))
-        return scale * x
-
-
 def _eager_se_classes():
-    classes = [TorchvisionSE]
+    classes = [TorchvisionSqueezeExcitation]
     try:
         from torchvision.ops import SqueezeExcitation
 
