@@ -9,6 +9,7 @@ multi-GB CUDA torch just to compile against.
 """
 import glob
 import os
+import sys
 
 from setuptools import setup
 
@@ -29,6 +30,12 @@ def extensions():
     force = os.environ.get("FORCE_CUDA", "0") == "1"
     use_cuda = bool(cu) and CUDA_HOME is not None and (torch.version.cuda is not None or force)
     cxx = ["-O3", "-std=c++17"]
+    link = []
+    # at::parallel_for is header code: with torch's OpenMP backend it only runs in parallel when
+    # the extension itself is compiled with OpenMP (it then shares torch's bundled libgomp).
+    if sys.platform != "win32" and torch.backends.openmp.is_available():
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     if use_cuda:
         if force and not torch.cuda.is_available():
             os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
@@ -36,10 +43,11 @@ def extensions():
             "fastnote._C",
             cpp + cu,
             define_macros=[("FASTNOTE_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17"]},
+            extra_link_args=link,
         )
     else:
-        ext = CppExtension("fastnote._C", cpp, extra_compile_args={"cxx": cxx})
+        ext = CppExtension("fastnote._C", cpp, extra_compile_args={"cxx": cxx}, extra_link_args=link)
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 

@@ -1,7 +1,9 @@
 """Drop-in nn.Modules built on fastnote.ops, with the parameter names existing checkpoints use."""
 from .activation import Hardsigmoid, Hardswish
 from .self_attention import SelfAttention
+from . import utils
+from .spectral_norm import SpectralNorm
 from .squeeze_excitation import SqueezeExcitation
 from .window_attention import ShiftedWindowAttention, WindowAttention
 
-__all__ = ["Hardsigmoid", "Hardswish", "SelfAttention", "SqueezeExcitation", "ShiftedWindowAttention", "WindowAttention"]
+__all__ = ["Hardsigmoid", "Hardswish", "SelfAttention", "SpectralNorm", "SqueezeExcitation", "ShiftedWindowAttention", "WindowAttention"]

@@ -1,0 +1,79 @@
+"""SAGAN's ``SpectralNorm`` wrapper module (SPEC.md section 6), with the power iteration in the
+fastnote kernel.
+
+Same parameters as SAGAN's spectral.py: the wrapped module gets ``<name>_u``, ``<name>_v``
+(Parameters with requires_grad=False) and ``<name>_bar`` (the raw weight), and loses
+``<name>``; a state dict therefore holds ``module.weight_u``, ``module.weight_v``,
+``module.weight_bar``. Every forward, in training and eval alike, runs ``power_iterations`` of
+``v = l2normalize(W^T u)``, ``u = l2normalize(W v)`` with ``l2normalize(a) = a / (||a|| + 1e-12)``
+on the matrix ``W = weight_bar.view(h, -1)`` (h = size of dim 0, ConvTranspose included), then
+sets ``module.<name> = weight_bar / sigma`` with ``sigma = u . (W v)`` and calls
+``module.forward`` (not ``module(...)``: the wrapped module's own hooks do not run, as in SAGAN).
+
+One deliberate difference: SAGAN replaces ``u.data``/``v.data``, so when two forwards share one
+backward (``D(real) - D(fake)``) its first forward's gradient silently uses the second forward's
+u and v. Here each forward's gradient uses the u and v that forward computed (as torch's hooks
+do); a single forward and backward gives identical results.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..ops import power_iteration as _pi
+
+__all__ = ["SpectralNorm"]
+
+_EPS = 1e-12
+
+
+def _l2normalize(a: torch.Tensor, eps: float = _EPS) -> torch.Tensor:
+    return a / (a.norm() + eps)
+
+
+class SpectralNorm(nn.Module):
+    def __init__(self, module: nn.Module, name: str = "weight", power_iterations: int = 1) -> None:
+        super().__init__()
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+        if not isinstance(name, str):
+            raise TypeError(f"name must be a str, got {type(name).__name__}")
+        self.module = module
+        self.name = name
+        self.power_iterations = _pi.check_n_power_iterations(power_iterations, 0, "power_iterations")
+        self._pool = _pi.OutputPool()
+        if not self._made_params():
+            self._make_params()
+
+    def _made_params(self) -> bool:
+        return all(hasattr(self.module, self.name + s) for s in ("_u", "_v", "_bar"))
+
+    def _make_params(self) -> None:
+        w = getattr(self.module, self.name, None)
+        if not isinstance(w, torch.Tensor):
+            raise ValueError(f"module {type(self.module).__name__} has no parameter named {self.name!r}")
+        height = w.shape[0]
+        width = w.reshape(height, -1).shape[1]
+        with torch.no_grad():
+            # SAGAN's draws, in its order: u then v, N(0, 1), then l2normalize
+            u = nn.Parameter(_l2normalize(w.detach().new_empty(height).normal_(0, 1)), requires_grad=False)
+            v = nn.Parameter(_l2normalize(w.detach().new_empty(width).normal_(0, 1)), requires_grad=False)
+        w_bar = nn.Parameter(w.detach())
+        del self.module._parameters[self.name]
+        self.module.register_parameter(self.name + "_u", u)
+        self.module.register_parameter(self.name + "_v", v)
+        self.module.register_parameter(self.name + "_bar", w_bar)
+
+    def _update_u_v(self) -> None:
+        # drop the module's reference to the last result first, so its buffer can be reused
+        self.module.__dict__.pop(self.name, None)
+        weight = _pi.spectral_weight(
+            getattr(self.module, self.name + "_bar"), getattr(self.module, self.name + "_u"),
+            getattr(self.module, self.name + "_v"), 0, self.power_iterations, _EPS,
+            add_rule=True, u_first=False, pool=self._pool)
+        # what Module.__setattr__ does for a plain tensor attribute, without its checks
+        self.module.__dict__[self.name] = weight
+
+    def forward(self, *args, **kwargs):
+        self._update_u_v()
+        return self.module.forward(*args, **kwargs)
