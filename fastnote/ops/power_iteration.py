@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
 import warnings
 from typing import Optional, Tuple
 
@@ -68,20 +67,10 @@ def _warn_once(key: str, message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
-try:  # a dict lookup instead of os.environ's str encode and lookup: this runs on every forward
-    _ENV_DATA, _ENV_KEY = os.environ._data, os.environ.encodekey("FASTNOTE_BACKEND")
-except AttributeError:  # pragma: no cover - other os.environ implementations
-    _ENV_DATA, _ENV_KEY = os.environ, "FASTNOTE_BACKEND"
-
-
-def _backend_env_set() -> bool:
-    return _ENV_KEY in _ENV_DATA
-
-
 def _use_kernel(weight: Tensor) -> bool:
     if weight.dtype not in KERNEL_DTYPES:
         return False
-    if _backend_env_set() and backend.requested() == "reference":
+    if backend.requested() == "reference":
         return False
     if _OP is None:
         _warn_once("missing", "fastnote._C is not built, so spectral-norm power iteration runs as plain "
