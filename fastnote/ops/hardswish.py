@@ -62,8 +62,8 @@ def hard_swish(x: Tensor) -> Tensor:
     """``x * relu6(x + 3) / 6``, elementwise; any shape, fp32/fp16/bf16, output in x's dtype.
 
     >>> import torch, fastnote
-    >>> fastnote.hard_swish(torch.tensor([-4.0, 0.0, 1.0, 4.0]))
-    tensor([-0.0000,  0.0000,  0.6667,  4.0000])
+    >>> [round(v, 4) for v in fastnote.hard_swish(torch.tensor([-4.0, 0.0, 1.0, 4.0])).tolist()]
+    [-0.0, 0.0, 0.6667, 4.0]
     """
     return _apply(x, "hard_swish")
 
