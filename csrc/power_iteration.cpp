@@ -142,12 +142,15 @@ void rows_dot(const scalar_t* W, int64_t ld, int64_t w, const acc_t* x, acc_t* t
   for (int64_t i = begin; i < end; ++i) t[i] = dot_row<scalar_t, acc_t>(W + i * ld, x, w);
 }
 
+// Last row first: W v follows W^T u, which read each thread's rows first to last, so the rows it
+// read last are still in that core's cache (measured on a 2-core Xeon, 512x4096 fp32: the
+// iteration takes 204 us instead of 282). The scale pass then goes first to last again.
 template <>
 void rows_dot<float, float>(const float* W, int64_t ld, int64_t w, const float* x, float* t, int64_t begin,
                             int64_t end) {
-  int64_t i = begin;
-  for (; i + 4 <= end; i += 4) dot4_f32(W + i * ld, ld, x, w, t + i);
-  for (; i < end; ++i) t[i] = dot_f32(W + i * ld, x, w);
+  int64_t i = end;
+  for (; i - 4 >= begin; i -= 4) dot4_f32(W + (i - 4) * ld, ld, x, w, t + i - 4);
+  for (; i > begin; --i) t[i - 1] = dot_f32(W + (i - 1) * ld, x, w);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -197,6 +200,19 @@ void mat_t_vec(const scalar_t* W, int64_t h, int64_t w, int64_t ld, const acc_t*
       const acc_t* p = partial.data() + (c - 1) * w;
       for (int64_t j = begin; j < end; ++j) t[j] += p[j];
     }
+  });
+}
+
+FASTNOTE_TARGET_CLONES void scale_f32(float* y, const float* x, float r, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] = x[i] * r;
+}
+
+// out = W * r for a contiguous fp32 matrix, rows split over threads as mat_vec splits them (first
+// to last), so each thread scales the rows whose reads are still in its cache.
+void scale_rows_f32(const float* W, float* out, int64_t h, int64_t w, float r) {
+  const int64_t grain = std::max<int64_t>(4, kGrainElems / std::max<int64_t>(w, 1));
+  at::parallel_for(0, h, grain, [&](int64_t begin, int64_t end) {
+    scale_f32(out + begin * w, W + begin * w, r, (end - begin) * w);
   });
 }
 
@@ -338,6 +354,14 @@ at::Tensor from_matrix(const at::Tensor& mat, const at::Tensor& like, int64_t di
 // and a vector division is compute-bound on CPUs (a 512 KB weight: 23 us against ~5 us).
 at::Tensor scale_by_inverse(const at::Tensor& weight, const at::Tensor& sigma, const std::optional<at::Tensor>& out) {
   const at::Tensor inv = sigma.reciprocal();
+  if (weight.device().is_cpu() && weight.scalar_type() == at::kFloat && weight.dim() >= 1 && weight.is_contiguous()
+      && (!out.has_value() || (out->is_contiguous() && out->sizes() == weight.sizes()))) {
+    at::Tensor o = out.has_value() ? *out : at::empty_like(weight);
+    const int64_t h = weight.size(0);
+    scale_rows_f32(weight.const_data_ptr<float>(), o.mutable_data_ptr<float>(), h, h ? weight.numel() / h : 0,
+                   inv.item<float>());
+    return o;
+  }
   if (!out.has_value()) return weight * inv;
   at::Tensor o = *out;
   return at::mul_out(o, weight, inv);
