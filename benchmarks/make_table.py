@@ -99,9 +99,13 @@ def op_table(op: str, rows) -> list:
     has_memory = has_ours and BASELINE in providers and any(
         _finite(c["memory"].get(OURS)) for c in cells.values())
 
+    # Front ends named "fastnote <kind>" are compared with the "<other> <kind>" they replace.
+    pairs = [(ours, other) for ours in providers if ours.startswith(OURS + " ")
+             for other in providers if not other.startswith(OURS) and other.endswith(ours[len(OURS):])]
     head = ["shape", "dtype", "mode"] + [f"{p} ms" for p in providers]
     if has_ours:
         head += [f"vs {p}" for p in others]
+    head += [f"{ours} vs {other}" for ours, other in pairs]
     if has_memory:
         head += [f"{OURS} MB", f"mem vs {BASELINE}"]
     lines = [f"**{op}** (median ms; speedup = other's time / {OURS}'s; memory = peak during the call)", "",
@@ -112,6 +116,7 @@ def op_table(op: str, rows) -> list:
         line = [_shape(cfg), str(cfg.get("dtype", "")), mode] + [_ms(t.get(p)) for p in providers]
         if has_ours:
             line += [_ratio(t.get(p), t.get(OURS)) for p in others]
+        line += [_ratio(t.get(other), t.get(ours)) for ours, other in pairs]
         if has_memory:
             mem = m.get(OURS)
             line += [f"{mem:.1f}" if _finite(mem) else "n/a", _ratio(mem, m.get(BASELINE))]
