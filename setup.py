@@ -36,19 +36,38 @@ def extensions():
     if sys.platform != "win32" and torch.backends.openmp.is_available():
         cxx.append("-fopenmp")
         link.append("-fopenmp")
-    if use_cuda:
-        if force and not torch.cuda.is_available():
-            os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-        ext = CUDAExtension(
-            "fastnote._C",
-            cpp + cu,
-            define_macros=[("FASTNOTE_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17"]},
-            extra_link_args=link,
-        )
-    else:
-        ext = CppExtension("fastnote._C", cpp, extra_compile_args={"cxx": cxx}, extra_link_args=link)
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    cpu_only = CppExtension("fastnote._C", cpp, extra_compile_args={"cxx": cxx}, extra_link_args=link)
+    if not use_cuda or os.environ.get("FASTNOTE_CPU_EXTENSION", "0") == "1":
+        return [cpu_only], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    if force and not torch.cuda.is_available():
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    ext = CUDAExtension(
+        "fastnote._C",
+        cpp + cu,
+        define_macros=[("FASTNOTE_WITH_CUDA", "1")],
+        extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17"]},
+        extra_link_args=link,
+    )
+
+    class BuildWithFallback(BuildExtension):
+        """A failed CUDA build (a toolkit that does not match torch's, say) falls back to the C++
+        build, loudly, instead of failing the install: the Triton ops need no extension, and
+        spectral norm on CUDA tensors then runs as torch ops (fastnote warns when it does)."""
+
+        def build_extension(self, extension):
+            try:
+                super().build_extension(extension)
+            except Exception as err:  # noqa: BLE001 - any compiler failure
+                if extension is not ext:
+                    raise
+                print(f"\nfastnote: building the CUDA part of fastnote._C failed ({err}); building the C++ "
+                      "part only. Set FASTNOTE_CPU_EXTENSION=1 to skip the attempt.\n", file=sys.stderr)
+                for attr in ("sources", "define_macros", "extra_compile_args", "libraries", "library_dirs",
+                             "include_dirs", "extra_link_args"):
+                    setattr(ext, attr, getattr(cpu_only, attr))
+                super().build_extension(ext)
+
+    return [ext], {"build_ext": BuildWithFallback.with_options(use_ninja=True)}
 
 
 ext_modules, cmdclass = extensions()

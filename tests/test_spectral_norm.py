@@ -753,3 +753,13 @@ def test_cuda_module_matches_torch():
     ours = spectral_norm(copy.deepcopy(base))
     list(_run_schedule(ours, ref, lambda: torch.randn(2, 64, 8, 8, device="cuda"), lambda m: m.weight,
                        lambda m: (m.weight_u, m.weight_v), [n for n, _ in ref.named_parameters()]))
+
+
+@pytest.mark.gpu
+def test_extension_built_with_cuda():
+    # setup.py falls back to a C++-only build when the CUDA part fails to compile; on a GPU machine
+    # that would leave the CUDA kernel untested behind the torch-ops fallback, so say it here.
+    from fastnote import _C
+
+    assert _C.with_cuda, ("fastnote._C was built without CUDA (see the pip install log): the CUDA power "
+                          "iteration is not what runs on CUDA tensors")
