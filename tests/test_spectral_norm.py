@@ -672,13 +672,13 @@ def test_power_iteration_compiles(compile_backend):
     _close(W.grad, torch.outer(expected[1], expected[2]))
 
 
-def _ddp_worker(rank, world_size, port, broadcast_buffers, errors):
+def _ddp_worker(rank, world_size, store_path, broadcast_buffers, errors):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     try:
         torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+        dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size)
         models = []
         for apply in (spectral_norm, torch_hook):
             d = _discriminator(apply, 11)
@@ -703,19 +703,16 @@ def _ddp_worker(rank, world_size, port, broadcast_buffers, errors):
 
 
 @pytest.mark.parametrize("broadcast_buffers", [True, False])
-def test_ddp_matches_torch(broadcast_buffers):
-    import socket
-
+def test_ddp_matches_torch(broadcast_buffers, tmp_path):
     import torch.multiprocessing as mp
 
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed is not available")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    # a file rendezvous: no port to pick that another process could take in the meantime
+    store_path = tmp_path / "ddp_store"
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
-    mp.spawn(_ddp_worker, args=(2, port, broadcast_buffers, errors), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, str(store_path), broadcast_buffers, errors), nprocs=2, join=True)
     assert errors.empty()
 
 
