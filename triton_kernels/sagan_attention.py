@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import dot_precision, next_pow2
+from .utils import dot, dot_switches, next_pow2
 
 # tl.dot needs every dimension >= 16: smaller d_qk, d_v and tiles are padded by masked loads.
 MIN_DOT = 16
@@ -49,21 +49,11 @@ PREPROCESS_BLOCK_C = 32
 
 
 @triton.jit
-def _dot(a, b, PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    # UPCAST_DOT (interpreter with bf16 only): the interpreter multiplies bf16 operands as their
-    # raw uint16 bits; fp32 operands give the same products as the GPU's bf16 tensor cores.
-    if UPCAST_DOT:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, input_precision=PRECISION)
-
-
-@triton.jit
 def _forward_kernel(q_ptr, k_ptr, v_ptr, x_ptr, gamma_ptr, out_ptr, o_ptr, lse_ptr,
                     N, NK, DQK, DV,
                     sq_b, sq_c, sq_n, sk_b, sk_c, sk_n, sv_b, sv_c, sv_n, sx_b, sx_c, sx_n,
                     HAS_RESIDUAL: tl.constexpr, STORE_O: tl.constexpr,
-                    PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+                    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -89,7 +79,7 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, x_ptr, gamma_ptr, out_ptr, o_ptr, lse_p
         col_ok = cols < NK
         kk = tl.load(k_base + ch[:, None] * sk_c + cols[None, :] * sk_n,
                      mask=ch_ok[:, None] & col_ok[None, :], other=0.0)
-        s = _dot(qt, kk, PRECISION, UPCAST_DOT)
+        s = dot(qt, kk, PRECISION, UPCAST)
         s = tl.where(col_ok[None, :], s, float("-inf"))
         # Every tile holds at least one real key, so m_new is finite and no exp sees inf - inf.
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -98,7 +88,7 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, x_ptr, gamma_ptr, out_ptr, o_ptr, lse_p
         l_i = l_i * alpha + tl.sum(p, 1)
         vt = tl.load(v_base + cols[:, None] * sv_n + cv[None, :] * sv_c,
                      mask=col_ok[:, None] & cv_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, PRECISION, UPCAST_DOT)
+        acc = acc * alpha[:, None] + dot(p.to(vt.dtype), vt, PRECISION, UPCAST)
         m_i = m_new
 
     o = acc / l_i[:, None]
@@ -139,7 +129,7 @@ def _dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, r_ptr, gamma_ptr, dk_ptr,
                  N, NK, DQK, DV,
                  sq_b, sq_c, sq_n, sk_b, sk_c, sk_n, sv_b, sv_c, sv_n, sdo_b, sdo_c, sdo_n,
                  DV_TILE0, HAS_GAMMA: tl.constexpr, WITH_DK: tl.constexpr, SINGLE_DV: tl.constexpr,
-                 PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+                 PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     # Works on the transposed problem: S^T [keys, queries] = k^T q, so each key block's dk, dv
     # rows stay in this program's registers. SINGLE_DV: all of d_v is this program's tile.
@@ -171,14 +161,14 @@ def _dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, r_ptr, gamma_ptr, dk_ptr,
         # Padded query columns get lse = +inf, hence P^T = 0 there.
         lse = tl.load(lse_ptr + b * N + rows, mask=row_ok, other=float("inf"))
         # Padded key rows are never stored, but exp(0 - lse) may overflow there: keep them finite.
-        st = _dot(kt, qq, PRECISION, UPCAST_DOT) - lse[None, :]
+        st = dot(kt, qq, PRECISION, UPCAST) - lse[None, :]
         pt = tl.exp(tl.where(col_ok[:, None], st, float("-inf")))
         dout = tl.load(do_base + cv[:, None] * sdo_c + rows[None, :] * sdo_n,
                        mask=cv_ok[:, None] & row_ok[None, :], other=0.0)
-        dv += _dot(pt.to(dout.dtype), tl.trans(dout), PRECISION, UPCAST_DOT)
+        dv += dot(pt.to(dout.dtype), tl.trans(dout), PRECISION, UPCAST)
         if WITH_DK:
             if SINGLE_DV:
-                dpt = _dot(vt, dout, PRECISION, UPCAST_DOT)
+                dpt = dot(vt, dout, PRECISION, UPCAST)
             else:
                 dpt = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
                 for c0 in range(0, DV, BLOCK_DV):
@@ -188,10 +178,10 @@ def _dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, r_ptr, gamma_ptr, dk_ptr,
                                  mask=col_ok[:, None] & cc_ok[None, :], other=0.0)
                     doc = tl.load(do_base + cc[:, None] * sdo_c + rows[None, :] * sdo_n,
                                   mask=cc_ok[:, None] & row_ok[None, :], other=0.0)
-                    dpt += _dot(vc, doc, PRECISION, UPCAST_DOT)
+                    dpt += dot(vc, doc, PRECISION, UPCAST)
             r = tl.load(r_ptr + b * N + rows, mask=row_ok, other=0.0)
             dst = pt * (dpt - r[None, :])
-            dk += _dot(dst.to(qq.dtype), tl.trans(qq), PRECISION, UPCAST_DOT)
+            dk += dot(dst.to(qq.dtype), tl.trans(qq), PRECISION, UPCAST)
 
     gamma = 1.0
     if HAS_GAMMA:
@@ -209,7 +199,7 @@ def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, r_ptr, gamma_ptr, dq_ptr,
                N, NK, DQK, DV,
                sq_b, sq_c, sq_n, sk_b, sk_c, sk_n, sv_b, sv_c, sv_n, sdo_b, sdo_c, sdo_n,
                HAS_GAMMA: tl.constexpr, SINGLE_DV: tl.constexpr,
-               PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+               PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     pid_m = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -237,12 +227,12 @@ def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, r_ptr, gamma_ptr, dq_ptr,
         kk = tl.load(k_base + ch[:, None] * sk_c + cols[None, :] * sk_n,
                      mask=ch_ok[:, None] & col_ok[None, :], other=0.0)
         # Padded keys: logit 0 (k loads as 0), and exp(0 - lse) may overflow (all logits << 0).
-        s = _dot(qt, kk, PRECISION, UPCAST_DOT) - lse[:, None]
+        s = dot(qt, kk, PRECISION, UPCAST) - lse[:, None]
         p = tl.exp(tl.where(col_ok[None, :], s, float("-inf")))
         if SINGLE_DV:
             vv = tl.load(v_base + cv[:, None] * sv_c + cols[None, :] * sv_n,
                          mask=cv_ok[:, None] & col_ok[None, :], other=0.0)
-            dp = _dot(dout, vv, PRECISION, UPCAST_DOT)
+            dp = dot(dout, vv, PRECISION, UPCAST)
         else:
             dp = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
             for c0 in range(0, DV, BLOCK_DV):
@@ -252,9 +242,9 @@ def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, r_ptr, gamma_ptr, dq_ptr,
                               mask=row_ok[:, None] & cc_ok[None, :], other=0.0)
                 vc = tl.load(v_base + cc[:, None] * sv_c + cols[None, :] * sv_n,
                              mask=cc_ok[:, None] & col_ok[None, :], other=0.0)
-                dp += _dot(doc, vc, PRECISION, UPCAST_DOT)
+                dp += dot(doc, vc, PRECISION, UPCAST)
         ds = p * (dp - r[:, None])
-        dq += _dot(ds.to(kk.dtype), tl.trans(kk), PRECISION, UPCAST_DOT)
+        dq += dot(ds.to(kk.dtype), tl.trans(kk), PRECISION, UPCAST)
 
     gamma = 1.0
     if HAS_GAMMA:
@@ -288,15 +278,10 @@ def _config(q: torch.Tensor, N: int, NK: int, DV: int, backward: bool) -> dict:
         max_dv = 64 if backward and DV > MAX_BLOCK_DV else MAX_BLOCK_DV
         if not backward and DV <= 64:
             warps = 4
-    # The interpreter multiplies bf16 as raw bits (see _dot); CPU tensors only reach the kernels
-    # through the interpreter.
-    upcast = q.dtype == torch.bfloat16 and q.device.type == "cpu"
     return dict(
         BLOCK_M=_tile(N, block_m), BLOCK_N=_tile(NK, block_n),
         BLOCK_D=max(next_pow2(d_qk), MIN_DOT), BLOCK_DV=_tile(DV, max_dv),
-        # input_precision only matters for fp32 operands; fp16/bf16 take the compiler default.
-        PRECISION=dot_precision() if q.dtype == torch.float32 or upcast else None,
-        UPCAST_DOT=upcast, num_warps=warps,
+        num_warps=warps, **dot_switches(q.dtype, q.device),
     )
 
 

@@ -24,6 +24,27 @@ def dot_precision() -> str:
     return "ieee"
 
 
+def dot_switches(dtype: torch.dtype, device: torch.device) -> dict:
+    """The constexpr switches of ``dot`` for operands of ``dtype`` on ``device``."""
+    return {
+        # input_precision only means something for fp32 operands; half ones take the default.
+        "PRECISION": dot_precision() if dtype == torch.float32 else None,
+        # CPU tensors reach the kernels only through the interpreter.
+        "UPCAST": dtype == torch.bfloat16 and device.type == "cpu",
+    }
+
+
+@triton.jit
+def dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """``tl.dot`` with the switches of ``dot_switches``. UPCAST: the Triton interpreter multiplies
+    bf16 tiles as their raw bits (it is exact for fp32 and fp16), so under it bf16 operands go
+    through fp32, which gives the products the GPU's bf16 tensor cores give; compiled kernels
+    always use the native dot."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
 @triton.jit
 def hard_swish_f32(x):
     # Same operation order as torch's kernel: x * min(max(x + 3, 0), 6) / 6.

@@ -64,13 +64,12 @@ of the attention output, which the fused layout never writes.
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from .utils import dot_precision, next_pow2
+from .utils import dot, dot_switches, next_pow2
 
 LOG2E = 1.4426950408889634
 
@@ -103,15 +102,6 @@ def _tokens(w, idx, N, nW, nWw, H, W, Hp, Wp, shift, WS: tl.constexpr, FUSED: tl
         inside = valid
         label = idx
     return tok, inside, label
-
-
-@triton.jit
-def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    # UPCAST: the Triton interpreter multiplies bf16 tiles wrongly (it is exact for fp32 and fp16),
-    # so under it bf16 operands go through fp32; compiled kernels always use the native dot.
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b, input_precision=PRECISION)
 
 
 @triton.jit
@@ -199,12 +189,12 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, bias_ptr, mask_ptr, qkvb_pt
                     add = _additive(bias_ptr, mask_ptr, h, j, rows, cols, lab_q, lab_k, N, mask_value,
                                     HAS_BIAS, HAS_MASK, FUSED, BLOCK_M, BLOCK_N)
                 # Scores in base-2 units: (q k^T * scale + bias + mask) * log2(e).
-                s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale + add
+                s = dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale + add
                 m_new = tl.maximum(m_i, tl.max(s, axis=1))
                 alpha = tl.exp2(m_i - m_new)
                 p = tl.exp2(s - m_new[:, None])
                 l_i = l_i * alpha + tl.sum(p, axis=1)
-                acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION, UPCAST)
+                acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, PRECISION, UPCAST)
                 m_i = m_new
             o = acc / l_i[:, None]
             o_offs = _row_offsets(w, h, tok_q, cols_d, so_b, so_h, so_n)
@@ -271,14 +261,14 @@ def _bwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, bias_ptr, mask_ptr,
                     if not SINGLE:
                         add = _additive(bias_ptr, mask_ptr, h, j, rows, cols, lab_q, lab_k, N, mask_value,
                                         HAS_BIAS, HAS_MASK, FUSED, BLOCK_M, BLOCK_N)
-                    s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale + add
+                    s = dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale + add
                     tile_ok = (rows < N)[:, None] & (cols < N)[None, :]
                     p = tl.where(tile_ok, tl.exp2(s - lse[:, None]), 0.0)
-                    dv_acc += _dot(tl.trans(p.to(do.dtype)), do, PRECISION, UPCAST)
-                    dp = _dot(do, tl.trans(v), PRECISION, UPCAST)
+                    dv_acc += dot(tl.trans(p.to(do.dtype)), do, PRECISION, UPCAST)
+                    dp = dot(do, tl.trans(v), PRECISION, UPCAST)
                     ds = p * (dp - delta[:, None])
-                    dk_acc += _dot(tl.trans(ds.to(q.dtype)), q, PRECISION, UPCAST)
-                    dq = _dot(ds.to(k.dtype), k, PRECISION, UPCAST) * scale
+                    dk_acc += dot(tl.trans(ds.to(q.dtype)), q, PRECISION, UPCAST)
+                    dq = dot(ds.to(k.dtype), k, PRECISION, UPCAST) * scale
                     dq_offs = _row_offsets(w, h, tok_q, cols_d, sdq_b, sdq_h, sdq_n)
                     q_ok = in_q[:, None] & d_ok[None, :]
                     if SINGLE:
@@ -351,15 +341,6 @@ def dbias_slots(programs_per_head: int, tensor_bytes: int, heads: int, N: int) -
     return max(1, min(programs_per_head, cap))
 
 
-def _upcast(dtype):
-    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _precision(dtype):
-    # Only fp32 operands have a precision choice; half operands take tl.dot's default.
-    return dot_precision() if dtype == torch.float32 else None
-
-
 def _fwd(q, k, v, qs, ks, vs, o, os_, lse, bias, mask, qkv_bias, geometry, heads, d, scale, mask_value,
          fused, has_mask):
     num_windows, N, nW, nWw, H, W, Hp, Wp, shift, C, ws = geometry
@@ -378,7 +359,7 @@ def _fwd(q, k, v, qs, ks, vs, o, os_, lse, bias, mask, qkv_bias, geometry, heads
         num_images, N, nW, nWw, H, W, Hp, Wp, shift, C, scale * LOG2E, mask_value,
         HEADS=heads, D=d, WS=ws, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, GROUP=group,
         HAS_BIAS=bias is not None, HAS_MASK=has_mask, FUSED=fused, HAS_QKV_BIAS=qkv_bias is not None,
-        SINGLE=single, PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype),
+        SINGLE=single, **dot_switches(q.dtype, q.device),
         num_warps=8 if bm * bn >= 64 * 64 else 4, num_stages=1,
     )
 
@@ -410,8 +391,8 @@ def _bwd(q, k, v, qs, ks, vs, o, do, os_, lse, bias, bias_grad, mask, qkv_bias, 
         num_images, N, nW, nWw, H, W, Hp, Wp, shift, C, scale * LOG2E, scale, mask_value, slots,
         HEADS=heads, D=d, WS=ws, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, GROUP=group,
         HAS_BIAS=bias is not None, BIAS_GRAD=bias_grad, SHARED_SLOTS=shared, HAS_MASK=has_mask,
-        FUSED=fused, HAS_QKV_BIAS=qkv_bias is not None, SINGLE=single, PRECISION=_precision(q.dtype),
-        UPCAST=_upcast(q.dtype),        num_warps=8 if bm * bn >= 64 * 64 else 4, num_stages=1,
+        FUSED=fused, HAS_QKV_BIAS=qkv_bias is not None, SINGLE=single,
+        **dot_switches(q.dtype, q.device), num_warps=8 if bm * bn >= 64 * 64 else 4, num_stages=1,
     )
     return partial
 
