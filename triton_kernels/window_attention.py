@@ -143,6 +143,18 @@ def _additive(bias_ptr, mask_ptr, h, j, rows, cols, lab_q, lab_k, N, mask_value,
 
 
 @triton.jit
+def _place_additive(bias_ptr, mask_ptr, h, j, rows, cols, N, nW, nWw, H, W, Hp, Wp, shift, mask_value,
+                    WS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, FUSED: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """bias[h] + mask of window place j over the (rows, cols) tile: the same for every image, so a
+    program that holds whole windows builds it once."""
+    lab_r = _tokens(j, rows, N, nW, nWw, H, W, Hp, Wp, shift, WS, FUSED)[2]
+    lab_c = _tokens(j, cols, N, nW, nWw, H, W, Hp, Wp, shift, WS, FUSED)[2]
+    return _additive(bias_ptr, mask_ptr, h, j, rows, cols, lab_r, lab_c, N, mask_value,
+                     HAS_BIAS, HAS_MASK, FUSED, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
 def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, bias_ptr, mask_ptr, qkvb_ptr,
                 sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n,
                 num_images, N, nW, nWw, H, W, Hp, Wp, shift, C, qk_scale, mask_value,
@@ -162,10 +174,8 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, bias_ptr, mask_ptr, qkvb_pt
     d_ok = cols_d < D
     if SINGLE:  # one tile per window: bias + mask are the same for all the program's windows
         cols = tl.arange(0, BLOCK_N)
-        lab_r = _tokens(j, rows, N, nW, nWw, H, W, Hp, Wp, shift, WS, FUSED)[2]
-        lab_c = _tokens(j, cols, N, nW, nWw, H, W, Hp, Wp, shift, WS, FUSED)[2]
-        add = _additive(bias_ptr, mask_ptr, h, j, rows, cols, lab_r, lab_c, N, mask_value,
-                        HAS_BIAS, HAS_MASK, FUSED, BLOCK_M, BLOCK_N)
+        add = _place_additive(bias_ptr, mask_ptr, h, j, rows, cols, N, nW, nWw, H, W, Hp, Wp, shift, mask_value,
+                              WS, HAS_BIAS, HAS_MASK, FUSED, BLOCK_M, BLOCK_N)
     for i in range(0, GROUP):
         img = first + i
         if img < num_images:
@@ -228,10 +238,8 @@ def _bwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, bias_ptr, mask_ptr,
     if SINGLE:
         rows = tl.arange(0, BLOCK_M)
         cols = tl.arange(0, BLOCK_N)
-        lab_r = _tokens(j, rows, N, nW, nWw, H, W, Hp, Wp, shift, WS, FUSED)[2]
-        lab_c = _tokens(j, cols, N, nW, nWw, H, W, Hp, Wp, shift, WS, FUSED)[2]
-        add = _additive(bias_ptr, mask_ptr, h, j, rows, cols, lab_r, lab_c, N, mask_value,
-                        HAS_BIAS, HAS_MASK, FUSED, BLOCK_M, BLOCK_N)
+        add = _place_additive(bias_ptr, mask_ptr, h, j, rows, cols, N, nW, nWw, H, W, Hp, Wp, shift, mask_value,
+                              WS, HAS_BIAS, HAS_MASK, FUSED, BLOCK_M, BLOCK_N)
     for i in range(0, GROUP):
         img = first + i
         if img < num_images:
