@@ -114,6 +114,16 @@ def _sagan_inputs(dtype, device):
             "x": leaf(2, 64, 63), "gamma": torch.full((1,), 0.7, device=device, requires_grad=True)}
 
 
+def _power_iteration_inputs(dtype, device):
+    # A SAGAN discriminator weight (128 x 1024, a 4x4 conv flattened), three iterations from
+    # normalised random vectors; gradients flow to the weight only (u, v are constants).
+    w = torch.randn(128, 1024, device=device)
+    u = torch.nn.functional.normalize(torch.randn(128, device=device), dim=0)
+    v = torch.nn.functional.normalize(torch.randn(1024, device=device), dim=0)
+    return {"weight_mat": w.to(dtype).requires_grad_(), "u": u.to(dtype), "v": v.to(dtype),
+            "n_power_iterations": 3}
+
+
 ENTRIES = [
     ParityEntry("hard_swish", _activation_inputs, fastnote.hard_swish, reference.hard_swish, "elementwise"),
     ParityEntry("hard_sigmoid", _activation_inputs, fastnote.hard_sigmoid, reference.hard_sigmoid, "elementwise"),
@@ -128,6 +138,8 @@ ENTRIES = [
                 reference.window_attention, "two_matmul"),
     ParityEntry("swin_window_attention", _swin_block_inputs, fastnote.swin_window_attention,
                 reference.swin_block_attention, "two_matmul"),
+    ParityEntry("power_iteration", _power_iteration_inputs, fastnote.power_iteration, reference.power_iteration,
+                "reduction"),
 ]
 
 
