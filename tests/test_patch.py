@@ -66,14 +66,14 @@ def test_patch_expect_and_include_errors():
 
 
 @pytest.mark.parametrize("name", ["mobilenet_v3_small"])
-def test_torchvision_mobilenet(name):
+def test_torchvision_mobilenet(name, device):
     models = pytest.importorskip("torchvision.models")
     torch.manual_seed(0)
-    eager = getattr(models, name)().eval()
-    patched = getattr(models, name)().eval()
+    eager = getattr(models, name)().to(device).eval()
+    patched = getattr(models, name)().to(device).eval()
     patched.load_state_dict(eager.state_dict())
     report = fastnote.patch(patched)
     assert any("SqueezeExcitation" in r for r in report) and any("Hardswish" in r for r in report)
-    x = torch.randn(1, 3, 64, 64)
+    x = torch.randn(1, 3, 64, 64, device=device)
     with torch.no_grad():
         assert_close(patched(x), eager(x), "reduction")
