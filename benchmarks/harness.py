@@ -301,9 +301,13 @@ def _mode_callable(made, mode: str) -> Callable[[], Any]:
     outs = _diff_outputs(forward())
     grads = [torch.randn_like(t) for t in outs]
     if mode == "bwd":
-        return lambda: torch.autograd.backward(outs, grads, retain_graph=True)
-    del outs
+        return _retained_backward(outs, grads)
+    del outs  # "both" runs its own forward on every call: free this graph
     return lambda: torch.autograd.backward(_diff_outputs(forward()), grads)
+
+
+def _retained_backward(outs, grads) -> Callable[[], Any]:
+    return lambda: torch.autograd.backward(outs, grads, retain_graph=True)
 
 
 def _clear_grads(leaves) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from typing import Callable, Dict, List, Optional, Tuple
 
-import torch
 from torch import nn
 
 from . import nn as fnn

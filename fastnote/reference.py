@@ -281,8 +281,9 @@ def window_reverse(windows, window_size, H, W):
     return x.permute(0, 1, 3, 2, 4, 5).reshape(B, H, W, C)
 
 
-def shift_mask(H, W, window_size, shift, device=None):
-    """Swin's SW-MSA attention mask: [nW, N, N] float32, 0 within a region, -100.0 across.
+def shift_mask(H, W, window_size, shift, device=None, mask_value=-100.0):
+    """Swin's SW-MSA attention mask: [nW, N, N] float32, 0 within a region, ``mask_value``
+    (Swin's and timm's -100.0) across.
 
     H, W are the (padded) sizes, multiples of window_size. Built exactly as Swin does: label the
     nine regions (three slices per axis) of an [1, H, W, 1] image, partition into windows, and
@@ -299,7 +300,7 @@ def shift_mask(H, W, window_size, shift, device=None):
             cnt += 1
     mask_windows = window_partition(img_mask, ws).squeeze(-1)            # [nW, N]
     attn_mask = mask_windows.unsqueeze(1) - mask_windows.unsqueeze(2)     # [nW, N, N]
-    return attn_mask.masked_fill(attn_mask != 0, -100.0).masked_fill(attn_mask == 0, 0.0)
+    return attn_mask.masked_fill(attn_mask != 0, mask_value).masked_fill(attn_mask == 0, 0.0)
 
 
 @_exact
@@ -327,7 +328,8 @@ def window_attention(q, k, v, bias=None, mask=None, scale=None):
 
 @_exact
 def swin_block_attention(x, qkv_weight, qkv_bias, proj_weight, proj_bias,
-                         relative_position_bias_table, window_size, num_heads, shift_size=0):
+                         relative_position_bias_table, window_size, num_heads, shift_size=0,
+                         index=None, scale=None, mask_value=-100.0):
     """The W-MSA / SW-MSA path of one Swin block (no norm, MLP or residual).
 
     x: [B, H, W, C]; qkv_weight [3C, C], qkv_bias [3C] or None; proj_weight [C, C], proj_bias
@@ -336,6 +338,8 @@ def swin_block_attention(x, qkv_weight, qkv_bias, proj_weight, proj_bias,
     projection, as Swin pads the normed x), rolls by (-shift, -shift) if shift_size > 0,
     partitions, runs window attention with the relative position bias (and the shift mask of
     the padded size), merges heads, projects, reverses, rolls back and crops.
+    index (the [N, N] relative position index) defaults to Swin's, scale to head_dim ** -0.5,
+    mask_value to -100.0.
     Returns [B, H, W, C] in x's dtype.
     """
     B, H, W, C = x.shape
@@ -349,7 +353,7 @@ def swin_block_attention(x, qkv_weight, qkv_bias, proj_weight, proj_bias,
 
     if shift_size > 0:
         xf = torch.roll(xf, shifts=(-shift_size, -shift_size), dims=(1, 2))
-        mask = shift_mask(Hp, Wp, ws, shift_size, device=x.device)
+        mask = shift_mask(Hp, Wp, ws, shift_size, device=x.device, mask_value=mask_value)
     else:
         mask = None
 
@@ -359,9 +363,10 @@ def swin_block_attention(x, qkv_weight, qkv_bias, proj_weight, proj_bias,
     qkv = qkv.reshape(b_, n, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv[0], qkv[1], qkv[2]                                     # [B_, heads, N, d]
 
-    index = relative_position_index(ws, device=x.device)
+    if index is None:
+        index = relative_position_index(ws, device=x.device)
     bias = relative_position_bias(_up(relative_position_bias_table), index, num_heads)
-    out = window_attention(q, k, v, bias=bias, mask=mask)
+    out = window_attention(q, k, v, bias=bias, mask=mask, scale=scale)
     out = out.transpose(1, 2).reshape(b_, n, C)                          # merge heads
     out = F.linear(out, _up(proj_weight), _up(proj_bias))
 

@@ -2,7 +2,6 @@
 torchvision-style module drop-in, errors, custom-op checks, compile, AMP."""
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import fastnote

@@ -260,31 +260,6 @@ def _block_backward(ctx, grads):
 _block_forward_op.register_autograd(_block_backward, setup_context=_block_setup_context)
 
 
-def _block_reference(x, qkv_weight, qkv_bias, proj_weight, proj_bias, table, index, window_size, num_heads,
-                     shift_size, scale, mask_value):
-    """reference.swin_block_attention with a given scale, mask value and index (the reference
-    path for non-default ones; the same steps, built from reference's pieces)."""
-    B, H, W, C = x.shape
-    ws = window_size
-    xf = F.pad(x, (0, 0, 0, (ws - W % ws) % ws, 0, (ws - H % ws) % ws))
-    Hp, Wp = xf.shape[1], xf.shape[2]
-    mask = None
-    if shift_size > 0:
-        xf = torch.roll(xf, shifts=(-shift_size, -shift_size), dims=(1, 2))
-        mask = reference.shift_mask(Hp, Wp, ws, shift_size, device=x.device)
-        mask = torch.where(mask != 0, mask_value, 0.0)
-    windows = reference.window_partition(xf, ws)
-    b_, n, _ = windows.shape
-    qkv = F.linear(windows, qkv_weight, qkv_bias).reshape(b_, n, 3, num_heads, C // num_heads).permute(2, 0, 3, 1, 4)
-    bias = reference.relative_position_bias(table, index, num_heads)
-    out = reference.window_attention(qkv[0], qkv[1], qkv[2], bias=bias, mask=mask, scale=scale)
-    out = F.linear(out.transpose(1, 2).reshape(b_, n, C), proj_weight, proj_bias)
-    out = reference.window_reverse(out, ws, Hp, Wp)
-    if shift_size > 0:
-        out = torch.roll(out, shifts=(shift_size, shift_size), dims=(1, 2))
-    return out[:, :H, :W, :].contiguous()
-
-
 def swin_window_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor], proj_weight: Tensor,
                           proj_bias: Optional[Tensor], relative_position_bias_table: Tensor,
                           window_size: int, num_heads: int, shift_size: int = 0,
@@ -330,7 +305,6 @@ def swin_window_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tens
     checks.tensor("relative_position_bias_table", relative_position_bias_table, ndim=2)
     checks.shape("relative_position_bias_table", relative_position_bias_table, [(2 * ws - 1) ** 2, num_heads])
     N = ws * ws
-    defaults = relative_position_index is None and scale is None and mask_value == MASK_VALUE
     if relative_position_index is None:
         relative_position_index = reference.relative_position_index(ws, device=x.device)
     checks.tensor("relative_position_index", relative_position_index, ndim=2, dtypes=(torch.int64, torch.int32))
@@ -347,11 +321,10 @@ def swin_window_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tens
     scale = _scale(scale, C // num_heads)
 
     if not backend.use_triton(x.device):
-        if defaults:
-            return reference.swin_block_attention(x, qkv_weight, qkv_bias, proj_weight, proj_bias,
-                                                  relative_position_bias_table, ws, num_heads, shift_size)
-        return _block_reference(x, qkv_weight, qkv_bias, proj_weight, proj_bias, relative_position_bias_table,
-                                relative_position_index, ws, num_heads, shift_size, scale, float(mask_value))
+        return reference.swin_block_attention(x, qkv_weight, qkv_bias, proj_weight, proj_bias,
+                                              relative_position_bias_table, ws, num_heads, shift_size,
+                                              index=relative_position_index, scale=scale,
+                                              mask_value=float(mask_value))
 
     qkv = F.linear(x, qkv_weight, qkv_bias)                      # [B, H, W, 3C], no partitioned copy
     # One tiny gather ([heads, N, N]); its backward scatters dbias into the table.
