@@ -64,7 +64,8 @@ def test_activations_and_gates(fn, ref, activation, gate, device):
 
 
 @pytest.mark.parametrize("fn,ref", FUSED, ids=FUSED_IDS)
-@pytest.mark.parametrize("B,C,H,W,Cr", [(1, 1, 1, 1, 1), (2, 3, 17, 19, 2), (1, 5, 1, 300, 7), (3, 37, 2, 3, 5)])
+@pytest.mark.parametrize("B,C,H,W,Cr", [(1, 1, 1, 1, 1), (2, 3, 17, 19, 2), (1, 5, 1, 300, 7), (3, 37, 2, 3, 5),
+                                        (2, 3, 40, 41, 2)])
 def test_awkward_shapes(fn, ref, B, C, H, W, Cr, device):
     _check(fn, ref, _inputs(B, C, H, W, Cr, device), "relu", "hard_sigmoid")
 

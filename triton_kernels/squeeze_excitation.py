@@ -3,8 +3,7 @@
 With ``y = pre(x)`` (identity, or hard_swish for ``hswish_se``) and ``g = gate(MLP(mean_hw(y)))``:
 
 forward   pass 1 ``plane_reduce``: s[b, c] = mean_hw y             reads x
-          ``mlp_forward``: g = gate(fc2(act(fc1(s))))  one program per image
-
+          ``mlp_forward``:         g = gate(fc2(act(fc1(s))))   one program per image
           pass 2 ``apply``:        out = y * g[b, c]              reads x, writes out
 backward  pass A ``plane_reduce``: dg[b, c] = sum_hw grad * y      reads grad, x
           ``mlp_backward``: dz2, dz1, ds per image; the weight gradients
@@ -14,6 +13,8 @@ backward  pass A ``plane_reduce``: dg[b, c] = sum_hw grad * y      reads grad, x
 Minimum traffic, with T = B*C*H*W*itemsize: forward 3T, backward 5T (eager PyTorch with a
 separate hard-swish moves about 2T + 1T + 3T forward and more than 8T backward). ``y`` is never
 written. All passes accumulate in fp32; offsets are int64 so tensors past 2^31 elements work.
+The streaming passes tile [planes, positions] over a 3-D grid, so no element needs its plane index
+computed by division.
 """
 from __future__ import annotations
 
@@ -62,26 +63,36 @@ def _plane_reduce_kernel(x_ptr, grad_ptr, out_ptr, C, HW, scale,
 
 
 @triton.jit
-def _apply_kernel(x_ptr, g_ptr, out_ptr, n, HW, HSWISH: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    y = tl.load(x_ptr + offs, mask=mask).to(tl.float32)
-    if HSWISH:
-        y = hard_swish_f32(y)
-    g = tl.load(g_ptr + offs // HW, mask=mask)
-    tl.store(out_ptr + offs, (y * g).to(out_ptr.dtype.element_ty), mask=mask)
+def _planes_tile(C, HW, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """This program's [BLOCK_C planes, BLOCK_HW positions] tile of a contiguous [B, C, HW] tensor,
+    grid (B, C blocks, HW blocks): the plane index of every element is known without dividing
+    (a per-element 64-bit division would cost more than the memory traffic it serves)."""
+    planes = tl.program_id(0).to(tl.int64) * C + tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C) < C
+    hw = tl.program_id(2) * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    mask = c_ok[:, None] & (hw < HW)[None, :]
+    return planes, planes[:, None] * HW + hw[None, :], mask, c_ok
 
 
 @triton.jit
-def _input_grad_kernel(grad_ptr, x_ptr, g_ptr, ds_ptr, dx_ptr, n, HW, inv_hw,
-                       HSWISH: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
+def _apply_kernel(x_ptr, g_ptr, out_ptr, C, HW, HSWISH: tl.constexpr,
+                  BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+    planes, offs, mask, c_ok = _planes_tile(C, HW, BLOCK_C, BLOCK_HW)
+    y = tl.load(x_ptr + offs, mask=mask).to(tl.float32)
+    if HSWISH:
+        y = hard_swish_f32(y)
+    g = tl.load(g_ptr + planes, mask=c_ok)
+    tl.store(out_ptr + offs, (y * g[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _input_grad_kernel(grad_ptr, x_ptr, g_ptr, ds_ptr, dx_ptr, C, HW, inv_hw,
+                       HSWISH: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+    planes, offs, mask, c_ok = _planes_tile(C, HW, BLOCK_C, BLOCK_HW)
     grad = tl.load(grad_ptr + offs, mask=mask).to(tl.float32)
-    plane = offs // HW
-    g = tl.load(g_ptr + plane, mask=mask)
-    ds = tl.load(ds_ptr + plane, mask=mask)
-    dy = grad * g + ds * inv_hw
+    g = tl.load(g_ptr + planes, mask=c_ok)
+    ds = tl.load(ds_ptr + planes, mask=c_ok)
+    dy = grad * g[:, None] + (ds * inv_hw)[:, None]
     if HSWISH:
         x = tl.load(x_ptr + offs, mask=mask).to(tl.float32)
         dy = dy * hard_swish_grad_f32(x)
@@ -110,26 +121,30 @@ def plane_reduce(x: torch.Tensor, grad, hswish: bool, scale: float) -> torch.Ten
     return out
 
 
+def _streaming_grid(x: torch.Tensor):
+    """(grid, C, HW, constexprs) for the streaming passes over contiguous x [B, C, H, W]: tiles of
+    about ELEMENTWISE_BLOCK elements, [BLOCK_C planes, BLOCK_HW positions]."""
+    B, C = x.shape[0], x.shape[1]
+    HW = x.numel() // (B * C)
+    block_hw = min(next_pow2(HW), 1024)
+    block_c = max(1, min(next_pow2(C), ELEMENTWISE_BLOCK // block_hw))
+    grid = (B, triton.cdiv(C, block_c), triton.cdiv(HW, block_hw))
+    return grid, C, HW, dict(BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=ELEMENTWISE_WARPS)
+
+
 def apply(x: torch.Tensor, g: torch.Tensor, hswish: bool, out: torch.Tensor) -> torch.Tensor:
     """out = pre(x) * g[b, c]; g fp32 contiguous [B, C]."""
-    n = x.numel()
-    if n:
-        HW = n // (x.shape[0] * x.shape[1])
-        _apply_kernel[(triton.cdiv(n, ELEMENTWISE_BLOCK),)](
-            x, g, out, n, HW, HSWISH=hswish, BLOCK=ELEMENTWISE_BLOCK, num_warps=ELEMENTWISE_WARPS
-        )
+    if x.numel():
+        grid, C, HW, blocks = _streaming_grid(x)
+        _apply_kernel[grid](x, g, out, C, HW, HSWISH=hswish, **blocks)
     return out
 
 
 def input_grad(grad, x, g, ds, hswish: bool, out: torch.Tensor) -> torch.Tensor:
     """dx = (grad * g + ds / HW) * pre'(x); g, ds fp32 contiguous [B, C] (ds = dL/d mean)."""
-    n = x.numel()
-    if n:
-        HW = n // (x.shape[0] * x.shape[1])
-        _input_grad_kernel[(triton.cdiv(n, ELEMENTWISE_BLOCK),)](
-            grad, x, g, ds, out, n, HW, 1.0 / HW,
-            HSWISH=hswish, BLOCK=ELEMENTWISE_BLOCK, num_warps=ELEMENTWISE_WARPS,
-        )
+    if x.numel():
+        grid, C, HW, blocks = _streaming_grid(x)
+        _input_grad_kernel[grid](grad, x, g, ds, out, C, HW, 1.0 / HW, HSWISH=hswish, **blocks)
     return out
 
 
