@@ -143,6 +143,21 @@ def _additive(bias_ptr, mask_ptr, h, j, rows, cols, lab_q, lab_k, N, mask_value,
 
 
 @triton.jit
+def _load_kv(k_ptr, v_ptr, qkvb_ptr, w, h, cols, cols_d, d_ok, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
+             N, nW, nWw, H, W, Hp, Wp, shift, C,
+             D: tl.constexpr, WS: tl.constexpr, FUSED: tl.constexpr, HAS_QKV_BIAS: tl.constexpr):
+    """Key and value rows ``cols`` of window ``w``, head ``h`` (padded tokens of the fused path get
+    the qkv bias), with their token offsets, in-image flags and region labels."""
+    tok_k, in_k, lab_k = _tokens(w, cols, N, nW, nWw, H, W, Hp, Wp, shift, WS, FUSED)
+    k = _load_rows(k_ptr, w, h, tok_k, in_k, cols_d, d_ok, sk_b, sk_h, sk_n)
+    v = _load_rows(v_ptr, w, h, tok_k, in_k, cols_d, d_ok, sv_b, sv_h, sv_n)
+    if FUSED:
+        k = _with_pad_value(k, cols < N, in_k, qkvb_ptr, C + h * D, cols_d, d_ok, HAS_QKV_BIAS)
+        v = _with_pad_value(v, cols < N, in_k, qkvb_ptr, 2 * C + h * D, cols_d, d_ok, HAS_QKV_BIAS)
+    return tok_k, in_k, lab_k, k, v
+
+
+@triton.jit
 def _place_additive(bias_ptr, mask_ptr, h, j, rows, cols, N, nW, nWw, H, W, Hp, Wp, shift, mask_value,
                     WS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, FUSED: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -189,12 +204,10 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, bias_ptr, mask_ptr, qkvb_pt
             acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
             for n0 in range(0, N, BLOCK_N):
                 cols = n0 + tl.arange(0, BLOCK_N)
-                tok_k, in_k, lab_k = _tokens(w, cols, N, nW, nWw, H, W, Hp, Wp, shift, WS, FUSED)
-                k = _load_rows(k_ptr, w, h, tok_k, in_k, cols_d, d_ok, sk_b, sk_h, sk_n)
-                v = _load_rows(v_ptr, w, h, tok_k, in_k, cols_d, d_ok, sv_b, sv_h, sv_n)
-                if FUSED:
-                    k = _with_pad_value(k, cols < N, in_k, qkvb_ptr, C + h * D, cols_d, d_ok, HAS_QKV_BIAS)
-                    v = _with_pad_value(v, cols < N, in_k, qkvb_ptr, 2 * C + h * D, cols_d, d_ok, HAS_QKV_BIAS)
+                tok_k, in_k, lab_k, k, v = _load_kv(k_ptr, v_ptr, qkvb_ptr, w, h, cols, cols_d, d_ok,
+                                                    sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
+                                                    N, nW, nWw, H, W, Hp, Wp, shift, C,
+                                                    D, WS, FUSED, HAS_QKV_BIAS)
                 if not SINGLE:
                     add = _additive(bias_ptr, mask_ptr, h, j, rows, cols, lab_q, lab_k, N, mask_value,
                                     HAS_BIAS, HAS_MASK, FUSED, BLOCK_M, BLOCK_N)
@@ -247,12 +260,10 @@ def _bwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, bias_ptr, mask_ptr,
             lse_base = (w * HEADS + h) * N
             for n0 in range(0, N, BLOCK_N):
                 cols = n0 + tl.arange(0, BLOCK_N)
-                tok_k, in_k, lab_k = _tokens(w, cols, N, nW, nWw, H, W, Hp, Wp, shift, WS, FUSED)
-                k = _load_rows(k_ptr, w, h, tok_k, in_k, cols_d, d_ok, sk_b, sk_h, sk_n)
-                v = _load_rows(v_ptr, w, h, tok_k, in_k, cols_d, d_ok, sv_b, sv_h, sv_n)
-                if FUSED:
-                    k = _with_pad_value(k, cols < N, in_k, qkvb_ptr, C + h * D, cols_d, d_ok, HAS_QKV_BIAS)
-                    v = _with_pad_value(v, cols < N, in_k, qkvb_ptr, 2 * C + h * D, cols_d, d_ok, HAS_QKV_BIAS)
+                tok_k, in_k, lab_k, k, v = _load_kv(k_ptr, v_ptr, qkvb_ptr, w, h, cols, cols_d, d_ok,
+                                                    sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
+                                                    N, nW, nWw, H, W, Hp, Wp, shift, C,
+                                                    D, WS, FUSED, HAS_QKV_BIAS)
                 dk_acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
                 dv_acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
                 for m0 in range(0, N, BLOCK_M):
