@@ -67,7 +67,8 @@ def test_forward_backward(B, d_qk, d_v, N, N_k, residual, device):
     _check(_inputs(B, d_qk, d_v, N, N_k, device, residual=residual))
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=20, deadline=None, derandomize=True,  # the same 20 shapes on every CI run
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(B=st.integers(1, 2), d_qk=st.integers(1, 20), d_v=st.integers(1, 150), N=st.integers(1, 90),
        N_k=st.integers(1, 90), residual=st.booleans(), scale=st.sampled_from([0.5, 3.0]))
 def test_random_shapes(B, d_qk, d_v, N, N_k, residual, scale, device):
