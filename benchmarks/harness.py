@@ -74,7 +74,8 @@ Where and how it measures
 - A benchmark whose CPU timings are real measurements (spectral norm's power iteration:
   ``Benchmark(..., cpu_real=True, device="cpu", modes=("fwd",))``) runs its full ``cases`` on
   the CPU, ``cpu_warmup`` untimed then ``cpu_repeats`` timed calls (median, 20th and 80th
-  percentile via ``time.perf_counter``), into ``results/cpu-<processor>/``; its config gains
+  percentile via ``time.perf_counter``), the providers taking turns (``CPU_ROUND`` calls each)
+  so that a drifting machine speed hits them alike, into ``results/cpu-<processor>/``; its config gains
   ``threads``. ``device="cpu"`` keeps it on the CPU where a GPU exists too; with
   ``device=None`` it uses the GPU when there is one. ``--smoke`` still means smoke.
 - A provider that fails (CUDA OOM included) gives NaN rows with ``"note"`` in their config and
@@ -105,6 +106,8 @@ from collections.abc import Mapping
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
+
+CPU_ROUND = 1   # real CPU timings: calls per provider per turn (see _run_case_interleaved)
 
 COLUMNS = ["op", "provider", "mode", "metric", "unit", "x_name", "x_value", "p50", "p20", "p80",
            "config", "gpu", "torch", "triton", "fastnote_commit", "timestamp"]
@@ -497,6 +500,12 @@ def run_benchmark(bench: Benchmark, run: _Run, cases, modes, providers, with_com
                     rows += _rows(bench, run, case, p.name, mode, nan3, float("nan"), f"inputs: {note}")
             continue
         leaves = grad_leaves(inputs)
+        if run.cpu_timing and not run.smoke:
+            new_rows, failed = _run_case_interleaved(bench, run, case, inputs, leaves, active, modes)
+            rows += new_rows
+            failures += failed
+            del inputs, leaves
+            continue
         for p in active:
             made = None
             setup_note = None
@@ -535,6 +544,84 @@ def run_benchmark(bench: Benchmark, run: _Run, cases, modes, providers, with_com
             _free(run.device)
         del inputs, leaves
         _free(run.device)
+    return rows, failures
+
+
+def _setup_note(exc: BaseException) -> str:
+    return "OOM" if _is_oom(exc) else f"{type(exc).__name__}: {exc}"[:300]
+
+
+def _run_case_interleaved(bench, run, case, inputs, leaves, providers, modes):
+    """Real CPU timings of one case: the providers take turns, ``CPU_ROUND`` calls each per
+    round, until each has ``run.repeats`` timed calls. A machine whose speed drifts (a shared
+    VM, frequency scaling, a neighbour's load) then slows every provider alike, and the ratios
+    between them stay fair. Returns (rows, failures)."""
+    rows: List[dict] = []
+    failures = 0
+    nan3 = [float("nan")] * 3
+    made: Dict[str, Any] = {}
+    notes: Dict[str, Optional[str]] = {}
+    for p in providers:
+        try:
+            made[p.name] = p.setup(inputs, case)
+            notes[p.name] = None
+        except Exception as exc:
+            notes[p.name] = _setup_note(exc)
+            failures += 1
+            traceback.print_exc()
+            del exc
+    for mode in modes:
+        fns: Dict[str, Callable[[], Any]] = {}
+        mode_notes = dict(notes)
+        for p in providers:
+            if mode_notes[p.name] is not None:
+                continue
+            try:
+                fns[p.name] = _mode_callable(made[p.name], mode)
+            except _NotApplicable as exc:
+                print(f"  {bench.op:<14} {p.name:<14} {mode:<4} {_describe(case)}: n/a ({exc})")
+                mode_notes[p.name] = "n/a"
+            except Exception as exc:
+                mode_notes[p.name] = _setup_note(exc)
+                failures += 1
+                traceback.print_exc()
+                del exc
+        for _ in range(run.warmup):
+            for name in list(fns):
+                try:
+                    fns[name]()
+                except Exception as exc:
+                    mode_notes[name] = _setup_note(exc)
+                    failures += 1
+                    traceback.print_exc()
+                    del fns[name], exc
+        samples: Dict[str, List[float]] = {name: [] for name in fns}
+        while fns and any(len(t) < run.repeats for t in samples.values()):
+            for name in list(fns):
+                for _ in range(CPU_ROUND):
+                    _clear_grads(leaves)
+                    t0 = time.perf_counter()
+                    try:
+                        fns[name]()
+                    except Exception as exc:
+                        mode_notes[name] = _setup_note(exc)
+                        failures += 1
+                        traceback.print_exc()
+                        del fns[name], exc
+                        break
+                    samples[name].append((time.perf_counter() - t0) * 1e3)
+        _clear_grads(leaves)
+        for p in providers:
+            note = mode_notes[p.name]
+            if note == "n/a":
+                continue
+            times = _quantiles(samples[p.name]) if note is None else nan3
+            new = _rows(bench, run, case, p.name, mode, times, None, note)
+            rows += new
+            _print_result(bench, p.name, mode, case, new, note)
+        del fns
+    del made
+    _clear_grads(leaves)
     return rows, failures
 
 

@@ -71,8 +71,8 @@ BENCHMARKS = [Benchmark(
     bytes_moved=bytes_moved,
     device="cpu",
     cpu_real=True,
-    cpu_warmup=5,
-    cpu_repeats=50,
+    cpu_warmup=10,
+    cpu_repeats=300,
 )]
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -301,6 +302,24 @@ double run_cpu(const at::Tensor& weight, at::Tensor& u, at::Tensor& v, int64_t n
   return static_cast<double>(sigma);
 }
 
+// A contiguous copy of a CPU vector: for the small discriminator weights the whole call costs
+// a few microseconds, and a dispatched clone() each for u and v was a third of the kernel's
+// instructions (callgrind, 64x48 fp32).
+at::Tensor copy_vector(const at::Tensor& t) {
+  if (!t.is_contiguous()) return t.clone(at::MemoryFormat::Contiguous);
+  at::Tensor c = at::empty(t.sizes(), t.options());
+  std::memcpy(c.mutable_data_ptr(), t.const_data_ptr(), static_cast<size_t>(t.numel()) * t.element_size());
+  return c;
+}
+
+at::Tensor scalar_like(double value, const at::Tensor& like) {
+  at::Tensor s = at::empty({}, like.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "scalar_like", [&] {
+    *s.mutable_data_ptr<scalar_t>() = static_cast<scalar_t>(value);
+  });
+  return s;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> power_iteration_cpu(
     const at::Tensor& weight, at::Tensor& u, at::Tensor& v, int64_t n_power_iterations, double eps,
     bool add_rule, bool u_first) {
@@ -312,7 +331,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> power_iteration_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, W.scalar_type(), "spectral_power_iteration_cpu", [&] {
     sigma = run_cpu<scalar_t>(W, u, v, n_power_iterations, eps, add_rule, u_first);
   });
-  return {at::scalar_tensor(sigma, weight.options()), u.clone(), v.clone()};
+  return {scalar_like(sigma, weight), copy_vector(u), copy_vector(v)};
 }
 
 // The iteration is a constant for autograd (u and v are not differentiated, SPEC.md): below
@@ -353,15 +372,17 @@ at::Tensor from_matrix(const at::Tensor& mat, const at::Tensor& like, int64_t di
 // weight / sigma as weight * (1 / sigma): one rounding more than a division (<= 1 ulp apart),
 // and a vector division is compute-bound on CPUs (a 512 KB weight: 23 us against ~5 us).
 at::Tensor scale_by_inverse(const at::Tensor& weight, const at::Tensor& sigma, const std::optional<at::Tensor>& out) {
-  const at::Tensor inv = sigma.reciprocal();
   if (weight.device().is_cpu() && weight.scalar_type() == at::kFloat && weight.dim() >= 1 && weight.is_contiguous()
+      && sigma.device().is_cpu() && sigma.scalar_type() == at::kFloat
       && (!out.has_value() || (out->is_contiguous() && out->sizes() == weight.sizes()))) {
-    at::Tensor o = out.has_value() ? *out : at::empty_like(weight);
+    at::Tensor o = out.has_value() ? *out : at::empty(weight.sizes(), weight.options());
     const int64_t h = weight.size(0);
-    scale_rows_f32(weight.const_data_ptr<float>(), o.mutable_data_ptr<float>(), h, h ? weight.numel() / h : 0,
-                   inv.item<float>());
+    // 1 / sigma rounded to fp32 once, as sigma.reciprocal() would give it
+    const float inv = 1.0f / *sigma.const_data_ptr<float>();
+    scale_rows_f32(weight.const_data_ptr<float>(), o.mutable_data_ptr<float>(), h, h ? weight.numel() / h : 0, inv);
     return o;
   }
+  const at::Tensor inv = sigma.reciprocal();
   if (!out.has_value()) return weight * inv;
   at::Tensor o = *out;
   return at::mul_out(o, weight, inv);

@@ -224,6 +224,7 @@ class _Sigma(torch.autograd.Function):
 
 
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+_torch_function_mode_enabled = torch._C._is_torch_function_mode_enabled
 
 
 def spectral_weight(weight: Tensor, u: Tensor, v: Tensor, dim: int, n_power_iterations: int, eps: float,
@@ -234,15 +235,15 @@ def spectral_weight(weight: Tensor, u: Tensor, v: Tensor, dim: int, n_power_iter
     Eager with the extension: one C++ call (``_C.spectral_weight``: the op, then the C++ twin of
     ``_DivideBySigma``). Under torch.compile: the op plus plain torch ops. Without the extension
     or for other dtypes: torch ops throughout."""
-    compiling = torch.compiler.is_compiling()
-    if compiling or weight.dtype not in KERNEL_DTYPES:
+    if torch.compiler.is_compiling() or weight.dtype not in KERNEL_DTYPES:
         mat = as_matrix(weight, dim)
         _, u_c, v_c = iterate_(mat, u, v, n_power_iterations, eps, add_rule, u_first)
         return weight / torch.vdot(u_c, torch.mv(mat, v_c))
     out = pool.take(weight) if pool is not None and OutputPool.usable_for(weight) else None
-    # the C++ call skips Python-level __torch_function__ handling: plain tensors only
-    if (_use_kernel(weight) and type(weight) in _PLAIN_TYPES and type(u) in _PLAIN_TYPES
-            and type(v) in _PLAIN_TYPES and not torch._C._is_torch_function_mode_enabled()):
+    # The C++ call skips Python-level __torch_function__ handling: plain tensors only. The cheap
+    # tests come first: for a small weight this Python is a good part of the whole call.
+    if (type(weight) in _PLAIN_TYPES and type(u) in _PLAIN_TYPES and type(v) in _PLAIN_TYPES
+            and not _torch_function_mode_enabled() and _use_kernel(weight)):
         return _C.spectral_weight(weight, u, v, dim, n_power_iterations, eps, add_rule, u_first, out)
     sigma, u_c, v_c = iterate_(as_matrix(weight, dim), u, v, n_power_iterations, eps, add_rule, u_first)
     if weight.requires_grad and torch.is_grad_enabled():

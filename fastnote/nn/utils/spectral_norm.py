@@ -37,12 +37,20 @@ class SpectralNorm(_torch_sn.SpectralNorm):
         super().__init__(name, n_power_iterations, dim, eps)
         self._pool = _pi.OutputPool()
 
+    def _tensors(self, module: nn.Module):
+        # straight from the module's dicts (what Module.__getattr__ would find, several times
+        # cheaper per call); getattr covers anything unusual, e.g. a subclass's property
+        name = self.name
+        try:
+            return (module._parameters[name + "_orig"], module._buffers[name + "_u"],
+                    module._buffers[name + "_v"])
+        except KeyError:
+            return getattr(module, name + "_orig"), getattr(module, name + "_u"), getattr(module, name + "_v")
+
     def _weight(self, module: nn.Module, do_power_iteration: bool, pool) -> torch.Tensor:
-        return _pi.spectral_weight(
-            getattr(module, self.name + "_orig"), getattr(module, self.name + "_u"),
-            getattr(module, self.name + "_v"), self.dim,
-            self.n_power_iterations if do_power_iteration else 0, self.eps,
-            add_rule=False, u_first=False, pool=pool)
+        weight, u, v = self._tensors(module)
+        return _pi.spectral_weight(weight, u, v, self.dim, self.n_power_iterations if do_power_iteration else 0,
+                                   self.eps, False, False, pool)
 
     def compute_weight(self, module: nn.Module, do_power_iteration: bool) -> torch.Tensor:
         # a fresh tensor: callers other than the hook (remove, user code) keep what they get
