@@ -5,14 +5,20 @@ made by the public ops, forward and backward, in fp32, fp16 and bf16, at shapes 
 tile configurations real models get, is captured instead of run, then compiled by Triton's own
 compiler (ptxas included). The interpreter accepts things the compiler rejects (tl.dot on tiles
 under 16, some layouts), so this is what keeps a CPU-only CI honest about the GPU build.
-Prints "compiled <variants> variants of <kernels> kernels".
+Prints "compiled <variants> variants of <kernels> kernels"; with ``--report``, first one line per
+variant with its registers per thread and spill bytes (ptxas -v), the numbers to tune tiles by.
 """
 import os
+import re
+import subprocess
+import sys
+import tempfile
 
 os.environ.pop("TRITON_INTERPRET", None)
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
@@ -55,8 +61,35 @@ def compile_launch(fn, args, kwargs):
             signature[p.name] = _arg_type(v)
     key = (fn.fn.__qualname__, tuple(sorted(signature.items())), repr(sorted(constexprs.items())),
            tuple(sorted(options.items())))
-    triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=TARGET, options=options)
+    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=TARGET,
+                              options=options)
+    if REPORT:
+        _report(fn, constexprs, signature, options, compiled)
     return key
+
+
+REPORT = "--report" in sys.argv
+_reported = set()
+
+
+def _report(fn, constexprs, signature, options, compiled):
+    """One line per variant: registers per thread and spill bytes of the cubin Triton built."""
+    cuobjdump = os.path.join(os.path.dirname(get_ptxas(90).path), "cuobjdump")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        out = subprocess.run([cuobjdump, "--dump-resource-usage", path], capture_output=True, text=True).stdout
+    regs = re.search(r"REG:(\d+)", out)
+    stack = re.search(r"STACK:(\d+)", out)
+    names = [p.name for p in fn.params]
+    consts = {names[i[0]]: v for i, v in constexprs.items() if v is not None and not isinstance(v, bool)}
+    dtypes = sorted({t for t in signature.values() if t.startswith("*fp") or t.startswith("*bf")})
+    line = (f"{fn.fn.__qualname__:<28} {','.join(dtypes):<16} warps={options.get('num_warps', 4)} "
+            f"regs={regs.group(1) if regs else '?':>3} stack={stack.group(1) if stack else '?':>5}  {consts}")
+    if line not in _reported:
+        _reported.add(line)
+        print(line)
 
 
 def _grad(*tensors):
@@ -73,8 +106,8 @@ def run_ops(dtype):
     for act, gate in (("relu", "hard_sigmoid"), ("silu", "sigmoid"), ("hard_swish", "hard_sigmoid")):
         fastnote.hswish_se(x, w1, b1, w2, b2, act, gate).float().sum().backward()
     fastnote.squeeze_excitation(x, w1, b1, w2, b2).float().sum().backward()
-    # Swin: windows 7 (one tile per window), 12 (tiled), 3; heads 3, head_dim 32 and 16
-    for n, d, nW, imgs in ((49, 32, 64, 8), (144, 32, 16, 2), (9, 16, 4, 2)):
+    # Swin: windows 7 (one tile per window), 12 (tiled), 3, 8; heads 3, head_dim 32, 16, 64, 128
+    for n, d, nW, imgs in ((49, 32, 64, 8), (144, 32, 16, 2), (9, 16, 4, 2), (49, 64, 16, 2), (64, 128, 4, 2)):
         q, k, v, bias = _grad(*(torch.randn(imgs * nW, 3, n, d, dtype=dtype) for _ in range(3)),
                               torch.randn(3, n, n, dtype=dtype))
         fastnote.window_attention(q, k, v, bias, torch.zeros(nW, n, n, dtype=dtype)).float().sum().backward()

@@ -41,6 +41,8 @@ CORE_CASES = [
     (2, 5, 64, 32, 1, True, True),
     (2, 1, 65, 16, 2, True, True),   # just past one tile: the online-softmax / atomic path
     (2, 1, 144, 32, 1, True, True),  # window 12
+    (2, 1, 49, 64, 1, True, True),   # wide head in fp32: 32 x 32 tiles, online-softmax path
+    (2, 2, 20, 128, 2, True, True),  # head_dim 128: one 32 x 32 tile per window
 ]
 
 
@@ -419,6 +421,7 @@ BLOCK_CASES = [
     (1, 9, 9, 32, 2, 7, 0, False),    # padding, no qkv bias: padded tokens are zeros
     (1, 5, 6, 16, 1, 3, 1, False),
     (1, 13, 12, 32, 1, 12, 6, True),  # window 12 (N = 144): tiled path
+    (1, 9, 9, 128, 1, 7, 3, True),    # head_dim 128: 32 x 32 tiles in the fused layout
 ]
 
 

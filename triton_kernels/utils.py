@@ -1,6 +1,8 @@
 """Launch helpers shared by the kernels."""
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -29,8 +31,11 @@ def dot_switches(dtype: torch.dtype, device: torch.device) -> dict:
     return {
         # input_precision only means something for fp32 operands; half ones take the default.
         "PRECISION": dot_precision() if dtype == torch.float32 else None,
-        # CPU tensors reach the kernels only through the interpreter.
-        "UPCAST": dtype == torch.bfloat16 and device.type == "cpu",
+        # Only the interpreter needs it. Keyed on the interpreter itself, not only on CPU tensors,
+        # so that compiling launches captured from CPU tensors (tests/aot_compile.py) builds the
+        # kernels a GPU runs, native bf16 dots included.
+        "UPCAST": dtype == torch.bfloat16 and device.type == "cpu"
+                  and os.environ.get("TRITON_INTERPRET", "0") == "1",
     }
 
 

@@ -327,13 +327,25 @@ def _bwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, bias_ptr, mask_ptr,
 # here. ``geometry`` = (num_windows, N, nW, nWw, H, W, Hp, Wp, shift, C, window_size).
 # ------------------------------------------------------------------------------------------------
 
-def blocks(N: int, d: int):
-    """(BLOCK_M, BLOCK_N, BLOCK_D, single_tile)."""
+def blocks(N: int, d: int, dtype: torch.dtype):
+    """(BLOCK_M, BLOCK_N, BLOCK_D, single_tile).
+
+    64x64 tiles, except for wide heads, where the sm_90 build (Triton 3.9's compiler and ptxas)
+    spills heavily with them: head_dim 128 in fp16/bf16 (backward 776 bytes of stack per thread,
+    forward 48) takes 32x32 tiles (144 and 0 bytes); fp32 with head_dim >= 64 (exact fp32 dots
+    on the FMA units; backward 6.7 KB at 64 and 9.6 KB at 128) takes 16x16 tiles (32 bytes and
+    856). Chosen from that report (tests/aot_compile.py --report), not from timings. Swin's
+    head_dim is 32 in every size, which keeps the 64x64 tiles."""
     bd = max(16, next_pow2(d))
     bn = max(16, next_pow2(N))
-    if bn <= SINGLE_TILE_MAX_N:
+    tile = TILE
+    if dtype == torch.float32 and bd >= 64:
+        tile = 16
+    elif bd >= 128:
+        tile = 32
+    if bn <= min(SINGLE_TILE_MAX_N, tile):
         return bn, bn, bd, True
-    return TILE, TILE, bd, False
+    return tile, tile, bd, False
 
 
 def forward_group(num_images: int, nW: int, heads: int, N: int) -> int:
@@ -365,7 +377,7 @@ def _fwd(q, k, v, qs, ks, vs, o, os_, lse, bias, mask, qkv_bias, geometry, heads
     num_windows, N, nW, nWw, H, W, Hp, Wp, shift, C, ws = geometry
     if num_windows == 0 or N == 0:
         return
-    bm, bn, bd, single = blocks(N, d)
+    bm, bn, bd, single = blocks(N, d, q.dtype)
     num_images = num_windows // nW
     group = forward_group(num_images, nW, heads, N)
     grid = (triton.cdiv(num_images, group) * nW * heads, triton.cdiv(N, bm))
@@ -387,7 +399,7 @@ def _bwd(q, k, v, qs, ks, vs, o, do, os_, lse, bias, bias_grad, mask, qkv_bias, 
          dqkv_bias, geometry, heads, d, scale, mask_value, fused, has_mask):
     """Returns the fp32 bias-gradient partials [slots, heads, N, N] (or None)."""
     num_windows, N, nW, nWw, H, W, Hp, Wp, shift, C, ws = geometry
-    bm, bn, bd, single = blocks(N, d)
+    bm, bn, bd, single = blocks(N, d, q.dtype)
     num_images = num_windows // nW
     group = backward_group(num_images, nW, heads, N, d)
     n_groups = triton.cdiv(num_images, group) * nW   # programs per head
@@ -439,7 +451,7 @@ def backward(do, q, k, v, out, lse, bias, bias_grad: bool, mask, scale: float, d
     """Core layout; do and out contiguous like ``out``; dq, dk, dv contiguous [B_, heads, N, d].
     Returns the fp32 dbias [heads, N, N] (or None)."""
     _, heads, N, d = q.shape
-    single = blocks(N, d)[3]
+    single = blocks(N, d, q.dtype)[3]
     dq_buf = dq if single else torch.zeros(dq.shape, dtype=torch.float32, device=dq.device)
     partial = _bwd(q, k, v, _strides(q), _strides(k), _strides(v), out, do, _strides(out), lse, bias,
                    bias_grad, mask, None, dq_buf, _strides(dq_buf), dk, dv, _strides(dk), None,
@@ -478,7 +490,7 @@ def fused_backward(do, qkv, qkv_bias, bias, bias_grad: bool, out, lse, window_si
     C = geometry[9]
     N = geometry[1]
     d = C // heads
-    single = blocks(N, d)[3]
+    single = blocks(N, d, qkv.dtype)[3]
     qs = (0, d, 3 * C)
     if single:
         dq_buf, dqs = dqkv, qs
