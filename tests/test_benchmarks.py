@@ -20,6 +20,8 @@ EXPECTED = {
     "hard_swish": {"eager", "fastnote"},
     "hard_sigmoid": {"eager", "fastnote"},
     "hswish_se": {"eager", "fastnote"},
+    "spectral_norm": {"torch hook", "fastnote hook", "torch parametrization", "fastnote parametrization"},
+    "sagan_discriminator": {"torch hook", "fastnote hook", "torch parametrization", "fastnote parametrization"},
 }
 PARITY_OPS = ["hard_swish", "hard_sigmoid", "squeeze_excitation", "hswish_se"]
 
