@@ -744,6 +744,11 @@ def parser(description: str = "") -> argparse.ArgumentParser:
     p.add_argument("--dtypes", help="comma list of fp32,fp16,bf16")
     p.add_argument("--providers", help="comma list of provider names")
     p.add_argument("--compile", action="store_true", help="run torch.compile providers in smoke mode too")
+    p.add_argument("--no-compile", action="store_true",
+                   help="skip the torch.compile providers (their compilation dominates a short GPU run)")
+    p.add_argument("--quick", action="store_true",
+                   help="only each benchmark's first case per dtype (a GPU run on a short budget); "
+                        "results go to a folder named <device>-quick")
     p.add_argument("--repeats", type=int, help="timed calls per measurement on the CPU")
     p.add_argument("--peak-gbps", type=float, help="nominal memory bandwidth for the %% of peak rows")
     p.add_argument("--peak-tflops", type=float, help="nominal compute peak for the %% of peak rows")
@@ -781,6 +786,8 @@ def main(benchmarks: Sequence[Benchmark], argv: Optional[Sequence[str]] = None) 
         else:
             gpu = cpu_name()
             slug = "cpu-smoke" if smoke else "cpu-" + slugify(gpu)
+        if args.quick and not smoke:
+            slug += "-quick"   # a subset of the cases: never overwrites a full run's CSV
         out_root = args.out
         if out_root is None:
             if smoke:
@@ -805,7 +812,13 @@ def main(benchmarks: Sequence[Benchmark], argv: Optional[Sequence[str]] = None) 
         if dtypes_wanted:
             cases = [c for c in cases if c.config.get("dtype") in (None, *dtypes_wanted)]
         modes = [m for m in bench.modes if not modes_wanted or m in modes_wanted]
-        providers = [p for p in bench.providers if not providers_wanted or p.name in providers_wanted]
+        providers = [p for p in bench.providers if (not providers_wanted or p.name in providers_wanted)
+                     and not (args.no_compile and p.compile)]
+        if args.quick and not smoke:
+            firsts = {}
+            for c in cases:
+                firsts.setdefault(c.config.get("dtype"), c)
+            cases = list(firsts.values())
 
         how = ("smoke (tiny shapes, one timed call, no memory)" if smoke else
                f"CPU, median of {run.repeats} calls" if cpu_timing else "triton.testing.do_bench")

@@ -137,7 +137,10 @@ def render(by_device) -> str:
         first = rows[0]
         versions = sorted({(r["torch"], r["triton"], r["fastnote_commit"]) for r in rows})
         desc = "; ".join(f"torch {t}, triton {tr}, commit {c}" for t, tr, c in versions)
-        out.append(f"#### {first['gpu']} ({desc})")
+        quick = ""
+        if device.endswith("-quick"):
+            quick = " -- quick run: each benchmark's first case per dtype, no torch.compile"
+        out.append(f"#### {first['gpu']} ({desc}){quick}")
         out.append("")
         if copy:
             out.append(f"Measured copy bandwidth: {_float(copy[0]['p50']):.0f} GB/s.")

@@ -12,7 +12,9 @@ Providers, all on the same q [B, C/8, N], k [B, C/8, N_k], v [B, C, N_k], x [B, 
 
 Shapes: SAGAN's attention layers at batch 64 -- generator 64x64 (N = 4096, C = 64) and 32x32
 (C = 128), discriminator 32x32 (C = 256) and 16x16 (C = 512) -- plus a 128x128 map (N = 16384,
-C = 64) at batch 8, where eager's fp32 attention map alone is 8.6 GB; bf16 and fp32.
+C = 64) at batch 64 too, where eager's fp32 energy and attention maps are 69 GB each (more than an
+H200's 139 GB together, so eager is expected to run out of memory there; bf16 34 GB each); bf16 and
+fp32.
 
 FLOP model (matmuls only; softmax, exp and the recomputation in backward not counted):
   fwd   2 * B * N * N_k * (d_qk + d_v)          q^T k and v P^T
@@ -36,7 +38,7 @@ LAYERS = [
     ("G 32x32", 128, 32 * 32, 32 * 32, BATCH),
     ("D 32x32", 256, 32 * 32, 32 * 32, BATCH),
     ("D 16x16", 512, 16 * 16, 16 * 16, BATCH),
-    ("128x128", 64, 128 * 128, 128 * 128, 8),
+    ("128x128", 64, 128 * 128, 128 * 128, BATCH),   # eager needs two [B, N, N] maps: 137 GB in fp32
 ]
 SMOKE_LAYERS = [("smoke", 16, 7 * 7, 7 * 7, 2), ("smoke pooled", 24, 6 * 6, 3 * 3, 1)]
 
