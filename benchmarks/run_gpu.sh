@@ -5,7 +5,7 @@
 #
 #   bash benchmarks/run_gpu.sh [quick|all|tests|bench|parity] [arguments for run_all.py, e.g. --only window_attention]
 #
-# quick: for a short device budget (one command of about 8 minutes): the gpu-marked tests (fp16/bf16
+# quick: for a short GPU budget (each step capped at STEP_TIMEOUT): the gpu-marked tests (fp16/bf16
 #   parity of every kernel, the CUDA power iteration), each benchmark's headline case per dtype
 #   without the torch.compile providers (run_all.py --quick --no-compile), the parity report.
 # all / tests / bench / parity: the whole suite, every benchmark case and provider (longer than one
