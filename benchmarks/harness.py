@@ -586,28 +586,29 @@ def _run_case_interleaved(bench, run, case, inputs, leaves, providers, modes):
                 failures += 1
                 traceback.print_exc()
                 del exc
+        def call(name) -> bool:
+            """One call of provider ``name``; a failure records its note and drops it."""
+            nonlocal failures
+            try:
+                fns[name]()
+                return True
+            except Exception as exc:
+                mode_notes[name] = _setup_note(exc)
+                failures += 1
+                traceback.print_exc()
+                del fns[name], exc
+                return False
+
         for _ in range(run.warmup):
             for name in list(fns):
-                try:
-                    fns[name]()
-                except Exception as exc:
-                    mode_notes[name] = _setup_note(exc)
-                    failures += 1
-                    traceback.print_exc()
-                    del fns[name], exc
+                call(name)
         samples: Dict[str, List[float]] = {name: [] for name in fns}
-        while fns and any(len(t) < run.repeats for t in samples.values()):
+        while any(len(samples[name]) < run.repeats for name in fns):
             for name in list(fns):
                 for _ in range(CPU_ROUND):
                     _clear_grads(leaves)
                     t0 = time.perf_counter()
-                    try:
-                        fns[name]()
-                    except Exception as exc:
-                        mode_notes[name] = _setup_note(exc)
-                        failures += 1
-                        traceback.print_exc()
-                        del fns[name], exc
+                    if not call(name):
                         break
                     samples[name].append((time.perf_counter() - t0) * 1e3)
         _clear_grads(leaves)
