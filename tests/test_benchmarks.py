@@ -179,3 +179,40 @@ def test_harness_gpu_rows_with_a_stand_in_timer(tmp_path, monkeypatch):
     with open(path, newline="") as f:
         assert next(csv.reader(f)) == COLUMNS
     assert harness.plot(bench, rows, str(tmp_path))
+
+
+def test_interleaved_cpu_timing_survives_a_failing_provider(tmp_path):
+    """Real CPU timings take turns between providers; one that raises mid-run gets NaN rows and a
+    note, the others their full sample count, and the script exits 1 (it does not wait forever
+    for the failed provider's samples)."""
+    sys.path.insert(0, BENCH)
+    try:
+        import harness
+    finally:
+        sys.path.remove(BENCH)
+    calls = {"good": 0, "bad": 0}
+
+    def provider(name, fail_after):
+        def setup(inputs, case):
+            def fn():
+                calls[name] += 1
+                if calls[name] > fail_after:
+                    raise RuntimeError("fails on purpose")
+            return fn
+        return harness.Provider(name, setup)
+
+    bench = harness.Benchmark(
+        op="interleave_check", make_inputs=lambda case, device: {},
+        providers=[provider("good", 10 ** 9), provider("bad", 7)],
+        cases=[harness.Case("x", 1, {"dtype": "fp32"})], smoke_cases=[], modes=("fwd",),
+        device="cpu", cpu_real=True, cpu_warmup=2, cpu_repeats=20)
+    with pytest.raises(SystemExit) as exited:
+        harness.main([bench], ["--out", str(tmp_path), "--no-plot"])
+    assert exited.value.code == 1
+    assert calls["good"] == 2 + 20 and calls["bad"] == 8
+    (path,) = tmp_path.glob("*/interleave_check.csv")
+    with open(path, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["metric"] == "time"]
+    by = {r["provider"]: r for r in rows}
+    assert math.isfinite(float(by["good"]["p50"])) and math.isnan(float(by["bad"]["p50"]))
+    assert "fails on purpose" in json.loads(by["bad"]["config"])["note"]
