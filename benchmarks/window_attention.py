@@ -14,13 +14,16 @@ Shapes: Swin-T (224x224, window 7, shift 3; x axis = stage 1..4: 56x56 C=96 3 he
 Bytes model (minimum traffic). Core, T = B*nW * heads * N * d * itemsize (bias and mask, at most
 ``nW*N*N``, are small next to T and ignored):
   fwd   reads q, k, v, writes o                                  4T
-  bwd   reads q, k, v, o, do, writes dq, dk, dv                  8T
-  both                                                           12T
+  bwd   reads q, k, v, do, writes dq, dk, dv                     7T
+        (softmax's backward needs rowsum(P * dP), which equals rowsum(O * dO); the kernel takes
+        the first from registers when one tile holds a whole row, N <= 64, and reads O, 8T, only
+        for larger N)
+  both                                                           11T
 Block, X = B*H*W*C*itemsize (the unfused parts are GEMMs that each read and write their operands):
   fwd   qkv Linear reads x writes qkv (1+3), attention reads qkv writes o (3+1), proj (1+1)   10X
-  bwd   proj (dy, o -> do: 3), attention (qkv, o, do -> dqkv: 8), qkv Linear (dqkv twice,
-        x -> dx: 8)                                                                          19X
-  both                                                                                      29X
+  bwd   proj (dy, o -> do: 3), attention (qkv, do -> dqkv: 7), qkv Linear (dqkv twice,
+        x -> dx: 8)                                                                          18X
+  both                                                                                      28X
 FLOPs (core): fwd 4 * B*nW*heads*N^2*d, bwd 10 * B*nW*heads*N^2*d (the scores are recomputed).
 
     python benchmarks/window_attention.py [--smoke] [--out DIR] [--modes fwd,bwd,both] [--dtypes bf16,fp16]
@@ -102,7 +105,7 @@ def _core_provider(fn):
 def core_bytes(case, mode):
     nW, N, d = _geometry(case.config)
     T = case.config["B"] * nW * case.config["heads"] * N * d * case.itemsize
-    return {"fwd": 4, "bwd": 8, "both": 12}[mode] * T
+    return {"fwd": 4, "bwd": 7, "both": 11}[mode] * T
 
 
 def core_flops(case, mode):
@@ -174,7 +177,7 @@ def fastnote_block(all_inputs, case):
 def block_bytes(case, mode):
     cfg = case.config
     X = cfg["B"] * cfg["H"] * cfg["W"] * cfg["C"] * case.itemsize
-    return {"fwd": 10, "bwd": 19, "both": 29}[mode] * X
+    return {"fwd": 10, "bwd": 18, "both": 28}[mode] * X
 
 
 CASES = _cases([SWIN_T, SWIN_B_384], ["bf16", "fp16"])

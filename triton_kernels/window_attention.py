@@ -18,8 +18,8 @@ fused  the Swin block: ``qkv`` ``[B, H, W, 3C]`` as a plain Linear over ``x`` wr
 Programs and tiles. ``N`` and ``d`` are padded in registers (masked loads) to powers of two >= 16,
 as ``tl.dot`` needs. For ``N <= 64`` (windows 7 and 8) a program holds the full ``N x N`` score tile
 of one (window, head) and one pass does everything (exact softmax over the row). For larger ``N``
-(window 12: N = 144, up to 256) tiles are 64 x 64 and the forward runs an online softmax over key
-blocks, one program per (window, head, query block) in the forward. A program takes one head ``h``,
+(window 12: N = 144, up to 256) tiles are 64 x 64 (narrower for wide heads: ``blocks``) and the
+forward runs an online softmax over key blocks, one program per (window, head, query block). A program takes one head ``h``,
 one window place ``j`` in the image (``w % nW``) and ``GROUP`` images: bias[h] and mask[j] (or, fused,
 the region labels of place j) are the same for all its windows, so with one tile per window the
 additive ``(bias + mask) * log2(e)`` tile is built once per program and kept in registers. Heads
@@ -29,9 +29,10 @@ write.
 
 Launch: 8 warps for 64 x 64 tiles (4 below), ``num_stages=1`` (the key loop has one iteration for
 N <= 64, so software pipelining only costs registers). Compiled offline for sm_90 with Triton 3.9
-(``ptxas -v``), the N <= 64 tiles use up to ~255 registers per thread, with no or small spills for
-d = 32 (bias and the core-layout mask loads are what push the forward from ~110 to ~250): the
-first thing to tune on a GPU is occupancy (warps, GROUP) against these numbers.
+(``python tests/aot_compile.py --report``: registers and stack of each cubin), at head_dim 32 the
+fp16/bf16 forward uses 128-196 registers per thread without spilling and the backward 234-255,
+spilling in the fused layout only (224 bytes of stack per thread): the first thing to tune
+on a GPU is occupancy (warps, GROUP) against these numbers.
 
 Saved for backward: the per-row log-sum-exp only (base 2, ``[B*nW, heads, N]`` fp32); the
 ``N x N`` probabilities are recomputed.
@@ -57,7 +58,11 @@ Bytes model (minimum traffic, T = B*nW * heads * N * d * itemsize; bias ``heads*
 ``nW*N*N`` are small and come from L2; with one tile per window a program loads its head's bias
 tile once for all its windows):
     forward   reads q, k, v, writes o                         4T (+ lse: 4 bytes per row)
-    backward  reads q, k, v, o, do (+ lse), writes dq, dk, dv  8T (+ dbias partials, see above)
+    backward  reads q, k, v, do (+ lse), writes dq, dk, dv     7T (+ dbias partials, see above)
+              softmax's backward needs delta = rowsum(P * dP) per query row, which equals
+              rowsum(O * dO). With one tile per window (N <= 64) the program has the whole row of
+              P and dP in registers and takes the first (the form autograd itself uses), so O is
+              never read; for larger N it reads O: 8T.
 Eager PyTorch writes and reads the ``[B*nW, heads, N, N]`` scores several times over (N/d = 1.5
 times T per pass at N=49, d=32), and the Swin block adds rolled and partitioned copies of x and
 of the attention output, which the fused layout never writes.
@@ -274,8 +279,10 @@ def _bwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, bias_ptr, mask_ptr,
                         q = _with_pad_value(q, rows < N, in_q, qkvb_ptr, h * D, cols_d, d_ok, HAS_QKV_BIAS)
                     # Cropped (padded) query tokens have no output, so do = 0 there and they add nothing.
                     do = _load_rows(do_ptr, w, h, tok_q, in_q, cols_d, d_ok, so_b, so_h, so_n)
-                    o = _load_rows(o_ptr, w, h, tok_q, in_q, cols_d, d_ok, so_b, so_h, so_n)
-                    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+                    if not SINGLE:
+                        # delta = rowsum(P * dP) = rowsum(O * dO): the row's keys span several tiles
+                        o = _load_rows(o_ptr, w, h, tok_q, in_q, cols_d, d_ok, so_b, so_h, so_n)
+                        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
                     lse = tl.load(lse_ptr + lse_base + rows, mask=rows < N, other=0.0)
                     if not SINGLE:
                         add = _additive(bias_ptr, mask_ptr, h, j, rows, cols, lab_q, lab_k, N, mask_value,
@@ -285,6 +292,10 @@ def _bwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, bias_ptr, mask_ptr,
                     p = tl.where(tile_ok, tl.exp2(s - lse[:, None]), 0.0)
                     dv_acc += dot(tl.trans(p.to(do.dtype)), do, PRECISION, UPCAST)
                     dp = dot(do, tl.trans(v), PRECISION, UPCAST)
+                    if SINGLE:
+                        # the whole row is in this tile: softmax's backward as autograd has it,
+                        # rowsum(P * dP), without reading O (one tensor less to load)
+                        delta = tl.sum(p * dp, axis=1)
                     ds = p * (dp - delta[:, None])
                     dk_acc += dot(tl.trans(ds.to(q.dtype)), q, PRECISION, UPCAST)
                     dq = dot(ds.to(k.dtype), k, PRECISION, UPCAST) * scale
