@@ -31,7 +31,9 @@ Launch: 8 warps for 64 x 64 tiles (4 below), ``num_stages=1`` (the key loop has 
 N <= 64, so software pipelining only costs registers). Compiled offline for sm_90 with Triton 3.9
 (``python tests/aot_compile.py --report``: registers and stack of each cubin), at head_dim 32 the
 fp16/bf16 forward uses 128-196 registers per thread without spilling and the backward 234-255,
-spilling in the fused layout only (224 bytes of stack per thread): the first thing to tune
+spilling in the fused layout only: 328 bytes of stack per thread at Swin-T stage 1's GROUP = 15,
+224 of which go away without the dbias accumulator (measured by removing it; the alternative to
+time is a per-window ``tl.atomic_add`` into the program's own partial slot): the first thing to tune
 on a GPU is occupancy (warps, GROUP) against these numbers.
 
 Saved for backward: the per-row log-sum-exp only (base 2, ``[B*nW, heads, N]`` fp32); the
