@@ -16,18 +16,16 @@ fused  the Swin block: ``qkv`` ``[B, H, W, 3C]`` as a plain Linear over ``x`` wr
        padded coordinate, and pairs with different ids get ``mask_value`` (-100.0 as in Swin).
 
 Programs and tiles. ``N`` and ``d`` are padded in registers (masked loads) to powers of two >= 16,
-as ``tl.dot`` needs. For ``N <= 64`` (windows 7 and 8; for wide heads ``N`` up to the narrower
-tile, see ``blocks``) a program holds the full ``N x N`` score tile
-of one (window, head) and one pass does everything (exact softmax over the row). For larger ``N``
-(window 12: N = 144, up to 256) tiles are 64 x 64 (narrower for wide heads: ``blocks``) and the
-forward runs an online softmax over key blocks, one program per (window, head, query block). A
-program takes one head ``h``, one window place ``j`` in the image (``w % nW``) and ``GROUP``
-images: bias[h] and mask[j] (or, fused, the region labels of place j) are the same for all its
-windows, so with one tile per window the additive ``(bias + mask) * log2(e)`` tile is built once
-per program and kept in registers. Heads
-vary fastest across programs, so neighbouring programs read the same qkv rows. ``GROUP`` is chosen
-to leave ~1024 programs (8 per SM on an H100), and in the backward it also amortises the dbias
-write.
+as ``tl.dot`` needs. For ``N <= 64`` (windows 7 and 8; for wide heads ``N`` up to the narrower tile,
+see ``blocks``) a program holds the full ``N x N`` score tile of one (window, head) and one pass
+does everything (exact softmax over the row). For larger ``N`` (window 12: N = 144, up to 256) tiles
+are 64 x 64 (narrower for wide heads: ``blocks``) and the forward runs an online softmax over key
+blocks, one program per (window, head, query block). A program takes one head ``h``, one window
+place ``j`` in the image (``w % nW``) and ``GROUP`` images: bias[h] and mask[j] (or, fused, the
+region labels of place j) are the same for all its windows, so with one tile per window the additive
+``(bias + mask) * log2(e)`` tile is built once per program and kept in registers. Heads vary fastest
+across programs, so neighbouring programs read the same qkv rows. ``GROUP`` is chosen to leave ~1024
+programs (8 per SM on an H100), and in the backward it also amortises the dbias write.
 
 Launch: 8 warps for 64 x 64 tiles (4 below), ``num_stages=1`` (the key loop has one iteration for
 N <= 64, so software pipelining only costs registers). Compiled offline for sm_90 with Triton 3.9
