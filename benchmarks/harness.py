@@ -620,7 +620,6 @@ def _run_case_interleaved(bench, run, case, inputs, leaves, providers, modes):
             new = _rows(bench, run, case, p.name, mode, times, None, note)
             rows += new
             _print_result(bench, p.name, mode, case, new, note)
-        del fns
     del made
     _clear_grads(leaves)
     return rows, failures

@@ -734,7 +734,8 @@ GPU_SHAPES = [(1, 8192), (64, 48), (128, 1024), (512, 4096), (1536, 13824), (300
 @needs_ext
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=[f"{h}x{w}" for h, w in GPU_SHAPES])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("n,u_first,add_rule", [(0, False, False), (1, False, False), (3, True, False), (2, False, True)])
+@pytest.mark.parametrize("n,u_first,add_rule",
+                         [(0, False, False), (1, False, False), (3, True, False), (2, False, True)])
 def test_cuda_kernel_matches_cpu(shape, dtype, n, u_first, add_rule):
     W = torch.randn(shape, dtype=dtype)
     u = F.normalize(torch.randn(shape[0]), dim=0).to(dtype)

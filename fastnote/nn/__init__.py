@@ -6,4 +6,5 @@ from .spectral_norm import SpectralNorm
 from .squeeze_excitation import SqueezeExcitation
 from .window_attention import ShiftedWindowAttention, WindowAttention
 
-__all__ = ["utils", "Hardsigmoid", "Hardswish", "SelfAttention", "SpectralNorm", "SqueezeExcitation", "ShiftedWindowAttention", "WindowAttention"]
+__all__ = ["utils", "Hardsigmoid", "Hardswish", "SelfAttention", "SpectralNorm", "SqueezeExcitation",
+           "ShiftedWindowAttention", "WindowAttention"]
