@@ -467,6 +467,11 @@ def _describe(case: Case) -> str:
     return f"{case.x_name}={case.x_value} [{cfg}]"
 
 
+def _setup_note(exc: BaseException) -> str:
+    """The note a failed provider's rows carry."""
+    return "OOM" if _is_oom(exc) else f"{type(exc).__name__}: {exc}"[:300]
+
+
 def run_benchmark(bench: Benchmark, run: _Run, cases, modes, providers, with_compile: bool):
     """Rows of every (case, provider, mode); returns (rows, failures)."""
     rows: List[dict] = []
@@ -515,7 +520,7 @@ def run_benchmark(bench: Benchmark, run: _Run, cases, modes, providers, with_com
                     torch._dynamo.reset()
                     made = torch.compile(made, dynamic=False)
             except Exception as exc:
-                setup_note = "OOM" if _is_oom(exc) else f"{type(exc).__name__}: {exc}"[:300]
+                setup_note = _setup_note(exc)
                 if setup_note != "OOM":
                     failures += 1
                     traceback.print_exc()
@@ -530,7 +535,7 @@ def run_benchmark(bench: Benchmark, run: _Run, cases, modes, providers, with_com
                         print(f"  {bench.op:<14} {p.name:<14} {mode:<4} {_describe(case)}: n/a ({exc})")
                         continue
                     except Exception as exc:
-                        note = "OOM" if _is_oom(exc) else f"{type(exc).__name__}: {exc}"[:300]
+                        note = _setup_note(exc)
                         if note != "OOM":
                             failures += 1
                             traceback.print_exc()
@@ -545,10 +550,6 @@ def run_benchmark(bench: Benchmark, run: _Run, cases, modes, providers, with_com
         del inputs, leaves
         _free(run.device)
     return rows, failures
-
-
-def _setup_note(exc: BaseException) -> str:
-    return "OOM" if _is_oom(exc) else f"{type(exc).__name__}: {exc}"[:300]
 
 
 def _run_case_interleaved(bench, run, case, inputs, leaves, providers, modes):

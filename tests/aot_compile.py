@@ -6,7 +6,8 @@ tile configurations real models get, is captured instead of run, then compiled b
 compiler (ptxas included). The interpreter accepts things the compiler rejects (tl.dot on tiles
 under 16, some layouts), so this is what keeps a CPU-only CI honest about the GPU build.
 Prints "compiled <variants> variants of <kernels> kernels"; with ``--report``, first one line per
-variant with its registers per thread and spill bytes (ptxas -v), the numbers to tune tiles by.
+variant with its registers per thread and stack (spill) bytes, read from the cubin with
+cuobjdump: the numbers to tune tiles by.
 """
 import os
 import re
@@ -73,7 +74,7 @@ _reported = set()
 
 
 def _report(fn, constexprs, signature, options, compiled):
-    """One line per variant: registers per thread and spill bytes of the cubin Triton built."""
+    """One line per variant: registers per thread and stack bytes of the cubin Triton built."""
     cuobjdump = os.path.join(os.path.dirname(get_ptxas(90).path), "cuobjdump")
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.cubin")
