@@ -1,19 +1,31 @@
-"""Input checks shared by every op: each error names the argument, what was expected and what came."""
+"""Input checks shared by every op: each error names the argument, what was expected and what came.
+
+Every op validates through these helpers (in its ``fastnote/ops/<op>.py`` entry point, before the
+backend choice), so the same mistake gets the same message everywhere. ``contiguous`` is the one
+place where optional tensors are made contiguous before a kernel launch.
+"""
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import math
+import numbers
+from typing import Optional, Sequence, Tuple
 
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """``float32`` for ``torch.float32``: how every message names a dtype."""
+    return str(dtype).replace("torch.", "")
+
+
 def tensor(name: str, t, *, ndim: Optional[Sequence[int] | int] = None, dtypes=FLOAT_DTYPES) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if dtypes is not None and t.dtype not in dtypes:
-        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-        raise TypeError(f"{name} must have dtype in ({names}), got {str(t.dtype).replace('torch.', '')}")
+        names = ", ".join(dtype_name(d) for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({names}), got {dtype_name(t.dtype)}")
     if ndim is not None:
         allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
         if t.dim() not in allowed:
@@ -34,7 +46,7 @@ def same_dtype(**tensors: Optional[torch.Tensor]) -> None:
     present = {k: v for k, v in tensors.items() if v is not None}
     dtypes = {v.dtype for v in present.values()}
     if len(dtypes) > 1:
-        desc = ", ".join(f"{k} {str(v.dtype).replace('torch.', '')}" for k, v in present.items())
+        desc = ", ".join(f"{k} {dtype_name(v.dtype)}" for k, v in present.items())
         raise TypeError(f"all tensors must have one dtype, got {desc}")
 
 
@@ -56,3 +68,63 @@ def positive(name: str, value: float) -> float:
     if not value > 0:  # also rejects NaN
         raise ValueError(f"{name} must be > 0, got {value}")
     return value
+
+
+def integer(name: str, value, minimum: Optional[int] = None, below: Optional[int] = None,
+            what: str = "") -> int:
+    """An int (not a bool) with ``minimum <= value < below``; ``what`` explains a bound."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if (minimum is not None and value < minimum) or (below is not None and value >= below):
+        if below is None:
+            bound = f">= {minimum}"
+        elif minimum is None:
+            bound = f"< {below}"
+        else:
+            bound = f"in [{minimum}, {below})"
+        raise ValueError(f"{name} must be {bound}{what}, got {value}")
+    return int(value)
+
+
+def real(name: str, value, *, positive: bool = False) -> float:
+    """A finite real number (not a bool); ``positive``: also > 0."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if not math.isfinite(value) or (positive and not value > 0):
+        raise ValueError(f"{name} must be a finite number{' > 0' if positive else ''}, got {value}")
+    return float(value)
+
+
+def scale(value, head_dim: int) -> float:
+    """Attention scale: ``head_dim ** -0.5`` when None, else a finite float."""
+    return head_dim ** -0.5 if value is None else real("scale", value)
+
+
+def window_pair(name: str, window_size) -> Tuple[int, int]:
+    """An int or a pair of ints >= 1, as ``(height, width)``."""
+    if isinstance(window_size, bool):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {window_size!r}")
+    if isinstance(window_size, int):
+        pair = (window_size, window_size)
+    elif isinstance(window_size, (tuple, list)) and len(window_size) == 2 \
+            and all(isinstance(w, int) and not isinstance(w, bool) for w in window_size):
+        pair = (int(window_size[0]), int(window_size[1]))
+    else:
+        raise TypeError(f"{name} must be an int or a pair of ints, got {window_size!r}")
+    if min(pair) < 1:
+        raise ValueError(f"{name} must be >= 1, got {window_size!r}")
+    return pair
+
+
+def contiguous(*tensors: Optional[torch.Tensor]):
+    """Each tensor made contiguous (no copy when it already is); None stays None. One tensor in,
+    one out; several in, a tuple out."""
+    out = tuple(t.contiguous() if t is not None else None for t in tensors)
+    return out[0] if len(out) == 1 else out
+
+
+def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype active for ``device``'s type, or None."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None

@@ -17,13 +17,25 @@ def next_pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
 
+def fp32_matmul_allows_tf32() -> bool:
+    """Whether torch lets fp32 matmuls use TF32, read through whichever API the user set.
+
+    torch >= 2.9 has ``torch.backends.cuda.matmul.fp32_precision`` ("ieee" or "tf32"; it also
+    reflects the legacy settings and the global ``torch.backends.fp32_precision``). Once a user
+    sets the new API, reading the legacy ``get_float32_matmul_precision()`` / ``allow_tf32``
+    raises "mix of the legacy and new APIs", so the new one is read first; the legacy pair is the
+    fallback for torch releases without it."""
+    new = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
+    if new is not None:
+        return new == "tf32"
+    return torch.get_float32_matmul_precision() != "highest" or bool(torch.backends.cuda.matmul.allow_tf32)
+
+
 def dot_precision() -> str:
     """``input_precision`` for ``tl.dot`` on fp32 inputs, from torch's own setting: TF32 only when
-    the user allowed it (``torch.set_float32_matmul_precision('high'|'medium')`` or
-    ``torch.backends.cuda.matmul.allow_tf32``), else exact IEEE fp32 as the interpreter computes."""
-    if torch.get_float32_matmul_precision() != "highest" or torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
+    the user allowed it (``fp32_precision = "tf32"``, ``set_float32_matmul_precision('high')``,
+    ``allow_tf32 = True``), else exact IEEE fp32 as the interpreter computes."""
+    return "tf32" if fp32_matmul_allows_tf32() else "ieee"
 
 
 def dot_switches(dtype: torch.dtype, device: torch.device) -> dict:
