@@ -12,6 +12,7 @@ for half inputs. Each docstring says which applies.
 """
 
 import functools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -170,10 +171,11 @@ def total_variation(y):
 # 3. PatchNCE (CUT) and CLIP contrastive loss
 # --------------------------------------------------------------------------------------------
 
-def _patch_nce_logits(feat_q, feat_k, nce_T, batch_size, include_all_negatives_from_minibatch):
+def _patch_nce_logits(feat_q, feat_k, nce_T, batch_size, include_all_negatives_from_minibatch,
+                      detach_k=True):
     """Logits in the compute dtype; see ``patch_nce_logits``."""
     q = _up(feat_q)
-    k = _up(feat_k).detach()
+    k = _up(feat_k).detach() if detach_k else _up(feat_k)
     rows, dim = q.shape
     l_pos = (q * k).sum(dim=1, keepdim=True)                    # [B*P, 1]
     groups = 1 if include_all_negatives_from_minibatch else batch_size
@@ -189,46 +191,49 @@ def _patch_nce_logits(feat_q, feat_k, nce_T, batch_size, include_all_negatives_f
 
 @_exact
 def patch_nce_logits(feat_q, feat_k, nce_T=0.07, batch_size=1,
-                     include_all_negatives_from_minibatch=False):
+                     include_all_negatives_from_minibatch=False, *, detach_k=True):
     """CUT's PatchNCE logits ``cat([l_pos, l_neg], 1) / nce_T``: [B*P, M+1].
 
-    feat_q, feat_k: [B*P, d] (rows L2-normalised by the caller); feat_k is detached.
-    Column 0 is l_pos[i] = <q_i, k_i>; the other M columns are q_i . k_j over i's group
-    (G = batch_size groups of M = P rows, or G = 1, M = B*P when
+    feat_q, feat_k: [B*P, d] (rows L2-normalised by the caller); feat_k is detached (as in CUT)
+    unless ``detach_k=False``. Column 0 is l_pos[i] = <q_i, k_i>; the other M columns are
+    q_i . k_j over i's group (G = batch_size groups of M = P rows, or G = 1, M = B*P when
     include_all_negatives_from_minibatch), with the diagonal set to -10.0 before dividing by
     nce_T. Returned in feat_q's dtype.
     """
     logits = _patch_nce_logits(feat_q, feat_k, nce_T, batch_size,
-                               include_all_negatives_from_minibatch)
+                               include_all_negatives_from_minibatch, detach_k)
     return logits.to(feat_q.dtype)
 
 
 @_exact
 def patch_nce_loss(feat_q, feat_k, nce_T=0.07, batch_size=1,
-                   include_all_negatives_from_minibatch=False):
+                   include_all_negatives_from_minibatch=False, *, detach_k=True):
     """Per-row PatchNCE loss ``cross_entropy(logits, 0, reduction='none')``: [B*P].
 
-    Same arguments as ``patch_nce_logits``; gradient to feat_q only. Returned in the compute
-    dtype (float32 for half inputs).
+    Same arguments as ``patch_nce_logits``; gradient to feat_q only (and to feat_k with
+    ``detach_k=False``). Returned in the compute dtype (float32 for half inputs).
     """
     logits = _patch_nce_logits(feat_q, feat_k, nce_T, batch_size,
-                               include_all_negatives_from_minibatch)
+                               include_all_negatives_from_minibatch, detach_k)
     target = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
     return F.cross_entropy(logits, target, reduction="none")
 
 
 @_exact
-def clip_loss(image_embeds, text_embeds, logit_scale):
+def clip_loss(image_embeds, text_embeds, logit_scale, *, exponentiated=False):
     """Symmetric CLIP loss; a 0-dim tensor.
 
     image_embeds, text_embeds: [n, d]; logit_scale: 0-dim learnable log-temperature.
     ``logits = exp(logit_scale) * image_embeds @ text_embeds^T`` [n, n];
     ``(CE(logits, arange(n)) + CE(logits^T, arange(n))) / 2``. Gradients to all three inputs.
+    ``exponentiated=True``: logit_scale is the multiplier itself (already exp(t), as CLIP's
+    and open_clip's training code pass it), ``logits = logit_scale * image_embeds @ text_embeds^T``.
     Returned in the compute dtype (float32 for half inputs).
     """
     img = _up(image_embeds)
     txt = _up(text_embeds)
-    logits = _up(logit_scale).exp() * (img @ txt.t())
+    scale = _up(logit_scale) if exponentiated else _up(logit_scale).exp()
+    logits = scale * (img @ txt.t())
     labels = torch.arange(logits.shape[0], device=logits.device)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
 
@@ -237,26 +242,32 @@ def clip_loss(image_embeds, text_embeds, logit_scale):
 # 4. Swin window attention (W-MSA / SW-MSA)
 # --------------------------------------------------------------------------------------------
 
-def relative_position_index(window_size, device=None):
-    """Swin/timm relative position index: [N, N] int64, N = window_size ** 2.
+# Swin's and timm's additive mask value for token pairs from different regions (not -inf).
+MASK_VALUE = -100.0
 
-    index[i, j] = (dh + Ws - 1) * (2*Ws - 1) + (dw + Ws - 1) with (dh, dw) = coords_i - coords_j.
+
+def relative_position_index(window_size, device=None):
+    """Swin/timm relative position index: [N, N] int64, N = Wh * Ww.
+
+    ``window_size`` is an int (square window) or a pair (Wh, Ww). index[i, j] =
+    (dh + Wh - 1) * (2*Ww - 1) + (dw + Ww - 1) with (dh, dw) = coords_i - coords_j.
     """
-    ws = window_size
-    coords_h = torch.arange(ws, device=device)
-    coords_w = torch.arange(ws, device=device)
-    coords = torch.stack(torch.meshgrid(coords_h, coords_w, indexing="ij"))  # [2, Ws, Ws]
+    wh, ww = (window_size, window_size) if isinstance(window_size, int) else tuple(window_size)
+    coords_h = torch.arange(wh, device=device)
+    coords_w = torch.arange(ww, device=device)
+    coords = torch.stack(torch.meshgrid(coords_h, coords_w, indexing="ij"))  # [2, Wh, Ww]
     coords_flatten = torch.flatten(coords, 1)                                # [2, N]
     relative = coords_flatten[:, :, None] - coords_flatten[:, None, :]       # [2, N, N]
     relative = relative.permute(1, 2, 0)                                     # [N, N, 2]
-    row = (relative[:, :, 0] + ws - 1) * (2 * ws - 1)
-    col = relative[:, :, 1] + ws - 1
+    row = (relative[:, :, 0] + wh - 1) * (2 * ww - 1)
+    col = relative[:, :, 1] + ww - 1
     return row + col
 
 
 def relative_position_bias(table, index, num_heads):
-    """Gather the bias: table [(2Ws-1)^2, heads], index [N, N] -> [heads, N, N] (table dtype)."""
-    n = index.shape[0]
+    """Gather the bias: table [(2Ws-1)^2, heads], index [N, N] (or flat [N*N], as torchvision
+    stores it) -> [heads, N, N] (table dtype)."""
+    n = index.shape[0] if index.dim() == 2 else math.isqrt(index.numel())
     bias = table[index.reshape(-1)].view(n, n, num_heads)
     return bias.permute(2, 0, 1).contiguous()
 
@@ -281,21 +292,25 @@ def window_reverse(windows, window_size, H, W):
     return x.permute(0, 1, 3, 2, 4, 5).reshape(B, H, W, C)
 
 
-def shift_mask(H, W, window_size, shift, device=None, mask_value=-100.0):
+def shift_mask(H, W, window_size, shift, device=None, mask_value=MASK_VALUE):
     """Swin's SW-MSA attention mask: [nW, N, N] float32, 0 within a region, ``mask_value``
     (Swin's and timm's -100.0) across.
 
-    H, W are the (padded) sizes, multiples of window_size. Built exactly as Swin does: label the
-    nine regions (three slices per axis) of an [1, H, W, 1] image, partition into windows, and
-    mask every pair of tokens whose labels differ. (With shift == 0 every label is the same and
-    the mask is all zeros.)
+    H, W are the (padded) sizes, multiples of window_size; ``shift`` is an int or a per-axis
+    pair (sh, sw). Built as Swin does: label the regions (three slices per shifted axis, one per
+    unshifted axis) of an [1, H, W, 1] image, partition into windows, and mask every pair of
+    tokens whose labels differ. (With no shift every label is the same and the mask is all zeros.)
     """
     ws = window_size
+    sh, sw = (shift, shift) if isinstance(shift, int) else tuple(shift)
+
+    def slices(s):
+        return (slice(0, -ws), slice(-ws, -s), slice(-s, None)) if s > 0 else (slice(0, None),)
+
     img_mask = torch.zeros((1, H, W, 1), dtype=torch.float32, device=device)
-    slices = (slice(0, -ws), slice(-ws, -shift), slice(-shift, None))
     cnt = 0
-    for h in slices:
-        for w in slices:
+    for h in slices(sh):
+        for w in slices(sw):
             img_mask[:, h, w, :] = cnt
             cnt += 1
     mask_windows = window_partition(img_mask, ws).squeeze(-1)            # [nW, N]
@@ -329,14 +344,15 @@ def window_attention(q, k, v, bias=None, mask=None, scale=None):
 @_exact
 def swin_block_attention(x, qkv_weight, qkv_bias, proj_weight, proj_bias,
                          relative_position_bias_table, window_size, num_heads, shift_size=0,
-                         index=None, scale=None, mask_value=-100.0):
+                         index=None, scale=None, mask_value=MASK_VALUE):
     """The W-MSA / SW-MSA path of one Swin block (no norm, MLP or residual).
 
     x: [B, H, W, C]; qkv_weight [3C, C], qkv_bias [3C] or None; proj_weight [C, C], proj_bias
     [C] or None; relative_position_bias_table [(2Ws-1)^2, heads].
     Pads H, W with zeros at the bottom/right up to multiples of window_size (before the qkv
-    projection, as Swin pads the normed x), rolls by (-shift, -shift) if shift_size > 0,
-    partitions, runs window attention with the relative position bias (and the shift mask of
+    projection, as Swin pads the normed x), rolls by -shift_size along each axis that the window
+    does not cover (torchvision's rule: along an axis with window >= padded size the shift is
+    dropped, and with it that axis's part of the mask), partitions, runs window attention with the relative position bias (and the shift mask of
     the padded size), merges heads, projects, reverses, rolls back and crops.
     index (the [N, N] relative position index) defaults to Swin's, scale to head_dim ** -0.5,
     mask_value to -100.0.
@@ -351,9 +367,10 @@ def swin_block_attention(x, qkv_weight, qkv_bias, proj_weight, proj_bias,
     xf = F.pad(xf, (0, 0, 0, pad_r, 0, pad_b))
     Hp, Wp = H + pad_b, W + pad_r
 
-    if shift_size > 0:
-        xf = torch.roll(xf, shifts=(-shift_size, -shift_size), dims=(1, 2))
-        mask = shift_mask(Hp, Wp, ws, shift_size, device=x.device, mask_value=mask_value)
+    shifts = (shift_size if ws < Hp else 0, shift_size if ws < Wp else 0)
+    if any(shifts):
+        xf = torch.roll(xf, shifts=(-shifts[0], -shifts[1]), dims=(1, 2))
+        mask = shift_mask(Hp, Wp, ws, shifts, device=x.device, mask_value=mask_value)
     else:
         mask = None
 
@@ -371,8 +388,8 @@ def swin_block_attention(x, qkv_weight, qkv_bias, proj_weight, proj_bias,
     out = F.linear(out, _up(proj_weight), _up(proj_bias))
 
     out = window_reverse(out, ws, Hp, Wp)                                # [B, Hp, Wp, C]
-    if shift_size > 0:
-        out = torch.roll(out, shifts=(shift_size, shift_size), dims=(1, 2))
+    if any(shifts):
+        out = torch.roll(out, shifts=shifts, dims=(1, 2))
     return out[:, :H, :W, :].contiguous().to(x.dtype)
 
 

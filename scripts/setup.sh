@@ -33,6 +33,8 @@ pip_install() {
   return "${PIPESTATUS[0]}"
 }
 has() { "$PY" -c "import $1" >/dev/null 2>&1; }
+# installed, whether or not it imports on its own (torchvision beside a CPU torch does not)
+installed() { "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$1') is None)" >/dev/null 2>&1; }
 
 if ! has torch; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
@@ -51,6 +53,21 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
   log "installing: ${missing[*]}"
   pip_install "${missing[@]}" || exit 1
+fi
+# Real models for the compatibility tests (best effort: the tests skip where these cannot be had).
+# torchvision's wheel without its dependencies, at the release paired with the installed torch
+# (torch 2.N pairs with torchvision 0.(N+15)), so pip never swaps the CPU torch for a CUDA one;
+# beside a CPU torch its CUDA extension does not load, which tests/conftest.py handles.
+if ! installed torchvision; then
+  tv=$("$PY" -c "import torch; major, minor = torch.__version__.split('+')[0].split('.')[:2]; print(f'0.{int(minor) + 15}.*' if major == '2' else '')")
+  if [ -n "$tv" ]; then
+    log "installing torchvision==$tv (no dependencies) and pillow"
+    pip_install --no-deps "torchvision==$tv" pillow || log "torchvision not installed: its model tests will skip"
+  fi
+fi
+if ! installed timm && installed torchvision; then
+  log "installing timm"
+  pip_install timm || log "timm not installed: its model tests will skip"
 fi
 for mod in torch triton pytest; do
   has "$mod" || { log "could not install $mod"; exit 1; }

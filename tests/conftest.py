@@ -23,6 +23,39 @@ os.environ.setdefault("FASTNOTE_POISON_ALLOC", "1")
 import torch  # noqa: E402
 
 
+def _torchvision_op_schemas() -> None:
+    """torchvision's wheel beside a CPU torch: its C extension (a CUDA build) cannot load, and
+    importing torchvision then fails on the fake registrations of two ops whose schemas that
+    extension would have defined (``torchvision::nms``, ``torchvision::qnms``). Where the
+    extension loads, nothing is done; where it does not, the two schemas are defined (no kernel:
+    the models under test never call them), so ``torchvision.models`` imports."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("torchvision")
+    if spec is None:
+        return
+    folder = os.path.dirname(spec.origin)
+    for name in os.listdir(folder):
+        if name.startswith("_C") and name.endswith((".so", ".pyd")):
+            try:
+                torch.ops.load_library(os.path.join(folder, name))
+            except (OSError, RuntimeError):
+                pass
+    try:
+        torch.ops.torchvision.nms.default
+        return
+    except (AttributeError, RuntimeError):
+        pass
+    lib = torch.library.Library("torchvision", "DEF")
+    lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    lib.define("qnms(Tensor qdets, Tensor qscores, float iou_threshold) -> Tensor")
+    _KEEP.append(lib)
+
+
+_KEEP = []
+_torchvision_op_schemas()
+
+
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
         return

@@ -543,3 +543,36 @@ def test_timm_swin_tiny_swap(device):
         got = model(x)
     # 12 blocks of fp32 attention in a different summation order: a little looser than one op.
     torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)
+
+
+# ------------------------------------------------------------------------------------------------
+# torchvision's ShiftedWindowAttention (its own code, not a transcription)
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("H,W", [pytest.param(7, 7, id="7x7-one-window"), pytest.param(4, 4, id="4x4-padded-one"),
+                                 pytest.param(7, 12, id="7x12-one-window-row"), pytest.param(9, 9, id="9x9"),
+                                 pytest.param(10, 10, id="10x10"), pytest.param(14, 14, id="14x14")])
+@pytest.mark.parametrize("shift", [pytest.param(3, id="shift3"), pytest.param(0, id="shift0")])
+def test_block_matches_torchvision_shifted_window_attention(device, H, W, shift):
+    # torchvision drops the shift along an axis whose padded size the window covers (a 7x7 map at
+    # window 7: the last stage of every Swin at 224); with the shift kept the two differed by 0.4.
+    swin = pytest.importorskip("torchvision.models.swin_transformer")
+    dim, heads, ws = 32, 2, 7
+    theirs = swin.ShiftedWindowAttention(dim, [ws, ws], [shift, shift], heads).to(device)
+    with torch.no_grad():
+        theirs.relative_position_bias_table.normal_(0, 1)
+    ours = fastnote.nn.ShiftedWindowAttention(dim, ws, heads, shift_size=shift).to(device)
+    state = theirs.state_dict()
+    state["relative_position_index"] = state["relative_position_index"].view(ws * ws, ws * ws)
+    ours.load_state_dict(state, strict=True)
+    x = torch.randn(2, H, W, dim, device=device)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    want, got = theirs(xa), ours(xb)
+    assert_close(got, want, KIND)
+    grad = torch.randn_like(want)
+    want.backward(grad)
+    got.backward(grad)
+    assert_close(xb.grad, xa.grad, KIND, msg="x")
+    for name in ("qkv.weight", "qkv.bias", "proj.weight", "relative_position_bias_table"):
+        a, b = ours.get_parameter(name).grad, theirs.get_parameter(name).grad
+        assert_close(a, b, KIND, msg=name)

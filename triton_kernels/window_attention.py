@@ -71,14 +71,17 @@ of the attention output, which the fused layout never writes.
 """
 from __future__ import annotations
 
+from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from fastnote.backend import empty
+
 from .utils import dot, dot_switches, next_pow2
 
-LOG2E = 1.4426950408889634
+LOG2E: tl.constexpr = 1.4426950408889634  # scores are kept in base-2 units (exp2)
 
 # Largest padded N whose full score tile one program holds; beyond it, 64 x 64 tiles.
 SINGLE_TILE_MAX_N = 64
@@ -86,7 +89,7 @@ TILE = 64
 
 
 @triton.jit
-def _tokens(w, idx, N, nW, nWw, H, W, Hp, Wp, shift, WS: tl.constexpr, FUSED: tl.constexpr):
+def _tokens(w, idx, N, nW, nWw, H, W, Hp, Wp, shift_h, shift_w, WS: tl.constexpr, FUSED: tl.constexpr):
     """(token, in_image, region label) of in-window indices ``idx`` of window ``w``.
 
     core: token = idx, in_image = idx < N. fused: token = (b * H + y) * W + x, the image position
@@ -98,12 +101,13 @@ def _tokens(w, idx, N, nW, nWw, H, W, Hp, Wp, shift, WS: tl.constexpr, FUSED: tl
         wi = w % nW
         ph = (wi // nWw) * WS + idx // WS
         pw = (wi % nWw) * WS + idx % WS
-        y = (ph + shift) % Hp
-        x = (pw + shift) % Wp
+        y = (ph + shift_h) % Hp
+        x = (pw + shift_w) % Wp
         inside = valid & (y < H) & (x < W)
         tok = (b * H + y) * W + x
-        label = ((ph >= Hp - WS).to(tl.int32) + (ph >= Hp - shift).to(tl.int32)) * 3 \
-            + (pw >= Wp - WS).to(tl.int32) + (pw >= Wp - shift).to(tl.int32)
+        # With no shift along an axis every window lies in one region along it: no mask there.
+        label = ((ph >= Hp - WS).to(tl.int32) + (ph >= Hp - shift_h).to(tl.int32)) * 3 \
+            + (pw >= Wp - WS).to(tl.int32) + (pw >= Wp - shift_w).to(tl.int32)
     else:
         tok = idx.to(tl.int64)
         inside = valid
@@ -112,14 +116,14 @@ def _tokens(w, idx, N, nW, nWw, H, W, Hp, Wp, shift, WS: tl.constexpr, FUSED: tl
 
 
 @triton.jit
-def _load_rows(ptr, w, h, tok, rows_ok, cols_d, d_ok, s_b, s_h, s_n):
-    offs = w * s_b + h * s_h + tok[:, None] * s_n + cols_d[None, :]
-    return tl.load(ptr + offs, mask=rows_ok[:, None] & d_ok[None, :], other=0.0)
+def _row_offsets(w, h, tok, cols_d, s_b, s_h, s_n):
+    return w * s_b + h * s_h + tok[:, None] * s_n + cols_d[None, :]
 
 
 @triton.jit
-def _row_offsets(w, h, tok, cols_d, s_b, s_h, s_n):
-    return w * s_b + h * s_h + tok[:, None] * s_n + cols_d[None, :]
+def _load_rows(ptr, w, h, tok, rows_ok, cols_d, d_ok, s_b, s_h, s_n):
+    offs = _row_offsets(w, h, tok, cols_d, s_b, s_h, s_n)
+    return tl.load(ptr + offs, mask=rows_ok[:, None] & d_ok[None, :], other=0.0)
 
 
 @triton.jit
@@ -146,16 +150,16 @@ def _additive(bias_ptr, mask_ptr, h, j, rows, cols, lab_q, lab_k, N, mask_value,
             t += tl.where(lab_q[:, None] != lab_k[None, :], mask_value, 0.0)
         else:
             t += tl.load(mask_ptr + j * N * N + rows[:, None] * N + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-    return tl.where((cols < N)[None, :], t * 1.4426950408889634, float("-inf"))
+    return tl.where((cols < N)[None, :], t * LOG2E, float("-inf"))
 
 
 @triton.jit
 def _load_kv(k_ptr, v_ptr, qkvb_ptr, w, h, cols, cols_d, d_ok, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
-             N, nW, nWw, H, W, Hp, Wp, shift, C,
+             N, nW, nWw, H, W, Hp, Wp, shift_h, shift_w, C,
              D: tl.constexpr, WS: tl.constexpr, FUSED: tl.constexpr, HAS_QKV_BIAS: tl.constexpr):
     """Key and value rows ``cols`` of window ``w``, head ``h`` (padded tokens of the fused path get
     the qkv bias), with their token offsets, in-image flags and region labels."""
-    tok_k, in_k, lab_k = _tokens(w, cols, N, nW, nWw, H, W, Hp, Wp, shift, WS, FUSED)
+    tok_k, in_k, lab_k = _tokens(w, cols, N, nW, nWw, H, W, Hp, Wp, shift_h, shift_w, WS, FUSED)
     k = _load_rows(k_ptr, w, h, tok_k, in_k, cols_d, d_ok, sk_b, sk_h, sk_n)
     v = _load_rows(v_ptr, w, h, tok_k, in_k, cols_d, d_ok, sv_b, sv_h, sv_n)
     if FUSED:
@@ -165,13 +169,13 @@ def _load_kv(k_ptr, v_ptr, qkvb_ptr, w, h, cols, cols_d, d_ok, sk_b, sk_h, sk_n,
 
 
 @triton.jit
-def _place_additive(bias_ptr, mask_ptr, h, j, rows, cols, N, nW, nWw, H, W, Hp, Wp, shift, mask_value,
+def _place_additive(bias_ptr, mask_ptr, h, j, rows, cols, N, nW, nWw, H, W, Hp, Wp, shift_h, shift_w, mask_value,
                     WS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, FUSED: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """bias[h] + mask of window place j over the (rows, cols) tile: the same for every image, so a
     program that holds whole windows builds it once."""
-    lab_r = _tokens(j, rows, N, nW, nWw, H, W, Hp, Wp, shift, WS, FUSED)[2]
-    lab_c = _tokens(j, cols, N, nW, nWw, H, W, Hp, Wp, shift, WS, FUSED)[2]
+    lab_r = _tokens(j, rows, N, nW, nWw, H, W, Hp, Wp, shift_h, shift_w, WS, FUSED)[2]
+    lab_c = _tokens(j, cols, N, nW, nWw, H, W, Hp, Wp, shift_h, shift_w, WS, FUSED)[2]
     return _additive(bias_ptr, mask_ptr, h, j, rows, cols, lab_r, lab_c, N, mask_value,
                      HAS_BIAS, HAS_MASK, FUSED, BLOCK_M, BLOCK_N)
 
@@ -179,7 +183,7 @@ def _place_additive(bias_ptr, mask_ptr, h, j, rows, cols, N, nW, nWw, H, W, Hp, 
 @triton.jit
 def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, bias_ptr, mask_ptr, qkvb_ptr,
                 sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n,
-                num_images, N, nW, nWw, H, W, Hp, Wp, shift, C, qk_scale, mask_value,
+                num_images, N, nW, nWw, H, W, Hp, Wp, shift_h, shift_w, C, qk_scale, mask_value,
                 HEADS: tl.constexpr, D: tl.constexpr, WS: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
                 HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, FUSED: tl.constexpr,
@@ -196,13 +200,14 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, bias_ptr, mask_ptr, qkvb_pt
     d_ok = cols_d < D
     if SINGLE:  # one tile per window: bias + mask are the same for all the program's windows
         cols = tl.arange(0, BLOCK_N)
-        add = _place_additive(bias_ptr, mask_ptr, h, j, rows, cols, N, nW, nWw, H, W, Hp, Wp, shift, mask_value,
+        add = _place_additive(bias_ptr, mask_ptr, h, j, rows, cols, N, nW, nWw, H, W, Hp, Wp, shift_h, shift_w,
+                              mask_value,
                               WS, HAS_BIAS, HAS_MASK, FUSED, BLOCK_M, BLOCK_N)
     for i in range(0, GROUP):
         img = first + i
         if img < num_images:
             w = img.to(tl.int64) * nW + j
-            tok_q, in_q, lab_q = _tokens(w, rows, N, nW, nWw, H, W, Hp, Wp, shift, WS, FUSED)
+            tok_q, in_q, lab_q = _tokens(w, rows, N, nW, nWw, H, W, Hp, Wp, shift_h, shift_w, WS, FUSED)
             q = _load_rows(q_ptr, w, h, tok_q, in_q, cols_d, d_ok, sq_b, sq_h, sq_n)
             if FUSED:
                 q = _with_pad_value(q, rows < N, in_q, qkvb_ptr, h * D, cols_d, d_ok, HAS_QKV_BIAS)
@@ -213,7 +218,7 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, bias_ptr, mask_ptr, qkvb_pt
                 cols = n0 + tl.arange(0, BLOCK_N)
                 tok_k, in_k, lab_k, k, v = _load_kv(k_ptr, v_ptr, qkvb_ptr, w, h, cols, cols_d, d_ok,
                                                     sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
-                                                    N, nW, nWw, H, W, Hp, Wp, shift, C,
+                                                    N, nW, nWw, H, W, Hp, Wp, shift_h, shift_w, C,
                                                     D, WS, FUSED, HAS_QKV_BIAS)
                 if not SINGLE:
                     add = _additive(bias_ptr, mask_ptr, h, j, rows, cols, lab_q, lab_k, N, mask_value,
@@ -237,7 +242,7 @@ def _bwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, bias_ptr, mask_ptr,
                 dq_ptr, dk_ptr, dv_ptr, dbias_ptr, dqkvb_ptr,
                 sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n,
                 sdq_b, sdq_h, sdq_n, sd_b, sd_h, sd_n,
-                num_images, N, nW, nWw, H, W, Hp, Wp, shift, C, qk_scale, scale, mask_value, num_slots,
+                num_images, N, nW, nWw, H, W, Hp, Wp, shift_h, shift_w, C, qk_scale, scale, mask_value, num_slots,
                 HEADS: tl.constexpr, D: tl.constexpr, WS: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
                 HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, SHARED_SLOTS: tl.constexpr,
@@ -258,7 +263,8 @@ def _bwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, bias_ptr, mask_ptr,
     if SINGLE:
         rows = tl.arange(0, BLOCK_M)
         cols = tl.arange(0, BLOCK_N)
-        add = _place_additive(bias_ptr, mask_ptr, h, j, rows, cols, N, nW, nWw, H, W, Hp, Wp, shift, mask_value,
+        add = _place_additive(bias_ptr, mask_ptr, h, j, rows, cols, N, nW, nWw, H, W, Hp, Wp, shift_h, shift_w,
+                              mask_value,
                               WS, HAS_BIAS, HAS_MASK, FUSED, BLOCK_M, BLOCK_N)
     for i in range(0, GROUP):
         img = first + i
@@ -269,13 +275,13 @@ def _bwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, bias_ptr, mask_ptr,
                 cols = n0 + tl.arange(0, BLOCK_N)
                 tok_k, in_k, lab_k, k, v = _load_kv(k_ptr, v_ptr, qkvb_ptr, w, h, cols, cols_d, d_ok,
                                                     sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
-                                                    N, nW, nWw, H, W, Hp, Wp, shift, C,
+                                                    N, nW, nWw, H, W, Hp, Wp, shift_h, shift_w, C,
                                                     D, WS, FUSED, HAS_QKV_BIAS)
                 dk_acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
                 dv_acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
                 for m0 in range(0, N, BLOCK_M):
                     rows = m0 + tl.arange(0, BLOCK_M)
-                    tok_q, in_q, lab_q = _tokens(w, rows, N, nW, nWw, H, W, Hp, Wp, shift, WS, FUSED)
+                    tok_q, in_q, lab_q = _tokens(w, rows, N, nW, nWw, H, W, Hp, Wp, shift_h, shift_w, WS, FUSED)
                     q = _load_rows(q_ptr, w, h, tok_q, in_q, cols_d, d_ok, sq_b, sq_h, sq_n)
                     if FUSED:
                         q = _with_pad_value(q, rows < N, in_q, qkvb_ptr, h * D, cols_d, d_ok, HAS_QKV_BIAS)
@@ -337,8 +343,63 @@ def _bwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, bias_ptr, mask_ptr,
 
 # ------------------------------------------------------------------------------------------------
 # Launchers. Tensors arrive checked (fastnote.ops.window_attention); outputs are passed in or made
-# here. ``geometry`` = (num_windows, N, nW, nWw, H, W, Hp, Wp, shift, C, window_size).
+# here. A layout is described by its ``Geometry``; strides are (window, head, token) triples.
 # ------------------------------------------------------------------------------------------------
+
+class Geometry(NamedTuple):
+    """Where the windows of one launch are. The core layout uses only ``num_windows``, ``N`` and
+    ``nW`` (the mask's windows per image); the fused layout all of it."""
+    num_windows: int      # B * nW
+    N: int                # tokens per window
+    nW: int               # windows per image
+    nWw: int = 1          # windows per image row (fused)
+    H: int = 1            # image size (fused)
+    W: int = 1
+    Hp: int = 1           # padded to multiples of the window (fused)
+    Wp: int = 1
+    shift_h: int = 0      # cyclic shift per axis, after torchvision's rule (fused_geometry)
+    shift_w: int = 0
+    C: int = 0            # channels of the attention output (heads * d)
+    window_size: int = 1
+
+    @property
+    def num_images(self) -> int:
+        return self.num_windows // self.nW
+
+    @property
+    def masked(self) -> bool:
+        return self.shift_h > 0 or self.shift_w > 0
+
+
+def core_geometry(q: torch.Tensor, mask: Optional[torch.Tensor]) -> Geometry:
+    B_, heads, N, d = q.shape
+    return Geometry(num_windows=B_, N=N, nW=mask.shape[0] if mask is not None else 1, C=heads * d)
+
+
+def fused_geometry(B: int, H: int, W: int, C: int, window_size: int, shift: int) -> Geometry:
+    """The fused layout of ``[B, H, W, C]`` attention outputs with square windows.
+
+    H and W are zero-padded up to multiples of the window. The shift is dropped along an axis
+    whose padded size the window covers (window >= padded size), as torchvision's
+    ``shifted_window_attention`` does at every forward (the original Swin code and timm decide the
+    same when they build such a block, by shrinking the window and zeroing the shift): rolling one
+    window onto itself would only mask pairs that are neighbours in the image."""
+    ws = window_size
+    Hp, Wp = triton.cdiv(H, ws) * ws, triton.cdiv(W, ws) * ws
+    nW = (Hp // ws) * (Wp // ws)
+    return Geometry(num_windows=B * nW, N=ws * ws, nW=nW, nWw=Wp // ws, H=H, W=W, Hp=Hp, Wp=Wp,
+                    shift_h=shift if ws < Hp else 0, shift_w=shift if ws < Wp else 0, C=C, window_size=ws)
+
+
+def _geometry_args(g: Geometry) -> dict:
+    """The kernels' runtime geometry arguments."""
+    return dict(num_images=g.num_images, N=g.N, nW=g.nW, nWw=g.nWw, H=g.H, W=g.W, Hp=g.Hp, Wp=g.Wp,
+                shift_h=g.shift_h, shift_w=g.shift_w, C=g.C)
+
+
+def _strides(t):
+    return t.stride(0), t.stride(1), t.stride(2)
+
 
 def blocks(N: int, d: int, dtype: torch.dtype):
     """(BLOCK_M, BLOCK_N, BLOCK_D, single_tile).
@@ -385,55 +446,64 @@ def dbias_slots(programs_per_head: int, tensor_bytes: int, heads: int, N: int) -
     return max(1, min(programs_per_head, cap))
 
 
-def _fwd(q, k, v, qs, ks, vs, o, os_, lse, bias, mask, qkv_bias, geometry, heads, d, scale, mask_value,
-         fused, has_mask):
-    num_windows, N, nW, nWw, H, W, Hp, Wp, shift, C, ws = geometry
-    if num_windows == 0 or N == 0:
+def _fwd(*, q, k, v, q_strides, k_strides, v_strides, out, out_strides, lse, bias, mask, qkv_bias,
+         geometry: Geometry, heads, d, scale, mask_value, fused, has_mask):
+    g = geometry
+    if g.num_windows == 0 or g.N == 0:
         return
-    bm, bn, bd, single = blocks(N, d, q.dtype)
-    num_images = num_windows // nW
-    group = forward_group(num_images, nW, heads, N)
-    grid = (triton.cdiv(num_images, group) * nW * heads, triton.cdiv(N, bm))
-    dummy = lse
+    bm, bn, bd, single = blocks(g.N, d, q.dtype)
+    group = forward_group(g.num_images, g.nW, heads, g.N)
+    grid = (triton.cdiv(g.num_images, group) * g.nW * heads, triton.cdiv(g.N, bm))
+    dummy = lse  # stands in for absent optional tensors (never read: their HAS_* flag is off)
+    (sq_b, sq_h, sq_n), (sk_b, sk_h, sk_n), (sv_b, sv_h, sv_n), (so_b, so_h, so_n) = \
+        q_strides, k_strides, v_strides, out_strides
     _fwd_kernel[grid](
-        q, k, v, o, lse,
-        bias if bias is not None else dummy, mask if mask is not None else dummy,
-        qkv_bias if qkv_bias is not None else dummy,
-        *qs, *ks, *vs, *os_,
-        num_images, N, nW, nWw, H, W, Hp, Wp, shift, C, scale * LOG2E, mask_value,
-        HEADS=heads, D=d, WS=ws, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, GROUP=group,
+        q_ptr=q, k_ptr=k, v_ptr=v, o_ptr=out, lse_ptr=lse,
+        bias_ptr=bias if bias is not None else dummy, mask_ptr=mask if mask is not None else dummy,
+        qkvb_ptr=qkv_bias if qkv_bias is not None else dummy,
+        sq_b=sq_b, sq_h=sq_h, sq_n=sq_n, sk_b=sk_b, sk_h=sk_h, sk_n=sk_n,
+        sv_b=sv_b, sv_h=sv_h, sv_n=sv_n, so_b=so_b, so_h=so_h, so_n=so_n,
+        **_geometry_args(g), qk_scale=scale * LOG2E, mask_value=mask_value,
+        HEADS=heads, D=d, WS=g.window_size, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, GROUP=group,
         HAS_BIAS=bias is not None, HAS_MASK=has_mask, FUSED=fused, HAS_QKV_BIAS=qkv_bias is not None,
         SINGLE=single, **dot_switches(q.dtype, q.device),
         num_warps=8 if bm * bn >= 64 * 64 else 4, num_stages=1,
     )
 
 
-def _bwd(q, k, v, qs, ks, vs, o, do, os_, lse, bias, bias_grad, mask, qkv_bias, dq, dqs, dk, dv, ds_,
-         dqkv_bias, geometry, heads, d, scale, mask_value, fused, has_mask):
+def _bwd(*, q, k, v, q_strides, k_strides, v_strides, out, do, out_strides, lse, bias, bias_grad, mask,
+         qkv_bias, dq, dq_strides, dk, dv, dkv_strides, dqkv_bias, geometry: Geometry, heads, d, scale,
+         mask_value, fused, has_mask):
     """Returns the fp32 bias-gradient partials [slots, heads, N, N] (or None)."""
-    num_windows, N, nW, nWw, H, W, Hp, Wp, shift, C, ws = geometry
-    bm, bn, bd, single = blocks(N, d, q.dtype)
-    num_images = num_windows // nW
-    group = backward_group(num_images, nW, heads, N, d)
-    n_groups = triton.cdiv(num_images, group) * nW   # programs per head
-    slots = dbias_slots(n_groups, num_windows * heads * N * d * q.element_size(), heads, N)
+    g = geometry
+    bm, bn, bd, single = blocks(g.N, d, q.dtype)
+    group = backward_group(g.num_images, g.nW, heads, g.N, d)
+    n_groups = triton.cdiv(g.num_images, group) * g.nW   # programs per head
+    slots = dbias_slots(n_groups, g.num_windows * heads * g.N * d * q.element_size(), heads, g.N)
     shared = slots < n_groups
     partial = None
     if bias_grad:
-        alloc = torch.zeros if (shared or not single) else torch.empty
-        partial = alloc((slots, heads, N, N), dtype=torch.float32, device=q.device)
-    if num_windows == 0 or N == 0:
+        shape = (slots, heads, g.N, g.N)
+        # accumulated into (atomics) unless each program writes its own slot whole
+        partial = torch.zeros(shape, dtype=torch.float32, device=q.device) if (shared or not single) \
+            else empty(shape, torch.float32, q.device)
+    if g.num_windows == 0 or g.N == 0:
         return partial.zero_() if partial is not None else None
     dummy = lse
+    (sq_b, sq_h, sq_n), (sk_b, sk_h, sk_n), (sv_b, sv_h, sv_n), (so_b, so_h, so_n) = \
+        q_strides, k_strides, v_strides, out_strides
+    (sdq_b, sdq_h, sdq_n), (sd_b, sd_h, sd_n) = dq_strides, dkv_strides
     _bwd_kernel[(n_groups * heads,)](
-        q, k, v, o, do, lse,
-        bias if bias is not None else dummy, mask if mask is not None else dummy,
-        qkv_bias if qkv_bias is not None else dummy,
-        dq, dk, dv, partial if partial is not None else dummy,
-        dqkv_bias if dqkv_bias is not None else dummy,
-        *qs, *ks, *vs, *os_, *dqs, *ds_,
-        num_images, N, nW, nWw, H, W, Hp, Wp, shift, C, scale * LOG2E, scale, mask_value, slots,
-        HEADS=heads, D=d, WS=ws, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, GROUP=group,
+        q_ptr=q, k_ptr=k, v_ptr=v, o_ptr=out, do_ptr=do, lse_ptr=lse,
+        bias_ptr=bias if bias is not None else dummy, mask_ptr=mask if mask is not None else dummy,
+        qkvb_ptr=qkv_bias if qkv_bias is not None else dummy,
+        dq_ptr=dq, dk_ptr=dk, dv_ptr=dv, dbias_ptr=partial if partial is not None else dummy,
+        dqkvb_ptr=dqkv_bias if dqkv_bias is not None else dummy,
+        sq_b=sq_b, sq_h=sq_h, sq_n=sq_n, sk_b=sk_b, sk_h=sk_h, sk_n=sk_n,
+        sv_b=sv_b, sv_h=sv_h, sv_n=sv_n, so_b=so_b, so_h=so_h, so_n=so_n,
+        sdq_b=sdq_b, sdq_h=sdq_h, sdq_n=sdq_n, sd_b=sd_b, sd_h=sd_h, sd_n=sd_n,
+        **_geometry_args(g), qk_scale=scale * LOG2E, scale=scale, mask_value=mask_value, num_slots=slots,
+        HEADS=heads, D=d, WS=g.window_size, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, GROUP=group,
         HAS_BIAS=bias is not None, BIAS_GRAD=bias_grad, SHARED_SLOTS=shared, HAS_MASK=has_mask,
         FUSED=fused, HAS_QKV_BIAS=qkv_bias is not None, SINGLE=single,
         **dot_switches(q.dtype, q.device), num_warps=8 if bm * bn >= 64 * 64 else 4, num_stages=1,
@@ -441,22 +511,14 @@ def _bwd(q, k, v, qs, ks, vs, o, do, os_, lse, bias, bias_grad, mask, qkv_bias, 
     return partial
 
 
-def _strides(t):
-    return t.stride(0), t.stride(1), t.stride(2)
-
-
-def _core_geometry(q, mask):
-    B_, heads, N, d = q.shape
-    nW = mask.shape[0] if mask is not None else 1
-    return (B_, N, nW, 1, 1, 1, 1, 1, 0, heads * d, 1)
-
-
 def forward(q, k, v, bias, mask, scale: float, out, lse):
     """Core layout. q, k, v [B_, heads, N, d] with unit last stride; bias [heads, N, N] and mask
     [nW, N, N] contiguous or None; out [B_, heads, N, d] and lse [B_, heads, N] fp32, contiguous."""
     _, heads, N, d = q.shape
-    _fwd(q, k, v, _strides(q), _strides(k), _strides(v), out, _strides(out), lse, bias, mask, None,
-         _core_geometry(q, mask), heads, d, scale, 0.0, False, mask is not None)
+    _fwd(q=q, k=k, v=v, q_strides=_strides(q), k_strides=_strides(k), v_strides=_strides(v),
+         out=out, out_strides=_strides(out), lse=lse, bias=bias, mask=mask, qkv_bias=None,
+         geometry=core_geometry(q, mask), heads=heads, d=d, scale=scale, mask_value=0.0,
+         fused=False, has_mask=mask is not None)
     return out, lse
 
 
@@ -465,33 +527,30 @@ def backward(do, q, k, v, out, lse, bias, bias_grad: bool, mask, scale: float, d
     Returns the fp32 dbias [heads, N, N] (or None)."""
     _, heads, N, d = q.shape
     single = blocks(N, d, q.dtype)[3]
+    # with several query tiles per window dq is summed over key tiles (atomics into fp32)
     dq_buf = dq if single else torch.zeros(dq.shape, dtype=torch.float32, device=dq.device)
-    partial = _bwd(q, k, v, _strides(q), _strides(k), _strides(v), out, do, _strides(out), lse, bias,
-                   bias_grad, mask, None, dq_buf, _strides(dq_buf), dk, dv, _strides(dk), None,
-                   _core_geometry(q, mask), heads, d, scale, 0.0, False, mask is not None)
+    partial = _bwd(q=q, k=k, v=v, q_strides=_strides(q), k_strides=_strides(k), v_strides=_strides(v),
+                   out=out, do=do, out_strides=_strides(out), lse=lse, bias=bias, bias_grad=bias_grad,
+                   mask=mask, qkv_bias=None, dq=dq_buf, dq_strides=_strides(dq_buf), dk=dk, dv=dv,
+                   dkv_strides=_strides(dk), dqkv_bias=None, geometry=core_geometry(q, mask), heads=heads,
+                   d=d, scale=scale, mask_value=0.0, fused=False, has_mask=mask is not None)
     if not single:
         dq.copy_(dq_buf)
     return partial.sum(0) if partial is not None else None
-
-
-def _fused_geometry(qkv, window_size: int, shift: int, heads: int):
-    B, H, W, C3 = qkv.shape
-    ws = window_size
-    Hp, Wp = -(-H // ws) * ws, -(-W // ws) * ws
-    nW = (Hp // ws) * (Wp // ws)
-    return (B * nW, ws * ws, nW, Wp // ws, H, W, Hp, Wp, shift, C3 // 3, ws)
 
 
 def fused_forward(qkv, qkv_bias, bias, window_size: int, shift: int, heads: int, scale: float,
                   mask_value: float, out, lse):
     """Fused layout. qkv [B, H, W, 3C] contiguous, qkv_bias [3C] (q/k/v of padded tokens) or None,
     bias [heads, N, N] contiguous or None; out [B, H, W, C] and lse [B*nW, heads, N] fp32."""
-    geometry = _fused_geometry(qkv, window_size, shift, heads)
-    C = geometry[9]
-    d = C // heads
-    qs = (0, d, 3 * C)
-    _fwd(qkv, qkv[..., C:], qkv[..., 2 * C:], qs, qs, qs, out, (0, d, C), lse, bias, None, qkv_bias,
-         geometry, heads, d, scale, mask_value, True, shift > 0)
+    B, H, W, C3 = qkv.shape
+    g = fused_geometry(B, H, W, C3 // 3, window_size, shift)
+    C, d = g.C, g.C // heads
+    qkv_strides = (0, d, 3 * C)   # (window: the token index carries the image, head, token)
+    _fwd(q=qkv, k=qkv[..., C:], v=qkv[..., 2 * C:], q_strides=qkv_strides, k_strides=qkv_strides,
+         v_strides=qkv_strides, out=out, out_strides=(0, d, C), lse=lse, bias=bias, mask=None,
+         qkv_bias=qkv_bias, geometry=g, heads=heads, d=d, scale=scale, mask_value=mask_value,
+         fused=True, has_mask=g.masked)
     return out, lse
 
 
@@ -499,19 +558,21 @@ def fused_backward(do, qkv, qkv_bias, bias, bias_grad: bool, out, lse, window_si
                    heads: int, scale: float, mask_value: float, dqkv, dqkv_bias):
     """dqkv [B, H, W, 3C] (every element written); dqkv_bias fp32 [3C] zeros, receives the padded
     tokens' part of the qkv-bias gradient. Returns the fp32 dbias [heads, N, N] (or None)."""
-    geometry = _fused_geometry(qkv, window_size, shift, heads)
-    C = geometry[9]
-    N = geometry[1]
-    d = C // heads
-    single = blocks(N, d, qkv.dtype)[3]
-    qs = (0, d, 3 * C)
+    B, H, W, C3 = qkv.shape
+    g = fused_geometry(B, H, W, C3 // 3, window_size, shift)
+    C, d = g.C, g.C // heads
+    single = blocks(g.N, d, qkv.dtype)[3]
+    qkv_strides = (0, d, 3 * C)
     if single:
-        dq_buf, dqs = dqkv, qs
+        dq_buf, dq_strides = dqkv, qkv_strides
     else:
-        dq_buf, dqs = torch.zeros(out.shape, dtype=torch.float32, device=out.device), (0, d, C)
-    partial = _bwd(qkv, qkv[..., C:], qkv[..., 2 * C:], qs, qs, qs, out, do, (0, d, C), lse, bias,
-                   bias_grad, None, qkv_bias, dq_buf, dqs, dqkv[..., C:], dqkv[..., 2 * C:], qs,
-                   dqkv_bias, geometry, heads, d, scale, mask_value, True, shift > 0)
+        dq_buf, dq_strides = torch.zeros(out.shape, dtype=torch.float32, device=out.device), (0, d, C)
+    partial = _bwd(q=qkv, k=qkv[..., C:], v=qkv[..., 2 * C:], q_strides=qkv_strides, k_strides=qkv_strides,
+                   v_strides=qkv_strides, out=out, do=do, out_strides=(0, d, C), lse=lse, bias=bias,
+                   bias_grad=bias_grad, mask=None, qkv_bias=qkv_bias, dq=dq_buf, dq_strides=dq_strides,
+                   dk=dqkv[..., C:], dv=dqkv[..., 2 * C:], dkv_strides=qkv_strides, dqkv_bias=dqkv_bias,
+                   geometry=g, heads=heads, d=d, scale=scale, mask_value=mask_value, fused=True,
+                   has_mask=g.masked)
     if not single:
         dqkv[..., :C].copy_(dq_buf)
     return partial.sum(0) if partial is not None else None

@@ -7,7 +7,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..ops.window_attention import relative_position_index, swin_window_attention, window_attention, window_pair
+from ..checks import window_pair
+from ..ops.window_attention import (MASK_VALUE, relative_position_bias, relative_position_index,
+                                    swin_window_attention, window_attention)
 
 
 class WindowAttention(nn.Module):
@@ -64,9 +66,8 @@ class WindowAttention(nn.Module):
 
     def relative_position_bias(self) -> torch.Tensor:
         """``[heads, N, N]``, gathered from the table (one small gather; its gradient reaches the table)."""
-        n = self.window_size[0] * self.window_size[1]
-        return self.relative_position_bias_table[self.relative_position_index.reshape(-1)] \
-            .view(n, n, self.num_heads).permute(2, 0, 1)
+        return relative_position_bias(self.relative_position_bias_table, self.relative_position_index,
+                                      self.num_heads)
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         self._check_dropout()
@@ -99,7 +100,7 @@ class ShiftedWindowAttention(WindowAttention):
 
     def __init__(self, dim: int, window_size, num_heads: int, shift_size: int = 0, qkv_bias: bool = True,
                  qk_scale: Optional[float] = None, attn_drop: float = 0.0, proj_drop: float = 0.0,
-                 mask_value: float = -100.0):
+                 mask_value: float = MASK_VALUE):
         super().__init__(dim, window_size, num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale,
                          attn_drop=attn_drop, proj_drop=proj_drop)
         if self.window_size[0] != self.window_size[1]:

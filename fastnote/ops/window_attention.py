@@ -9,8 +9,7 @@ ignored. Dropout on the attention probabilities is not implemented (``WindowAtte
 """
 from __future__ import annotations
 
-import math
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -18,49 +17,16 @@ from torch import Tensor
 
 from .. import backend, checks, reference
 
-MASK_VALUE = -100.0  # Swin's and timm's value for masked pairs (not -inf)
+# One definition each, shared with the modules: Swin's mask value for pairs across regions, the
+# relative position index and the bias gathered from the table.
+MASK_VALUE = reference.MASK_VALUE
+relative_position_bias = reference.relative_position_bias
 
 
 def relative_position_index(window_size: Union[int, Sequence[int]], device=None) -> Tensor:
     """Swin/timm relative position index ``[Wh*Ww, Wh*Ww]`` (int64) for a square or rectangular
-    window: ``(dh + Wh - 1) * (2*Ww - 1) + (dw + Ww - 1)``; equals ``reference.relative_position_index``
-    for square windows."""
-    wh, ww = window_pair("window_size", window_size)
-    coords = torch.stack(torch.meshgrid(torch.arange(wh, device=device), torch.arange(ww, device=device),
-                                        indexing="ij")).flatten(1)
-    rel = coords[:, :, None] - coords[:, None, :]
-    return (rel[0] + wh - 1) * (2 * ww - 1) + (rel[1] + ww - 1)
-
-
-def window_pair(name: str, window_size) -> Tuple[int, int]:
-    if isinstance(window_size, bool):
-        raise TypeError(f"{name} must be an int or a pair of ints, got {window_size!r}")
-    if isinstance(window_size, int):
-        pair = (window_size, window_size)
-    elif isinstance(window_size, (tuple, list)) and len(window_size) == 2 \
-            and all(isinstance(w, int) and not isinstance(w, bool) for w in window_size):
-        pair = (int(window_size[0]), int(window_size[1]))
-    else:
-        raise TypeError(f"{name} must be an int or a pair of ints, got {window_size!r}")
-    if min(pair) < 1:
-        raise ValueError(f"{name} must be >= 1, got {window_size!r}")
-    return pair
-
-
-def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
-    if torch.is_autocast_enabled(device.type):
-        return torch.get_autocast_dtype(device.type)
-    return None
-
-
-def _scale(scale, d: int) -> float:
-    if scale is None:
-        return d ** -0.5
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
-    return float(scale)
+    window: ``(dh + Wh - 1) * (2*Ww - 1) + (dw + Ww - 1)``."""
+    return reference.relative_position_index(checks.window_pair("window_size", window_size), device=device)
 
 
 def _unit_last_stride(t: Tensor) -> Tensor:
@@ -81,8 +47,8 @@ def _forward_op(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: O
     q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
     out = backend.empty(q.shape, q.dtype, q.device)
     lse = backend.empty(q.shape[:3], torch.float32, q.device)
-    kernels.forward(q, k, v, bias.contiguous() if bias is not None else None,
-                    mask.contiguous() if mask is not None else None, scale, out, lse)
+    bias, mask = checks.contiguous(bias, mask)
+    kernels.forward(q, k, v, bias, mask, scale, out, lse)
     return [out, lse]
 
 
@@ -99,9 +65,8 @@ def _backward_op(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
     q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
     grad = grad.to(q.dtype).contiguous()
     dq, dk, dv = (backend.empty(q.shape, q.dtype, q.device) for _ in range(3))
-    dbias = kernels.backward(grad, q, k, v, out.contiguous(), lse.contiguous(),
-                             bias.contiguous() if bias is not None else None, bias_grad and bias is not None,
-                             mask.contiguous() if mask is not None else None, scale, dq, dk, dv)
+    out, lse, bias, mask = checks.contiguous(out, lse, bias, mask)
+    dbias = kernels.backward(grad, q, k, v, out, lse, bias, bias_grad and bias is not None, mask, scale, dq, dk, dv)
     dbias = dbias.to(bias.dtype) if dbias is not None else q.new_empty(0)
     return [dq, dk, dv, dbias]
 
@@ -134,8 +99,8 @@ def _check_bias(name: str, bias: Optional[Tensor], dtype: torch.dtype, shape) ->
     checks.tensor(name, bias, ndim=len(shape))
     checks.shape(name, bias, shape)
     if bias.dtype not in (dtype, torch.float32):
-        raise TypeError(f"{name} must have the dtype of the attention inputs ({str(dtype).replace('torch.', '')}) "
-                        f"or float32, got {str(bias.dtype).replace('torch.', '')}")
+        raise TypeError(f"{name} must have the dtype of the attention inputs ({checks.dtype_name(dtype)}) "
+                        f"or float32, got {checks.dtype_name(bias.dtype)}")
 
 
 def window_attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None,
@@ -174,8 +139,8 @@ def window_attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = N
             raise ValueError("mask must not require grad: it is a constant (Swin's shift mask buffer) and "
                              "window_attention computes no gradient for it; pass mask.detach()")
     checks.same_device(q=q, k=k, v=v, bias=bias, mask=mask)
-    scale = _scale(scale, d)
-    dtype = _autocast_dtype(q.device)
+    scale = checks.scale(scale, d)
+    dtype = checks.autocast_dtype(q.device)
     if dtype is not None:
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
@@ -193,20 +158,20 @@ def _block_forward_op(qkv: Tensor, qkv_bias: Optional[Tensor], bias: Optional[Te
                       num_heads: int, shift_size: int, scale: float, mask_value: float) -> List[Tensor]:
     from ..triton_kernels import window_attention as kernels
 
-    qkv = qkv.contiguous()
+    qkv, qkv_bias, bias = checks.contiguous(qkv, qkv_bias, bias)
     B, H, W, C3 = qkv.shape
     out = backend.empty((B, H, W, C3 // 3), qkv.dtype, qkv.device)
     lse = backend.empty(_lse_shape(qkv, window_size, num_heads), torch.float32, qkv.device)
-    kernels.fused_forward(qkv, qkv_bias.contiguous() if qkv_bias is not None else None,
-                          bias.contiguous() if bias is not None else None, window_size, shift_size,
-                          num_heads, scale, mask_value, out, lse)
+    kernels.fused_forward(qkv, qkv_bias, bias, window_size, shift_size, num_heads, scale, mask_value, out, lse)
     return [out, lse]
 
 
 def _lse_shape(qkv, window_size, num_heads):
-    B, H, W, _ = qkv.shape
-    nW = -(-H // window_size) * -(-W // window_size)
-    return (B * nW, num_heads, window_size * window_size)
+    from ..triton_kernels import window_attention as kernels
+
+    B, H, W, C3 = qkv.shape
+    g = kernels.fused_geometry(B, H, W, C3 // 3, window_size, 0)
+    return (g.num_windows, num_heads, g.N)
 
 
 @_block_forward_op.register_fake
@@ -222,15 +187,13 @@ def _block_backward_op(grad: Tensor, qkv: Tensor, qkv_bias: Optional[Tensor], bi
                        scale: float, mask_value: float, bias_grad: bool) -> List[Tensor]:
     from ..triton_kernels import window_attention as kernels
 
-    qkv = qkv.contiguous()
+    qkv, qkv_bias, bias, out, lse = checks.contiguous(qkv, qkv_bias, bias, out, lse)
     grad = grad.to(qkv.dtype).contiguous()
     dqkv = backend.empty(qkv.shape, qkv.dtype, qkv.device)
-    dqkv_bias = torch.zeros(qkv.shape[-1], dtype=torch.float32, device=qkv.device)
+    dqkv_bias = torch.zeros(qkv.shape[-1], dtype=torch.float32, device=qkv.device)  # accumulated into
     bias_grad = bias_grad and bias is not None
-    dbias = kernels.fused_backward(grad, qkv, qkv_bias.contiguous() if qkv_bias is not None else None,
-                                   bias.contiguous() if bias is not None else None, bias_grad,
-                                   out.contiguous(), lse.contiguous(), window_size, shift_size, num_heads,
-                                   scale, mask_value, dqkv, dqkv_bias)
+    dbias = kernels.fused_backward(grad, qkv, qkv_bias, bias, bias_grad, out, lse, window_size, shift_size,
+                                   num_heads, scale, mask_value, dqkv, dqkv_bias)
     return [dqkv,
             dqkv_bias.to(qkv_bias.dtype) if qkv_bias is not None else qkv.new_empty(0),
             dbias.to(bias.dtype) if dbias is not None else qkv.new_empty(0)]
@@ -260,6 +223,36 @@ def _block_backward(ctx, grads):
 _block_forward_op.register_autograd(_block_backward, setup_context=_block_setup_context)
 
 
+def _check_block(x, qkv_weight, qkv_bias, proj_weight, proj_bias, table, window_size, num_heads, shift_size,
+                 index, scale, mask_value):
+    """Checks of ``swin_window_attention``; returns (window, heads, shift, scale)."""
+    checks.tensor("x", x, ndim=4)
+    C = x.shape[-1]
+    wh, ww = checks.window_pair("window_size", window_size)
+    if wh != ww:
+        raise ValueError(f"window_size must be square for swin_window_attention, got {window_size!r}")
+    num_heads = checks.integer("num_heads", num_heads, minimum=1)
+    if C % num_heads:
+        raise ValueError(f"num_heads must divide C = x.shape[-1] = {C}, got {num_heads}")
+    shift_size = checks.integer("shift_size", shift_size, minimum=0, below=wh, what=" (0 to window_size - 1)")
+    for name, t, shape in (("qkv_weight", qkv_weight, [3 * C, C]), ("qkv_bias", qkv_bias, [3 * C]),
+                           ("proj_weight", proj_weight, [C, C]), ("proj_bias", proj_bias, [C]),
+                           ("relative_position_bias_table", table, [(2 * wh - 1) ** 2, num_heads])):
+        if t is not None or name.endswith("weight") or name.endswith("table"):
+            checks.tensor(name, t, ndim=len(shape))
+            checks.shape(name, t, shape)
+    if index is not None:
+        checks.tensor("relative_position_index", index, ndim=2, dtypes=(torch.int64, torch.int32))
+        checks.shape("relative_position_index", index, [wh * wh, wh * wh])
+    checks.same_device(x=x, qkv_weight=qkv_weight, qkv_bias=qkv_bias, proj_weight=proj_weight, proj_bias=proj_bias,
+                       relative_position_bias_table=table, relative_position_index=index)
+    if checks.autocast_dtype(x.device) is None:
+        checks.same_dtype(x=x, qkv_weight=qkv_weight, qkv_bias=qkv_bias, proj_weight=proj_weight,
+                          proj_bias=proj_bias, relative_position_bias_table=table)
+    checks.real("mask_value", mask_value)
+    return wh, num_heads, shift_size, checks.scale(scale, C // num_heads)
+
+
 def swin_window_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor], proj_weight: Tensor,
                           proj_bias: Optional[Tensor], relative_position_bias_table: Tensor,
                           window_size: int, num_heads: int, shift_size: int = 0,
@@ -275,6 +268,10 @@ def swin_window_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tens
     mask are index arithmetic in the kernels. ``relative_position_index`` defaults to Swin's.
     Gradients reach x and every parameter.
 
+    Along an axis whose padded size the window covers (a 7x7 map with window 7: the last stage of
+    every Swin at 224) the shift is dropped, as torchvision's ``ShiftedWindowAttention`` does and
+    as the original Swin code and timm decide when they build such a block.
+
     >>> import torch, fastnote
     >>> x = torch.randn(1, 9, 9, 32)
     >>> y = fastnote.swin_window_attention(x, torch.randn(96, 32), torch.zeros(96), torch.randn(32, 32),
@@ -282,43 +279,12 @@ def swin_window_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tens
     >>> y.shape
     torch.Size([1, 9, 9, 32])
     """
-    checks.tensor("x", x, ndim=4)
-    B, H, W, C = x.shape
-    wh, ww = window_pair("window_size", window_size)
-    if wh != ww:
-        raise ValueError(f"window_size must be square for swin_window_attention, got {window_size!r}")
-    ws = wh
-    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1 or C % num_heads:
-        raise ValueError(f"num_heads must be a positive int dividing C = x.shape[-1] = {C}, got {num_heads!r}")
-    if isinstance(shift_size, bool) or not isinstance(shift_size, int) or not 0 <= shift_size < ws:
-        raise ValueError(f"shift_size must be an int in [0, window_size) = [0, {ws}), got {shift_size!r}")
-    checks.tensor("qkv_weight", qkv_weight, ndim=2)
-    checks.shape("qkv_weight", qkv_weight, [3 * C, C])
-    if qkv_bias is not None:
-        checks.tensor("qkv_bias", qkv_bias, ndim=1)
-        checks.shape("qkv_bias", qkv_bias, [3 * C])
-    checks.tensor("proj_weight", proj_weight, ndim=2)
-    checks.shape("proj_weight", proj_weight, [C, C])
-    if proj_bias is not None:
-        checks.tensor("proj_bias", proj_bias, ndim=1)
-        checks.shape("proj_bias", proj_bias, [C])
-    checks.tensor("relative_position_bias_table", relative_position_bias_table, ndim=2)
-    checks.shape("relative_position_bias_table", relative_position_bias_table, [(2 * ws - 1) ** 2, num_heads])
-    N = ws * ws
+    ws, num_heads, shift_size, scale = _check_block(x, qkv_weight, qkv_bias, proj_weight, proj_bias,
+                                                    relative_position_bias_table, window_size, num_heads,
+                                                    shift_size, relative_position_index, scale, mask_value)
     if relative_position_index is None:
         relative_position_index = reference.relative_position_index(ws, device=x.device)
-    checks.tensor("relative_position_index", relative_position_index, ndim=2, dtypes=(torch.int64, torch.int32))
-    checks.shape("relative_position_index", relative_position_index, [N, N])
-    checks.same_device(x=x, qkv_weight=qkv_weight, qkv_bias=qkv_bias, proj_weight=proj_weight, proj_bias=proj_bias,
-                       relative_position_bias_table=relative_position_bias_table,
-                       relative_position_index=relative_position_index)
-    autocast = _autocast_dtype(x.device)
-    if autocast is None:
-        checks.same_dtype(x=x, qkv_weight=qkv_weight, qkv_bias=qkv_bias, proj_weight=proj_weight,
-                          proj_bias=proj_bias, relative_position_bias_table=relative_position_bias_table)
-    if not isinstance(mask_value, (int, float)) or isinstance(mask_value, bool):
-        raise TypeError(f"mask_value must be a float, got {type(mask_value).__name__}")
-    scale = _scale(scale, C // num_heads)
+    autocast = checks.autocast_dtype(x.device)
 
     if not backend.use_triton(x.device):
         return reference.swin_block_attention(x, qkv_weight, qkv_bias, proj_weight, proj_bias,
@@ -328,7 +294,7 @@ def swin_window_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tens
 
     qkv = F.linear(x, qkv_weight, qkv_bias)                      # [B, H, W, 3C], no partitioned copy
     # One tiny gather ([heads, N, N]); its backward scatters dbias into the table.
-    bias = relative_position_bias_table[relative_position_index.reshape(-1)].view(N, N, num_heads).permute(2, 0, 1)
+    bias = relative_position_bias(relative_position_bias_table, relative_position_index, num_heads)
     pad_bias = qkv_bias.to(qkv.dtype) if qkv_bias is not None else None
     if autocast is not None:
         bias = bias.to(autocast)
