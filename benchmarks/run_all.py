@@ -17,7 +17,7 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-NOT_OP_SCRIPTS = {"harness.py", "run_all.py", "parity_report.py", "make_table.py"}
+NOT_OP_SCRIPTS = {"run_all.py", "parity_report.py", "make_table.py"}
 ENTRY = "harness.main("
 
 
@@ -28,6 +28,8 @@ def discover(directory: str = HERE) -> list:
         if not name.endswith(".py") or name.startswith("_") or name in NOT_OP_SCRIPTS:
             continue
         path = os.path.join(directory, name)
+        if not os.path.isfile(path):  # a folder (a package) is no script, whatever its name
+            continue
         with open(path, encoding="utf-8") as f:
             if ENTRY in f.read():
                 found.append(path)

@@ -133,6 +133,12 @@ def test_make_table_without_results_or_markers(tmp_path):
     assert readme.read_text() == "# no markers here\n"
 
 
+def _stand_in_gpu_timers(harness, monkeypatch):
+    """do_bench and the memory probe replaced (2 ms, 12.5 MB), where the measurement looks them up."""
+    monkeypatch.setattr(harness.timing, "_time_cuda", lambda fn, leaves: (fn(), [2.0, 1.0, 4.0])[1])
+    monkeypatch.setattr(harness.timing, "_peak_memory_mb", lambda fn, leaves, device: (fn(), 12.5)[1])
+
+
 def test_harness_gpu_rows_with_a_stand_in_timer(tmp_path, monkeypatch):
     """The rows a GPU run writes (memory, GB/s, % of copy and nominal bandwidth, NaN on OOM),
     exercised on the CPU with do_bench and the memory probe replaced."""
@@ -143,8 +149,7 @@ def test_harness_gpu_rows_with_a_stand_in_timer(tmp_path, monkeypatch):
         import harness
     finally:
         sys.path.remove(BENCH)
-    monkeypatch.setattr(harness, "_time_cuda", lambda fn, leaves: (fn(), [2.0, 1.0, 4.0])[1])
-    monkeypatch.setattr(harness, "_peak_memory_mb", lambda fn, leaves, device: (fn(), 12.5)[1])
+    _stand_in_gpu_timers(harness, monkeypatch)
 
     def oom(inputs, case):
         def fn():
@@ -216,3 +221,36 @@ def test_interleaved_cpu_timing_survives_a_failing_provider(tmp_path):
     by = {r["provider"]: r for r in rows}
     assert math.isfinite(float(by["good"]["p50"])) and math.isnan(float(by["bad"]["p50"]))
     assert "fails on purpose" in json.loads(by["bad"]["config"])["note"]
+
+
+def test_harness_tf32_peak_under_the_new_fp32_precision_api(monkeypatch):
+    """Once torch's ``fp32_precision`` is set, its legacy TF32 getters raise; the % of peak
+    TFLOP/s row of an fp32 case reads the setting without raising and takes the TF32 peak."""
+    import torch
+
+    sys.path.insert(0, BENCH)
+    try:
+        import harness
+    finally:
+        sys.path.remove(BENCH)
+    _stand_in_gpu_timers(harness, monkeypatch)
+    bench = harness.Benchmark(
+        op="toy_matmul", make_inputs=lambda case, device: {"x": torch.randn(4, 8, requires_grad=True)},
+        providers=[harness.Provider("eager", lambda inputs, case: lambda: inputs["x"] * 2)],
+        cases=[harness.Case("N", 32, {"dtype": "fp32"})], smoke_cases=[], modes=("fwd",),
+        flops=lambda case, mode: 2e9,  # 2 GFLOP in 2 ms -> 1 TFLOP/s
+    )
+    run = harness._Run(device=torch.device("cpu"), smoke=False, cpu_timing=False, slug="fake-h100",
+                       gpu="NVIDIA H100 80GB HBM3", warmup=0, repeats=1, peak_gbps=None, peak_tflops=None,
+                       copy_gbps=None, meta=dict(gpu="NVIDIA H100 80GB HBM3", torch="t", triton="t",
+                                                 fastnote_commit="c", timestamp="now"))
+    matmul = torch.backends.cuda.matmul
+    previous = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "tf32"
+        rows, failures = harness.run_benchmark(bench, run, bench.cases, ["fwd"], bench.providers, False)
+    finally:
+        matmul.fp32_precision = previous
+    assert failures == 0
+    (peak,) = [r for r in rows if r["unit"] == "% of peak TFLOP/s"]
+    assert peak["p50"] == pytest.approx(100 * 1.0 / 494)

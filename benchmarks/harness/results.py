@@ -1,0 +1,109 @@
+"""Results: the rows of one measurement (time, memory, throughput and % of peak), the line
+printed for it, the note a failed provider carries, and the CSV they are written to."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from typing import List
+
+import torch
+
+from .environment import _is_oom, nominal_peak
+from .spec import Case
+
+COLUMNS = ["op", "provider", "mode", "metric", "unit", "x_name", "x_value", "p50", "p20", "p80",
+           "config", "gpu", "torch", "triton", "fastnote_commit", "timestamp"]
+
+
+def _throughput_rows(bench, run, case, mode, times):
+    """[(unit, p50, p20, p80)]: a shorter time is a higher throughput, so p20 comes from p80."""
+    t50, t20, t80 = times
+    rows = []
+
+    def rate(amount, scale):
+        return [amount / scale / (t * 1e-3) if t and t > 0 else float("nan") for t in (t50, t80, t20)]
+
+    nbytes = bench.bytes_moved(case, mode) if bench.bytes_moved else None
+    if nbytes:
+        gbps = rate(nbytes, 1e9)
+        rows.append(("GB/s", *gbps))
+        if run.copy_gbps:
+            rows.append(("% of copy BW", *[100 * v / run.copy_gbps for v in gbps]))
+        peak = run.peak_gbps or (nominal_peak(run.gpu).get("gbps") if not run.cpu_timing else None)
+        if peak:
+            rows.append(("% of peak BW", *[100 * v / peak for v in gbps]))
+    nflops = bench.flops(case, mode) if bench.flops else None
+    if nflops:
+        tflops = rate(nflops, 1e12)
+        rows.append(("TFLOP/s", *tflops))
+        peak = run.peak_tflops
+        if peak is None and not run.cpu_timing:
+            # Imported here, not at the top: it imports triton, which only the GPU path needs.
+            from fastnote.triton_kernels.utils import fp32_matmul_allows_tf32
+
+            name = case.config.get("dtype")
+            if name == "fp32" and fp32_matmul_allows_tf32():
+                name = "tf32"
+            peak = nominal_peak(run.gpu).get(name)
+        if peak:
+            rows.append(("% of peak TFLOP/s", *[100 * v / peak for v in tflops]))
+    return rows
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "nan"
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.6g}"
+    return str(v)
+
+
+def _rows(bench, run, case, provider, mode, times, memory, note):
+    config = dict(case.config)
+    if run.cpu_timing and not run.smoke:
+        config["threads"] = torch.get_num_threads()
+    if note:
+        config["note"] = note
+    base = {"op": bench.op, "provider": provider, "mode": mode, "x_name": case.x_name,
+            "x_value": case.x_value, "config": json.dumps(config), **run.meta}
+    out = [dict(base, metric="time", unit="ms", p50=times[0], p20=times[1], p80=times[2])]
+    if not run.cpu_timing:
+        out.append(dict(base, metric="memory", unit="MB", p50=memory, p20=memory, p80=memory))
+    for unit, p50, p20, p80 in _throughput_rows(bench, run, case, mode, times):
+        out.append(dict(base, metric="throughput", unit=unit, p50=p50, p20=p20, p80=p80))
+    return out
+
+
+def _describe(case: Case) -> str:
+    cfg = ", ".join(f"{k}={v}" for k, v in case.config.items())
+    return f"{case.x_name}={case.x_value} [{cfg}]"
+
+
+def _setup_note(exc: BaseException) -> str:
+    """The note a failed provider's rows carry."""
+    return "OOM" if _is_oom(exc) else f"{type(exc).__name__}: {exc}"[:300]
+
+
+def _print_result(bench, provider, mode, case, rows, note):
+    parts = []
+    for r in rows:
+        v = r["p50"]
+        if r["metric"] == "time":
+            parts.append(f"{_fmt(v)} ms")
+        elif r["metric"] == "memory":
+            parts.append(f"{_fmt(v)} MB")
+        elif r["unit"] in ("GB/s", "TFLOP/s") or r["unit"].startswith("%"):
+            parts.append(f"{_fmt(v)} {r['unit']}")
+    tail = f"  [{note}]" if note else ""
+    print(f"  {bench.op:<14} {provider:<14} {mode:<4} {_describe(case)}: {', '.join(parts)}{tail}")
+
+
+def write_csv(path: str, rows: List[dict]) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: _fmt(r[k]) if k in ("p50", "p20", "p80") else r[k] for k in COLUMNS})
