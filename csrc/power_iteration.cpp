@@ -1,5 +1,8 @@
-// Spectral-norm power iteration (SPEC.md section 6): the op schema, the CPU kernel and the
-// autograd/version-counter wiring. The CUDA kernel lives in power_iteration_cuda.cu.
+// fastnote::spectral_power_iteration_ (SPEC.md section 6): the op's schema, its CPU kernel and its
+// Autograd-key kernel, laid out as pytorch/extension-cpp lays out an op (schema and CPU kernel
+// here, the CUDA kernel in power_iteration_cuda.cu). The Python fast path built on the op,
+// fastnote._C.spectral_weight, is in spectral_weight.cpp: it is a pybind function with its own
+// autograd, not part of the op, and torch.compile never sees it.
 //
 // fastnote::spectral_power_iteration_(weight [h, w], u [h], v [w], n, eps, add_rule, u_first)
 //   runs n iterations in place on u and v and returns (sigma, copy of u, copy of v).
@@ -11,13 +14,11 @@
 //   third pass over W. With n == 0 sigma takes one pass (W v, then the dot with u).
 // The copies of u and v are what the autograd side saves: the buffers themselves change again on
 // the next call (GAN training runs D(real) and D(fake) before one backward).
-//
-// fastnote._C.spectral_weight (pybind, the front ends' eager path) is the op plus W / sigma with
-// its gradient, in one call from Python: see DivideBySigma below.
-#include <torch/extension.h>
-
-#include <ATen/Parallel.h>
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -208,15 +209,6 @@ FASTNOTE_TARGET_CLONES void scale_f32(float* y, const float* x, float r, int64_t
   for (int64_t i = 0; i < n; ++i) y[i] = x[i] * r;
 }
 
-// out = W * r for a contiguous fp32 matrix, rows split over threads as mat_vec splits them (first
-// to last), so each thread scales the rows whose reads are still in its cache.
-void scale_rows_f32(const float* W, float* out, int64_t h, int64_t w, float r) {
-  const int64_t grain = std::max<int64_t>(4, kGrainElems / std::max<int64_t>(w, 1));
-  at::parallel_for(0, h, grain, [&](int64_t begin, int64_t end) {
-    scale_f32(out + begin * w, W + begin * w, r, (end - begin) * w);
-  });
-}
-
 template <typename acc_t>
 acc_t sum_squares(const acc_t* t, int64_t n) {
   return dot_row<acc_t, acc_t>(t, t, n);
@@ -340,99 +332,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> power_iteration_cpu(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> power_iteration_autograd(
     const at::Tensor& weight, at::Tensor& u, at::Tensor& v, int64_t n_power_iterations, double eps,
     bool add_rule, bool u_first) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("fastnote::spectral_power_iteration_", "")
-                       .typed<decltype(power_iteration_cpu)>();
   std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
   {
     at::AutoDispatchBelowADInplaceOrView guard;
-    out = op.call(weight, u, v, n_power_iterations, eps, add_rule, u_first);
+    out = power_iteration_op().call(weight, u, v, n_power_iterations, eps, add_rule, u_first);
   }
   if (n_power_iterations > 0) {
     u.unsafeGetTensorImpl()->bump_version();
     v.unsafeGetTensorImpl()->bump_version();
   }
   return out;
-}
-
-at::Tensor as_matrix(const at::Tensor& t, int64_t dim) {
-  const at::Tensor m = dim == 0 ? t : t.movedim(dim, 0);
-  return m.reshape({m.size(0), -1});
-}
-
-at::Tensor from_matrix(const at::Tensor& mat, const at::Tensor& like, int64_t dim) {
-  if (dim == 0) return mat.reshape(like.sizes());
-  std::vector<int64_t> shape(like.sizes().begin(), like.sizes().end());
-  const int64_t d = shape[dim];
-  shape.erase(shape.begin() + dim);
-  shape.insert(shape.begin(), d);
-  return mat.reshape(shape).movedim(0, dim);
-}
-
-// weight / sigma as weight * (1 / sigma): one rounding more than a division (<= 1 ulp apart),
-// and a vector division is compute-bound on CPUs (a 512 KB weight: 23 us against ~5 us).
-at::Tensor scale_by_inverse(const at::Tensor& weight, const at::Tensor& sigma, const std::optional<at::Tensor>& out) {
-  if (weight.device().is_cpu() && weight.scalar_type() == at::kFloat && weight.dim() >= 1 && weight.is_contiguous()
-      && sigma.device().is_cpu() && sigma.scalar_type() == at::kFloat
-      && (!out.has_value() || (out->is_contiguous() && out->sizes() == weight.sizes()))) {
-    at::Tensor o = out.has_value() ? *out : at::empty(weight.sizes(), weight.options());
-    const int64_t h = weight.size(0);
-    // 1 / sigma rounded to fp32 once, as sigma.reciprocal() would give it
-    const float inv = 1.0f / *sigma.const_data_ptr<float>();
-    scale_rows_f32(weight.const_data_ptr<float>(), o.mutable_data_ptr<float>(), h, h ? weight.numel() / h : 0, inv);
-    return o;
-  }
-  const at::Tensor inv = sigma.reciprocal();
-  if (!out.has_value()) return weight * inv;
-  at::Tensor o = *out;
-  return at::mul_out(o, weight, inv);
-}
-
-// weight / sigma with sigma = u . (W_mat v), u and v constants, sigma's value given (the kernel's):
-// dL/dW = G / sigma - (<G, W> / sigma^2) u v^T. Under create_graph the backward recomputes sigma
-// from weight with ATen ops, so the second derivative sees sigma's dependence on W.
-struct DivideBySigma : public torch::autograd::Function<DivideBySigma> {
-  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& weight,
-                            const at::Tensor& sigma, const at::Tensor& u, const at::Tensor& v, int64_t dim,
-                            const std::optional<at::Tensor>& out) {
-    ctx->save_for_backward({weight, sigma, u, v});
-    ctx->saved_data["dim"] = dim;
-    return scale_by_inverse(weight, sigma, out);
-  }
-
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
-                                                 torch::autograd::variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const at::Tensor& weight = saved[0];
-    at::Tensor sigma = saved[1];
-    const at::Tensor& u = saved[2];
-    const at::Tensor& v = saved[3];
-    const int64_t dim = ctx->saved_data["dim"].toInt();
-    const at::Tensor& grad = grads[0];
-    const bool create_graph = at::GradMode::is_enabled();
-    if (create_graph) sigma = at::dot(u, at::mv(as_matrix(weight, dim), v));
-    const at::Tensor c = at::dot(grad.reshape({-1}), weight.reshape({-1})) / (sigma * sigma);
-    at::Tensor g = as_matrix(grad, dim) / sigma;
-    g = create_graph ? at::addr(g, u * -c, v) : g.addr_(u * -c, v);
-    return {from_matrix(g, weight, dim), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
-  }
-};
-
-// The front ends' whole step in one call from Python: n iterations on the buffers u, v in place
-// (through the registered op), then weight / sigma, differentiable w.r.t. weight (twice). `out`,
-// when given, receives W / sigma (the caller's reusable buffer for large CPU weights).
-at::Tensor spectral_weight(const at::Tensor& weight, at::Tensor& u, at::Tensor& v, int64_t dim,
-                           int64_t n_power_iterations, double eps, bool add_rule, bool u_first,
-                           const std::optional<at::Tensor>& out) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("fastnote::spectral_power_iteration_", "")
-                       .typed<decltype(power_iteration_cpu)>();
-  const at::Tensor mat = as_matrix(weight, dim);
-  auto [sigma, u_c, v_c] = op.call(mat, u, v, n_power_iterations, eps, add_rule, u_first);
-  if (at::GradMode::is_enabled() && weight.requires_grad()) {
-    return DivideBySigma::apply(weight, sigma, u_c, v_c, dim, out);
-  }
-  return scale_by_inverse(weight, sigma, out);
 }
 
 }  // namespace
@@ -461,10 +370,28 @@ at::Tensor matrix_with_unit_column_stride(const at::Tensor& weight) {
   return rows_ok && cols_ok ? weight : weight.contiguous();
 }
 
+// Mirrors mat_vec's split (first row to last), so each thread scales the rows whose reads are
+// still in its cache.
+void scale_rows_f32(const float* W, float* out, int64_t h, int64_t w, float r) {
+  const int64_t grain = std::max<int64_t>(4, kGrainElems / std::max<int64_t>(w, 1));
+  at::parallel_for(0, h, grain, [&](int64_t begin, int64_t end) {
+    scale_f32(out + begin * w, W + begin * w, r, (end - begin) * w);
+  });
+}
+
+const c10::TypedOperatorHandle<PowerIterationFn>& power_iteration_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fastnote::spectral_power_iteration_", "")
+                             .typed<PowerIterationFn>();
+  return op;
+}
+
 }  // namespace fastnote
 
 // The Python side defines other ops in the `fastnote` namespace with torch.library.custom_op
 // (Library(..., "FRAGMENT")); a fragment here coexists with those and with any later C++ op file.
+// TORCH_LIBRARY(fastnote) would claim the namespace instead: a second claim fails, and during the
+// extension's static initialisation that aborts the process.
 TORCH_LIBRARY_FRAGMENT(fastnote, m) {
   m.def(
       "spectral_power_iteration_(Tensor weight, Tensor(a!) u, Tensor(b!) v, int n_power_iterations, "
@@ -477,17 +404,4 @@ TORCH_LIBRARY_IMPL(fastnote, CPU, m) {
 
 TORCH_LIBRARY_IMPL(fastnote, Autograd, m) {
   m.impl("spectral_power_iteration_", &fastnote::power_iteration_autograd);
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "fastnote C++/CUDA kernels; the ops register themselves under torch.ops.fastnote";
-  m.def("spectral_weight", &fastnote::spectral_weight, pybind11::arg("weight"), pybind11::arg("u"),
-        pybind11::arg("v"), pybind11::arg("dim"), pybind11::arg("n_power_iterations"), pybind11::arg("eps"),
-        pybind11::arg("add_rule"), pybind11::arg("u_first"), pybind11::arg("out") = pybind11::none(),
-        "n power iterations on u, v in place, then weight / sigma, differentiable w.r.t. weight");
-#ifdef FASTNOTE_WITH_CUDA
-  m.attr("with_cuda") = true;
-#else
-  m.attr("with_cuda") = false;
-#endif
 }

@@ -597,6 +597,46 @@ def test_fallback_without_extension_warns_and_matches(monkeypatch):
         ours(x)
 
 
+# Linear, Conv2d and ConvTranspose2d weights: dim=1 is the one that moves an axis
+LAYOUTS = [((7, 9), 0), ((6, 4, 3, 3), 0), ((4, 6, 3, 3), 1)]
+
+
+def _spectral_weight_and_grads(w0, u0, v0, dim, u_first, grad_out):
+    """pi.spectral_weight's W / sigma, updated u and v, dL/dW and a second derivative."""
+    w = w0.clone().requires_grad_()
+    u, v = u0.clone(), v0.clone()
+    out = pi.spectral_weight(w, u, v, dim, 2, 1e-12, False, u_first)
+    out.backward(grad_out)
+    w2 = w0.clone().requires_grad_()
+    out2 = pi.spectral_weight(w2, u0.clone(), v0.clone(), dim, 2, 1e-12, False, u_first)
+    (g,) = torch.autograd.grad(out2, w2, grad_out, create_graph=True)
+    (gg,) = torch.autograd.grad(g.square().sum(), w2)
+    return out, u, v, w.grad, gg, type(out.grad_fn).__name__
+
+
+@needs_ext
+@pytest.mark.parametrize("python_path", ["op", "torch ops"])
+@pytest.mark.parametrize("u_first", [False, True])
+@pytest.mark.parametrize("shape,dim", LAYOUTS, ids=[f"{len(s)}d-dim{d}" for s, d in LAYOUTS])
+def test_fast_path_matches_python_path(shape, dim, u_first, python_path, monkeypatch):
+    # _C.spectral_weight lays the weight out and back with its own C++ as_matrix / from_matrix;
+    # the Python path (the op or torch ops, then _DivideBySigma) with pi.as_matrix / _from_matrix.
+    w0 = torch.randn(shape)
+    h = shape[dim]
+    u0 = F.normalize(torch.randn(h), dim=0)
+    v0 = F.normalize(torch.randn(w0.numel() // h), dim=0)
+    grad_out = torch.randn(shape)
+    fast = _spectral_weight_and_grads(w0, u0, v0, dim, u_first, grad_out)
+    monkeypatch.setattr(pi, "_PLAIN_TYPES", ())  # what a tensor subclass gets
+    if python_path == "torch ops":
+        monkeypatch.setenv("FASTNOTE_BACKEND", "reference")  # the path without the extension
+    slow = _spectral_weight_and_grads(w0, u0, v0, dim, u_first, grad_out)
+    assert fast[-1] != "_DivideBySigmaBackward" and slow[-1] == "_DivideBySigmaBackward"
+    for name, a, b in zip(("W / sigma", "u", "v", "dL/dW", "second derivative"), fast, slow):
+        assert a.shape == b.shape, name
+        _close(a, b, name)
+
+
 def test_import_without_extension_falls_back():
     import subprocess
     import sys

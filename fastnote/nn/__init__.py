@@ -2,7 +2,7 @@
 from .activation import Hardsigmoid, Hardswish
 from .self_attention import SelfAttention
 from . import utils
-from .spectral_norm import SpectralNorm
+from .sagan_spectral_norm import SpectralNorm
 from .squeeze_excitation import SqueezeExcitation
 from .window_attention import ShiftedWindowAttention, WindowAttention
 

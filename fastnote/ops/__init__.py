@@ -1,11 +1,29 @@
 """One file per op: input checks, backend choice, the torch.library custom op with its fake and
 autograd registrations, and the functional entry point.
 
-Pattern (every op follows it):
+Pattern (every Triton op follows it):
 - the functional entry checks its inputs, then asks ``backend.use_triton(device)``;
 - the reference path calls ``fastnote.reference`` directly (plain torch ops: autograd, AMP and
   torch.compile work natively);
 - the kernel path calls a ``fastnote::<op>`` custom op whose implementation launches the kernel;
   its backward is another custom op, wired with ``register_autograd``; both have
   ``register_fake`` so ``torch.compile(fullgraph=True)`` traces them and ``opcheck`` passes.
+
+``power_iteration`` differs because its kernels are C++/CUDA (``fastnote._C``), not Triton: its op
+is defined in C++ with ``TORCH_LIBRARY_FRAGMENT`` (only the fake is registered from Python), it
+mutates the u and v buffers in place and is a constant for autograd, and ``W / sigma`` gets its
+gradient from an autograd function rather than ``register_autograd``. Its own ``_use_kernel``
+decides, since what matters is whether the extension was built (with CUDA), not Triton. Its
+fallback is the op's own semantics as torch ops (in place, either order, the weight's dtype,
+complex included), not ``fastnote.reference``, which upcasts, returns new vectors and knows only
+the v-then-u order.
+
+Where a new op's pieces go:
+1. the maths (SPEC.md) as plain torch in ``fastnote/reference.py``;
+2. the kernel in ``triton_kernels/<op>.py`` (or C++/CUDA in ``csrc/``);
+3. ``fastnote/ops/<op>.py``: checks (``fastnote.checks``), backend choice, custom op + fake +
+   autograd, the functional entry;
+4. the module in ``fastnote/nn/<module>.py``;
+5. ``tests/test_<op>.py`` and ``benchmarks/<op>.py``, plus its launches in the sm_90 build check
+   ``tests/aot_compile.py`` and a ``ParityEntry`` in ``benchmarks/parity_report.py``.
 """

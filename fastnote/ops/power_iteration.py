@@ -8,8 +8,8 @@ of u and v for the backward.
 
 sigma and ``W / sigma`` stay differentiable, twice:
 
-- eager, with the extension: one C++ call, ``_C.spectral_weight``: the op, then a C++ autograd
-  function for ``W / sigma`` (computed as ``W * (1 / sigma)``) with
+- eager, with the extension: one C++ call, ``_C.spectral_weight`` (csrc/spectral_weight.cpp): the
+  op, then a C++ autograd function for ``W / sigma`` (computed as ``W * (1 / sigma)``) with
   ``dL/dW = G / sigma - (<G, W> / sigma^2) u v^T``; under ``create_graph`` its backward recomputes
   sigma as ``u . (W v)`` with ATen ops, so double backward (gradient penalties) is exact.
   ``_DivideBySigma`` below is the same function in Python, for the path without the extension.
@@ -23,8 +23,6 @@ that path on purpose, without the warning.
 """
 from __future__ import annotations
 
-import math
-import numbers
 import warnings
 from typing import Optional, Tuple
 
@@ -121,6 +119,11 @@ def iterate_(weight_mat: Tensor, u: Tensor, v: Tensor, n_power_iterations: int, 
 
 # ------------------------------------------------------------------------------------------------
 # Weight <-> matrix layout (torch's reshape_weight_to_matrix)
+#
+# csrc/spectral_weight.cpp has the same pair in C++ for ``_C.spectral_weight``, whose forward and
+# backward never come back to Python; these serve every other path (no extension, torch.compile,
+# tensor subclasses, the parametrization's warm-up). The two must agree: the u and v buffers carry
+# over from one path to the other (tests/test_spectral_norm.py compares the paths).
 # ------------------------------------------------------------------------------------------------
 def as_matrix(weight: Tensor, dim: int) -> Tensor:
     """``weight`` with axis ``dim`` moved first, flattened to [h, w] (a view when it can be)."""
@@ -186,7 +189,7 @@ class OutputPool:
 
 class _DivideBySigma(torch.autograd.Function):
     """weight / sigma, sigma = u . (W_mat v) with u, v constants and its value given (the path
-    without the extension; csrc/power_iteration.cpp holds its C++ twin)."""
+    without the extension; csrc/spectral_weight.cpp holds its C++ twin)."""
 
     @staticmethod
     def forward(ctx, weight, sigma, u, v, dim, out):
@@ -251,25 +254,6 @@ def spectral_weight(weight: Tensor, u: Tensor, v: Tensor, dim: int, n_power_iter
     return torch.div(weight, sigma) if out is None else torch.div(weight, sigma, out=out)
 
 
-# ------------------------------------------------------------------------------------------------
-# Argument checks shared with the nn front ends
-# ------------------------------------------------------------------------------------------------
-def check_n_power_iterations(value, minimum: int, name: str = "n_power_iterations") -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
-def check_eps(eps) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
-        raise TypeError(f"eps must be a float, got {type(eps).__name__}")
-    if not (eps > 0 and math.isfinite(eps)):
-        raise ValueError(f"eps must be a finite number > 0, got {eps}")
-    return float(eps)
-
-
 def power_iteration(weight_mat: Tensor, u: Tensor, v: Tensor, n_power_iterations: int = 1,
                     eps: float = 1e-12, rule: str = "max") -> Tuple[Tensor, Tensor, Tensor]:
     """Power iteration for the largest singular value of ``weight_mat`` [h, w] (SPEC.md section 6).
@@ -293,8 +277,8 @@ def power_iteration(weight_mat: Tensor, u: Tensor, v: Tensor, n_power_iterations
     checks.same_dtype(weight_mat=weight_mat, u=u, v=v)
     checks.shape("u", u, [weight_mat.shape[0]])
     checks.shape("v", v, [weight_mat.shape[1]])
-    n = check_n_power_iterations(n_power_iterations, 0)
-    eps = check_eps(eps)
+    n = checks.integer("n_power_iterations", n_power_iterations, minimum=0)
+    eps = checks.real("eps", eps, positive=True)
     checks.choice("rule", rule, _RULES)
 
     u_new = u.detach().clone(memory_format=torch.contiguous_format)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from ... import checks
 from ...ops import power_iteration as _pi
 
 __all__ = ["spectral_norm"]
@@ -29,9 +30,9 @@ class _SpectralNorm(nn.Module):
         ndim = weight.ndim
         if dim >= ndim or dim < -ndim:
             raise IndexError(f"dim out of range: expected a value in [-{ndim}, {ndim - 1}], got {dim}")
-        _pi.check_n_power_iterations(n_power_iterations, 1)
+        checks.integer("n_power_iterations", n_power_iterations, minimum=1)
         self.dim = dim if dim >= 0 else dim + ndim
-        self.eps = _pi.check_eps(eps)
+        self.eps = checks.real("eps", eps, positive=True)
         self._pool = _pi.OutputPool()
         if ndim > 1:
             self.n_power_iterations = n_power_iterations

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ... import checks
 from ...ops import power_iteration as _pi
 
 # the module, not the function torch.nn.utils re-exports under the same name
@@ -108,8 +109,8 @@ def spectral_norm(module: T_module, name: str = "weight", n_power_iterations: in
         raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
     if not isinstance(name, str):
         raise TypeError(f"name must be a str, got {type(name).__name__}")
-    _pi.check_n_power_iterations(n_power_iterations, 1)
-    eps = _pi.check_eps(eps)
+    checks.integer("n_power_iterations", n_power_iterations, minimum=1)
+    eps = checks.real("eps", eps, positive=True)
     if dim is None:
         dim = 1 if isinstance(module, _TRANSPOSED) else 0
     elif isinstance(dim, bool) or not isinstance(dim, int):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import checks
 from ..ops import power_iteration as _pi
 
 __all__ = ["SpectralNorm"]
@@ -40,7 +41,7 @@ class SpectralNorm(nn.Module):
             raise TypeError(f"name must be a str, got {type(name).__name__}")
         self.module = module
         self.name = name
-        self.power_iterations = _pi.check_n_power_iterations(power_iterations, 0, "power_iterations")
+        self.power_iterations = checks.integer("power_iterations", power_iterations, minimum=0)
         self._pool = _pi.OutputPool()
         if not self._made_params():
             self._make_params()
