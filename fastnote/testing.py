@@ -40,3 +40,24 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, kind: str, dtype=
         actual.float(), expected.float(), atol=atol, rtol=rtol, equal_nan=False,
         msg=(lambda m: f"{msg}\n{m}") if msg else None,
     )
+
+
+# Unit roundoff of each dtype (half the gap between 1 and the next number).
+UNIT_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
+
+
+def rms_relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """``rms(actual - expected) / rms(expected)`` in float64 (0 for empty or all-zero tensors
+    compared with themselves). Unlike a max-abs test scaled by the largest entry, it is one
+    number per tensor that neither the tensor's scale nor one large entry can loosen."""
+    a, e = actual.detach().double(), expected.detach().double()
+    if a.numel() == 0:
+        return 0.0
+    num = (a - e).square().mean().sqrt().item()
+    den = e.square().mean().sqrt().item()
+    return num / den if den > 0 else (0.0 if num == 0 else float("inf"))
+
+
+def assert_rms_close(actual: torch.Tensor, expected: torch.Tensor, bound: float, msg: str = "") -> None:
+    err = rms_relative_error(actual, expected)
+    assert err <= bound, f"{msg + ': ' if msg else ''}RMS-relative error {err:.3g} > {bound:.3g}"

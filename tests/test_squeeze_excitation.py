@@ -106,6 +106,7 @@ def test_no_bias(device):
     assert_close(got, want, "reduction")
 
 
+@pytest.mark.no_kernel
 def test_errors(device):
     x, w1, b1, w2, b2 = _inputs(2, 8, 4, 4, 4, device)
     with pytest.raises(ValueError, match="x must have 4 dimensions"):
@@ -193,6 +194,7 @@ def test_module_rejects_unknown_activation():
         fastnote.nn.SqueezeExcitation(8, 4, activation=nn.GELU)
 
 
+@pytest.mark.no_kernel
 def test_wide_squeeze_takes_reference_path(device):
     # Squeeze widths past MAX_SQUEEZE are not held on chip: the op falls back to the reference.
     from fastnote.ops.squeeze_excitation import MAX_SQUEEZE

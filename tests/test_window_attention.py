@@ -8,9 +8,14 @@ from torch import nn
 import fastnote
 from fastnote import reference
 from fastnote.ops import window_attention as ops
-from fastnote.testing import assert_close
+from fastnote.testing import UNIT_ROUNDOFF, assert_close, assert_rms_close
 
 KIND = "two_matmul"
+# fp16/bf16 gradients, RMS-relative to the fp32 reference, in units of the dtype's roundoff u: the
+# inputs are rounded (u), P and dS are rounded before their matmuls (u each), the fp32 result is
+# rounded (u), and the errors of the chained steps add in quadrature over many terms: 8u bounds
+# the whole chain per tensor (bf16: 3.1e-2, fp16: 3.9e-3), whatever the tensor's scale.
+HALF_RMS_BOUND = 8
 
 
 def _swin_mask(nW, N, generator=None):
@@ -116,6 +121,7 @@ def test_core_non_contiguous_and_qkv_views(device):
     assert_close(fastnote.window_attention(qt, qt, qt), reference.window_attention(qt, qt, qt), KIND)
 
 
+@pytest.mark.no_kernel
 def test_core_empty_batch(device):
     q = torch.randn(0, 2, 49, 32, device=device, requires_grad=True)
     bias = torch.randn(2, 49, 49, device=device, requires_grad=True)
@@ -181,6 +187,7 @@ def test_core_half_gpu(device, dtype, B, nW, heads, N, d):
 # Errors
 # ------------------------------------------------------------------------------------------------
 
+@pytest.mark.no_kernel
 def test_core_errors(device):
     q = torch.randn(4, 2, 9, 16, device=device)
     with pytest.raises(ValueError, match="mask"):
@@ -270,7 +277,7 @@ def test_compile_fullgraph(device, compile_backend):
 
     compiled = torch.compile(f, fullgraph=True, backend=compile_backend)
     got = compiled(q, k, v, bias, mask)
-    want = f(q, k, v, bias, mask)
+    want = reference.window_attention(q * 1.5, k, v, bias=bias, mask=mask).square().sum()
     assert_close(got, want, KIND)
     for a, b in zip(torch.autograd.grad(got, (q, k, v, bias)), torch.autograd.grad(want, (q, k, v, bias))):
         assert_close(a, b, KIND)
@@ -281,10 +288,14 @@ def test_compile_fullgraph_block(device, compile_backend):
     m = fastnote.nn.ShiftedWindowAttention(32, 4, 2, shift_size=2).to(device)
     x = torch.randn(1, 6, 7, 32, device=device, requires_grad=True)
     compiled = torch.compile(m, fullgraph=True, backend=compile_backend)
-    got, want = compiled(x), m(x)
+    got = compiled(x)
+    params = (m.qkv.weight, m.qkv.bias, m.proj.weight, m.proj.bias, m.relative_position_bias_table)
+    want = reference.swin_block_attention(x, *params, 4, 2, 2)
     assert_close(got, want, KIND)
     g = torch.randn_like(want)
-    assert_close(torch.autograd.grad(got, x, g)[0], torch.autograd.grad(want, x, g)[0], KIND)
+    for name, a, b in zip(("x", "qkv.weight", "qkv.bias", "proj.weight", "proj.bias", "table"),
+                          torch.autograd.grad(got, (x,) + params, g), torch.autograd.grad(want, (x,) + params, g)):
+        assert_close(a, b, KIND, msg=name)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -389,6 +400,7 @@ def test_module_qk_scale_head_dim_and_4d_input(device):
     assert_close(y, m.proj(ref.transpose(1, 2).reshape(3, 16, 16)).reshape(3, 4, 4, 32), KIND)
 
 
+@pytest.mark.no_kernel
 def test_module_empty_batch(device):
     m = fastnote.nn.WindowAttention(32, 7, 2).to(device)
     x = torch.randn(0, 49, 32, device=device, requires_grad=True)
@@ -481,10 +493,14 @@ def test_block_autocast_bf16(device):
     ref = reference.swin_block_attention(x, m.qkv.weight, m.qkv.bias, m.proj.weight, m.proj.bias,
                                          m.relative_position_bias_table, 4, 2, 2)
     assert_close(y, ref, KIND, dtype=torch.bfloat16)
-    y.float().sum().backward()
-    assert m.relative_position_bias_table.grad is not None and torch.isfinite(x.grad).all()
+    params = (x, m.qkv.weight, m.qkv.bias, m.proj.weight, m.proj.bias, m.relative_position_bias_table)
+    g = torch.randn_like(ref)
+    for name, a, b in zip(("x", "qkv.weight", "qkv.bias", "proj.weight", "proj.bias", "table"),
+                          torch.autograd.grad(y, params, g.to(y.dtype)), torch.autograd.grad(ref, params, g)):
+        assert_rms_close(a, b, HALF_RMS_BOUND * UNIT_ROUNDOFF[torch.bfloat16], msg=name)
 
 
+@pytest.mark.no_kernel
 def test_block_empty_batch(device):
     m = fastnote.nn.ShiftedWindowAttention(16, 4, 2, shift_size=2).to(device)
     x = torch.randn(0, 5, 5, 16, device=device, requires_grad=True)
@@ -511,9 +527,8 @@ def test_block_half_gpu(device, dtype, B, H, W, C, heads, ws, shift):
     grad = torch.randn_like(ref)
     got = _grads(out, [xh] + ph, grad.to(dtype))
     want = _grads(ref, (x,) + tuple(params), grad)
-    for a, b in zip(got, want):
-        scale = max(1.0, b.abs().max().item())  # weight/table gradients sum over B*H*W tokens
-        assert_close(a.float() / scale, b / scale, KIND, dtype=dtype)
+    for name, a, b in zip(("x", "qkv.weight", "qkv.bias", "proj.weight", "proj.bias", "table"), got, want):
+        assert_rms_close(a, b, HALF_RMS_BOUND * UNIT_ROUNDOFF[dtype], msg=name)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 q [B, d_qk, N], k [B, d_qk, N_k], v [B, d_v, N_k]; P = softmax(q^T k) (no 1/sqrt(d) scaling),
 O = v P^T [B, d_v, N], out = gamma * O + x. Nothing of size N * N_k ever reaches memory.
 
-forward   ``_forward_kernel``, grid (query tile, d_v tile, batch). Each program streams the key
+forward   ``_forward_kernel``, grid (batch x query tile, d_v tile). Each program streams the key
           tiles with an online softmax (running max and sum in fp32) and accumulates its
           [BLOCK_M, BLOCK_DV] slice of O; the epilogue writes gamma * O + x straight into
           [B, d_v, N] (and O itself in fp32, which backward needs for r below), plus the per-row
@@ -18,20 +18,25 @@ backward  all gradients are computed for the attention O with upstream dO = dOut
           dS = P * (dP - D)).
           ``_preprocess_kernel``: r[b, n] = sum_c dOut[b, c, n] * O[b, c, n] (fp32);
           gamma's gradient is sum(r), and D = gamma * r.
-          ``_dkdv_kernel``, grid (key tile, d_v tile, batch): each program owns a block of keys
+          ``_dkdv_kernel``, grid (batch x key tile, d_v tile): each program owns a block of keys
           and loops over all queries, recomputing P^T from q, k and the log-sum-exp, and
           accumulates dv = P^T dO for its d_v tile; the d_v tile 0 programs also compute
           dP^T = v^T dO over all of d_v (a loop over d_v chunks) and dk = dS^T q^T. When d_v fits
           one tile (SAGAN up to C = 128 in fp16/bf16) this is one fused launch; otherwise a second
           launch of the same kernel, without dk, covers the remaining d_v tiles.
-          ``_dq_kernel``, grid (query tile, batch): loops over key tiles, dq = dS k^T.
+          ``_dq_kernel``, grid (batch x query tile): loops over key tiles, dq = dS k^T.
           No atomics: every output element is written by exactly one program.
 
 All accumulation is fp32; P and dS are cast to the input dtype before their matmuls (as flash
 attention does), so fp16/bf16 inputs use the tensor cores. Logits are never scaled or
 exponentiated before the running max is subtracted, so unscaled SAGAN logits of any size stay
-finite in every dtype. Batch offsets are int64; within one batch an input must span < 2^31
-elements (``batch_strided`` makes an input contiguous where its strides say otherwise).
+finite in every dtype. Offsets: the batch offset and each program's first value channel (the
+products that pass 2^31 first: d_v * N elements in one image) are int64 scalars; offsets within a
+tile stay int32, which keeps the address arithmetic of the [BLOCK, BLOCK] tiles in 32-bit
+registers (int64 tile offsets cost the fp16/bf16 forward 150 bytes of spills at sm_90). So a
+tensor of any size is addressed in place, provided one image's q, k and one d_v tile (128
+channels) span fewer than 2^31 elements, i.e. N below 16M positions; ``check_sizes`` raises
+beyond that. The batch is folded into grid axis 0 with the tiles, so it has no 65,535 limit.
 """
 from __future__ import annotations
 
@@ -49,6 +54,15 @@ PREPROCESS_BLOCK_C = 32
 
 
 @triton.jit
+def _batch_and_tile(n, BLOCK: tl.constexpr):
+    """(batch entry as int64, tile index) of this program: grid axis 0 runs over batch x tiles,
+    since axes 1 and 2 are limited to 65,535 and a batch is not."""
+    pid = tl.program_id(0)
+    tiles = tl.cdiv(n, BLOCK)
+    return (pid // tiles).to(tl.int64), pid % tiles
+
+
+@triton.jit
 def _forward_kernel(q_ptr, k_ptr, v_ptr, x_ptr, gamma_ptr, out_ptr, o_ptr, lse_ptr,
                     N, NK, DQK, DV,
                     sq_b, sq_c, sq_n, sk_b, sk_c, sk_n, sv_b, sv_c, sv_n, sx_b, sx_c, sx_n,
@@ -56,17 +70,17 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, x_ptr, gamma_ptr, out_ptr, o_ptr, lse_p
                     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
-    pid_m = tl.program_id(0)
+    b, pid_m = _batch_and_tile(N, BLOCK_M)
     pid_v = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
     ch = tl.arange(0, BLOCK_D)
     ch_ok = ch < DQK
-    cv = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
-    cv_ok = cv < DV
+    v0 = pid_v.to(tl.int64) * BLOCK_DV      # this program's first value channel
+    cv = tl.arange(0, BLOCK_DV)             # relative to v0
+    cv_ok = cv < DV - pid_v * BLOCK_DV      # int32 masks: int64 vectors cost registers
     k_base = k_ptr + b * sk_b
-    v_base = v_ptr + b * sv_b
+    v_base = v_ptr + b * sv_b + v0 * sv_c
 
     # q^T tile [BLOCK_M, BLOCK_D]: query positions are q's last (contiguous) axis.
     qt = tl.load(q_ptr + b * sq_b + rows[:, None] * sq_n + ch[None, :] * sq_c,
@@ -93,16 +107,17 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, x_ptr, gamma_ptr, out_ptr, o_ptr, lse_p
 
     o = acc / l_i[:, None]
     # out, o: contiguous [B, DV, N], written transposed from the [query, channel] tile.
-    offs = b * DV * N + cv[None, :] * N + rows[:, None]
+    base = (b * DV + v0) * N                # int64 scalar, added to the pointers first:
+    offs = cv[None, :] * N + rows[:, None]  # the tile's offsets stay int32
     mask = row_ok[:, None] & cv_ok[None, :]
     y = o
     if HAS_RESIDUAL:
         gamma = tl.load(gamma_ptr).to(tl.float32)
-        xt = tl.load(x_ptr + b * sx_b + rows[:, None] * sx_n + cv[None, :] * sx_c, mask=mask, other=0.0)
+        xt = tl.load(x_ptr + b * sx_b + v0 * sx_c + rows[:, None] * sx_n + cv[None, :] * sx_c, mask=mask, other=0.0)
         y = gamma * o + xt.to(tl.float32)
-    tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + base + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
     if STORE_O:
-        tl.store(o_ptr + offs, o, mask=mask)
+        tl.store(o_ptr + base + offs, o, mask=mask)
     if pid_v == 0:
         tl.store(lse_ptr + b * N + rows, m_i + tl.log(l_i), mask=row_ok)
 
@@ -111,15 +126,19 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, x_ptr, gamma_ptr, out_ptr, o_ptr, lse_p
 def _preprocess_kernel(do_ptr, o_ptr, r_ptr, N, DV, sdo_b, sdo_c, sdo_n,
                        BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
     # r[b, n] = sum_c dOut[b, c, n] * O[b, c, n]; O contiguous [B, DV, N].
-    b = tl.program_id(1).to(tl.int64)
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    b, pid_n = _batch_and_tile(N, BLOCK_N)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     acc = tl.zeros([BLOCK_C, BLOCK_N], tl.float32)
+    do_base = do_ptr + b * sdo_b
+    o_base = o_ptr + b * DV * N
+    ch = tl.arange(0, BLOCK_C)
     for c0 in range(0, DV, BLOCK_C):
-        ch = c0 + tl.arange(0, BLOCK_C)
-        mask = (ch < DV)[:, None] & row_ok[None, :]
-        do = tl.load(do_ptr + b * sdo_b + ch[:, None] * sdo_c + rows[None, :] * sdo_n, mask=mask, other=0.0)
-        o = tl.load(o_ptr + b * DV * N + ch[:, None] * N + rows[None, :], mask=mask, other=0.0)
+        mask = (ch < DV - c0)[:, None] & row_ok[None, :]
+        do = tl.load(do_base + ch[:, None] * sdo_c + rows[None, :] * sdo_n, mask=mask, other=0.0)
+        o = tl.load(o_base + ch[:, None] * N + rows[None, :], mask=mask, other=0.0)
+        do_base += BLOCK_C * sdo_c   # pointers advance by whole chunks: channel offsets stay small
+        o_base += BLOCK_C * N
         acc += do.to(tl.float32) * o.to(tl.float32)
     tl.store(r_ptr + b * N + rows, tl.sum(acc, 0), mask=row_ok)
 
@@ -133,23 +152,25 @@ def _dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, r_ptr, gamma_ptr, dk_ptr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     # Works on the transposed problem: S^T [keys, queries] = k^T q, so each key block's dk, dv
     # rows stay in this program's registers. SINGLE_DV: all of d_v is this program's tile.
-    pid_n = tl.program_id(0)
+    b, pid_n = _batch_and_tile(NK, BLOCK_N)
     pid_v = tl.program_id(1) + DV_TILE0
-    b = tl.program_id(2).to(tl.int64)
+    v0 = pid_v.to(tl.int64) * BLOCK_DV
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < NK
     ch = tl.arange(0, BLOCK_D)
     ch_ok = ch < DQK
-    cv = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
-    cv_ok = cv < DV
+    cv = tl.arange(0, BLOCK_DV)             # relative to v0
+    cv_ok = cv < DV - pid_v * BLOCK_DV
     q_base = q_ptr + b * sq_b
     v_base = v_ptr + b * sv_b
     do_base = do_ptr + b * sdo_b
+    v_tile = v_base + v0 * sv_c
+    do_tile = do_base + v0 * sdo_c
 
     kt = tl.load(k_ptr + b * sk_b + cols[:, None] * sk_n + ch[None, :] * sk_c,
                  mask=col_ok[:, None] & ch_ok[None, :], other=0.0)
     if SINGLE_DV:
-        vt = tl.load(v_base + cols[:, None] * sv_n + cv[None, :] * sv_c,
+        vt = tl.load(v_tile + cols[:, None] * sv_n + cv[None, :] * sv_c,
                      mask=col_ok[:, None] & cv_ok[None, :], other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
@@ -163,7 +184,7 @@ def _dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, r_ptr, gamma_ptr, dk_ptr,
         # Padded key rows are never stored, but exp(0 - lse) may overflow there: keep them finite.
         st = dot(kt, qq, PRECISION, UPCAST) - lse[None, :]
         pt = tl.exp(tl.where(col_ok[:, None], st, float("-inf")))
-        dout = tl.load(do_base + cv[:, None] * sdo_c + rows[None, :] * sdo_n,
+        dout = tl.load(do_tile + cv[:, None] * sdo_c + rows[None, :] * sdo_n,
                        mask=cv_ok[:, None] & row_ok[None, :], other=0.0)
         dv += dot(pt.to(dout.dtype), tl.trans(dout), PRECISION, UPCAST)
         if WITH_DK:
@@ -171,14 +192,17 @@ def _dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, r_ptr, gamma_ptr, dk_ptr,
                 dpt = dot(vt, dout, PRECISION, UPCAST)
             else:
                 dpt = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+                vc_ptr = v_base
+                doc_ptr = do_base
                 for c0 in range(0, DV, BLOCK_DV):
-                    cc = c0 + tl.arange(0, BLOCK_DV)
-                    cc_ok = cc < DV
-                    vc = tl.load(v_base + cols[:, None] * sv_n + cc[None, :] * sv_c,
+                    cc_ok = cv < DV - c0
+                    vc = tl.load(vc_ptr + cols[:, None] * sv_n + cv[None, :] * sv_c,
                                  mask=col_ok[:, None] & cc_ok[None, :], other=0.0)
-                    doc = tl.load(do_base + cc[:, None] * sdo_c + rows[None, :] * sdo_n,
+                    doc = tl.load(doc_ptr + cv[:, None] * sdo_c + rows[None, :] * sdo_n,
                                   mask=cc_ok[:, None] & row_ok[None, :], other=0.0)
                     dpt += dot(vc, doc, PRECISION, UPCAST)
+                    vc_ptr += BLOCK_DV * sv_c
+                    doc_ptr += BLOCK_DV * sdo_c
             r = tl.load(r_ptr + b * N + rows, mask=row_ok, other=0.0)
             dst = pt * (dpt - r[None, :])
             dk += dot(dst.to(qq.dtype), tl.trans(qq), PRECISION, UPCAST)
@@ -187,7 +211,7 @@ def _dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, r_ptr, gamma_ptr, dk_ptr,
     if HAS_GAMMA:
         gamma = tl.load(gamma_ptr).to(tl.float32)
     # dk, dv: contiguous [B, DQK, NK] and [B, DV, NK].
-    tl.store(dv_ptr + b * DV * NK + cv[None, :] * NK + cols[:, None],
+    tl.store(dv_ptr + (b * DV + v0) * NK + (cv[None, :] * NK + cols[:, None]),
              (gamma * dv).to(dv_ptr.dtype.element_ty), mask=col_ok[:, None] & cv_ok[None, :])
     if WITH_DK:
         tl.store(dk_ptr + b * DQK * NK + ch[None, :] * NK + cols[:, None],
@@ -201,8 +225,7 @@ def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, r_ptr, gamma_ptr, dq_ptr,
                HAS_GAMMA: tl.constexpr, SINGLE_DV: tl.constexpr,
                PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
-    pid_m = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    b, pid_m = _batch_and_tile(N, BLOCK_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
     ch = tl.arange(0, BLOCK_D)
@@ -235,14 +258,18 @@ def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, r_ptr, gamma_ptr, dq_ptr,
             dp = dot(dout, vv, PRECISION, UPCAST)
         else:
             dp = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            cc = tl.arange(0, BLOCK_DV)
+            doc_ptr = do_base
+            vc_ptr = v_base
             for c0 in range(0, DV, BLOCK_DV):
-                cc = c0 + tl.arange(0, BLOCK_DV)
-                cc_ok = cc < DV
-                doc = tl.load(do_base + rows[:, None] * sdo_n + cc[None, :] * sdo_c,
+                cc_ok = cc < DV - c0
+                doc = tl.load(doc_ptr + rows[:, None] * sdo_n + cc[None, :] * sdo_c,
                               mask=row_ok[:, None] & cc_ok[None, :], other=0.0)
-                vc = tl.load(v_base + cc[:, None] * sv_c + cols[None, :] * sv_n,
+                vc = tl.load(vc_ptr + cc[:, None] * sv_c + cols[None, :] * sv_n,
                              mask=cc_ok[:, None] & col_ok[None, :], other=0.0)
                 dp += dot(doc, vc, PRECISION, UPCAST)
+                doc_ptr += BLOCK_DV * sdo_c
+                vc_ptr += BLOCK_DV * sv_c
         ds = p * (dp - r[:, None])
         dq += dot(ds.to(kk.dtype), tl.trans(kk), PRECISION, UPCAST)
 
@@ -285,11 +312,14 @@ def _config(q: torch.Tensor, N: int, NK: int, DV: int, backward: bool) -> dict:
     )
 
 
-def batch_strided(t: torch.Tensor) -> torch.Tensor:
-    """``t`` as is when offsets within one batch entry fit in int32 (the kernels' index type
-    below the batch axis), else a contiguous copy."""
-    span = sum((s - 1) * abs(st) for s, st in zip(t.shape[1:], t.stride()[1:]) if s > 0)
-    return t if span < 2**31 else t.contiguous()
+def check_sizes(q: torch.Tensor, v: torch.Tensor) -> None:
+    """The in-tile offsets are int32: one image's rows of q/k and a d_v tile of v, x, out must span
+    fewer than 2^31 elements (positions times channel strides; met below 16M positions)."""
+    N, NK = q.shape[2], v.shape[2]
+    span = max(MAX_BLOCK_DV, q.shape[1]) * max(N, NK)
+    if span >= 2**31:
+        raise ValueError(f"sagan_attention supports up to {2**31 // max(MAX_BLOCK_DV, q.shape[1]):,} positions per "
+                         f"image (the kernels' in-tile offsets are 32-bit), got N = {N:,}, N_k = {NK:,}")
 
 
 def forward(q, k, v, x, gamma, out, o, lse) -> None:
@@ -304,7 +334,7 @@ def forward(q, k, v, x, gamma, out, o, lse) -> None:
     cfg = _config(q, N, NK, DV, backward=False)
     has_res = x is not None
     xs = x.stride() if has_res else (0, 0, 0)
-    grid = (triton.cdiv(N, cfg["BLOCK_M"]), triton.cdiv(DV, cfg["BLOCK_DV"]), B)
+    grid = (B * triton.cdiv(N, cfg["BLOCK_M"]), triton.cdiv(DV, cfg["BLOCK_DV"]))
     _forward_kernel[grid](
         q, k, v, x if has_res else q, gamma if has_res else lse, out, o if o is not None else lse, lse,
         N, NK, q.shape[1], DV, *q.stride(), *k.stride(), *v.stride(), *xs,
@@ -322,7 +352,7 @@ def backward(grad, q, k, v, o, lse, gamma, dq, dk, dv, r) -> None:
     if B == 0:
         return
     if N:
-        _preprocess_kernel[(triton.cdiv(N, PREPROCESS_BLOCK_N), B)](
+        _preprocess_kernel[(B * triton.cdiv(N, PREPROCESS_BLOCK_N),)](
             grad, o, r, N, DV, *grad.stride(), BLOCK_N=PREPROCESS_BLOCK_N, BLOCK_C=PREPROCESS_BLOCK_C,
             num_warps=4,
         )
@@ -335,11 +365,11 @@ def backward(grad, q, k, v, o, lse, gamma, dq, dk, dv, r) -> None:
             *q.stride(), *k.stride(), *v.stride(), *grad.stride())
     common = dict(HAS_GAMMA=has_gamma, SINGLE_DV=n_dv == 1, **cfg)
     key_tiles = triton.cdiv(NK, cfg["BLOCK_N"])
-    _dkdv_kernel[(key_tiles, 1, B)](*args, 0, WITH_DK=True, **common)
+    _dkdv_kernel[(B * key_tiles, 1)](*args, 0, WITH_DK=True, **common)
     if n_dv > 1:
-        _dkdv_kernel[(key_tiles, n_dv - 1, B)](*args, 1, WITH_DK=False, **common)
+        _dkdv_kernel[(B * key_tiles, n_dv - 1)](*args, 1, WITH_DK=False, **common)
     if N:
-        _dq_kernel[(triton.cdiv(N, cfg["BLOCK_M"]), B)](
+        _dq_kernel[(B * triton.cdiv(N, cfg["BLOCK_M"]),)](
             q, k, v, grad, lse, r, gamma if has_gamma else r, dq, N, NK, DQK, DV,
             *q.stride(), *k.stride(), *v.stride(), *grad.stride(), **common,
         )

@@ -53,8 +53,15 @@ run-dependent.
 For ``N > 64`` the tile of one program no longer holds ``dS``; partials and dq (which sums over key
 blocks) are then accumulated with uncontended ``tl.atomic_add`` into fp32 buffers owned by the
 program (no two programs touch the same element of ``dq``; a partial slot belongs to one program).
-In the fused layout the zero-padded tokens' dk/dv (their part of the qkv-bias gradient) are
-summed per program and added with one ``tl.atomic_add`` per feature into a ``[3C]`` fp32 vector.
+In the fused layout the zero-padded tokens' dk/dv (their part of the qkv-bias gradient) are summed
+per program in registers and written as one ``[2, d]`` partial per (program, head), which torch
+sums: no atomics.
+
+Determinism. Forward and backward give bitwise-identical results from run to run, except where
+shared dbias slots are used (large N with few windows, above): there several programs add into
+one slot and the order varies. ``torch.use_deterministic_algorithms(True)`` turns the sharing
+off (one slot per program, at the partials' extra memory traffic). The other atomics (dq and the
+partials for N > 64) add into addresses that only one program touches, in its loop order.
 
 Bytes model (minimum traffic, T = B*nW * heads * N * d * itemsize; bias ``heads*N*N`` and mask
 ``nW*N*N`` are small and come from L2; with one tile per window a program loads its head's bias
@@ -81,7 +88,8 @@ from fastnote.backend import empty
 
 from .utils import dot, dot_switches, next_pow2
 
-LOG2E: tl.constexpr = 1.4426950408889634  # scores are kept in base-2 units (exp2)
+# Scores are kept in base-2 units (exp2). A global the kernels read must be a tl.constexpr instance.
+LOG2E = tl.constexpr(1.4426950408889634)
 
 # Largest padded N whose full score tile one program holds; beyond it, 64 x 64 tiles.
 SINGLE_TILE_MAX_N = 64
@@ -260,6 +268,8 @@ def _bwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, bias_ptr, mask_ptr,
     d_ok = cols_d < D
     db_base = ((rest % num_slots).to(tl.int64) * HEADS + h) * N * N
     db_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    pad_dk = tl.zeros([BLOCK_D], dtype=tl.float32)
+    pad_dv = tl.zeros([BLOCK_D], dtype=tl.float32)
     if SINGLE:
         rows = tl.arange(0, BLOCK_M)
         cols = tl.arange(0, BLOCK_N)
@@ -325,10 +335,14 @@ def _bwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, bias_ptr, mask_ptr,
                 if FUSED:
                     if HAS_QKV_BIAS:
                         pad = ((cols < N) & ~in_k)[:, None]
-                        tl.atomic_add(dqkvb_ptr + C + h * D + cols_d, tl.sum(tl.where(pad, dk_acc, 0.0), axis=0),
-                                      mask=d_ok)
-                        tl.atomic_add(dqkvb_ptr + 2 * C + h * D + cols_d, tl.sum(tl.where(pad, dv_acc, 0.0), axis=0),
-                                      mask=d_ok)
+                        pad_dk += tl.sum(tl.where(pad, dk_acc, 0.0), axis=0)
+                        pad_dv += tl.sum(tl.where(pad, dv_acc, 0.0), axis=0)
+    if FUSED:
+        if HAS_QKV_BIAS:
+            # this program's part of the padded tokens' k/v-bias gradient: partial [rest, h, 2, D]
+            pad_base = (rest.to(tl.int64) * HEADS + h) * 2 * D
+            tl.store(dqkvb_ptr + pad_base + cols_d, pad_dk, mask=d_ok)
+            tl.store(dqkvb_ptr + pad_base + D + cols_d, pad_dv, mask=d_ok)
     if SINGLE:
         if BIAS_GRAD:
             r = tl.arange(0, BLOCK_M)
@@ -463,7 +477,7 @@ def _fwd(*, q, k, v, q_strides, k_strides, v_strides, out, out_strides, lse, bia
         qkvb_ptr=qkv_bias if qkv_bias is not None else dummy,
         sq_b=sq_b, sq_h=sq_h, sq_n=sq_n, sk_b=sk_b, sk_h=sk_h, sk_n=sk_n,
         sv_b=sv_b, sv_h=sv_h, sv_n=sv_n, so_b=so_b, so_h=so_h, so_n=so_n,
-        **_geometry_args(g), qk_scale=scale * LOG2E, mask_value=mask_value,
+        **_geometry_args(g), qk_scale=scale * LOG2E.value, mask_value=mask_value,
         HEADS=heads, D=d, WS=g.window_size, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, GROUP=group,
         HAS_BIAS=bias is not None, HAS_MASK=has_mask, FUSED=fused, HAS_QKV_BIAS=qkv_bias is not None,
         SINGLE=single, **dot_switches(q.dtype, q.device),
@@ -474,12 +488,16 @@ def _fwd(*, q, k, v, q_strides, k_strides, v_strides, out, out_strides, lse, bia
 def _bwd(*, q, k, v, q_strides, k_strides, v_strides, out, do, out_strides, lse, bias, bias_grad, mask,
          qkv_bias, dq, dq_strides, dk, dv, dkv_strides, dqkv_bias, geometry: Geometry, heads, d, scale,
          mask_value, fused, has_mask):
-    """Returns the fp32 bias-gradient partials [slots, heads, N, N] (or None)."""
+    """Returns the fp32 partials of the bias gradient, [slots, heads, N, N], and (fused layout with
+    a qkv bias, ``dqkv_bias`` given as a flag) of the padded tokens' k/v-bias gradient,
+    [programs per head, heads, 2, d]; either may be None."""
     g = geometry
     bm, bn, bd, single = blocks(g.N, d, q.dtype)
     group = backward_group(g.num_images, g.nW, heads, g.N, d)
     n_groups = triton.cdiv(g.num_images, group) * g.nW   # programs per head
     slots = dbias_slots(n_groups, g.num_windows * heads * g.N * d * q.element_size(), heads, g.N)
+    if torch.are_deterministic_algorithms_enabled():
+        slots = n_groups   # one slot per program: no atomics, a fixed summation order
     shared = slots < n_groups
     partial = None
     if bias_grad:
@@ -487,8 +505,12 @@ def _bwd(*, q, k, v, q_strides, k_strides, v_strides, out, do, out_strides, lse,
         # accumulated into (atomics) unless each program writes its own slot whole
         partial = torch.zeros(shape, dtype=torch.float32, device=q.device) if (shared or not single) \
             else empty(shape, torch.float32, q.device)
+    pad_partial = None
+    if dqkv_bias is not None and qkv_bias is not None:
+        # written whole: every (program, head) writes its [2, d] slice once
+        pad_partial = empty((n_groups, heads, 2, d), torch.float32, q.device)
     if g.num_windows == 0 or g.N == 0:
-        return partial.zero_() if partial is not None else None
+        return (partial.zero_() if partial is not None else None), None
     dummy = lse
     (sq_b, sq_h, sq_n), (sk_b, sk_h, sk_n), (sv_b, sv_h, sv_n), (so_b, so_h, so_n) = \
         q_strides, k_strides, v_strides, out_strides
@@ -498,17 +520,17 @@ def _bwd(*, q, k, v, q_strides, k_strides, v_strides, out, do, out_strides, lse,
         bias_ptr=bias if bias is not None else dummy, mask_ptr=mask if mask is not None else dummy,
         qkvb_ptr=qkv_bias if qkv_bias is not None else dummy,
         dq_ptr=dq, dk_ptr=dk, dv_ptr=dv, dbias_ptr=partial if partial is not None else dummy,
-        dqkvb_ptr=dqkv_bias if dqkv_bias is not None else dummy,
+        dqkvb_ptr=pad_partial if pad_partial is not None else dummy,
         sq_b=sq_b, sq_h=sq_h, sq_n=sq_n, sk_b=sk_b, sk_h=sk_h, sk_n=sk_n,
         sv_b=sv_b, sv_h=sv_h, sv_n=sv_n, so_b=so_b, so_h=so_h, so_n=so_n,
         sdq_b=sdq_b, sdq_h=sdq_h, sdq_n=sdq_n, sd_b=sd_b, sd_h=sd_h, sd_n=sd_n,
-        **_geometry_args(g), qk_scale=scale * LOG2E, scale=scale, mask_value=mask_value, num_slots=slots,
+        **_geometry_args(g), qk_scale=scale * LOG2E.value, scale=scale, mask_value=mask_value, num_slots=slots,
         HEADS=heads, D=d, WS=g.window_size, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, GROUP=group,
         HAS_BIAS=bias is not None, BIAS_GRAD=bias_grad, SHARED_SLOTS=shared, HAS_MASK=has_mask,
         FUSED=fused, HAS_QKV_BIAS=qkv_bias is not None, SINGLE=single,
         **dot_switches(q.dtype, q.device), num_warps=8 if bm * bn >= 64 * 64 else 4, num_stages=1,
     )
-    return partial
+    return partial, pad_partial
 
 
 def forward(q, k, v, bias, mask, scale: float, out, lse):
@@ -529,7 +551,7 @@ def backward(do, q, k, v, out, lse, bias, bias_grad: bool, mask, scale: float, d
     single = blocks(N, d, q.dtype)[3]
     # with several query tiles per window dq is summed over key tiles (atomics into fp32)
     dq_buf = dq if single else torch.zeros(dq.shape, dtype=torch.float32, device=dq.device)
-    partial = _bwd(q=q, k=k, v=v, q_strides=_strides(q), k_strides=_strides(k), v_strides=_strides(v),
+    partial, _ = _bwd(q=q, k=k, v=v, q_strides=_strides(q), k_strides=_strides(k), v_strides=_strides(v),
                    out=out, do=do, out_strides=_strides(out), lse=lse, bias=bias, bias_grad=bias_grad,
                    mask=mask, qkv_bias=None, dq=dq_buf, dq_strides=_strides(dq_buf), dk=dk, dv=dv,
                    dkv_strides=_strides(dk), dqkv_bias=None, geometry=core_geometry(q, mask), heads=heads,
@@ -556,8 +578,8 @@ def fused_forward(qkv, qkv_bias, bias, window_size: int, shift: int, heads: int,
 
 def fused_backward(do, qkv, qkv_bias, bias, bias_grad: bool, out, lse, window_size: int, shift: int,
                    heads: int, scale: float, mask_value: float, dqkv, dqkv_bias):
-    """dqkv [B, H, W, 3C] (every element written); dqkv_bias fp32 [3C] zeros, receives the padded
-    tokens' part of the qkv-bias gradient. Returns the fp32 dbias [heads, N, N] (or None)."""
+    """dqkv [B, H, W, 3C] (every element written); dqkv_bias fp32 [3C] zeros or None, receives the
+    padded tokens' part of the qkv-bias gradient (summed from per-program partials, no atomics). Returns the fp32 dbias [heads, N, N] (or None)."""
     B, H, W, C3 = qkv.shape
     g = fused_geometry(B, H, W, C3 // 3, window_size, shift)
     C, d = g.C, g.C // heads
@@ -567,7 +589,7 @@ def fused_backward(do, qkv, qkv_bias, bias, bias_grad: bool, out, lse, window_si
         dq_buf, dq_strides = dqkv, qkv_strides
     else:
         dq_buf, dq_strides = torch.zeros(out.shape, dtype=torch.float32, device=out.device), (0, d, C)
-    partial = _bwd(q=qkv, k=qkv[..., C:], v=qkv[..., 2 * C:], q_strides=qkv_strides, k_strides=qkv_strides,
+    partial, pad_partial = _bwd(q=qkv, k=qkv[..., C:], v=qkv[..., 2 * C:], q_strides=qkv_strides, k_strides=qkv_strides,
                    v_strides=qkv_strides, out=out, do=do, out_strides=(0, d, C), lse=lse, bias=bias,
                    bias_grad=bias_grad, mask=None, qkv_bias=qkv_bias, dq=dq_buf, dq_strides=dq_strides,
                    dk=dqkv[..., C:], dv=dqkv[..., 2 * C:], dkv_strides=qkv_strides, dqkv_bias=dqkv_bias,
@@ -575,4 +597,7 @@ def fused_backward(do, qkv, qkv_bias, bias, bias_grad: bool, out, lse, window_si
                    has_mask=g.masked)
     if not single:
         dqkv[..., :C].copy_(dq_buf)
+    if pad_partial is not None:
+        # [programs, heads, 2, d] -> [2, heads * d]: the k and v parts of the qkv bias
+        dqkv_bias[C:] += pad_partial.sum(0).transpose(0, 1).reshape(2 * C)
     return partial.sum(0) if partial is not None else None

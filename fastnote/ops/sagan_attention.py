@@ -24,13 +24,12 @@ def _forward_op(q: Tensor, k: Tensor, v: Tensor, x: Optional[Tensor], gamma: Opt
     """[out, O in fp32 (empty when out is O in fp32 already), lse [B, N] fp32]."""
     from ..triton_kernels import sagan_attention as kernels
 
+    kernels.check_sizes(q, v)
     out_shape, o_shape, lse_shape = _shapes(q, v, x)
     out = backend.empty(out_shape, q.dtype, q.device)
     o = backend.empty(o_shape, torch.float32, q.device)
     lse = backend.empty(lse_shape, torch.float32, q.device)
-    q, k, v = (kernels.batch_strided(t) for t in (q, k, v))
     if x is not None:
-        x = kernels.batch_strided(x)
         gamma = gamma.reshape(1).float()
     kernels.forward(q, k, v, x, gamma, out, o if o.dim() == 3 else None, lse)
     return [out, o, lse]
@@ -58,8 +57,7 @@ def _backward_op(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: 
     """[dq, dk, dv, r] with r[b, n] = sum_c grad * O (fp32; gamma's gradient is sum(r))."""
     from ..triton_kernels import sagan_attention as kernels
 
-    grad = kernels.batch_strided(grad.to(q.dtype))
-    q, k, v = (kernels.batch_strided(t) for t in (q, k, v))
+    grad = grad.to(q.dtype)
     if gamma is not None:
         gamma = gamma.reshape(1).float()
     dq = backend.empty(q.shape, q.dtype, q.device)
