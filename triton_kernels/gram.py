@@ -1,0 +1,456 @@
+"""Gram matrix, style loss and total variation (SPEC.md section 2).
+
+F = x viewed as [B, C, K] (K = H*W); G = F F^T / norm with norm = C*K ("chw"), K ("hw") or 1.
+
+Strides: F is read in x's own strides (sb, sc, sk). ``x.reshape(B, C, K)`` is a view whenever H
+and W merge into one stride -- NCHW-contiguous (sk = 1), channels-last (sc = 1, sk = C), batch
+or channel slices -- so those layouts are never copied; only layouts where H and W do not merge
+(e.g. ``x[..., ::2]``) are copied once by that reshape. Offsets are int64 throughout.
+
+Gram forward
+    ``_forward_kernel``, grid (B * T, SPLIT). G is symmetric, so only the T = nt (nt + 1) / 2
+    tiles on or above the diagonal (nt = cdiv(C, BLOCK_M)) are computed; axis 0 enumerates
+    them batch-major (the programs of one image run together and share F's panels in L2),
+    axis 1 splits K. A program accumulates F[i-tile, k-chunk] F[j-tile, k-chunk]^T in fp32.
+    With C <= BLOCK_M (one tile) the K-panel is loaded once and serves as both operands.
+    Tiles (``_forward_config``): fp16/bf16 gram 128x128 (BLOCK_K 64, 8 warps; one tile up to
+    C = 128), 64x64 for C <= 64 (BLOCK_K 128); the style loss and fp32 use 64-wide tiles (the
+    style epilogue's target and D tiles beside a 128x128 accumulator spilled on sm_90).
+    SPLIT = 1: the epilogue normalises in fp32, then writes the tile and (off the diagonal) its
+    mirror G[j-tile, i-tile] in x's dtype. The unnormalised sum over K reaches |F|^2 * K, past
+    fp16's range for VGG activations at 256x256, so the down-cast comes after the division.
+    SPLIT > 1 (few output tiles, long K): every program writes its fp32 partial tile to a
+    [SPLIT, B*T, BLOCK_M, BLOCK_M] scratch buffer and ``_reduce_kernel``, grid (B * T * row
+    blocks), sums the SPLIT partials in a fixed order and runs the same epilogue. No atomics: the
+    result is bitwise reproducible.
+    Split rule (``_split``): aim at 3 programs per SM (132 SMs on an H100/H200; the device's own
+    count on a GPU), i.e. SPLIT = cdiv(3 * SMs, B * T), but keep >= 4 BLOCK_K steps per program
+    so its load pipeline fills. VGG-16 at 256x256, batch 4, bf16 gram: relu1_2 (C 64, K 65536)
+    SPLIT 99 (each program 5 steps of 128), relu4_3 (C 512, K 1024, T 10) SPLIT 4.
+Style loss forward
+    The same kernels in STYLE mode: the epilogue computes D = G - T for the tile and, off the
+    diagonal, D' = G^T - T for the mirrored tile (T may be any [C, C], symmetric or not: the
+    mirrored tile reads T's own entries, which for a symmetric T is "off-diagonal tiles counted
+    twice"), and writes the tile's sum(D^2) / (C*K) to a per-program partial (summed by torch:
+    fixed order). G itself never reaches memory. The target is read through its strides, batch
+    stride 0 for a [C, C] or [1, C, C] target broadcast over the batch.
+    Saved for backward: D in fp32 [B, C, C] (written by the same epilogue only when a gradient
+    is needed), besides x. Backward needs dG = 2 (G - T) / (C*K) and nothing else of G; storing
+    D costs B*C^2*4 bytes, at most F's own size at the VGG shapes (relu4_3: C^2 = C*K/2), while
+    recomputing G would cost backward another C^2 K FLOPs and a pass over F.
+Gram / style backward
+    ``_backward_kernel``, grid (B * row tiles * K tiles): dF = (A + A^T) F * scale, one kernel:
+    each program owns a [BLOCK_M, BLOCK_N] tile of dF and loops over C in BLOCK_J chunks,
+    building the symmetric matrix's chunk from A[i, j] and A[j, i] (two strided loads, so A may
+    be any strided or expanded upstream gradient) and multiplying it into F[j-chunk, k-tile].
+    gram: A = dG, dF = 2 sym(dG) F / norm. style: A = D, dF = 4 g / (C norm^2) sym(D') F with
+    sym(D') = (D + D^T) / 2 * norm / K, a per-position-mean Gram difference whose size is that of
+    the activations squared whatever ``normalize`` is; it is rounded to x's dtype for the tensor
+    cores and the remaining (tiny: ~1e-13 for relu1_2) factor is applied to the fp32 accumulator,
+    so nothing underflows fp16.
+Total variation
+    ``_tv_forward_kernel``, grid (B*C * tiles per plane): a [BLOCK_H, BLOCK_W] tile of one plane
+    (any strides) adds |y[h, w+1] - y[h, w]| and |y[h+1, w] - y[h, w]| for its positions to a
+    per-program fp32 partial (summed by torch). ``_tv_backward_kernel``, same grid: dy = g/(CHW) *
+    (sgn(y - left) - sgn(right - y) + sgn(y - up) - sgn(down - y)), sgn(0) = 0 as torch's abs
+    backward. The neighbour loads overlap the centre tile (cache hits): one pass over y each way.
+
+BYTES MODEL (minimum HBM traffic, per call; s = itemsize of x, E = B*C*K)
+    gram fwd        read F, write G:              E*s + B*C^2*s;   useful FLOPs B*C*(C+1)*K
+                    (triangle + diagonal; eager bmm does 2*B*C^2*K)
+    style fwd       read F and T (+ write D fp32 when grad is needed):
+                    E*s + C^2*4 (or B*C^2*4) [+ B*C^2*4];           FLOPs B*C*(C+1)*K
+    style/gram bwd  read F, D (or dG), write dF:  2*E*s + B*C^2*4;  FLOPs 2*B*C^2*K
+    tv fwd          read y:                        E*s;              tv bwd  read y, write dy: 2*E*s
+The split-K scratch adds SPLIT * B*T * BLOCK_M^2 * 8 bytes (written and read once; 6.5 MB for
+relu1_2 at batch 16 against 134 MB of F).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .utils import dot, dot_switches, next_pow2
+
+MIN_DOT = 16            # tl.dot needs every tile dimension >= 16
+DEFAULT_SMS = 132       # H100 / H200 SXM
+PROGRAMS_PER_SM = 3
+MIN_K_STEPS = 4         # BLOCK_K steps per split-K program, at least
+NORM_MODES = ("chw", "hw", "none")
+TV_BLOCK_H = 16
+TV_BLOCK_W = 64
+
+
+# ------------------------------------------------------------------------------------------------
+# Kernels
+# ------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _tile_coords(t):
+    """Upper-triangle tile t -> (ti, tj), ti <= tj, enumerated column by column:
+    t = tj (tj + 1) / 2 + ti. The float square root is corrected by one step either way."""
+    tj = ((tl.sqrt(8.0 * t.to(tl.float32) + 1.0) - 1.0) * 0.5).to(tl.int32)
+    tj = tl.where(tj * (tj + 1) // 2 > t, tj - 1, tj)
+    tj = tl.where((tj + 1) * (tj + 2) // 2 <= t, tj + 1, tj)
+    return t - tj * (tj + 1) // 2, tj
+
+
+@triton.jit
+def _epilogue(acc, b, rows, cols, C, mirror, inv_norm, out_ptr, tgt_ptr, st_b, st_i, st_j, diff_ptr,
+              loss_ptr, pid, inv_ck, STYLE: tl.constexpr, SAVE_DIFF: tl.constexpr):
+    """acc: fp32 F F^T for G[rows, cols] of image b. gram: write G (and its mirror when
+    ``mirror``); style: sum of squared differences with the target for both tiles -> loss_ptr."""
+    g = acc * inv_norm
+    row_ok = rows < C
+    col_ok = cols < C
+    mask = row_ok[:, None] & col_ok[None, :]
+    # Offsets within one image in int32 (C^2 < 2^31 for any C a Gram matrix fits in memory for),
+    # the image's base as a 64-bit scalar: int64 offset tiles of 128x128 would spill.
+    direct = rows[:, None] * C + cols[None, :]       # [b, rows, cols]
+    mirrored = cols[None, :] * C + rows[:, None]     # [b, cols, rows], same tile shape
+    if STYLE:
+        t_base = tgt_ptr + b * st_b
+        diff_base = diff_ptr + b * C * C
+        t1 = tl.load(t_base + rows[:, None] * st_i + cols[None, :] * st_j, mask=mask, other=0.0)
+        # Padded rows and columns hold 0 in both g (masked loads of F) and t1: d1 = 0 there.
+        d1 = g - t1.to(tl.float32)
+        total = tl.sum(tl.sum(d1 * d1, 1), 0)
+        if SAVE_DIFF:
+            tl.store(diff_base + direct, d1, mask=mask)
+        if mirror:
+            # G[cols, rows] = g^T: transposed once in shared memory, so that the target is read
+            # and D written in their own orientation.
+            mask_t = col_ok[:, None] & row_ok[None, :]
+            t2 = tl.load(t_base + cols[:, None] * st_i + rows[None, :] * st_j, mask=mask_t, other=0.0)
+            d2 = tl.trans(g) - t2.to(tl.float32)
+            total += tl.sum(tl.sum(d2 * d2, 1), 0)
+            if SAVE_DIFF:
+                tl.store(diff_base + cols[:, None] * C + rows[None, :], d2, mask=mask_t)
+        tl.store(loss_ptr + pid, total * inv_ck)
+    else:
+        out_base = out_ptr + b * C * C
+        y = g.to(out_ptr.dtype.element_ty)
+        tl.store(out_base + direct, y, mask=mask)
+        if mirror:
+            tl.store(out_base + mirrored, y, mask=mask)
+
+
+@triton.jit
+def _forward_kernel(f_ptr, out_ptr, part_ptr, tgt_ptr, diff_ptr, loss_ptr,
+                    C, K, T, K_CHUNK, sf_b, sf_c, sf_k, st_b, st_i, st_j, inv_norm, inv_ck,
+                    SPLIT_K: tl.constexpr, SINGLE_TILE: tl.constexpr, STYLE: tl.constexpr,
+                    SAVE_DIFF: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    b = (pid // T).to(tl.int64)
+    t = pid % T
+    if SINGLE_TILE:
+        ti = 0
+        tj = 0
+    else:
+        ti, tj = _tile_coords(t)
+    rows = ti * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tj * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < C
+    col_ok = cols < C
+    f_base = f_ptr + b * sf_b
+    row_off = rows.to(tl.int64) * sf_c
+    col_off = cols.to(tl.int64) * sf_c
+    k_start = split * K_CHUNK
+    k_stop = tl.minimum(k_start + K_CHUNK, K)
+    acc = tl.zeros([BLOCK_M, BLOCK_M], tl.float32)
+    for k0 in range(k_start, k_stop, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < k_stop
+        k_off = ks.to(tl.int64) * sf_k
+        a = tl.load(f_base + row_off[:, None] + k_off[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        if SINGLE_TILE:
+            bt = tl.trans(a)          # one K-panel serves as both operands: F is read once
+        else:
+            bt = tl.load(f_base + k_off[:, None] + col_off[None, :], mask=k_ok[:, None] & col_ok[None, :],
+                         other=0.0)
+        acc += dot(a, bt, PRECISION, UPCAST)
+    if SPLIT_K:
+        # Whole tile, padding included (zeros), so the reduce pass never reads unwritten memory.
+        loc = tl.arange(0, BLOCK_M)
+        n_tiles = tl.num_programs(0).to(tl.int64)
+        offs = (split * n_tiles + pid) * (BLOCK_M * BLOCK_M) + loc[:, None] * BLOCK_M + loc[None, :]
+        tl.store(part_ptr + offs, acc)
+    else:
+        _epilogue(acc, b, rows, cols, C, ti != tj, inv_norm, out_ptr, tgt_ptr, st_b, st_i, st_j, diff_ptr,
+                  loss_ptr, pid, inv_ck, STYLE, SAVE_DIFF)
+
+
+@triton.jit
+def _reduce_kernel(part_ptr, out_ptr, tgt_ptr, diff_ptr, loss_ptr, C, T, BT, SPLIT,
+                   st_b, st_i, st_j, inv_norm, inv_ck,
+                   SINGLE_TILE: tl.constexpr, STYLE: tl.constexpr, SAVE_DIFF: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
+    # Program = (tile of the triangular grid, block of BLOCK_R of its rows).
+    pid = tl.program_id(0)
+    row_blocks = BLOCK_M // BLOCK_R
+    tile = pid // row_blocks
+    rb = pid % row_blocks
+    b = (tile // T).to(tl.int64)
+    t = tile % T
+    if SINGLE_TILE:
+        ti = 0
+        tj = 0
+    else:
+        ti, tj = _tile_coords(t)
+    loc_r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+    loc_c = tl.arange(0, BLOCK_M)
+    offs = tile.to(tl.int64) * (BLOCK_M * BLOCK_M) + loc_r[:, None] * BLOCK_M + loc_c[None, :]
+    acc = tl.zeros([BLOCK_R, BLOCK_M], tl.float32)
+    for s in range(0, SPLIT):     # fixed order: deterministic
+        acc += tl.load(part_ptr + s * BT * (BLOCK_M * BLOCK_M) + offs)
+    _epilogue(acc, b, ti * BLOCK_M + loc_r, tj * BLOCK_M + loc_c, C, ti != tj, inv_norm, out_ptr, tgt_ptr,
+              st_b, st_i, st_j, diff_ptr, loss_ptr, pid, inv_ck, STYLE, SAVE_DIFF)
+
+
+@triton.jit
+def _backward_kernel(a_ptr, f_ptr, df_ptr, coef_ptr, C, K, pre, post,
+                     sa_b, sa_i, sa_j, sf_b, sf_c, sf_k, sd_b, sd_c, sd_k,
+                     HAS_COEF: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr):
+    # dF[b, rows, ks] = post (* coef) * sum_j cast(pre * (A[b, rows, j] + A[b, j, rows])) F[b, j, ks]
+    pid = tl.program_id(0)
+    n_m = tl.cdiv(C, BLOCK_M)
+    n_n = tl.cdiv(K, BLOCK_N)
+    b = (pid // (n_m * n_n)).to(tl.int64)
+    rest = pid % (n_m * n_n)
+    rows = (rest // n_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ks = (rest % n_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < C
+    k_ok = ks < K
+    r64 = rows.to(tl.int64)
+    k64 = ks.to(tl.int64)
+    a_base = a_ptr + b * sa_b
+    f_base = f_ptr + b * sf_b
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for j0 in range(0, C, BLOCK_J):
+        js = j0 + tl.arange(0, BLOCK_J)
+        j_ok = js < C
+        j64 = js.to(tl.int64)
+        m = row_ok[:, None] & j_ok[None, :]
+        a1 = tl.load(a_base + r64[:, None] * sa_i + j64[None, :] * sa_j, mask=m, other=0.0).to(tl.float32)
+        a2 = tl.load(a_base + j64[None, :] * sa_i + r64[:, None] * sa_j, mask=m, other=0.0).to(tl.float32)
+        fj = tl.load(f_base + j64[:, None] * sf_c + k64[None, :] * sf_k, mask=j_ok[:, None] & k_ok[None, :],
+                     other=0.0)
+        s = ((a1 + a2) * pre).to(fj.dtype)
+        acc += dot(s, fj, PRECISION, UPCAST)
+    scale = post
+    if HAS_COEF:
+        scale = scale * tl.load(coef_ptr).to(tl.float32)
+    tl.store(df_ptr + b * sd_b + r64[:, None] * sd_c + k64[None, :] * sd_k,
+             (acc * scale).to(df_ptr.dtype.element_ty), mask=row_ok[:, None] & k_ok[None, :])
+
+
+@triton.jit
+def _tv_tile(pid, H, W, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    n_h = tl.cdiv(H, BLOCK_H)
+    n_w = tl.cdiv(W, BLOCK_W)
+    plane = pid // (n_h * n_w)
+    rest = pid % (n_h * n_w)
+    hs = (rest // n_w) * BLOCK_H + tl.arange(0, BLOCK_H)
+    ws = (rest % n_w) * BLOCK_W + tl.arange(0, BLOCK_W)
+    return plane, hs, ws
+
+
+@triton.jit
+def _tv_forward_kernel(y_ptr, part_ptr, C, H, W, sy_b, sy_c, sy_h, sy_w, inv_chw,
+                       BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    pid = tl.program_id(0)
+    plane, hs, ws = _tv_tile(pid, H, W, BLOCK_H, BLOCK_W)
+    base = y_ptr + (plane // C).to(tl.int64) * sy_b + (plane % C).to(tl.int64) * sy_c
+    h_off = hs.to(tl.int64)[:, None] * sy_h
+    w_off = ws.to(tl.int64)[None, :] * sy_w
+    inside = (hs < H)[:, None] & (ws < W)[None, :]
+    right_ok = inside & (ws + 1 < W)[None, :]
+    down_ok = inside & (hs + 1 < H)[:, None]
+    y = tl.load(base + h_off + w_off, mask=inside, other=0.0).to(tl.float32)
+    right = tl.load(base + h_off + w_off + sy_w, mask=right_ok, other=0.0).to(tl.float32)
+    down = tl.load(base + h_off + w_off + sy_h, mask=down_ok, other=0.0).to(tl.float32)
+    acc = tl.where(right_ok, tl.abs(right - y), 0.0) + tl.where(down_ok, tl.abs(down - y), 0.0)
+    tl.store(part_ptr + pid, tl.sum(tl.sum(acc, 1), 0) * inv_chw)
+
+
+@triton.jit
+def _sgn(d):
+    return tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
+
+
+@triton.jit
+def _tv_backward_kernel(y_ptr, grad_ptr, dy_ptr, C, H, W, sy_b, sy_c, sy_h, sy_w,
+                        sd_b, sd_c, sd_h, sd_w, inv_chw,
+                        BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    pid = tl.program_id(0)
+    plane, hs, ws = _tv_tile(pid, H, W, BLOCK_H, BLOCK_W)
+    bi = (plane // C).to(tl.int64)
+    ci = (plane % C).to(tl.int64)
+    base = y_ptr + bi * sy_b + ci * sy_c
+    h64 = hs.to(tl.int64)[:, None]
+    w64 = ws.to(tl.int64)[None, :]
+    offs = h64 * sy_h + w64 * sy_w
+    inside = (hs < H)[:, None] & (ws < W)[None, :]
+    left_ok = inside & (ws >= 1)[None, :]
+    right_ok = inside & (ws + 1 < W)[None, :]
+    up_ok = inside & (hs >= 1)[:, None]
+    down_ok = inside & (hs + 1 < H)[:, None]
+    y = tl.load(base + offs, mask=inside, other=0.0).to(tl.float32)
+    left = tl.load(base + offs - sy_w, mask=left_ok, other=0.0).to(tl.float32)
+    right = tl.load(base + offs + sy_w, mask=right_ok, other=0.0).to(tl.float32)
+    up = tl.load(base + offs - sy_h, mask=up_ok, other=0.0).to(tl.float32)
+    down = tl.load(base + offs + sy_h, mask=down_ok, other=0.0).to(tl.float32)
+    d = tl.where(left_ok, _sgn(y - left), 0.0) - tl.where(right_ok, _sgn(right - y), 0.0) \
+        + tl.where(up_ok, _sgn(y - up), 0.0) - tl.where(down_ok, _sgn(down - y), 0.0)
+    g = tl.load(grad_ptr).to(tl.float32) * inv_chw
+    tl.store(dy_ptr + bi * sd_b + ci * sd_c + h64 * sd_h + w64 * sd_w, (d * g).to(dy_ptr.dtype.element_ty),
+             mask=inside)
+
+
+# ------------------------------------------------------------------------------------------------
+# Launchers
+# ------------------------------------------------------------------------------------------------
+
+def norm_value(normalize: str, C: int, K: int) -> float:
+    return {"chw": float(C * K), "hw": float(K), "none": 1.0}[normalize]
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return DEFAULT_SMS
+
+
+def _forward_config(f: torch.Tensor, style: bool) -> dict:
+    C = f.shape[1]
+    if f.dtype == torch.float32:
+        # fp32 operands take twice the registers and shared memory of half ones.
+        block_m = min(max(next_pow2(C), MIN_DOT), 64)
+        return dict(BLOCK_M=block_m, BLOCK_K=32, num_warps=4, num_stages=2)
+    block_m = min(max(next_pow2(C), MIN_DOT), 128)
+    if block_m <= 64:
+        return dict(BLOCK_M=block_m, BLOCK_K=128, num_warps=4, num_stages=3)
+    if style:
+        # The style epilogue holds target tiles, D and the transposed tile beside the
+        # accumulator: a 128x128 tile spilled 72 bytes per thread on sm_90; 64x64 tiles do not.
+        return dict(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=block_m, BLOCK_K=64, num_warps=8, num_stages=3)
+
+
+def _split(K: int, programs: int, block_k: int, device: torch.device) -> int:
+    """K-splits so that ~PROGRAMS_PER_SM programs run per SM, each with >= MIN_K_STEPS steps."""
+    steps = triton.cdiv(K, block_k)
+    want = triton.cdiv(PROGRAMS_PER_SM * _sm_count(device), max(programs, 1))
+    return max(1, min(want, steps // MIN_K_STEPS))
+
+
+def _reduce_rows(block_m: int, tiles: int, device: torch.device) -> int:
+    """Rows per reduce program: the fewest programs that still give every SM two."""
+    rows = block_m
+    while rows > 1 and tiles * (block_m // rows) < 2 * _sm_count(device):
+        rows //= 2
+    return rows
+
+
+def gram_forward(f: torch.Tensor, normalize: str, out=None, target=None, diff=None, split=None):
+    """f: [B, C, K] (any strides). gram mode (``out`` [B, C, C] contiguous, f's dtype): G = f f^T /
+    norm. style mode (``target`` [Bt, C, C] with Bt in (1, B), any strides): returns the
+    per-program partial losses (fp32, to be summed), writing D = G - target (fp32 contiguous
+    [B, C, C]) to ``diff`` when given. ``split`` forces the K-split (tests)."""
+    B, C, K = f.shape
+    style = target is not None
+    cfg = _forward_config(f, style)
+    block_m = cfg["BLOCK_M"]
+    nt = triton.cdiv(C, block_m)
+    T = nt * (nt + 1) // 2
+    BT = B * T
+    n_split = split if split is not None else _split(K, BT, cfg["BLOCK_K"], f.device)
+    n_split = max(1, min(n_split, triton.cdiv(K, cfg["BLOCK_K"])))
+    k_chunk = triton.cdiv(triton.cdiv(K, n_split), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
+    n_split = triton.cdiv(K, k_chunk)   # no empty split
+    norm = norm_value(normalize, C, K)
+    from fastnote import backend
+
+    if style:
+        st = (0 if target.shape[0] == 1 else target.stride(0), target.stride(1), target.stride(2))
+    else:
+        st = (0, 0, 0)
+    losses = None
+    dummy = out if out is not None else f
+    common = dict(STYLE=style, SAVE_DIFF=diff is not None, SINGLE_TILE=nt == 1)
+    inv_ck = 1.0 / (C * K)
+    part = None
+    if n_split > 1:
+        part = backend.empty((n_split, BT, block_m, block_m), torch.float32, f.device)
+    elif style:
+        losses = backend.empty((BT,), torch.float32, f.device)
+    _forward_kernel[(BT, n_split)](
+        f, dummy, part if part is not None else dummy, target if style else dummy,
+        diff if diff is not None else dummy, losses if losses is not None else dummy,
+        C, K, T, k_chunk, *f.stride(), *st, 1.0 / norm, inv_ck,
+        SPLIT_K=n_split > 1, **common, **dot_switches(f.dtype, f.device), **cfg,
+    )
+    if n_split > 1:
+        rows = _reduce_rows(block_m, BT, f.device)
+        programs = BT * (block_m // rows)
+        if style:
+            losses = backend.empty((programs,), torch.float32, f.device)
+        _reduce_kernel[(programs,)](
+            part, dummy, target if style else dummy, diff if diff is not None else dummy,
+            losses if losses is not None else dummy, C, T, BT, n_split, *st, 1.0 / norm, inv_ck,
+            BLOCK_M=block_m, BLOCK_R=rows, num_warps=4, **common,
+        )
+    return losses
+
+
+def _backward_config(f: torch.Tensor) -> dict:
+    C = f.shape[1]
+    block_m = min(max(next_pow2(C), MIN_DOT), 64 if f.dtype == torch.float32 else 128)
+    if f.dtype == torch.float32:
+        return dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_J=32, num_warps=8, num_stages=2)
+    # The two strided loads of A (a [BLOCK_M, BLOCK_J] tile and its mirror) sit in registers
+    # beside the accumulator: BLOCK_J 32 keeps them from spilling.
+    return dict(BLOCK_M=block_m, BLOCK_N=128, BLOCK_J=min(max(next_pow2(C), MIN_DOT), 32),
+                num_warps=8, num_stages=3)
+
+
+def gram_backward(a: torch.Tensor, f: torch.Tensor, df: torch.Tensor, pre: float, post: float, coef=None) -> None:
+    """df = post (* coef) * cast(pre * (a + a^T)) f: a [B, C, C] (any strides, stride 0 included), f
+    and df [B, C, K] (any strides), coef None or a one-element tensor (the loss's upstream
+    gradient, read on the device: no host sync)."""
+    B, C, K = f.shape
+    cfg = _backward_config(f)
+    grid = (B * triton.cdiv(C, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_N"]),)
+    _backward_kernel[grid](
+        a, f, df, coef if coef is not None else a, C, K, pre, post,
+        *a.stride(), *f.stride(), *df.stride(), HAS_COEF=coef is not None,
+        **dot_switches(f.dtype, f.device), **cfg,
+    )
+
+
+def _tv_grid(y: torch.Tensor) -> int:
+    B, C, H, W = y.shape
+    return B * C * triton.cdiv(H, TV_BLOCK_H) * triton.cdiv(W, TV_BLOCK_W)
+
+
+def tv_forward(y: torch.Tensor) -> torch.Tensor:
+    """Per-program partial sums of the anisotropic TV / (C*H*W), fp32 (to be summed)."""
+    from fastnote import backend
+
+    B, C, H, W = y.shape
+    n = _tv_grid(y)
+    part = backend.empty((n,), torch.float32, y.device)
+    _tv_forward_kernel[(n,)](y, part, C, H, W, *y.stride(), 1.0 / (C * H * W),
+                             BLOCK_H=TV_BLOCK_H, BLOCK_W=TV_BLOCK_W, num_warps=4)
+    return part
+
+
+def tv_backward(y: torch.Tensor, grad: torch.Tensor, dy: torch.Tensor) -> None:
+    """dy = d tv / dy * grad (grad a one-element tensor), any strides for y and dy."""
+    B, C, H, W = y.shape
+    _tv_backward_kernel[(_tv_grid(y),)](y, grad, dy, C, H, W, *y.stride(), *dy.stride(), 1.0 / (C * H * W),
+                                        BLOCK_H=TV_BLOCK_H, BLOCK_W=TV_BLOCK_W, num_warps=4)
