@@ -1,0 +1,244 @@
+"""clip_loss: CLIP's symmetric contrastive loss as streaming kernels that never store the [n, n]
+logits, on one device or across the ranks of a process group (open_clip's ClipLoss with
+gather_with_grad=True, and its local_loss option).
+
+``logit_scale`` is the multiplier itself, already exponentiated (``model.logit_scale.exp()``), as
+CLIP's and open_clip's training code pass it; ``fastnote.reference.clip_loss`` takes the
+log-temperature of SPEC.md by default, so this op is checked against
+``reference.clip_loss(image, text, logit_scale, exponentiated=True)``.
+"""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import backend, checks, reference
+
+
+def _scale_vector(logit_scale: Tensor) -> Tensor:
+    return logit_scale.reshape(1).float().contiguous()
+
+
+@torch.library.custom_op("fastnote::clip_loss", mutates_args=())
+def _forward_op(image: Tensor, text: Tensor, logit_scale: Tensor) -> List[Tensor]:
+    """[loss (0-dim fp32), row and column statistics [2, n] fp32 each (max, log-sum; for backward)]."""
+    from ..triton_kernels import clip_loss as kernels
+
+    image, text = checks.contiguous(image, text)
+    scale = _scale_vector(logit_scale)
+    n = image.shape[0]
+    lse_r, lse_c = (backend.empty((2, n), torch.float32, image.device) for _ in range(2))
+    ce_r, ce_c = (backend.empty((n,), torch.float32, image.device) for _ in range(2))
+    kernels.row_lse(image, text, scale, 0, lse_r, ce_r)
+    kernels.row_lse(text, image, scale, 0, lse_c, ce_c)
+    loss = (ce_r.sum() + ce_c.sum()) / (2 * n)
+    return [loss, lse_r, lse_c]
+
+
+@_forward_op.register_fake
+def _(image, text, logit_scale):
+    n = image.shape[0]
+    return [image.new_empty((), dtype=torch.float32), image.new_empty((2, n), dtype=torch.float32),
+            image.new_empty((2, n), dtype=torch.float32)]
+
+
+@torch.library.custom_op("fastnote::clip_loss_backward", mutates_args=())
+def _backward_op(grad: Tensor, image: Tensor, text: Tensor, logit_scale: Tensor, lse_r: Tensor,
+                 lse_c: Tensor) -> List[Tensor]:
+    """[d_image, d_text, d_logit_scale]."""
+    from ..triton_kernels import clip_loss as kernels
+
+    image, text, lse_r, lse_c = checks.contiguous(image, text, lse_r, lse_c)
+    scale = _scale_vector(logit_scale)
+    g = grad.reshape(1).float().contiguous()
+    n = image.shape[0]
+    d_image = backend.empty(image.shape, image.dtype, image.device)
+    d_text = backend.empty(text.shape, text.dtype, text.device)
+    r = backend.empty((n,), torch.float32, image.device)
+    coef = 1.0 / (2 * n) if n else 0.0
+    kernels.row_grad(image, text, scale, g, lse_r, lse_c, 0, coef, d_image, r)
+    kernels.row_grad(text, image, scale, g, lse_c, lse_r, 0, coef, d_text, None)
+    d_scale = r.sum().to(logit_scale.dtype).reshape(logit_scale.shape)
+    return [d_image, d_text, d_scale]
+
+
+@_backward_op.register_fake
+def _(grad, image, text, logit_scale, lse_r, lse_c):
+    return [image.new_empty(image.shape), text.new_empty(text.shape), logit_scale.new_empty(logit_scale.shape)]
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs, output[1], output[2])
+
+
+def _backward(ctx, grads):
+    image, text, logit_scale, lse_r, lse_c = ctx.saved_tensors
+    grad = grads[0] if grads[0] is not None else torch.zeros((), device=image.device)
+    return tuple(_backward_op(grad, image, text, logit_scale, lse_r, lse_c))
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("fastnote::clip_row_loss", mutates_args=())
+def _row_forward_op(a: Tensor, b: Tensor, logit_scale: Tensor, offset: int) -> List[Tensor]:
+    """One-sided: mean_i CE(logit_scale * a_i . b^T, target i + offset). [loss (0-dim fp32),
+    row statistics [2, n_a]]."""
+    from ..triton_kernels import clip_loss as kernels
+
+    a, b = checks.contiguous(a, b)
+    n = a.shape[0]
+    lse = backend.empty((2, n), torch.float32, a.device)
+    ce = backend.empty((n,), torch.float32, a.device)
+    kernels.row_lse(a, b, _scale_vector(logit_scale), offset, lse, ce)
+    return [ce.sum() / n, lse]
+
+
+@_row_forward_op.register_fake
+def _(a, b, logit_scale, offset):
+    return [a.new_empty((), dtype=torch.float32), a.new_empty((2, a.shape[0]), dtype=torch.float32)]
+
+
+@torch.library.custom_op("fastnote::clip_row_loss_backward", mutates_args=())
+def _row_backward_op(grad: Tensor, a: Tensor, b: Tensor, logit_scale: Tensor, lse: Tensor,
+                     offset: int) -> List[Tensor]:
+    """[d_a, d_b, d_logit_scale]."""
+    from ..triton_kernels import clip_loss as kernels
+
+    a, b, lse = checks.contiguous(a, b, lse)
+    scale = _scale_vector(logit_scale)
+    g = grad.reshape(1).float().contiguous()
+    n = a.shape[0]
+    d_a = backend.empty(a.shape, a.dtype, a.device)
+    d_b = backend.empty(b.shape, b.dtype, b.device)
+    r = backend.empty((n,), torch.float32, a.device)
+    coef = 1.0 / n if n else 0.0
+    kernels.row_grad(a, b, scale, g, lse, None, offset, coef, d_a, r)
+    if n:
+        kernels.row_grad(b, a, scale, g, None, lse, -offset, coef, d_b, None)
+    else:
+        d_b.zero_()
+    d_scale = r.sum().to(logit_scale.dtype).reshape(logit_scale.shape)
+    return [d_a, d_b, d_scale]
+
+
+@_row_backward_op.register_fake
+def _(grad, a, b, logit_scale, lse, offset):
+    return [a.new_empty(a.shape), b.new_empty(b.shape), logit_scale.new_empty(logit_scale.shape)]
+
+
+def _row_setup_context(ctx, inputs, output):
+    a, b, logit_scale, offset = inputs
+    ctx.offset = offset
+    ctx.save_for_backward(a, b, logit_scale, output[1])
+
+
+def _row_backward(ctx, grads):
+    a, b, logit_scale, lse = ctx.saved_tensors
+    grad = grads[0] if grads[0] is not None else torch.zeros((), device=a.device)
+    d_a, d_b, d_scale = _row_backward_op(grad, a, b, logit_scale, lse, ctx.offset)
+    return d_a, d_b, d_scale, None
+
+
+_row_forward_op.register_autograd(_row_backward, setup_context=_row_setup_context)
+
+
+def _row_loss_reference(a, b, logit_scale, offset):
+    """Plain-torch one-sided loss (open_clip's local_loss half), fp32 compute."""
+    with torch.autocast(a.device.type, enabled=False):
+        logits = logit_scale.float() * (a.float() @ b.float().t())
+        labels = torch.arange(a.shape[0], device=a.device) + offset
+        return F.cross_entropy(logits, labels)
+
+
+def _gather(t: Tensor, group) -> Tensor:
+    """All ranks' ``t`` concatenated in rank order, with the gradient flowing back to each rank
+    (backward sums every rank's gradient for this rank's slice, as open_clip's gather_with_grad)."""
+    import torch.distributed.nn.functional as dist_fn
+
+    return torch.cat(dist_fn.all_gather(t, group=group), dim=0)
+
+
+def _check(image_emb, text_emb, logit_scale):
+    checks.tensor("image_emb", image_emb, ndim=2)
+    checks.tensor("text_emb", text_emb, ndim=2)
+    checks.shape("text_emb", text_emb, list(image_emb.shape))
+    if image_emb.shape[1] == 0:
+        raise ValueError(f"image_emb must have at least one channel, got shape {list(image_emb.shape)}")
+    checks.tensor("logit_scale", logit_scale)
+    if logit_scale.numel() != 1:
+        raise ValueError(f"logit_scale must be a scalar tensor (0-dim or one element), got shape "
+                         f"{list(logit_scale.shape)}")
+    checks.same_device(image_emb=image_emb, text_emb=text_emb, logit_scale=logit_scale)
+    checks.same_dtype(image_emb=image_emb, text_emb=text_emb)
+
+
+def clip_loss(image_emb: Tensor, text_emb: Tensor, logit_scale, *, group=None, local_loss: bool = False) -> Tensor:
+    """CLIP's symmetric contrastive loss: ``logits = logit_scale * image_emb @ text_emb^T``,
+    ``(CE(logits, arange(n)) + CE(logits^T, arange(n))) / 2``; a 0-dim float32 tensor.
+
+    image_emb, text_emb: [n, d], one dtype (fp32, fp16, bf16; under autocast cast to its dtype),
+    rows L2-normalised by the caller as in CLIP. ``logit_scale``: the multiplier itself, already
+    exponentiated (``model.logit_scale.exp()``, as CLIP and open_clip pass it; SPEC.md and
+    ``fastnote.reference.clip_loss`` take the log, ``exponentiated=True`` there matches this),
+    a 0-dim or one-element tensor of any float dtype, or a Python float. Gradients reach both
+    embeddings and logit_scale.
+
+    The kernels stream tiles of the other side with an online log-sum-exp (rows, then columns)
+    and never store the [n, n] logits; backward recomputes tiles in two passes (one over rows
+    for d_image, one over columns for d_text): deterministic, no atomics. Extra memory beyond
+    the inputs and their gradients: six fp32 vectors of n.
+
+    ``group`` (a ``torch.distributed`` process group; every rank passes its own n_local rows,
+    the same n_local everywhere): features are all-gathered with their gradient, as open_clip's
+    ``ClipLoss(gather_with_grad=True)``, and the loss is the single-process loss on the
+    concatenated batch (N = world_size * n_local rows). As with open_clip, each rank's gradient
+    for its own rows is the sum of every rank's contribution, world_size times the
+    single-process gradient, which DDP's averaging brings back to it. ``local_loss=True``: only
+    this rank's rows, open_clip's option: ``(CE(s * img_local @ txt_all^T, labels) +
+    CE(s * txt_local @ img_all^T, labels)) / 2`` with ``labels = arange(n_local) + rank *
+    n_local``; the mean over ranks is the global loss. Memory per rank: the gathered features
+    2 N d (input dtype) and their gradients 2 N d, plus O(N) fp32 (global: six vectors of N;
+    local: six of n_local) -- never N^2 (open_clip's global loss holds two [N, N] logits and
+    their softmax; its local one [n_local, N]).
+
+    >>> import torch, torch.nn.functional as F, fastnote
+    >>> img, txt = F.normalize(torch.randn(8, 16), dim=1), F.normalize(torch.randn(8, 16), dim=1)
+    >>> loss = fastnote.clip_loss(img, txt, torch.tensor(14.3))
+    >>> ref = fastnote.reference.clip_loss(img, txt, torch.tensor(14.3), exponentiated=True)
+    >>> torch.allclose(loss, ref, atol=1e-5)
+    True
+    """
+    if not isinstance(logit_scale, torch.Tensor):
+        checks.real("logit_scale", logit_scale)
+        device = image_emb.device if isinstance(image_emb, torch.Tensor) else None
+        logit_scale = torch.tensor(float(logit_scale), device=device)
+    _check(image_emb, text_emb, logit_scale)
+    if not isinstance(local_loss, bool):
+        raise TypeError(f"local_loss must be a bool, got {type(local_loss).__name__}")
+    dtype = checks.autocast_dtype(image_emb.device)
+    img, txt = (image_emb.to(dtype), text_emb.to(dtype)) if dtype is not None else (image_emb, text_emb)
+    if group is None and local_loss:
+        raise ValueError("local_loss=True needs a process group (group=...): without one every row is local")
+    triton = backend.use_triton(img.device)
+    if group is not None:
+        import torch.distributed as dist
+
+        rank = dist.get_rank(group=group)
+        all_img, all_txt = _gather(img, group), _gather(txt, group)
+        if local_loss:
+            offset = rank * img.shape[0]
+            if triton:
+                li = _row_forward_op(img, all_txt, logit_scale, offset)[0]
+                lt = _row_forward_op(txt, all_img, logit_scale, offset)[0]
+            else:
+                li = _row_loss_reference(img, all_txt, logit_scale, offset)
+                lt = _row_loss_reference(txt, all_img, logit_scale, offset)
+            return (li + lt) / 2
+        img, txt = all_img, all_txt
+    if not triton:
+        return reference.clip_loss(img, txt, logit_scale, exponentiated=True)
+    return _forward_op(img, txt, logit_scale)[0]

@@ -1,0 +1,201 @@
+"""patch_nce_loss (CUT's PatchNCE, SPEC.md section 3) as a streaming kernel that never stores the
+[G, M, M] negative logits, its logits for users who want them, and CUT's patch sampling.
+
+Memory: the kernel path keeps q, k (the caller's) and three fp32 vectors [B*P] (loss, row max, row log-sum) for
+backward; the gradient adds dq (and dk with ``detach_k=False``). Eager CUT materialises
+[G, M, M] logits plus the [B*P, M+1] concatenation and its softmax.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import backend, checks, reference
+
+_REDUCTIONS = ("none", "mean", "sum")
+
+
+@torch.library.custom_op("fastnote::patch_nce_loss", mutates_args=())
+def _forward_op(q: Tensor, k: Tensor, groups: int, nce_T: float) -> List[Tensor]:
+    """[loss fp32 [R], row statistics fp32 [2, R] (running max, log2 of the sum; for backward)]."""
+    from ..triton_kernels import patch_nce as kernels
+
+    q, k = checks.contiguous(q, k)
+    loss = backend.empty((q.shape[0],), torch.float32, q.device)
+    stats = backend.empty((2, q.shape[0]), torch.float32, q.device)
+    kernels.forward(q, k, groups, nce_T, loss, stats)
+    return [loss, stats]
+
+
+@_forward_op.register_fake
+def _(q, k, groups, nce_T):
+    return [q.new_empty((q.shape[0],), dtype=torch.float32), q.new_empty((2, q.shape[0]), dtype=torch.float32)]
+
+
+@torch.library.custom_op("fastnote::patch_nce_loss_backward", mutates_args=())
+def _backward_op(grad: Tensor, q: Tensor, k: Tensor, loss: Tensor, stats: Tensor, groups: int, nce_T: float,
+                 with_dk: bool) -> List[Tensor]:
+    """[dq, dk] in q's dtype; dk is empty ([0]) unless ``with_dk``."""
+    from ..triton_kernels import patch_nce as kernels
+
+    q, k, loss, stats = checks.contiguous(q, k, loss, stats)
+    dq = backend.empty(q.shape, q.dtype, q.device)
+    dk = backend.empty(k.shape if with_dk else (0,), k.dtype, k.device)
+    kernels.backward(grad.float(), q, k, loss, stats, groups, nce_T, dq, dk if with_dk else None)
+    return [dq, dk]
+
+
+@_backward_op.register_fake
+def _(grad, q, k, loss, stats, groups, nce_T, with_dk):
+    return [q.new_empty(q.shape), k.new_empty(k.shape if with_dk else (0,))]
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, groups, nce_T = inputs
+    loss, stats = output
+    ctx.groups, ctx.nce_T = groups, nce_T
+    ctx.save_for_backward(q, k, loss, stats)
+
+
+def _backward(ctx, grads):
+    grad = grads[0]
+    q, k, loss, stats = ctx.saved_tensors
+    with_dk = ctx.needs_input_grad[1]
+    if grad is None:
+        grad = torch.zeros_like(loss)
+    dq, dk = _backward_op(grad, q, k, loss, stats, ctx.groups, ctx.nce_T, with_dk)
+    return dq, (dk if with_dk else None), None, None
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check(feat_q, feat_k, batch_size, nce_T, include_all_negatives_from_minibatch) -> int:
+    """Validates the inputs; returns the number of groups G."""
+    checks.tensor("feat_q", feat_q, ndim=2)
+    checks.tensor("feat_k", feat_k, ndim=2)
+    checks.shape("feat_k", feat_k, list(feat_q.shape))
+    checks.same_device(feat_q=feat_q, feat_k=feat_k)
+    checks.same_dtype(feat_q=feat_q, feat_k=feat_k)
+    if feat_q.shape[1] == 0:
+        raise ValueError(f"feat_q must have at least one channel, got shape {list(feat_q.shape)}")
+    checks.real("nce_T", nce_T, positive=True)
+    batch_size = checks.integer("batch_size", batch_size, minimum=1)
+    if not isinstance(include_all_negatives_from_minibatch, bool):
+        raise TypeError("include_all_negatives_from_minibatch must be a bool, got "
+                        f"{type(include_all_negatives_from_minibatch).__name__}")
+    if include_all_negatives_from_minibatch:
+        return 1
+    rows = feat_q.shape[0]
+    if rows % batch_size:
+        raise ValueError(f"batch_size must divide the rows of feat_q (B*P patches in B groups), got batch_size "
+                         f"{batch_size} for {rows} rows")
+    return batch_size
+
+
+def _cast(feat_q, feat_k):
+    dtype = checks.autocast_dtype(feat_q.device)
+    if dtype is not None:
+        return feat_q.to(dtype), feat_k.to(dtype)
+    return feat_q, feat_k
+
+
+def patch_nce_loss(feat_q: Tensor, feat_k: Tensor, batch_size: int, nce_T: float = 0.07,
+                   include_all_negatives_from_minibatch: bool = False, reduction: str = "none",
+                   detach_k: bool = True) -> Tensor:
+    """CUT's PatchNCE loss: per row ``cross_entropy(cat([l_pos, l_neg], 1) / nce_T, 0)``.
+
+    feat_q, feat_k: [B*P, d], one dtype (fp32, fp16, bf16) and device, rows L2-normalised by the
+    caller (as ``patch_sample`` does). Negatives of row i are the keys of its group: the P rows
+    of its image (``batch_size`` = B groups), or all B*P rows when
+    ``include_all_negatives_from_minibatch`` (then ``batch_size`` need not divide the rows, as
+    in CUT). The positive's own column is set to -10 before the division by ``nce_T``, exactly
+    as CUT does, and still counts in the denominator as exp(-10 / nce_T). ``reduction``: "none"
+    ([B*P]), "mean" or "sum" (0-dim). The loss is float32 whatever the input dtype (fp32
+    accumulation). feat_k is detached, as in CUT; ``detach_k=False`` lets the gradient reach it.
+
+    The kernel streams the keys with an online log-sum-exp and never stores the [G, M, M]
+    logits; backward recomputes them tile by tile (see ``fastnote.triton_kernels.patch_nce``).
+
+    >>> import torch, torch.nn.functional as F, fastnote
+    >>> q = F.normalize(torch.randn(2 * 16, 32), dim=1)
+    >>> k = F.normalize(q + 0.1 * torch.randn(2 * 16, 32), dim=1)
+    >>> fastnote.patch_nce_loss(q, k, batch_size=2).shape
+    torch.Size([32])
+    >>> loss = fastnote.patch_nce_loss(q, k, 2, reduction="mean")
+    >>> torch.allclose(loss, fastnote.reference.patch_nce_loss(q, k, batch_size=2).mean(), atol=1e-5)
+    True
+    """
+    groups = _check(feat_q, feat_k, batch_size, nce_T, include_all_negatives_from_minibatch)
+    checks.choice("reduction", reduction, _REDUCTIONS)
+    if not isinstance(detach_k, bool):
+        raise TypeError(f"detach_k must be a bool, got {type(detach_k).__name__}")
+    q, k = _cast(feat_q, feat_k)
+    if detach_k:
+        k = k.detach()
+    if not backend.use_triton(q.device):
+        loss = reference.patch_nce_loss(q, k, nce_T=float(nce_T), batch_size=groups,
+                                        include_all_negatives_from_minibatch=groups == 1,
+                                        detach_k=detach_k)
+    else:
+        loss = _forward_op(q, k, groups, float(nce_T))[0]
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    return loss
+
+
+def patch_nce_logits(feat_q: Tensor, feat_k: Tensor, batch_size: int, nce_T: float = 0.07,
+                     include_all_negatives_from_minibatch: bool = False, detach_k: bool = True) -> Tensor:
+    """The [B*P, M+1] PatchNCE logits ``cat([l_pos, l_neg], 1) / nce_T`` that CUT hands to its
+    cross-entropy (M = P, or B*P with ``include_all_negatives_from_minibatch``), in feat_q's
+    dtype; arguments as ``patch_nce_loss``. The result is O(B*P * M) by definition, so this is
+    plain torch (``fastnote.reference``; differentiable): use ``patch_nce_loss`` for the loss.
+
+    >>> import torch, fastnote
+    >>> fastnote.patch_nce_logits(torch.randn(6, 8), torch.randn(6, 8), batch_size=2).shape
+    torch.Size([6, 4])
+    """
+    groups = _check(feat_q, feat_k, batch_size, nce_T, include_all_negatives_from_minibatch)
+    q, k = _cast(feat_q, feat_k)
+    return reference.patch_nce_logits(q, k, nce_T=float(nce_T), batch_size=groups,
+                                      include_all_negatives_from_minibatch=groups == 1, detach_k=detach_k)
+
+
+def patch_sample(feat: Tensor, num_patches: int, patch_ids: Optional[Tensor] = None,
+                 normalize: bool = True) -> Tuple[Tensor, Tensor]:
+    """CUT's PatchSampleF (without its MLP) on one feature map: the rows at ``num_patches``
+    random positions, or at ``patch_ids``, as ``[B * P, C]``, and the positions used.
+
+    feat: [B, C, H, W]. Without ``patch_ids`` the positions are
+    ``torch.randperm(H * W, device=feat.device)[:min(num_patches, H * W)]``, the same draw as
+    CUT's, so seeded runs sample the same patches; pass the returned ids to sample the query
+    features at the key positions, as CUT does. ``normalize``: CUT's l2norm
+    ``x / (x.pow(2).sum(1, keepdim=True).pow(0.5) + 1e-7)`` per row.
+
+    Plain torch, gathering straight from NCHW: one gather reads the B*C*P sampled elements
+    (CUT first permutes and flattens the whole B*C*H*W map into a copy), then one transpose copy
+    of [B, P, C] and the few elementwise ops of the norm on the sampled rows only. Not a single
+    fused pass; what it saves is the full-map copy, the part that scales with H*W.
+
+    >>> import torch, fastnote
+    >>> x, ids = fastnote.patch_sample(torch.randn(2, 8, 5, 5), 6)
+    >>> x.shape, ids.shape
+    (torch.Size([12, 8]), torch.Size([6]))
+    """
+    checks.tensor("feat", feat, ndim=4)
+    B, C, H, W = feat.shape
+    num_patches = checks.integer("num_patches", num_patches, minimum=1)
+    if patch_ids is None:
+        patch_ids = torch.randperm(H * W, device=feat.device)[:min(num_patches, H * W)]
+    else:
+        checks.tensor("patch_ids", patch_ids, ndim=1, dtypes=(torch.int64, torch.int32))
+        checks.same_device(feat=feat, patch_ids=patch_ids)
+    x = feat.flatten(2)[:, :, patch_ids]                     # [B, C, P]: only the sampled positions
+    x = x.transpose(1, 2).reshape(-1, C)                     # [B * P, C]
+    if normalize:
+        x = x / (x.pow(2).sum(1, keepdim=True).pow(0.5) + 1e-7)
+    return x, patch_ids

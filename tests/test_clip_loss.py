@@ -1,0 +1,281 @@
+"""clip_loss: loss and the gradients of both embeddings and logit_scale vs reference.py, odd shapes,
+large logit scales, the one-sided local op, 2 gloo processes against one, the ClipLoss module,
+errors, custom-op checks, compile, AMP."""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fastnote
+from fastnote import reference
+from fastnote.testing import assert_close
+
+
+def _inputs(n, d, device, dtype=torch.float32, scale=14.3, norm=1.0):
+    img = (F.normalize(torch.randn(n, d, device=device), dim=1) * norm).to(dtype).requires_grad_()
+    txt = (F.normalize(img.detach().float() + torch.randn(n, d, device=device), dim=1) * norm).to(dtype)
+    return img, txt.requires_grad_(), torch.tensor(scale, device=device, requires_grad=True)
+
+
+def _check(img, txt, scale, oracle=torch.float32):
+    dtype = img.dtype
+    loss = fastnote.clip_loss(img, txt, scale)
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    leaves = [t.detach().to(oracle).requires_grad_() for t in (img, txt, scale)]
+    want = reference.clip_loss(*leaves, exponentiated=True)
+    assert_close(loss, want, "reduction", dtype=dtype)
+    got = torch.autograd.grad(loss, (img, txt, scale))
+    expected = torch.autograd.grad(want, leaves)
+    for name, t, g, e in zip(("image_emb", "text_emb", "logit_scale"), (img, txt, scale), got, expected):
+        assert g.dtype == t.dtype and g.shape == t.shape, name
+        s = max(1.0, e.abs().max().item()) if dtype != torch.float32 else 1.0
+        assert_close(g.float() / s, e / s, "reduction", dtype=dtype, msg=f"gradient of {name}")
+    return loss
+
+
+SHAPES = [
+    pytest.param(1, 16, id="n1-d16"),
+    pytest.param(5, 8, id="n5-d8"),
+    pytest.param(37, 70, id="n37-d70"),
+    pytest.param(70, 16, id="n70-d16"),
+    pytest.param(65, 3, id="n65-d3"),
+    pytest.param(20, 1000, id="n20-d1000"),
+]
+
+
+@pytest.mark.parametrize("n,d", SHAPES)
+def test_forward_backward(n, d, device):
+    _check(*_inputs(n, d, device))
+
+
+@pytest.mark.parametrize("scale", [1.0, 100.0], ids=["scale1", "scale100"])
+def test_logit_scales(scale, device):
+    # open_clip clamps the scale at 100: logits up to 100 (and the initial 1 / 0.07 elsewhere).
+    _check(*_inputs(40, 32, device, scale=scale))
+
+
+def test_large_logits_fp32(device):
+    # Logits ~ 1e3 (norms 3, scale 100): compared with the float64 reference (DESIGN.md).
+    _check(*_inputs(33, 24, device, scale=100.0, norm=3.0), oracle=torch.float64)
+
+
+@settings(max_examples=15, deadline=None, derandomize=True,  # the same 15 cases on every CI run
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(n=st.integers(1, 80), d=st.integers(1, 70), scale=st.sampled_from([1.0, 14.3, 50.0]))
+def test_random_shapes(n, d, scale, device):
+    _check(*_inputs(n, d, device, scale=scale))
+
+
+@pytest.mark.parametrize("rank", [0, 1, 2])
+def test_row_loss_op(rank, device):
+    # open_clip's local_loss half: this rank's rows against every column, labels offset.
+    n_local, world, d = 7, 3, 20
+    a = torch.randn(n_local, d, device=device, requires_grad=True)
+    b = torch.randn(world * n_local, d, device=device, requires_grad=True)
+    s = torch.tensor(5.0, device=device, requires_grad=True)
+    offset = rank * n_local
+    loss = torch.ops.fastnote.clip_row_loss(a, b, s, offset)[0]
+    want = F.cross_entropy(s * a @ b.t(), torch.arange(n_local, device=device) + offset)
+    assert_close(loss, want, "reduction")
+    for g, e in zip(torch.autograd.grad(loss, (a, b, s)), torch.autograd.grad(want, (a, b, s))):
+        assert_close(g, e, "reduction")
+
+
+def test_float_scale_and_module(device):
+    img, txt, scale = _inputs(9, 12, device)
+    want = reference.clip_loss(img, txt, scale.detach(), exponentiated=True)
+    assert_close(fastnote.clip_loss(img, txt, 14.3), want, "reduction")
+    module = fastnote.nn.ClipLoss()
+    assert_close(module(img, txt, scale), want, "reduction")
+    out = module(img, txt, scale, output_dict=True)
+    assert set(out) == {"contrastive_loss"}
+    # the reference's log-temperature convention: exp(t) is the same multiplier
+    assert_close(reference.clip_loss(img, txt, scale.detach().log()), want, "reduction")
+
+
+def test_non_contiguous_and_one_element_scale(device):
+    n, d = 21, 18
+    img = torch.randn(d, n, device=device).t().requires_grad_()
+    txt = torch.randn(n, 2 * d, device=device)[:, ::2].requires_grad_()
+    scale = torch.tensor([7.0], device=device, requires_grad=True)
+    assert not img.is_contiguous() and not txt.is_contiguous()
+    _check(img, txt, scale)
+
+
+@pytest.mark.no_kernel
+def test_empty(device):
+    img, txt, scale = _inputs(0, 8, device)
+    loss = fastnote.clip_loss(img, txt, scale)
+    want = reference.clip_loss(img, txt, scale, exponentiated=True)
+    assert loss.shape == () and torch.isnan(loss) and torch.isnan(want)
+
+
+@pytest.mark.no_kernel
+def test_errors(device):
+    img, txt, scale = _inputs(6, 8, device)
+    with pytest.raises(ValueError, match="image_emb must have 2 dimensions"):
+        fastnote.clip_loss(img[None], txt, scale)
+    with pytest.raises(ValueError, match=r"text_emb must have shape \[6, 8\]"):
+        fastnote.clip_loss(img, txt[:5], scale)
+    with pytest.raises(ValueError, match=r"text_emb must have shape \[6, 8\]"):
+        fastnote.clip_loss(img, txt[:, :4], scale)
+    with pytest.raises(ValueError, match="logit_scale must be a scalar"):
+        fastnote.clip_loss(img, txt, torch.ones(2, device=device))
+    with pytest.raises(TypeError, match="all tensors must have one dtype"):
+        fastnote.clip_loss(img, txt.detach().half(), scale)
+    with pytest.raises(TypeError, match="image_emb must have dtype"):
+        fastnote.clip_loss(img.detach().double(), txt.detach().double(), scale)
+    with pytest.raises(ValueError, match="one device.*text_emb on meta"):
+        fastnote.clip_loss(img, txt.detach().to("meta"), scale)
+    with pytest.raises(ValueError, match="logit_scale must be a finite number"):
+        fastnote.clip_loss(img, txt, float("nan"))
+    with pytest.raises(ValueError, match="local_loss=True needs a process group"):
+        fastnote.clip_loss(img, txt, scale, local_loss=True)
+    with pytest.raises(ValueError, match="image_emb must have at least one channel"):
+        fastnote.clip_loss(img[:, :0], txt[:, :0], scale)
+
+
+def test_opcheck(device):
+    for dtype in (torch.float32, torch.float16):
+        img, txt, scale = (t.detach() for t in _inputs(9, 20, device, dtype=dtype))
+        torch.library.opcheck(torch.ops.fastnote.clip_loss.default, (img, txt, scale))
+        _, lse_r, lse_c = torch.ops.fastnote.clip_loss.default(img, txt, scale)
+        grad = torch.tensor(1.5, device=device)
+        torch.library.opcheck(torch.ops.fastnote.clip_loss_backward.default, (grad, img, txt, scale, lse_r, lse_c))
+        both = torch.cat([txt, txt])
+        torch.library.opcheck(torch.ops.fastnote.clip_row_loss.default, (img, both, scale, 9))
+        _, lse = torch.ops.fastnote.clip_row_loss.default(img, both, scale, 9)
+        torch.library.opcheck(torch.ops.fastnote.clip_row_loss_backward.default, (grad, img, both, scale, lse, 9))
+
+
+def test_compile_fullgraph(device, compile_backend):
+    img, txt, scale = _inputs(24, 16, device)
+
+    def f(img, txt, t):
+        return fastnote.clip_loss(img, txt, t.exp())
+
+    t = scale.detach().log().requires_grad_()
+    compiled = torch.compile(f, fullgraph=True, backend=compile_backend)
+    out = compiled(img, txt, t)
+    got = torch.autograd.grad(out, (img, txt, t))
+    want_out = reference.clip_loss(img, txt, t)
+    want = torch.autograd.grad(want_out, (img, txt, t))
+    assert_close(out, want_out, "reduction")
+    for g, w in zip(got, want):
+        assert_close(g, w, "reduction")
+
+
+def test_autocast_bf16(device):
+    img, txt, scale = _inputs(30, 32, device)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        loss = fastnote.clip_loss(img, txt, scale)
+    leaves = [img.detach().bfloat16().float().requires_grad_(), txt.detach().bfloat16().float().requires_grad_(),
+              scale.detach().requires_grad_()]
+    want = reference.clip_loss(*leaves, exponentiated=True)
+    assert_close(loss, want, "reduction", dtype=torch.bfloat16)
+    got = torch.autograd.grad(loss, (img, txt, scale))
+    for g, e in zip(got, torch.autograd.grad(want, leaves)):
+        assert g.dtype == torch.float32
+        assert_close(g, e, "reduction", dtype=torch.bfloat16)
+
+
+def test_reference_backend_switch(device, monkeypatch):
+    inputs = _inputs(10, 8, device)
+    got = fastnote.clip_loss(*inputs)
+    monkeypatch.setenv("FASTNOTE_BACKEND", "reference")
+    assert_close(got, fastnote.clip_loss(*inputs), "reduction")
+
+
+# ------------------------------------------------------------------------------------------------
+# Two processes over gloo against one process on the concatenated batch
+# ------------------------------------------------------------------------------------------------
+
+def _ddp_worker(rank, world_size, store_path, errors):
+    import torch.distributed as dist
+
+    try:
+        os.environ["TRITON_INTERPRET"] = "1"
+        os.environ["FASTNOTE_POISON_ALLOC"] = "1"
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size)
+        n_local, d = 6, 12
+        gen = torch.Generator().manual_seed(0)
+        img_all = F.normalize(torch.randn(world_size * n_local, d, generator=gen), dim=1)
+        txt_all = F.normalize(torch.randn(world_size * n_local, d, generator=gen), dim=1)
+        rows = slice(rank * n_local, (rank + 1) * n_local)
+        for local_loss in (False, True):
+            img = img_all[rows].clone().requires_grad_()
+            txt = txt_all[rows].clone().requires_grad_()
+            scale = torch.tensor(10.0, requires_grad=True)
+            loss = fastnote.nn.ClipLoss(group=dist.group.WORLD, local_loss=local_loss)(img, txt, scale)
+            g_img, g_txt, g_scale = torch.autograd.grad(loss, (img, txt, scale))
+            # one process, the whole batch
+            ri, rt, rs = (t.clone().requires_grad_() for t in (img_all, txt_all, torch.tensor(10.0)))
+            full = reference.clip_loss(ri, rt, rs, exponentiated=True)
+            e_img, e_txt, e_scale = torch.autograd.grad(full, (ri, rt, rs))
+            if local_loss:
+                s = rs.detach()
+                labels = torch.arange(n_local) + rank * n_local
+                mine = (F.cross_entropy(s * img_all[rows] @ txt_all.t(), labels)
+                        + F.cross_entropy(s * txt_all[rows] @ img_all.t(), labels)) / 2
+                assert_close(loss, mine, "reduction", msg=f"rank {rank} local loss")
+                mean = loss.detach().clone()
+                dist.all_reduce(mean)
+                assert_close(mean / world_size, full, "reduction", msg="mean of the local losses")
+                dist.all_reduce(g_scale)
+                assert_close(g_scale / world_size, e_scale, "reduction", msg="mean logit_scale gradient")
+            else:
+                assert_close(loss, full, "reduction", msg=f"rank {rank} loss")
+                assert_close(g_scale, e_scale, "reduction", msg=f"rank {rank} logit_scale gradient")
+            # every rank's contribution summed into its own rows (DDP's average undoes the factor)
+            assert_close(g_img / world_size, e_img[rows], "reduction", msg=f"rank {rank} d_image {local_loss}")
+            assert_close(g_txt / world_size, e_txt[rows], "reduction", msg=f"rank {rank} d_text {local_loss}")
+        dist.destroy_process_group()
+    except Exception as e:  # reported to the parent
+        errors.put(f"rank {rank}: {type(e).__name__}: {e}")
+        raise
+    errors.put(f"rank {rank}: ok")
+    # Leave without running C++ static destructors: gloo's teardown at interpreter exit sometimes
+    # aborts after all the work is done and checked; the parent checks every rank's report.
+    os._exit(0)
+
+
+def test_two_processes_match_one(tmp_path):
+    import torch.multiprocessing as mp
+
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available")
+    store_path = tmp_path / "clip_store"   # a file rendezvous: no port to race for
+    ctx = mp.get_context("spawn")
+    errors = ctx.SimpleQueue()
+    mp.spawn(_ddp_worker, args=(2, str(store_path), errors), nprocs=2, join=True)
+    reports = []
+    while not errors.empty():
+        reports.append(errors.get())
+    assert sorted(reports) == ["rank 0: ok", "rank 1: ok"], reports
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU: half precision at CLIP's sizes
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("n,d", [pytest.param(1024, 512, id="n1024-d512"), pytest.param(8192, 512, id="n8192-d512"),
+                                 pytest.param(1000, 768, id="n1000-d768"), pytest.param(4097, 64, id="n4097-d64")])
+def test_shapes_gpu(n, d, dtype, device):
+    _check(*_inputs(n, d, device, dtype=dtype, scale=100.0))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_precision_overflowing_logits_gpu(dtype, device):
+    # Norms 30 and scale 100: logits ~ 9e4 > fp16's 65504; a naive fp16 matmul overflows, the fp32
+    # scores with an online max do not.
+    img, txt, scale = _inputs(512, 256, device, dtype=dtype, scale=100.0, norm=30.0)
+    if dtype == torch.float16:
+        assert not torch.isfinite(scale.half() * img.detach() @ txt.detach().t()).all()
+    _check(img, txt, scale, oracle=torch.float64)

@@ -1,0 +1,157 @@
+"""CLIP's symmetric contrastive loss (SPEC.md section 3) and open_clip's one-sided local variant,
+streaming: the [n_x, n_y] logits never reach memory.
+
+Two kernels serve every case. For rows x_i of X [n_x, D] against rows y_j of Y [n_y, D] with
+logits L_ij = s * x_i . y_j (s = ``logit_scale``, already exponentiated, read from a device
+pointer so no host sync) and the positive of row i at column i + offset:
+
+``_forward_kernel``  grid (ceil(n_x / BLOCK_X),). A program owns BLOCK_X rows of X and streams Y
+          BLOCK_Y rows at a time with an online max / sum-exp (fp32, base 2, s * log2(e) folded
+          into one multiply). Writes each row's max and log-sum ([2, n_x] fp32, together its
+          lse_i = log sum_j exp(L_ij)) and ce_i = lse_i - L_{i,i+offset} (fp32 [n_x]): the
+          cross-entropy of row i. The column LSE of the symmetric loss is the
+          same kernel with X and Y swapped.
+``_backward_kernel`` grid (ceil(n_x / BLOCK_X), ceil(D / BLOCK_D)). With optional row LSEs of X
+          (weight 1 each) and of Y, it recomputes each tile and forms
+              W_ij = [exp(L_ij - lse_x_i)] + [exp(L_ij - lse_y_j)] - (number of LSEs) [j = i + offset]
+          and writes dx_i = c g s sum_j W_ij y_j for its BLOCK_D slice of channels (c the loss's
+          1 / count, g the upstream gradient, read from memory), and, if asked, the per-row part
+          of the scale's gradient r_i = c g sum_j W_ij x_i . y_j (summed on the host side, a
+          fixed-order reduction). W lies in [-2, 2]; c g s is applied after the matmul, so small
+          1/n factors never meet fp16.
+          symmetric (X = image, Y = text, both LSEs): d_image by (X, Y), d_text by (Y, X), the
+          two passes of the default, deterministic path; r from the first.
+          one-sided (rows A vs all columns B, offset = rank * n_local): dA by (A, B) with lse_x,
+          dB by (B, A) with lse_y and offset -offset.
+          Every output element is written by one program: no atomics.
+
+Saved for backward: the inputs and the fp32 row statistics ([2, n] per side): O(n) beyond the
+inputs.
+
+Bytes model (minimum HBM traffic, n = n_x = n_y, itemsize b; Y blocks re-read from L2):
+  fwd (symmetric)  read X, Y twice: 4 n D b; write stats, ce: 24 n      FLOPs 2 * 2 n^2 D
+  bwd (symmetric)  read X, Y twice, write dX, dY: 6 n D b + 8 n        FLOPs 2 * 2 n^2 D (1 + n_slices)
+n_slices = ceil(D / BLOCK_D): 8 at CLIP's D = 512 in fp16/bf16 (BLOCK_D 64), 16 in fp32.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .contrastive import LN2, LOG2E, config, grid_d, load_rows, online_logsumexp, row_dot, score_tile
+from .utils import dot
+
+
+@triton.jit
+def _forward_kernel(x_ptr, y_ptr, scale_ptr, stats_ptr, ce_ptr, NX, NY, D, offset,
+                    PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_X: tl.constexpr,
+                    BLOCK_Y: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_D: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_X + tl.arange(0, BLOCK_X)
+    row_ok = rows < NX
+    ch = tl.arange(0, BLOCK_D)
+    scale2 = tl.load(scale_ptr).to(tl.float32) * LOG2E
+    pos = row_dot(x_ptr, y_ptr, rows, rows + offset, row_ok, D, BLOCK_X, BLOCK_D) * scale2
+    xt = pos
+    if SINGLE_D:
+        xt = load_rows(x_ptr, rows, row_ok, ch, D)
+    m_i = tl.full([BLOCK_X], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_X], tl.float32)
+    for start in range(0, NY, BLOCK_Y):
+        cols = start + tl.arange(0, BLOCK_Y)
+        col_ok = cols < NY
+        s = score_tile(x_ptr, y_ptr, rows, row_ok, cols.to(tl.int64), col_ok, D, xt,
+                       BLOCK_X, BLOCK_Y, BLOCK_D, SINGLE_D, PRECISION, UPCAST) * scale2
+        s = tl.where(col_ok[None, :], s, float("-inf"))
+        # Every block holds a real column, so the running max stays finite: no inf - inf.
+        m_i, l_i = online_logsumexp(m_i, l_i, s)
+    # The max and the log of the sum, kept apart: backward forms exp2((t - m) - log_l), which
+    # does not carry the rounding of a large lse into every probability (see patch_nce.py).
+    log_l = tl.log2(l_i)
+    tl.store(stats_ptr + rows, m_i, mask=row_ok)
+    tl.store(stats_ptr + NX + rows, log_l, mask=row_ok)
+    tl.store(ce_ptr + rows, ((m_i - pos) + log_l) * LN2, mask=row_ok)
+
+
+@triton.jit
+def _backward_kernel(x_ptr, y_ptr, scale_ptr, g_ptr, lse_x_ptr, lse_y_ptr, dx_ptr, r_ptr,
+                     NX, NY, D, offset, coef,
+                     HAS_LSE_X: tl.constexpr, HAS_LSE_Y: tl.constexpr, WITH_R: tl.constexpr,
+                     PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_X: tl.constexpr,
+                     BLOCK_Y: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_D: tl.constexpr):
+    pid_d = tl.program_id(1)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_X + tl.arange(0, BLOCK_X)
+    row_ok = rows < NX
+    co = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    ch = tl.arange(0, BLOCK_D)
+    scale = tl.load(scale_ptr).to(tl.float32)
+    scale2 = scale * LOG2E
+    xt = rows
+    if SINGLE_D:
+        xt = load_rows(x_ptr, rows, row_ok, ch, D)
+    if HAS_LSE_X:
+        m_x = tl.load(lse_x_ptr + rows, mask=row_ok, other=0.0)
+        log_lx = tl.load(lse_x_ptr + NX + rows, mask=row_ok, other=0.0)
+    n_lse: tl.constexpr = HAS_LSE_X + HAS_LSE_Y
+    acc = tl.zeros([BLOCK_X, BLOCK_D], tl.float32)
+    r = tl.zeros([BLOCK_X], tl.float32)
+    for start in range(0, NY, BLOCK_Y):
+        cols = (start + tl.arange(0, BLOCK_Y)).to(tl.int64)
+        col_ok = cols < NY
+        raw = score_tile(x_ptr, y_ptr, rows, row_ok, cols, col_ok, D, xt,
+                         BLOCK_X, BLOCK_Y, BLOCK_D, SINGLE_D, PRECISION, UPCAST)
+        t = raw * scale2
+        w = tl.zeros([BLOCK_X, BLOCK_Y], tl.float32)
+        if HAS_LSE_X:
+            w += tl.exp2((t - m_x[:, None]) - log_lx[:, None])
+        if HAS_LSE_Y:
+            m_y = tl.load(lse_y_ptr + cols, mask=col_ok, other=0.0)
+            log_ly = tl.load(lse_y_ptr + NY + cols, mask=col_ok, other=0.0)
+            w += tl.exp2((t - m_y[None, :]) - log_ly[None, :])
+        w = tl.where(cols[None, :] == rows[:, None] + offset, w - n_lse, w)
+        w = tl.where(col_ok[None, :], w, 0.0)
+        yc = load_rows(y_ptr, cols, col_ok, co, D)
+        acc += dot(w.to(yc.dtype), yc, PRECISION, UPCAST)
+        if WITH_R:
+            r += tl.sum(w * raw, 1)
+    cg = coef * tl.load(g_ptr).to(tl.float32)
+    tl.store(dx_ptr + rows[:, None] * D + co[None, :], (acc * (cg * scale)).to(dx_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & (co < D)[None, :])
+    if WITH_R:
+        if pid_d == 0:
+            tl.store(r_ptr + rows, r * cg, mask=row_ok)
+
+
+# ------------------------------------------------------------------------------------------------
+# launchers
+
+def row_lse(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, offset: int, stats: torch.Tensor,
+            ce: torch.Tensor) -> None:
+    """stats: contiguous fp32 [2, n_x], each row's running max and log2 of its sum (base-2 units
+    of the logits: lse = (max + log2 sum) ln 2); ce: contiguous fp32 [n_x]; x [n_x, D], y [n_y, D]
+    contiguous; scale a 1-element fp32 tensor; rows i + offset < n_y."""
+    NX, D = x.shape
+    NY = y.shape[0]
+    if NX == 0:
+        return
+    cfg = config(x, NX, NY, backward=False)
+    _forward_kernel[(triton.cdiv(NX, cfg["BLOCK_X"]),)](x, y, scale, stats, ce, NX, NY, D, offset,
+                                                        num_stages=2, **cfg)
+
+
+def row_grad(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, grad: torch.Tensor, lse_x, lse_y,
+             offset: int, coef: float, dx: torch.Tensor, r) -> None:
+    """dx [n_x, D] (x's dtype) and, unless None, r [n_x] fp32: see ``_backward_kernel``.
+    grad: the upstream gradient of the loss, a 1-element tensor."""
+    NX, D = x.shape
+    NY = y.shape[0]
+    if NX == 0 or D == 0:
+        return
+    cfg = config(x, NX, NY, backward=True)
+    grid = (triton.cdiv(NX, cfg["BLOCK_X"]), grid_d(cfg, D))
+    dummy = scale
+    _backward_kernel[grid](
+        x, y, scale, grad, lse_x if lse_x is not None else dummy, lse_y if lse_y is not None else dummy,
+        dx, r if r is not None else dummy, NX, NY, D, offset, coef,
+        HAS_LSE_X=lse_x is not None, HAS_LSE_Y=lse_y is not None, WITH_R=r is not None, **cfg,
+    )
