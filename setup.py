@@ -83,7 +83,7 @@ setup(
     python_requires=">=3.9",
     packages=["fastnote", "fastnote.ops", "fastnote.nn", "fastnote.nn.utils", "fastnote.triton_kernels"],
     package_dir={"fastnote": "fastnote", "fastnote.triton_kernels": "triton_kernels"},
-    install_requires=["torch>=2.6", "triton>=3.2", "numpy"],
+    install_requires=["torch>=2.11", "triton>=3.6", "numpy"],
     extras_require={
         "test": ["pytest", "hypothesis", "pytest-benchmark"],
         "bench": ["matplotlib"],

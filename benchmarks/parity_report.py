@@ -124,6 +124,53 @@ def _power_iteration_inputs(dtype, device):
             "n_power_iterations": 3}
 
 
+def _gram_inputs(dtype, device):
+    return {"x": torch.randn(2, 70, 9, 9, device=device).relu().to(dtype).requires_grad_()}
+
+
+def _style_inputs(dtype, device):
+    # activations ~30 so that the loss and its gradients are O(1), not below the absolute tolerance
+    x = torch.randn(2, 70, 9, 9, device=device).relu() * 30
+    style = torch.randn(1, 70, 81, device=device).relu() * 30
+    target = torch.bmm(style, style.transpose(1, 2)) / (70 * 81) * 1.1
+    return {"x": x.to(dtype).requires_grad_(), "target_gram": target.requires_grad_()}
+
+
+def _tv_inputs(dtype, device):
+    return {"y": torch.rand(2, 3, 37, 70, device=device).to(dtype).requires_grad_()}
+
+
+
+def _patch_nce_inputs(B, P, d, all_negatives, grad_k):
+    # L2-normalised features, keys a noisy copy of the queries (CUT's default d = 256 per image;
+    # negatives from the whole minibatch with the gradient reaching the keys too).
+    def make(dtype, device):
+        q = torch.nn.functional.normalize(torch.randn(B * P, d, device=device), dim=1)
+        k = torch.nn.functional.normalize(q + 0.5 * torch.randn_like(q), dim=1)
+        return {"feat_q": q.to(dtype).requires_grad_(), "feat_k": k.to(dtype).requires_grad_(grad_k),
+                "batch_size": B, "all_negatives": all_negatives, "detach_k": not grad_k}
+    return make
+
+
+def _patch_nce(feat_q, feat_k, batch_size, all_negatives, detach_k):
+    return fastnote.patch_nce_loss(feat_q, feat_k, batch_size, 0.07, all_negatives, detach_k=detach_k)
+
+
+def _patch_nce_reference(feat_q, feat_k, batch_size, all_negatives, detach_k):
+    return reference.patch_nce_loss(feat_q, feat_k, 0.07, batch_size, all_negatives, detach_k=detach_k)
+
+
+def _clip_inputs(dtype, device):
+    # 100 pairs (a partial last tile), d = 64, open_clip's maximal logit scale 100.
+    img = torch.nn.functional.normalize(torch.randn(100, 64, device=device), dim=1)
+    txt = torch.nn.functional.normalize(img + torch.randn_like(img), dim=1)
+    return {"image_emb": img.to(dtype).requires_grad_(), "text_emb": txt.to(dtype).requires_grad_(),
+            "logit_scale": torch.tensor(100.0, device=device, requires_grad=True)}
+
+
+def _clip_reference(image_emb, text_emb, logit_scale):
+    return reference.clip_loss(image_emb, text_emb, logit_scale, exponentiated=True)
+
 ENTRIES = [
     ParityEntry("hard_swish", _activation_inputs, fastnote.hard_swish, reference.hard_swish, "elementwise"),
     ParityEntry("hard_sigmoid", _activation_inputs, fastnote.hard_sigmoid, reference.hard_sigmoid, "elementwise"),
@@ -140,6 +187,16 @@ ENTRIES = [
                 reference.swin_block_attention, "two_matmul"),
     ParityEntry("power_iteration", _power_iteration_inputs, fastnote.power_iteration, reference.power_iteration,
                 "reduction"),
+    # VGG-16-like features: 70 channels (a triangular grid of three 64-wide tiles in fp32), 9x9 map;
+    # the style target [1, C, C] broadcast over the batch and given a gradient too.
+    ParityEntry("gram", _gram_inputs, fastnote.gram, reference.gram, "reduction"),
+    ParityEntry("style_loss", _style_inputs, fastnote.style_loss, reference.style_loss, "reduction"),
+    ParityEntry("tv_loss", _tv_inputs, fastnote.tv_loss, reference.total_variation, "reduction"),
+    ParityEntry("patch_nce", _patch_nce_inputs(2, 64, 256, False, False), _patch_nce, _patch_nce_reference,
+                "reduction"),
+    ParityEntry("patch_nce_all", _patch_nce_inputs(2, 40, 64, True, True), _patch_nce, _patch_nce_reference,
+                "reduction"),
+    ParityEntry("clip_loss", _clip_inputs, fastnote.clip_loss, _clip_reference, "reduction"),
 ]
 
 

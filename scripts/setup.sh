@@ -39,7 +39,7 @@ installed() { "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find
 if ! has torch; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
     log "installing torch (CUDA build: an NVIDIA driver is present)"
-    pip_install "torch>=2.6" || exit 1
+    pip_install "torch>=2.11" || exit 1
   else
     log "installing torch==2.13.0 (CPU wheel)"
     pip_install torch==2.13.0 || exit 1

@@ -1,13 +1,20 @@
-"""Compile every Triton kernel for an H100 (sm_90) without a GPU, through the real launch paths.
+"""Compile every Triton kernel for the GPUs users have, without a GPU, through the real launch paths.
 
 Run as a script with the interpreter off (tests/test_kernels_compile.py does): each kernel launch
-made by the public ops, forward and backward, in fp32, fp16 and bf16, at shapes that pick the
-tile configurations real models get, is captured instead of run, then compiled by Triton's own
-compiler (ptxas included). The interpreter accepts things the compiler rejects (tl.dot on tiles
-under 16, some layouts), so this is what keeps a CPU-only CI honest about the GPU build.
-Prints "compiled <variants> variants of <kernels> kernels"; with ``--report``, first one line per
-variant with its registers per thread and stack (spill) bytes, read from the cubin with
-cuobjdump: the numbers to tune tiles by.
+made by the public ops, forward and backward, in fp32 (IEEE and TF32 dots), fp16 and bf16, at
+shapes that pick the tile configurations real models get, is captured instead of run, then built
+the way Triton's JIT builds it at that launch: the same binder decides the argument
+specialisation (pointers and integers divisible by 16, integers equal to 1), so the registers,
+spills and shared memory reported are those of the binary a GPU would run. Each variant is
+built for sm_90 (H100/H200) with Triton's compiler and ptxas, and checked for sm_80 (A100) and
+sm_89 (L4, RTX 4090), whose shared memory per block is smaller. The interpreter accepts things
+the compiler rejects (tl.dot on tiles under 16, some layouts), so this is what keeps a CPU-only
+CI honest about the GPU build.
+
+Prints one line per variant with ``--report``: registers per thread and stack (spill) bytes read
+from the sm_90 cubin with cuobjdump, shared memory per target, and the count of approximate fp32
+divisions in its PTX. Then "compiled <variants> variants of <kernels> kernels"; exits 1 after
+listing any variant that needs more shared memory than a target has.
 """
 import os
 import re
@@ -19,14 +26,18 @@ os.environ.pop("TRITON_INTERPRET", None)
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-from triton.runtime.jit import JITFunction  # noqa: E402
+from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
+from triton.compiler import ASTSource, make_backend  # noqa: E402
+from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
-TARGET = GPUTarget("cuda", 90, 32)
-POINTER = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.int64: "*i64",
-           torch.int32: "*i32"}
+# (target, largest dynamic shared memory per block in bytes): sm_90 227 KB, sm_80 163 KB, sm_89 99 KB.
+TARGETS = {
+    "sm_90": (GPUTarget("cuda", 90, 32), 232448),
+    "sm_80": (GPUTarget("cuda", 80, 32), 166912),
+    "sm_89": (GPUTarget("cuda", 89, 32), 101376),
+}
+REPORT_TARGET = "sm_90"
 captured = []
 
 
@@ -34,47 +45,46 @@ def _capture(self, *args, grid, warmup, **kwargs):
     captured.append((self, args, kwargs))
 
 
-def _arg_type(value):
-    if isinstance(value, torch.Tensor):
-        return POINTER[value.dtype]
-    if isinstance(value, bool):
-        return "i1"
-    if isinstance(value, int):
-        return "i32" if -2**31 <= value < 2**31 else "i64"
-    if isinstance(value, float):
-        return "fp32"
-    raise TypeError(f"no Triton type for {type(value).__name__}")
+def jit_source(fn, args, kwargs, target):
+    """The ASTSource and options Triton's JIT would compile for this launch on ``target``, by the
+    JIT's own binder (Triton 3.6 through 3.9 share these internals)."""
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound_args, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, specialization, options)
+    return ASTSource(fn, signature, constexprs, attrs), options
 
 
-def compile_launch(fn, args, kwargs):
-    """Compile one captured launch; returns a key naming the variant."""
-    kwargs = dict(kwargs)
-    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
-    values = dict(zip([p.name for p in fn.params], args))
-    values.update(kwargs)
-    signature, constexprs = {}, {}
-    for i, p in enumerate(fn.params):
-        v = values[p.name]
-        if p.is_constexpr or v is None:
-            signature[p.name] = "constexpr"
-            constexprs[(i,)] = v
-        else:
-            signature[p.name] = _arg_type(v)
-    key = (fn.fn.__qualname__, tuple(sorted(signature.items())), repr(sorted(constexprs.items())),
-           tuple(sorted(options.items())))
-    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=TARGET,
-                              options=options)
-    if REPORT:
-        _report(fn, constexprs, signature, options, compiled)
-    return key
+APPROX_DIV = re.compile(r"\b(div\.full\.f32|div\.approx(\.ftz)?\.f32)\b")
 
 
-REPORT = "--report" in sys.argv
-_reported = set()
+def variant_key(fn, args, kwargs):
+    """What makes two launches the same binary: kernel, specialised signature, constexprs, options."""
+    src, options = jit_source(fn, args, kwargs, TARGETS[REPORT_TARGET][0])
+    return (f"{fn.fn.__module__.rsplit('.', 1)[-1]}.{fn.fn.__qualname__}", repr(sorted(src.signature.items())),
+            repr(sorted(src.constants.items(), key=repr)), options.num_warps, options.num_stages)
 
 
-def _report(fn, constexprs, signature, options, compiled):
-    """One line per variant: registers per thread and stack bytes of the cubin Triton built."""
+def compile_launch(fn, args, kwargs, targets=tuple(TARGETS)):
+    """Build one captured launch for ``targets``; returns ({target: shared bytes}, report line)."""
+    shared = {}
+    for name in targets:
+        target, _ = TARGETS[name]
+        src, options = jit_source(fn, args, kwargs, target)
+        built = triton.compile(src, target=target, options=options.__dict__)
+        shared[name] = built.metadata.shared
+        if name == REPORT_TARGET:
+            compiled, signature, constexprs, opts = built, src.signature, src.constants, options
+    return shared, _report_line(fn, constexprs, signature, opts, compiled, shared)
+
+
+def _compile_captured(index):
+    return compile_launch(*captured[index])
+
+
+def _report_line(fn, constexprs, signature, options, compiled, shared):
+    """Registers per thread and stack bytes of the cubin Triton built, shared memory per target,
+    and approximate divisions in the PTX."""
     cuobjdump = os.path.join(os.path.dirname(get_ptxas(90).path), "cuobjdump")
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.cubin")
@@ -83,14 +93,15 @@ def _report(fn, constexprs, signature, options, compiled):
         out = subprocess.run([cuobjdump, "--dump-resource-usage", path], capture_output=True, text=True).stdout
     regs = re.search(r"REG:(\d+)", out)
     stack = re.search(r"STACK:(\d+)", out)
+    approx = len(APPROX_DIV.findall(compiled.asm["ptx"]))
     names = [p.name for p in fn.params]
-    consts = {names[i[0]]: v for i, v in constexprs.items() if v is not None and not isinstance(v, bool)}
-    dtypes = sorted({t for t in signature.values() if t.startswith("*fp") or t.startswith("*bf")})
-    line = (f"{fn.fn.__qualname__:<28} {','.join(dtypes):<16} warps={options.get('num_warps', 4)} "
-            f"regs={regs.group(1) if regs else '?':>3} stack={stack.group(1) if stack else '?':>5}  {consts}")
-    if line not in _reported:
-        _reported.add(line)
-        print(line)
+    consts = {names[k[0]] if isinstance(k, tuple) else k: v for k, v in constexprs.items()
+              if v is not None and not isinstance(v, bool) and (names[k[0]] if isinstance(k, tuple) else k).isupper()}
+    dtypes = sorted({t for t in signature.values() if isinstance(t, str) and (t.startswith("*fp") or t.startswith("*bf"))})
+    smem = ",".join(f"{t}:{b}" for t, b in shared.items())
+    return (f"{fn.fn.__module__.rsplit('.', 1)[-1]}.{fn.fn.__qualname__:<28} {','.join(dtypes):<16} "
+            f"warps={options.num_warps} regs={regs.group(1) if regs else '?':>3} "
+            f"stack={stack.group(1) if stack else '?':>5} approx_div={approx} smem={smem}  {consts}")
 
 
 def _grad(*tensors):
@@ -121,6 +132,23 @@ def run_ops(dtype):
                                    torch.randn(1, d_v, n_k, dtype=dtype), torch.randn(1, d_v, n, dtype=dtype),
                                    torch.zeros(1))
         fastnote.sagan_attention(q, k, v, x=xr, gamma=gamma).float().sum().backward()
+    # Gram / style loss at VGG-16 relu1_2 (C 64, one tile, split-K) and relu4_3 (C 512, triangular
+    # grid, split-K), and C 512 on a 4x4 map (K too short to split); TV of a 256x256 image
+    for c, hw in ((64, 256), (512, 32), (512, 4)):
+        f, = _grad(torch.randn(1, c, hw, hw, dtype=dtype))
+        fastnote.gram(f).float().sum().backward()
+        target, = _grad(torch.randn(c, c))
+        fastnote.style_loss(f, target).backward()
+    fastnote.tv_loss(*_grad(torch.randn(2, 3, 256, 256, dtype=dtype))).backward()
+    # PatchNCE at CUT's d 256 (per image, P 256; whole minibatch with dk), d 1000 (channel chunks);
+    # CLIP at d 512 (global) and its one-sided local loss (no process group needed: the ops directly)
+    for rows, d, batch, all_neg in ((2 * 256, 256, 2, False), (1024, 256, 1, True), (64, 1000, 1, False)):
+        q, k = _grad(torch.randn(rows, d, dtype=dtype), torch.randn(rows, d, dtype=dtype))
+        fastnote.patch_nce_loss(q, k, batch, 0.07, all_neg, reduction="mean", detach_k=not all_neg).backward()
+    img, txt, scale = _grad(torch.randn(512, 512, dtype=dtype), torch.randn(512, 512, dtype=dtype),
+                            torch.tensor(14.3))
+    fastnote.clip_loss(img, txt, scale).backward()
+    torch.ops.fastnote.clip_row_loss(img[:128], txt, scale, 128)[0].backward()
 
 
 def main():
@@ -128,10 +156,37 @@ def main():
     from fastnote import backend
 
     backend.use_triton = lambda device: True  # CPU tensors take the kernel path
+    matmul = torch.backends.cuda.matmul
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         run_ops(dtype)
-    variants = {compile_launch(fn, args, kwargs) for fn, args, kwargs in captured}
-    print(f"compiled {len(variants)} variants of {len({v[0] for v in variants})} kernels")
+    # fp32 again with TF32 allowed: its dots take another code path (and registers)
+    previous = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "tf32"
+        run_ops(torch.float32)
+    finally:
+        matmul.fp32_precision = previous
+    report = "--report" in sys.argv
+    unique = {}
+    for i, (fn, args, kwargs) in enumerate(captured):
+        unique.setdefault(variant_key(fn, args, kwargs), i)
+    # Compiling is CPU-bound and the variants are independent: one process per core (forked, so
+    # each sees the captured launches).
+    import multiprocessing
+
+    with multiprocessing.get_context("fork").Pool(max(1, os.cpu_count() or 1)) as pool:
+        results = pool.map(_compile_captured, sorted(unique.values()), chunksize=1)
+    lines, too_big = [], []
+    for shared, line in results:
+        if report and line not in lines:
+            lines.append(line)
+            print(line)
+        too_big += [f"{line.split()[0]} needs {b} bytes of shared memory, {t} has {TARGETS[t][1]}"
+                    for t, b in shared.items() if b > TARGETS[t][1]]
+    for problem in too_big:
+        print("too big:", problem)
+    print(f"compiled {len(unique)} variants of {len({k[0] for k in unique})} kernels for {', '.join(TARGETS)}")
+    sys.exit(1 if too_big else 0)
 
 
 if __name__ == "__main__":

@@ -24,8 +24,14 @@ EXPECTED = {
     "hswish_se": ({"eager", "fastnote"}, ALL_MODES),
     "spectral_norm": (SPECTRAL, {"fwd"}),
     "sagan_discriminator": (SPECTRAL, {"both"}),
+    "gram": ({"eager", "fastnote"}, {"fwd"}),
+    "style_loss": ({"eager", "fastnote"}, ALL_MODES),
+    "tv_loss": ({"eager", "fastnote"}, ALL_MODES),
+    "patch_nce": ({"eager", "fastnote"}, ALL_MODES),
+    "clip_loss": ({"eager", "fastnote"}, ALL_MODES),
 }
-PARITY_OPS = ["hard_swish", "hard_sigmoid", "squeeze_excitation", "hswish_se"]
+PARITY_OPS = ["hard_swish", "hard_sigmoid", "squeeze_excitation", "hswish_se", "gram", "style_loss", "tv_loss",
+              "patch_nce", "patch_nce_all", "clip_loss"]
 
 
 def _run(*args, timeout=300):

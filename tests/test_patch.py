@@ -1,15 +1,49 @@
-"""fastnote.patch: what it replaces, that outputs and gradients stay the same, and its report."""
+"""fastnote.patch / unpatch on small models built from the published code of each family (SE,
+h-swish + SE, Swin and timm window attention, torchvision's ShiftedWindowAttention, SAGAN
+attention, the three spectral norms): what is replaced or left and why, that outputs, gradients
+and training state stay the same, and ``python -m fastnote report``. Real timm / torchvision
+models: tests/test_models.py."""
+import copy
+import io
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
 
 import fastnote
+from fastnote import __main__ as cli
 from fastnote.testing import assert_close
-from transcriptions import TorchvisionSqueezeExcitation
+from test_spectral_norm import OriginalSagan
+from test_window_attention import SwinWindowAttention, TimmWindowAttention
+from transcriptions import Self_Attn, TorchvisionSqueezeExcitation
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class SqueezeExcitation(TorchvisionSqueezeExcitation):
-    """Same name as torchvision's class, as the patcher matches it."""
+    """Same name as torchvision's class."""
+
+
+class SELayer(nn.Module):
+    """A user's SE with timm's names under another class name: recognised by structure."""
+
+    def __init__(self, c, r):
+        super().__init__()
+        self.conv_reduce, self.act1 = nn.Conv2d(c, r, 1), nn.ReLU(inplace=True)
+        self.conv_expand, self.gate = nn.Conv2d(r, c, 1), nn.Hardsigmoid()
+
+    def forward(self, x):
+        return x * self.gate(self.conv_expand(self.act1(self.conv_reduce(x.mean((2, 3), keepdim=True)))))
+
+
+class NotSE(SELayer):
+    """SE-shaped, but its forward adds instead of gating: must be left."""
+
+    def forward(self, x):
+        return x + self.conv_expand(self.act1(self.conv_reduce(x.mean((2, 3), keepdim=True))))
 
 
 def _block():
@@ -20,60 +54,414 @@ def _block():
     )
 
 
+def _same_forward_backward(eager, patched, x, kind="reduction", outputs=lambda y: y):
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = outputs(eager(xa)), outputs(patched(xb))
+    assert_close(yb, ya, kind)
+    g = torch.randn_like(ya)
+    ga = torch.autograd.grad(ya, [xa] + list(eager.parameters()), g, allow_unused=True)
+    gb = torch.autograd.grad(yb, [xb] + list(patched.parameters()), g, allow_unused=True)
+    for a, b in zip(gb, ga):
+        if a is None or b is None:
+            assert a is None and b is None
+        else:
+            assert_close(a, b, kind)
+
+
+def _twins(make, device):
+    eager = make().to(device)
+    patched = copy.deepcopy(eager)
+    return eager, patched
+
+
+# ------------------------------------------------------------------------------------------------
+# Report, include, expect
+# ------------------------------------------------------------------------------------------------
+
 def test_patch_replaces_and_preserves_numbers(device):
-    eager = _block().to(device)
-    patched = _block().to(device)
-    patched.load_state_dict(eager.state_dict())
+    eager, patched = _twins(_block, device)
+    keys = list(eager.state_dict())
     report = fastnote.patch(patched)
     assert report == [
         "1: Hardswish -> fastnote.nn.Hardswish",
         "2.0: SqueezeExcitation -> fastnote.nn.SqueezeExcitation",
         "4: Hardsigmoid -> fastnote.nn.Hardsigmoid",
     ]
-    x = torch.randn(2, 8, 5, 5, device=device, requires_grad=True)
-    y_e, y_p = eager(x), patched(x)
-    assert_close(y_p, y_e, "reduction")
-    ge = torch.autograd.grad(y_e.sum(), [x] + list(eager.parameters()))
-    gp = torch.autograd.grad(y_p.sum(), [x] + list(patched.parameters()))
-    for a, b in zip(gp, ge):
-        assert_close(a, b, "reduction")
-    assert set(patched.state_dict()) == set(eager.state_dict())
+    assert len(report) == 3 and report[1].startswith("2.0:") and report.left == []
+    _same_forward_backward(eager, patched, torch.randn(2, 8, 5, 5, device=device))
+    assert list(patched.state_dict()) == keys
     assert fastnote.patch(patched) == []  # idempotent
 
 
-def test_patch_matches_torchvision_se_by_name():
-    model = nn.Sequential(SqueezeExcitation(16, 4, scale_activation=nn.Hardsigmoid), nn.Hardswish())
-    ref = SqueezeExcitation(16, 4, scale_activation=nn.Hardsigmoid)
-    ref.load_state_dict(model[0].state_dict())
-    report = fastnote.patch(model, include=["SqueezeExcitation"])
-    assert report == ["0: SqueezeExcitation -> fastnote.nn.SqueezeExcitation"]
-    assert isinstance(model[1], nn.Hardswish)
-    x = torch.randn(2, 16, 3, 3)
-    assert_close(model[0](x), ref(x), "reduction")
-
-
-def test_patch_leaves_unsupported_activation():
-    model = nn.Sequential(SqueezeExcitation(16, 4, activation=nn.GELU))
-    assert fastnote.patch(model) == []
-    assert type(model[0]) is SqueezeExcitation
+def test_report_prints_replaced_and_left():
+    model = nn.Sequential(nn.Hardswish(), nn.Hardswish(), SqueezeExcitation(16, 4, activation=nn.GELU))
+    report = fastnote.patch(model)
+    text = str(report)
+    assert text.splitlines()[0] == "fastnote.patch: 2 replaced, 1 left"
+    assert "2 x Hardswish -> fastnote.nn.Hardswish  (0, 1)" in text
+    assert "left 1 x SqueezeExcitation (2): unsupported activation or gate" in text
+    assert [(e.path, e.kind) for e in report.left] == [("2", "SqueezeExcitation")]
+    assert report.counts() == {"Hardswish -> fastnote.nn.Hardswish": 2}
+    assert repr(report) == "PatchReport(replaced=2, left=1)"
 
 
 def test_patch_expect_and_include_errors():
     with pytest.raises(RuntimeError, match="expected to replace 3 modules, replaced 1"):
         fastnote.patch(nn.Sequential(nn.Hardswish()), expect=3)
-    with pytest.raises(ValueError, match="include must name classes"):
+    assert len(fastnote.patch(nn.Sequential(nn.Hardswish()), expect=1)) == 1
+    with pytest.raises(ValueError, match=r"include must name families among \[.*'SqueezeExcitation'.*got \['Conv2d'\]"):
         fastnote.patch(nn.Sequential(), include=["Conv2d"])
+    with pytest.raises(TypeError, match="include must be a list of family names"):
+        fastnote.patch(nn.Sequential(), include="Hardswish")
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got int"):
+        fastnote.patch(3)
+    with pytest.raises(TypeError, match="expect must be an int or None, got str"):
+        fastnote.patch(nn.Sequential(), expect="1")
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        fastnote.unpatch(None)
 
 
-@pytest.mark.parametrize("name", ["mobilenet_v3_small"])
-def test_torchvision_mobilenet(name, device):
-    models = pytest.importorskip("torchvision.models")
-    torch.manual_seed(0)
-    eager = getattr(models, name)().to(device).eval()
-    patched = getattr(models, name)().to(device).eval()
-    patched.load_state_dict(eager.state_dict())
+def test_include_limits_the_families(device):
+    model = nn.Sequential(SqueezeExcitation(16, 4, scale_activation=nn.Hardsigmoid), nn.Hardswish()).to(device)
+    ref = copy.deepcopy(model)
+    report = fastnote.patch(model, include=["SqueezeExcitation"])
+    assert report == ["0: SqueezeExcitation -> fastnote.nn.SqueezeExcitation"]
+    assert type(model[1]) is nn.Hardswish
+    x = torch.randn(2, 16, 3, 3, device=device)
+    assert_close(model[0](x), ref[0](x), "reduction")
+
+
+@pytest.mark.no_kernel
+def test_patch_keeps_objects_mode_and_random_state(device):
+    model = _block().to(device).train()
+    model[2].eval()
+    params = {n: p for n, p in model.named_parameters()}
+    rng = torch.random.get_rng_state()
+    fastnote.patch(model)
+    assert torch.equal(rng, torch.random.get_rng_state()), "patch drew from the global generator"
+    for n, p in model.named_parameters():
+        assert p is params[n], n          # the same Parameter objects: optimisers keep working
+        assert p.device.type == device.type
+    assert model.training and not model[2][0].training and model[4].training
+
+
+# ------------------------------------------------------------------------------------------------
+# Squeeze-excitation by structure, h-swish + SE fusion
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("make,new", [
+    pytest.param(lambda: SqueezeExcitation(24, 8, scale_activation=nn.Hardsigmoid), "fastnote.nn.SqueezeExcitation",
+                 id="torchvision-names"),
+    pytest.param(lambda: SELayer(24, 8), "fastnote.nn.squeeze_excite.SqueezeExcite", id="timm-names-user-class"),
+])
+def test_se_recognised_by_structure(make, new, device):
+    eager, patched = _twins(lambda: nn.Sequential(nn.ReLU(), make()), device)
+    keys = list(eager.state_dict())
     report = fastnote.patch(patched)
-    assert any("SqueezeExcitation" in r for r in report) and any("Hardswish" in r for r in report)
-    x = torch.randn(1, 3, 64, 64, device=device)
+    assert list(report) == [f"1: {type(eager[1]).__name__} -> {new}"]
+    assert list(patched.state_dict()) == keys
+    _same_forward_backward(eager, patched, torch.randn(2, 24, 5, 3, device=device))
+
+
+@pytest.mark.no_kernel
+@pytest.mark.parametrize("module,reason", [
+    pytest.param(SqueezeExcitation(16, 4, activation=nn.GELU), "unsupported activation or gate", id="gelu"),
+    pytest.param(NotSE(16, 4), "its forward is not x * gate", id="additive-forward"),
+])
+def test_se_candidates_left_with_reason(module, reason, device):
+    model = nn.Sequential(nn.ReLU(), module).to(device)
+    report = fastnote.patch(model)
+    assert type(model[1]) is type(module) and not [r for r in report if r.startswith("1:")]
+    assert len(report.left) == 1 and reason in report.left[0].reason
+
+
+def test_hswish_feeding_se_is_fused(device):
+    def make():
+        return nn.Sequential(
+            nn.Sequential(nn.Conv2d(8, 24, 3, padding=1, groups=8), nn.BatchNorm2d(24), nn.Hardswish()),
+            SqueezeExcitation(24, 8, scale_activation=nn.Hardsigmoid),
+            nn.Hardswish(), SELayer(24, 8), nn.Conv2d(24, 8, 1))
+
+    eager, patched = _twins(make, device)
+    keys = list(eager.state_dict())
+    report = fastnote.patch(patched)
+    assert list(report) == [
+        "0.2: Hardswish -> torch.nn.Identity",
+        "1: SqueezeExcitation -> fastnote.nn.squeeze_excite.HardswishSqueezeExcitation",
+        "2: Hardswish -> torch.nn.Identity",
+        "3: SELayer -> fastnote.nn.squeeze_excite.SqueezeExcite",
+    ]
+    assert patched[3].hardswish_input
+    assert list(patched.state_dict()) == keys
+    for mode in (False, True):
+        eager.train(mode)
+        patched.train(mode)
+        _same_forward_backward(eager, patched, torch.randn(2, 8, 5, 6, device=device))
+    fastnote.unpatch(patched)
+    assert [type(m) for m in patched.modules()] == [type(m) for m in eager.modules()]
+
+
+@pytest.mark.no_kernel
+def test_hswish_se_outside_a_sequential_is_left_with_reason():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.act, self.aa, self.se = nn.Hardswish(), nn.Identity(), SELayer(16, 4)
+
+        def forward(self, x):
+            return self.se(self.aa(self.act(x)))
+
+    model = Block()
+    report = fastnote.patch(model)
+    assert len(report) == 2
+    assert [(e.path, e.kind) for e in report.left] == [("se", "hswish_se")]
+    assert "not in a Sequential" in report.left[0].reason
+
+
+# ------------------------------------------------------------------------------------------------
+# Window attention: the original Swin code, timm, torchvision
+# ------------------------------------------------------------------------------------------------
+
+class _SwinHolder(nn.Module):
+    def __init__(self, cls, **kw):
+        super().__init__()
+        self.attn = cls(32, (4, 4), 2, **kw)
+        self.mask = None  # a plain attribute, not state
+        with torch.no_grad():
+            self.attn.relative_position_bias_table.normal_()
+
+    def forward(self, x):
+        return self.attn(x, mask=self.mask)
+
+
+@pytest.mark.parametrize("cls,new", [
+    pytest.param(SwinWindowAttention, "fastnote.nn.WindowAttention", id="swin-original"),
+    pytest.param(TimmWindowAttention, "fastnote.nn.timm_swin.TimmWindowAttention", id="timm-layout"),
+])
+def test_window_attention_core(cls, new, device):
+    eager, patched = _twins(lambda: _SwinHolder(cls), device)
+    keys = list(eager.state_dict())
+    assert ("attn.relative_position_index" in keys) == cls.persistent_index
+    report = fastnote.patch(patched)
+    assert list(report) == [f"attn: {cls.__name__} -> {new}"]
+    assert "core op" in report.replaced[0].note
+    assert list(patched.state_dict()) == keys
+    _same_forward_backward(eager, patched, torch.randn(4, 16, 32, device=device), "two_matmul")
+    eager.mask = patched.mask = torch.where(torch.rand(2, 16, 16) < 0.3, -100.0, 0.0).to(device)
+    _same_forward_backward(eager, patched, torch.randn(4, 16, 32, device=device), "two_matmul")
+
+
+def test_timm_window_attention_module(device):
+    timm_swin = pytest.importorskip("timm.models.swin_transformer")
+    eager, patched = _twins(lambda: nn.Sequential(timm_swin.WindowAttention(32, 2, window_size=(4, 4))), device)
+    report = fastnote.patch(patched)
+    assert list(report) == ["0: WindowAttention -> fastnote.nn.timm_swin.TimmWindowAttention"]
+    assert list(patched.state_dict()) == list(eager.state_dict())
+    _same_forward_backward(eager, patched, torch.randn(3, 16, 32, device=device), "two_matmul")
+
+
+@pytest.mark.no_kernel
+def test_window_attention_dropout_left_with_reason():
+    model = _SwinHolder(SwinWindowAttention, attn_drop=0.1)
+    report = fastnote.patch(model)
+    assert list(report) == []
+    assert report.left[0].path == "attn" and "attention dropout p=0.1" in report.left[0].reason
+
+
+@pytest.mark.parametrize("H,W,shift", [pytest.param(9, 10, 3, id="9x10-shift3"),
+                                       pytest.param(7, 7, 3, id="7x7-one-window-shift-dropped")])
+def test_torchvision_shifted_window_attention(device, H, W, shift):
+    swin = pytest.importorskip("torchvision.models.swin_transformer")
+
+    def make():
+        m = nn.Sequential(swin.ShiftedWindowAttention(32, [7, 7], [shift, shift], 2))
+        with torch.no_grad():
+            m[0].relative_position_bias_table.normal_()
+        return m
+
+    eager, patched = _twins(make, device)
+    report = fastnote.patch(patched)
+    assert list(report) == ["0: ShiftedWindowAttention -> "
+                            "fastnote.nn.torchvision_swin.TorchvisionShiftedWindowAttention"]
+    sd = patched.state_dict()
+    assert list(sd) == list(eager.state_dict()) and sd["0.relative_position_index"].shape == (49 * 49,)
+    _same_forward_backward(eager, patched, torch.randn(1, H, W, 32, device=device), "two_matmul")
+
+
+@pytest.mark.no_kernel
+def test_torchvision_attention_dropout_and_unequal_shift_left():
+    swin = pytest.importorskip("torchvision.models.swin_transformer")
+    model = nn.Sequential(swin.ShiftedWindowAttention(32, [7, 7], [3, 3], 2, attention_dropout=0.1),
+                          swin.ShiftedWindowAttention(32, [7, 7], [3, 0], 2))
+    report = fastnote.patch(model)
+    assert list(report) == []
+    assert [e.path for e in report.left] == ["0", "1"]
+    assert "attention dropout" in report.left[0].reason and "unequal shifts" in report.left[1].reason
+
+
+# ------------------------------------------------------------------------------------------------
+# SAGAN attention
+# ------------------------------------------------------------------------------------------------
+
+def test_sagan_self_attn_keeps_return_convention(device):
+    def make():
+        m = nn.Sequential(Self_Attn(32, "relu"))
+        with torch.no_grad():
+            m[0].gamma.fill_(0.8)
+        return m
+
+    eager, patched = _twins(make, device)
+    report = fastnote.patch(patched)
+    assert list(report) == ["0: Self_Attn -> fastnote.nn.SelfAttention"]
+    assert list(patched.state_dict()) == list(eager.state_dict())
+    x = torch.randn(2, 32, 5, 4, device=device)
+    out, attn = patched(x)
+    ref_out, ref_attn = eager(x)
+    assert_close(attn, ref_attn, "two_matmul")
+    _same_forward_backward(eager, patched, x, "two_matmul", outputs=lambda y: y[0])
+
+
+@pytest.mark.no_kernel
+def test_sagan_shaped_but_other_widths_or_return_left():
+    class WideQK(Self_Attn):
+        def __init__(self, c):
+            super().__init__(c)
+            self.query_conv, self.key_conv = nn.Conv2d(c, c // 2, 1), nn.Conv2d(c, c // 2, 1)
+
+    class OutOnly(Self_Attn):
+        def forward(self, x):
+            return super().forward(x)[0]
+
+    report = fastnote.patch(nn.Sequential(WideQK(32), OutOnly(32)))
+    assert list(report) == []
+    assert "C // 8" in report.left[0].reason and "does not return (out, attention)" in report.left[1].reason
+
+
+# ------------------------------------------------------------------------------------------------
+# Spectral norm: training continues exactly
+# ------------------------------------------------------------------------------------------------
+
+SN_FRONTS = {
+    "hook": (lambda m: torch.nn.utils.spectral_norm(m), "0.weight: torch.nn.utils.spectral_norm -> "
+             "fastnote.nn.utils.spectral_norm", ("0.weight_u", "0.weight_v")),
+    "parametrization": (lambda m: torch.nn.utils.parametrizations.spectral_norm(m),
+                        "0.parametrizations.weight.0: torch.nn.utils.parametrizations.spectral_norm -> "
+                        "fastnote.nn.utils.parametrizations.spectral_norm",
+                        ("0.parametrizations.weight.0._u", "0.parametrizations.weight.0._v")),
+    "sagan": (lambda m: OriginalSagan(m), "0: OriginalSagan -> fastnote.nn.SpectralNorm",
+              ("0.module.weight_u", "0.module.weight_v")),
+}
+
+
+@pytest.mark.no_kernel
+@pytest.mark.parametrize("front", list(SN_FRONTS))
+def test_spectral_norm_training_continues_exactly(front, device):
+    wrap, line, uv = SN_FRONTS[front]
+    torch.manual_seed(0)
+    eager = nn.Sequential(wrap(nn.Conv2d(3, 8, 3)), nn.LeakyReLU(0.1)).to(device)
+    x = torch.randn(2, 3, 6, 6, device=device)
     with torch.no_grad():
-        assert_close(patched(x), eager(x), "reduction")
+        eager(x)  # an iteration before patching (no graph kept, so the model deep-copies)
+    patched = copy.deepcopy(eager)
+    keys = list(eager.state_dict())
+    report = fastnote.patch(patched)
+    assert list(report) == [line]
+    assert list(patched.state_dict()) == keys
+    opt_e = torch.optim.SGD(eager.parameters(), lr=0.1)
+    opt_p = torch.optim.SGD(patched.parameters(), lr=0.1)
+    for step in range(3):
+        for model, opt in ((eager, opt_e), (patched, opt_p)):
+            model.train(step != 1)            # eval in between: no iteration for torch's, one for SAGAN's
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+        se, sp = eager.state_dict(), patched.state_dict()
+        for k in keys:
+            assert_close(sp[k], se[k], "reduction", msg=f"step {step}: {k}")
+    for k in uv:
+        assert_close(patched.state_dict()[k], eager.state_dict()[k], "reduction", msg=k)
+    # unpatch: torch's (or SAGAN's) code runs again, from the state reached
+    fastnote.unpatch(patched)
+    assert [type(m) for m in patched.modules()] == [type(m) for m in eager.modules()]
+    for model in (eager, patched):
+        model.train()
+    assert_close(patched(x), eager(x), "reduction")
+
+
+# ------------------------------------------------------------------------------------------------
+# unpatch, checkpoints, compile
+# ------------------------------------------------------------------------------------------------
+
+def test_unpatch_keeps_what_was_learned(device):
+    eager, patched = _twins(_block, device)
+    originals = [type(m) for m in patched.modules()]
+    fastnote.patch(patched)
+    opt = torch.optim.SGD(patched.parameters(), lr=0.5)
+    x = torch.randn(2, 8, 4, 4, device=device)
+    patched(x).sum().backward()
+    opt.step()
+    learned = {k: v.clone() for k, v in patched.state_dict().items()}
+    restored = fastnote.unpatch(patched)
+    assert restored == ["1: fastnote.nn.Hardswish -> Hardswish",
+                        "2.0: fastnote.nn.SqueezeExcitation -> SqueezeExcitation",
+                        "4: fastnote.nn.Hardsigmoid -> Hardsigmoid"]
+    assert [type(m) for m in patched.modules()] == originals
+    for k, v in patched.state_dict().items():
+        assert torch.equal(v, learned[k]), k
+    assert fastnote.unpatch(patched) == []
+
+
+@pytest.mark.no_kernel
+def test_unpatch_adopts_buffers_replaced_since_patching():
+    swin = pytest.importorskip("torchvision.models.swin_transformer")
+    model = nn.Sequential(swin.ShiftedWindowAttention(32, [4, 4], [2, 2], 2))
+    original = model[0]
+    fastnote.patch(model)
+    model.double()                           # replaces the index buffer (and casts the parameters)
+    index = model[0].relative_position_index
+    fastnote.unpatch(model)
+    assert model[0] is original
+    assert model[0].relative_position_index is index and model[0].qkv.weight.dtype == torch.float64
+
+
+def test_patched_model_compiles_fullgraph(device, compile_backend):
+    model = nn.Sequential(nn.Sequential(nn.Conv2d(8, 16, 1), nn.Hardswish()),
+                          SqueezeExcitation(16, 8, scale_activation=nn.Hardsigmoid), nn.Hardsigmoid()).to(device)
+    eager = copy.deepcopy(model)
+    fastnote.patch(model)
+    compiled = torch.compile(model, fullgraph=True, backend=compile_backend)
+    x = torch.randn(2, 8, 5, 5, device=device)
+    assert_close(compiled(x), eager(x), "reduction")
+
+
+# ------------------------------------------------------------------------------------------------
+# python -m fastnote report
+# ------------------------------------------------------------------------------------------------
+
+def test_report_command_runs_every_op():
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTNOTE_BACKEND")}
+    proc = subprocess.run([sys.executable, "-m", "fastnote", "report"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    for key in ("torch ", "triton ", "GPU ", "fastnote._C ", "backend on "):
+        assert key in out, out
+    names = [c[0] for c in cli._checks()]
+    for name in names:
+        assert f"  {name} " in out and name + " " in out, name
+    assert out.count(" PASS ") == len(names), out
+    assert "parity: all passed" in out
+
+
+def test_report_fails_on_a_wrong_op(monkeypatch):
+    from fastnote import backend, reference
+
+    if not backend.use_triton(torch.device("cuda" if torch.cuda.is_available() else "cpu")):
+        pytest.skip("the kernels do not run here")
+    checks = [c for c in cli._checks() if c[0] == "hard_swish"]
+    wrong = [("hard_swish", checks[0][1], fastnote.hard_swish, lambda x: reference.hard_swish(x) * 1.01,
+              "elementwise")]
+    monkeypatch.setattr(cli, "_checks", lambda: wrong)
+    buf = io.StringIO()
+    assert cli.report(out=buf) == 1
+    assert "hard_swish             FAIL" in buf.getvalue() and "parity: 1 failed" in buf.getvalue()

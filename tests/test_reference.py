@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastnote import reference as ref
-from transcriptions import Self_Attn, TorchvisionSqueezeExcitation
+from transcriptions import CUTPatchNCELoss, Self_Attn, TorchvisionSqueezeExcitation
 
 ATOL = RTOL = 2e-5
 
@@ -314,46 +314,7 @@ def test_gram_and_losses_low_precision(dtype):
 # 3. PatchNCE (seed 003: CUT) and CLIP
 # ============================================================================================
 
-class SeedPatchNCELoss(nn.Module):
-    """CUT's PatchNCELoss, as in seed 003 (mask dtype fixed to bool: torch >= 1.2)."""
-
-    def __init__(self, opt):
-        super().__init__()
-        self.opt = opt
-        self.cross_entropy_loss = torch.nn.CrossEntropyLoss(reduction='none')
-        self.mask_dtype = torch.bool
-
-    def forward(self, feat_q, feat_k):
-        batchSize = feat_q.shape[0]
-        dim = feat_q.shape[1]
-        feat_k = feat_k.detach()
-
-        # pos logit
-        l_pos = torch.bmm(feat_q.view(batchSize, 1, -1), feat_k.view(batchSize, -1, 1))
-        l_pos = l_pos.view(batchSize, 1)
-
-        # neg logit
-        if self.opt.nce_includes_all_negatives_from_minibatch:
-            batch_dim_for_bmm = 1
-        else:
-            batch_dim_for_bmm = self.opt.batch_size
-
-        # reshape features to batch size
-        feat_q = feat_q.view(batch_dim_for_bmm, -1, dim)
-        feat_k = feat_k.view(batch_dim_for_bmm, -1, dim)
-        npatches = feat_q.size(1)
-        l_neg_curbatch = torch.bmm(feat_q, feat_k.transpose(2, 1))
-
-        diagonal = torch.eye(npatches, device=feat_q.device, dtype=self.mask_dtype)[None, :, :]
-        l_neg_curbatch.masked_fill_(diagonal, -10.0)
-        l_neg = l_neg_curbatch.view(-1, npatches)
-
-        out = torch.cat((l_pos, l_neg), dim=1) / self.opt.nce_T
-
-        loss = self.cross_entropy_loss(out, torch.zeros(out.size(0), dtype=torch.long,
-                                                        device=feat_q.device))
-
-        return loss
+SeedPatchNCELoss = CUTPatchNCELoss  # CUT's PatchNCELoss, transcribed once in tests/transcriptions.py
 
 
 def nce_feats(B, P, d, scale=1.0):

@@ -1,6 +1,6 @@
 """Eager modules transcribed from the code fastnote replaces, shared by the tests: SAGAN's
 Self_Attn (seed 001, forward as it is) and torchvision's SqueezeExcitation (torchvision is not
-always installed)."""
+always installed), and the perceptual loss of seed 000 (SeedVgg16, SeedPerceptualLoss)."""
 import torch
 from torch import nn
 
@@ -55,3 +55,153 @@ class TorchvisionSqueezeExcitation(nn.Module):
     def forward(self, input):
         scale = self._scale(input)
         return scale * input
+
+
+# The perceptual loss of seed 000, as written there except where it reads files or downloads:
+# Vgg16 takes the `features` Sequential (torchvision's vgg16(...).features, or any network with
+# the same layer positions) instead of loading pretrained weights, and PerceptualLoss takes the
+# network, the style image tensor, content_layer and batch_size instead of `args`.
+def seed_gram(x):
+    (bs, ch, h, w) = x.size()
+    f = x.view(bs, ch, w * h)
+    f_T = f.transpose(1, 2)
+    G = f.bmm(f_T) / (ch * h * w)
+    return G
+
+
+class SeedVgg16(nn.Module):
+    def __init__(self, features):
+        super(SeedVgg16, self).__init__()
+        self.to_relu_1_2 = nn.Sequential()
+        self.to_relu_2_2 = nn.Sequential()
+        self.to_relu_3_3 = nn.Sequential()
+        self.to_relu_4_3 = nn.Sequential()
+
+        for x in range(4):
+            self.to_relu_1_2.add_module(str(x), features[x])
+        for x in range(4, 9):
+            self.to_relu_2_2.add_module(str(x), features[x])
+        for x in range(9, 16):
+            self.to_relu_3_3.add_module(str(x), features[x])
+        for x in range(16, 23):
+            self.to_relu_4_3.add_module(str(x), features[x])
+
+        # don't need the gradients, just want the features
+        for param in self.parameters():
+            param.requires_grad = False
+
+    def forward(self, x):
+        h = self.to_relu_1_2(x)
+        h_relu_1_2 = h
+        h = self.to_relu_2_2(h)
+        h_relu_2_2 = h
+        h = self.to_relu_3_3(h)
+        h_relu_3_3 = h
+        h = self.to_relu_4_3(h)
+        h_relu_4_3 = h
+        out = (h_relu_1_2, h_relu_2_2, h_relu_3_3, h_relu_4_3)
+        return out
+
+
+class SeedPerceptualLoss:
+    def __init__(self, vgg, style_image, content_layer, batch_size):
+        self.content_layer = content_layer
+        self.vgg = nn.DataParallel(vgg)
+        self.vgg.eval()
+        self.mse = nn.DataParallel(nn.MSELoss())
+        self.mse_sum = nn.DataParallel(nn.MSELoss(reduction='sum'))
+        style_image = style_image.repeat(batch_size, 1, 1, 1)
+
+        with torch.no_grad():
+            self.style_features = self.vgg(style_image)
+            self.style_gram = [seed_gram(fmap) for fmap in self.style_features]
+        pass
+
+    def __call__(self, x, y_hat):
+        b, c, h, w = x.shape
+        y_content_features = self.vgg(x)
+        y_hat_features = self.vgg(y_hat)
+
+        recon = y_content_features[self.content_layer]
+        recon_hat = y_hat_features[self.content_layer]
+        L_content = self.mse(recon_hat, recon)
+
+        y_hat_gram = [seed_gram(fmap) for fmap in y_hat_features]
+        L_style = 0
+        for j in range(len(y_content_features)):
+            _, c_l, h_l, w_l = y_hat_features[j].shape
+            L_style += self.mse_sum(y_hat_gram[j], self.style_gram[j]) / float(c_l * h_l * w_l)
+
+        L_pixel = self.mse(y_hat, x)
+
+        # calculate total variation regularization (anisotropic version)
+        diff_i = torch.sum(torch.abs(y_hat[:, :, :, 1:] - y_hat[:, :, :, :-1]))
+        diff_j = torch.sum(torch.abs(y_hat[:, :, 1:, :] - y_hat[:, :, :-1, :]))
+        L_tv = (diff_i + diff_j) / float(c * h * w)
+
+        return L_content, L_style, L_pixel, L_tv
+
+
+class CUTPatchNCELoss(nn.Module):
+    """CUT's PatchNCELoss (seed 003), forward as it is; the torch-version check of its mask dtype
+    is resolved to bool (torch >= 1.2)."""
+
+    def __init__(self, opt):
+        super().__init__()
+        self.opt = opt
+        self.cross_entropy_loss = torch.nn.CrossEntropyLoss(reduction='none')
+        self.mask_dtype = torch.bool
+
+    def forward(self, feat_q, feat_k):
+        batchSize = feat_q.shape[0]
+        dim = feat_q.shape[1]
+        feat_k = feat_k.detach()
+
+        # pos logit
+        l_pos = torch.bmm(feat_q.view(batchSize, 1, -1), feat_k.view(batchSize, -1, 1))
+        l_pos = l_pos.view(batchSize, 1)
+
+        # neg logit
+        if self.opt.nce_includes_all_negatives_from_minibatch:
+            batch_dim_for_bmm = 1
+        else:
+            batch_dim_for_bmm = self.opt.batch_size
+
+        feat_q = feat_q.view(batch_dim_for_bmm, -1, dim)
+        feat_k = feat_k.view(batch_dim_for_bmm, -1, dim)
+        npatches = feat_q.size(1)
+        l_neg_curbatch = torch.bmm(feat_q, feat_k.transpose(2, 1))
+
+        diagonal = torch.eye(npatches, device=feat_q.device, dtype=self.mask_dtype)[None, :, :]
+        l_neg_curbatch.masked_fill_(diagonal, -10.0)
+        l_neg = l_neg_curbatch.view(-1, npatches)
+
+        out = torch.cat((l_pos, l_neg), dim=1) / self.opt.nce_T
+
+        loss = self.cross_entropy_loss(out, torch.zeros(out.size(0), dtype=torch.long,
+                                                        device=feat_q.device))
+
+        return loss
+
+
+class CUTNormalize(nn.Module):
+    """CUT's Normalize(power=2), the l2norm of PatchSampleF."""
+
+    def __init__(self, power=2):
+        super().__init__()
+        self.power = power
+
+    def forward(self, x):
+        norm = x.pow(self.power).sum(1, keepdim=True).pow(1. / self.power)
+        out = x.div(norm + 1e-7)
+        return out
+
+
+def cut_patch_sample(feat, num_patches, patch_id=None):
+    """CUT's PatchSampleF.forward for one feature map, use_mlp=False, num_patches > 0."""
+    feat_reshape = feat.permute(0, 2, 3, 1).flatten(1, 2)
+    if patch_id is None:
+        patch_id = torch.randperm(feat_reshape.shape[1], device=feat.device)
+        patch_id = patch_id[:int(min(num_patches, patch_id.shape[0]))]
+    x_sample = feat_reshape[:, patch_id, :].flatten(0, 1)
+    return CUTNormalize(2)(x_sample), patch_id

@@ -515,6 +515,7 @@ def _bwd(*, q, k, v, q_strides, k_strides, v_strides, out, do, out_strides, lse,
     (sq_b, sq_h, sq_n), (sk_b, sk_h, sk_n), (sv_b, sv_h, sv_n), (so_b, so_h, so_n) = \
         q_strides, k_strides, v_strides, out_strides
     (sdq_b, sdq_h, sdq_n), (sd_b, sd_h, sd_n) = dq_strides, dkv_strides
+    switches = dot_switches(q.dtype, q.device)
     _bwd_kernel[(n_groups * heads,)](
         q_ptr=q, k_ptr=k, v_ptr=v, o_ptr=out, do_ptr=do, lse_ptr=lse,
         bias_ptr=bias if bias is not None else dummy, mask_ptr=mask if mask is not None else dummy,
@@ -528,9 +529,18 @@ def _bwd(*, q, k, v, q_strides, k_strides, v_strides, out, do, out_strides, lse,
         HEADS=heads, D=d, WS=g.window_size, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, GROUP=group,
         HAS_BIAS=bias is not None, BIAS_GRAD=bias_grad, SHARED_SLOTS=shared, HAS_MASK=has_mask,
         FUSED=fused, HAS_QKV_BIAS=qkv_bias is not None, SINGLE=single,
-        **dot_switches(q.dtype, q.device), num_warps=8 if bm * bn >= 64 * 64 else 4, num_stages=1,
+        **switches, num_warps=_backward_warps(bm, bn, switches), num_stages=1,
     )
     return partial, pad_partial
+
+
+def _backward_warps(bm: int, bn: int, switches: dict) -> int:
+    """8 warps for 64 x 64 tiles (4 below), 16 for exact fp32 dots at 64 x 64: built as the JIT
+    specialises Swin-T stage 1's core launch (GROUP 15), the IEEE fp32 backward got 32 registers
+    and 4.8 KB of stack per thread from ptxas at 8 warps (8.5 KB at 4), 440 bytes at 16."""
+    if bm * bn < 64 * 64:
+        return 4
+    return 16 if switches["PRECISION"] == "ieee" else 8
 
 
 def forward(q, k, v, bias, mask, scale: float, out, lse):

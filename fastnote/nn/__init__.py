@@ -1,5 +1,7 @@
 """Drop-in nn.Modules built on fastnote.ops, with the parameter names existing checkpoints use."""
 from .activation import Hardsigmoid, Hardswish
+from .contrastive import ClipLoss, PatchNCELoss
+from .perceptual_loss import PerceptualLoss, PerceptualLossTerms, StyleLoss, TotalVariation
 from .self_attention import SelfAttention
 from . import utils
 from .sagan_spectral_norm import SpectralNorm
@@ -7,4 +9,5 @@ from .squeeze_excitation import SqueezeExcitation
 from .window_attention import ShiftedWindowAttention, WindowAttention
 
 __all__ = ["utils", "Hardsigmoid", "Hardswish", "SelfAttention", "SpectralNorm", "SqueezeExcitation",
-           "ShiftedWindowAttention", "WindowAttention"]
+           "ShiftedWindowAttention", "WindowAttention", "PerceptualLoss", "PerceptualLossTerms", "StyleLoss",
+           "TotalVariation", "ClipLoss", "PatchNCELoss"]

@@ -1,0 +1,188 @@
+"""fastnote.patch on real timm / torchvision models (random init, small inputs, under the
+interpreter without a GPU): every attention / SE / h-swish module is replaced, logits and input
+gradients match the unpatched model in eval and in training mode, the state_dict keys stay, and
+checkpoints and unpatch move between the two.
+
+How close is close enough for a whole model. One op is held to DESIGN's fp32 tolerances; a model
+chains dozens of them, and every layer re-rounds and can amplify what came in (training-mode batch
+norm over a 2x2 map divides by a standard deviation of four numbers; a gradient that is a
+difference of nearly equal terms loses digits). A fixed model-level tolerance would be a guess.
+Instead the model's exact answer is computed (the eager model in float64) and the patched fp32
+model may be off from it by at most ``FACTOR`` times what the eager fp32 model itself is off, plus
+a floor of ``FLOOR``, both as RMS-relative errors over the whole tensor
+(``fastnote.testing.rms_relative_error``): fastnote may reorder fp32 sums (each op then makes a
+rounding error of the same size as eager's, not the same one: the two add up to at most about
+twice eager's alone, hence 4 with margin), and must add no error of its own. The floor, 64 unit
+roundoffs, covers a run where eager's own error happens to be tiny. A kernel bug (a wrong mask, a
+dropped shift, an unwritten tile) is off by 1e-3 to 1.
+"""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fastnote
+from fastnote.testing import UNIT_ROUNDOFF, rms_relative_error
+
+FACTOR = 4.0
+FLOOR = 64 * UNIT_ROUNDOFF[torch.float32]
+
+
+def _torchvision_models():
+    return pytest.importorskip("torchvision.models")
+
+
+def _timm():
+    return pytest.importorskip("timm")
+
+
+def _tv(name):
+    return lambda: getattr(_torchvision_models(), name)()
+
+
+def _timm_model(name, **kwargs):
+    return lambda: _timm().create_model(name, pretrained=False, **kwargs)
+
+
+# name -> (constructor, input shape, {"Old -> New": count} the report must show)
+HSWISH, SE = "Hardswish -> fastnote.nn.Hardswish", "SqueezeExcitation -> fastnote.nn.SqueezeExcitation"
+FUSED_HS = "Hardswish -> torch.nn.Identity"
+FUSED_SE = "SqueezeExcitation -> fastnote.nn.squeeze_excite.HardswishSqueezeExcitation"
+TIMM_SE = "SqueezeExcite -> fastnote.nn.squeeze_excite.SqueezeExcite"
+TV_SWA = "ShiftedWindowAttention -> fastnote.nn.torchvision_swin.TorchvisionShiftedWindowAttention"
+TIMM_WA = "WindowAttention -> fastnote.nn.timm_swin.TimmWindowAttention"
+MODELS = {
+    # 11 of its 19 h-swish stand alone; 8 feed an SE (fused); its first SE follows a ReLU.
+    "tv-mobilenet_v3_small": (_tv("mobilenet_v3_small"), (1, 3, 64, 64),
+                              {HSWISH: 11, SE: 1, FUSED_HS: 8, FUSED_SE: 8}),
+    "tv-mobilenet_v3_large": (_tv("mobilenet_v3_large"), (1, 3, 64, 64),
+                              {HSWISH: 16, SE: 3, FUSED_HS: 5, FUSED_SE: 5}),
+    # timm's h-swish feeds its SE inside InvertedResidual.forward: replaced separately (5 pairs left).
+    "timm-mobilenetv3_large_100": (_timm_model("mobilenetv3_large_100"), (1, 3, 64, 64), {HSWISH: 21, TIMM_SE: 8}),
+    # stages 28, 14, 7, 4: the 7x7 stage is one window (shift dropped), the 4x4 one padded to 7x7.
+    "tv-swin_t-112": (_tv("swin_t"), (1, 3, 112, 112), {TV_SWA: 12}),
+    # stages 24, 12, 6, 3 (windows 7, 7, 6, 3): timm rolls, then pads 24 -> 28 and 12 -> 14.
+    "timm-swin_tiny-96": (_timm_model("swin_tiny_patch4_window7_224", img_size=96), (1, 3, 96, 96), {TIMM_WA: 12}),
+    # stages 28, 14, 7, 4: windows 7, 7, 7, 4, no padding.
+    "timm-swin_tiny-112": (_timm_model("swin_tiny_patch4_window7_224", img_size=112), (1, 3, 112, 112),
+                           {TIMM_WA: 12}),
+}
+# modules the patch must leave none of (by their class name), per model family
+ORIGINALS = ("Hardswish", "SqueezeExcitation", "SqueezeExcite", "ShiftedWindowAttention", "WindowAttention")
+
+
+def _calibrate_batch_norm(model, x):
+    # Random init leaves running stats at (0, 1), so eval-mode activations shrink layer by layer
+    # (mobilenet_v3_small's logits come out ~1e-9): set them from one batch first.
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.momentum = 1.0
+    model.train()
+    with torch.no_grad():
+        model(x)
+    for m, mom in zip(bns, saved):
+        m.momentum = mom
+
+
+def _pair(name, device):
+    make, shape, _ = MODELS[name]
+    torch.manual_seed(0)
+    eager = make().to(device)
+    x = torch.randn(shape, device=device)
+    _calibrate_batch_norm(eager, torch.randn((2,) + tuple(shape[1:]), device=device))
+    patched = copy.deepcopy(eager)
+    report = fastnote.patch(patched)
+    return eager, patched, report, x
+
+
+def _run(model, x, grad_seed=6):
+    x = x.clone().requires_grad_()
+    torch.manual_seed(5)                     # the same dropout masks for every run
+    y = model(x)
+    g = torch.randn(y.shape, generator=torch.Generator(y.device).manual_seed(grad_seed), device=y.device,
+                    dtype=torch.float32).to(y.dtype)
+    (gx,) = torch.autograd.grad(y, x, g)
+    return y.detach(), gx
+
+
+def _check_against_float64(eager, patched, x, msg):
+    exact_model = copy.deepcopy(eager).double()
+    y64, g64 = _run(exact_model, x.double())
+    y32, g32 = _run(eager, x)
+    yp, gp = _run(patched, x)
+    for what, ours, theirs, exact in (("logits", yp, y32, y64), ("input grad", gp, g32, g64)):
+        assert torch.isfinite(ours).all(), f"{msg} {what}: not finite"
+        own, base = rms_relative_error(ours, exact), rms_relative_error(theirs, exact)
+        assert own <= FACTOR * base + FLOOR, (
+            f"{msg} {what}: patched is off the float64 result by {own:.3g} (RMS-relative), eager fp32 by "
+            f"{base:.3g}; allowed {FACTOR} x {base:.3g} + {FLOOR:.3g}")
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, id=n) for n in MODELS])
+def test_patch_replaces_every_module_and_keeps_outputs(name, device, launches):
+    eager, patched, report, x = _pair(name, device)
+    assert report.counts() == MODELS[name][2]
+    left = {type(m).__name__ for m in patched.modules() if type(m).__module__.split(".")[0] in ("torch", "timm",
+                                                                                                  "torchvision")}
+    assert not left & set(ORIGINALS), f"left unpatched: {left & set(ORIGINALS)}"
+    n_kinds = {k: sum(1 for m in eager.modules() if type(m).__name__ == k) for k in ORIGINALS}
+    assert len(report) == sum(n_kinds.values()), (n_kinds, report.counts())
+    for mode in ("eval", "train"):
+        eager.train(mode == "train")
+        patched.train(mode == "train")
+        launches.clear()
+        _check_against_float64(eager, patched, x, f"{name} {mode}")
+        assert launches, "no kernel ran: the patched model compared the reference with itself"
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, id=n) for n in MODELS])
+def test_state_dict_checkpoints_and_unpatch(name):
+    make, _, _ = MODELS[name]
+    torch.manual_seed(0)
+    eager = make()
+    patched = copy.deepcopy(eager)
+    types = [type(m) for m in patched.modules()]
+    fastnote.patch(patched)
+    assert list(patched.state_dict()) == list(eager.state_dict())
+    # a checkpoint of the unpatched model loads strictly into the patched one, and back
+    torch.manual_seed(1)
+    other = make()
+    patched.load_state_dict(other.state_dict(), strict=True)
+    fresh = make()
+    fresh.load_state_dict(patched.state_dict(), strict=True)
+    for (k, a), (_, b) in zip(fresh.state_dict().items(), other.state_dict().items()):
+        assert torch.equal(a, b), k
+    # unpatch: the original classes come back, holding what the patched model holds now
+    with torch.no_grad():
+        for p in patched.parameters():
+            p.add_(0.5)
+    want = {k: v.clone() for k, v in patched.state_dict().items()}
+    restored = fastnote.unpatch(patched)
+    assert len(restored) > 0
+    assert [type(m) for m in patched.modules()] == types
+    got = patched.state_dict()
+    assert list(got) == list(want)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name,size", [pytest.param("swin_t", 224, id="tv-swin_t-224"),
+                                       pytest.param("swin_tiny_patch4_window7_224", 224, id="timm-swin_tiny-224")])
+def test_swin_at_224_gpu(name, size, device):
+    if name == "swin_t":
+        eager = _torchvision_models().swin_t().to(device)
+    else:
+        eager = _timm().create_model(name, pretrained=False).to(device)
+    patched = copy.deepcopy(eager)
+    report = fastnote.patch(patched)
+    assert len(report) == 12
+    x = torch.randn(2, 3, size, size, device=device)
+    for mode in ("eval", "train"):
+        eager.train(mode == "train")
+        patched.train(mode == "train")
+        _check_against_float64(eager, patched, x, f"{name} {mode}")
