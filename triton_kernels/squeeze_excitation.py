@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastnote.backend import empty
+
 from .utils import (
     ELEMENTWISE_BLOCK,
     ELEMENTWISE_WARPS,
@@ -109,9 +111,9 @@ def plane_reduce(x: torch.Tensor, grad, hswish: bool, scale: float) -> torch.Ten
     """fp32 [B, C]: ``scale * sum_hw((grad *) pre(x))`` for contiguous x (and grad) [B, C, H, W]."""
     B, C = x.shape[0], x.shape[1]
     HW = x[0, 0].numel() if x.numel() else 0
-    out = torch.zeros((B, C), dtype=torch.float32, device=x.device)
     if x.numel() == 0:
-        return out
+        return torch.zeros((B, C), dtype=torch.float32, device=x.device)
+    out = empty((B, C), torch.float32, x.device)   # every element written by one program
     block_c, block_hw = _reduce_blocks(C, HW)
     grid = (B, triton.cdiv(C, block_c))
     _plane_reduce_kernel[grid](
@@ -260,7 +262,7 @@ def mlp_forward(s, w1, b1, w2, b2, activation: str, gate: str) -> torch.Tensor:
     """g = gate(fc2(act(fc1(s)))) in fp32 [B, C]; weights contiguous [CR, C], [C, CR]."""
     B, C = s.shape
     CR = w1.shape[0]
-    g = torch.empty((B, C), dtype=torch.float32, device=s.device)
+    g = empty((B, C), torch.float32, s.device)
     if B:
         block_c, block_r = _mlp_blocks(C, CR)
         _mlp_forward_kernel[(B,)](s, w1, b1, w2, b2, g, C, CR, ACT=ACTIVATION_CODES[activation],
@@ -272,10 +274,11 @@ def mlp_backward(s, w1, b1, w2, b2, dg, activation: str, gate: str):
     """Returns (ds, dw1, db1, dw2, db2) in fp32 for dg = dL/dg [B, C]."""
     B, C = s.shape
     CR = w1.shape[0]
-    a = torch.empty((B, CR), dtype=torch.float32, device=s.device)
-    dz1 = torch.empty_like(a)
-    dz2 = torch.empty((B, C), dtype=torch.float32, device=s.device)
-    ds = torch.empty_like(dz2)
+    # NaN-poisoned under the tests, like every kernel output: a value the kernel fails to write shows
+    a = empty((B, CR), torch.float32, s.device)
+    dz1 = empty((B, CR), torch.float32, s.device)
+    dz2 = empty((B, C), torch.float32, s.device)
+    ds = empty((B, C), torch.float32, s.device)
     if B:
         block_c, block_r = _mlp_blocks(C, CR)
         _mlp_backward_kernel[(B,)](s, w1, b1, w2, b2, dg, a, dz1, dz2, ds, C, CR,
