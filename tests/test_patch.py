@@ -17,7 +17,7 @@ import fastnote
 from fastnote import __main__ as cli
 from fastnote.testing import assert_close
 from test_spectral_norm import OriginalSagan
-from test_window_attention import SwinWindowAttention, TimmWindowAttention
+from transcriptions import SwinWindowAttention, TimmWindowAttention
 from transcriptions import Self_Attn, TorchvisionSqueezeExcitation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -467,8 +467,9 @@ def timm_relative_position_index(window_size):
     return relative_coords.sum(-1)  # Wh*Ww, Wh*Ww
 
 
-class TimmWindowAttention(nn.Module):
-    """timm / Swin WindowAttention, written out (parameters replaced by test leaves)."""
+class WindowAttentionOfLeaves(nn.Module):
+    """timm / Swin WindowAttention, written out with its parameters replaced by test leaves (for
+    float64 gradcheck); the module form is ``transcriptions.SwinWindowAttention``."""
 
     def __init__(self, dim, window_size, num_heads):
         super().__init__()
@@ -525,7 +526,7 @@ def swin_block_attention_path(x, qkv_w, qkv_b, proj_w, proj_b, table, window_siz
                               shift_size):
     """SwinTransformerBlock.forward's attention path (between norm1 and the residual)."""
     B, H, W, C = x.shape
-    attn = TimmWindowAttention(C, window_size, num_heads).set_params(
+    attn = WindowAttentionOfLeaves(C, window_size, num_heads).set_params(
         qkv_w, qkv_b, table, proj_w, proj_b)
     # pad feature maps to multiples of window size
     pad_l = pad_t = 0
@@ -621,7 +622,7 @@ def test_window_attention_matches_timm(B, Hp, Wp, C, heads, ws, shift):
         return F.linear(out.transpose(1, 2).reshape(B_, N, C), proj_w, proj_b)
 
     def theirs(xw, qkv_w, qkv_b, table, proj_w, proj_b):
-        m = TimmWindowAttention(C, ws, heads).set_params(qkv_w, qkv_b, table, proj_w, proj_b)
+        m = WindowAttentionOfLeaves(C, ws, heads).set_params(qkv_w, qkv_b, table, proj_w, proj_b)
         return m(xw, mask=mask)
 
     compare_with_grads(ours, theirs, [windows, qkv_w, qkv_b, table, proj_w, proj_b])

@@ -51,13 +51,13 @@ def _check(inputs, kind="two_matmul"):
 # (B, d_qk, d_v, N, N_k): N = 1, 7, 45 and tile-crossing sizes; d_v not a multiple of 16; d_v
 # over one d_v tile (128); d_qk = 8 (SAGAN's C = 64) and odd; N_k below and above N.
 SHAPES = [
-    (2, 8, 64, 1, 1),
-    (2, 8, 12, 7, 7),
-    (1, 8, 40, 45, 45),
-    (2, 16, 24, 45, 12),
-    (1, 8, 20, 70, 130),
-    (1, 5, 200, 33, 33),
-    (1, 3, 300, 20, 9),
+    pytest.param(2, 8, 64, 1, 1, id="B2-dqk8-dv64-N1-Nk1"),
+    pytest.param(2, 8, 12, 7, 7, id="B2-dqk8-dv12-N7-Nk7"),
+    pytest.param(1, 8, 40, 45, 45, id="B1-dqk8-dv40-N45-Nk45"),
+    pytest.param(2, 16, 24, 45, 12, id="B2-dqk16-dv24-N45-Nk12"),
+    pytest.param(1, 8, 20, 70, 130, id="B1-dqk8-dv20-N70-Nk130"),
+    pytest.param(1, 5, 200, 33, 33, id="B1-dqk5-dv200-N33-Nk33"),
+    pytest.param(1, 3, 300, 20, 9, id="B1-dqk3-dv300-N20-Nk9"),
 ]
 
 

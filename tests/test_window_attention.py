@@ -9,6 +9,7 @@ import fastnote
 from fastnote import reference
 from fastnote.ops import window_attention as ops
 from fastnote.testing import UNIT_ROUNDOFF, assert_close, assert_rms_close
+from transcriptions import SwinWindowAttention, TimmWindowAttention
 
 KIND = "two_matmul"
 # fp16/bf16 gradients, RMS-relative to the fp32 reference, in units of the dtype's roundoff u: the
@@ -37,17 +38,17 @@ def _grads(out, tensors, grad):
 
 CORE_CASES = [
     # B*nW, heads, N, d, nW, bias, mask
-    (2, 1, 1, 16, 1, True, True),
-    (4, 2, 9, 16, 2, True, True),
-    (4, 3, 49, 32, 4, True, True),
-    (2, 6, 49, 16, 1, False, False),
-    (3, 2, 50, 32, 3, True, False),
-    (2, 4, 50, 16, 2, False, True),
-    (2, 5, 64, 32, 1, True, True),
-    (2, 1, 65, 16, 2, True, True),   # just past one tile: the online-softmax / atomic path
-    (2, 1, 144, 32, 1, True, True),  # window 12
-    (2, 1, 49, 64, 1, True, True),   # wide head in fp32: 32 x 32 tiles, online-softmax path
-    (2, 2, 20, 128, 2, True, True),  # head_dim 128: one 32 x 32 tile per window
+    pytest.param(2, 1, 1, 16, 1, True, True, id="B2-h1-N1-d16-nW1-bias-mask"),
+    pytest.param(4, 2, 9, 16, 2, True, True, id="B4-h2-N9-d16-nW2-bias-mask"),
+    pytest.param(4, 3, 49, 32, 4, True, True, id="B4-h3-N49-d32-nW4-bias-mask"),
+    pytest.param(2, 6, 49, 16, 1, False, False, id="B2-h6-N49-d16-nW1-nobias-nomask"),
+    pytest.param(3, 2, 50, 32, 3, True, False, id="B3-h2-N50-d32-nW3-bias-nomask"),
+    pytest.param(2, 4, 50, 16, 2, False, True, id="B2-h4-N50-d16-nW2-nobias-mask"),
+    pytest.param(2, 5, 64, 32, 1, True, True, id="B2-h5-N64-d32-nW1-bias-mask"),
+    pytest.param(2, 1, 65, 16, 2, True, True, id="B2-h1-N65-d16-nW2-bias-mask-just-past-one-tile"),
+    pytest.param(2, 1, 144, 32, 1, True, True, id="B2-h1-N144-d32-nW1-bias-mask-window-12"),
+    pytest.param(2, 1, 49, 64, 1, True, True, id="B2-h1-N49-d64-nW1-bias-mask-wide-head-in-fp32"),
+    pytest.param(2, 2, 20, 128, 2, True, True, id="B2-h2-N20-d128-nW2-bias-mask-head-dim-128"),
 ]
 
 
@@ -299,60 +300,8 @@ def test_compile_fullgraph_block(device, compile_backend):
 
 
 # ------------------------------------------------------------------------------------------------
-# Modules: Swin's and timm's WindowAttention, transcribed
+# Modules: Swin's and timm's WindowAttention (transcribed in tests/transcriptions.py)
 # ------------------------------------------------------------------------------------------------
-
-class SwinWindowAttention(nn.Module):
-    """The original Swin Transformer WindowAttention (index buffer persistent)."""
-
-    def __init__(self, dim, window_size, num_heads, qkv_bias=True, qk_scale=None, attn_drop=0., proj_drop=0.):
-        super().__init__()
-        self.dim = dim
-        self.window_size = window_size
-        self.num_heads = num_heads
-        head_dim = dim // num_heads
-        self.scale = qk_scale or head_dim ** -0.5
-        self.relative_position_bias_table = nn.Parameter(
-            torch.zeros((2 * window_size[0] - 1) * (2 * window_size[1] - 1), num_heads))
-        coords = torch.stack(torch.meshgrid([torch.arange(window_size[0]), torch.arange(window_size[1])],
-                                            indexing="ij"))
-        coords_flatten = torch.flatten(coords, 1)
-        relative_coords = (coords_flatten[:, :, None] - coords_flatten[:, None, :]).permute(1, 2, 0).contiguous()
-        relative_coords[:, :, 0] += window_size[0] - 1
-        relative_coords[:, :, 1] += window_size[1] - 1
-        relative_coords[:, :, 0] *= 2 * window_size[1] - 1
-        self.register_buffer("relative_position_index", relative_coords.sum(-1), persistent=self.persistent_index)
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
-        nn.init.trunc_normal_(self.relative_position_bias_table, std=.02)
-        self.softmax = nn.Softmax(dim=-1)
-
-    persistent_index = True
-
-    def forward(self, x, mask=None):
-        B_, N, C = x.shape
-        qkv = self.qkv(x).reshape(B_, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        q = q * self.scale
-        attn = q @ k.transpose(-2, -1)
-        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(N, N, -1)
-        attn = attn + bias.permute(2, 0, 1).contiguous().unsqueeze(0)
-        if mask is not None:
-            nW = mask.shape[0]
-            attn = attn.view(B_ // nW, nW, self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
-            attn = attn.view(-1, self.num_heads, N, N)
-        attn = self.attn_drop(self.softmax(attn))
-        x = (attn @ v).transpose(1, 2).reshape(B_, N, C)
-        return self.proj_drop(self.proj(x))
-
-
-class TimmWindowAttention(SwinWindowAttention):
-    """timm's variant: the index buffer is non-persistent, so its state_dicts lack it."""
-
-    persistent_index = False
-
 
 @pytest.mark.parametrize("source", [SwinWindowAttention, TimmWindowAttention])
 @pytest.mark.parametrize("window,heads,nW", [(7, 3, 2), (3, 2, 1), ((2, 3), 2, 2)])
@@ -425,15 +374,15 @@ def _block_params(C, heads, ws, device, qkv_bias=True, dtype=torch.float32):
 
 BLOCK_CASES = [
     # B, H, W, C, heads, ws, shift, qkv_bias
-    (2, 8, 8, 32, 2, 4, 0, True),
-    (2, 8, 8, 32, 2, 4, 2, True),
-    (1, 7, 10, 32, 2, 4, 2, True),    # H, W not multiples of the window
-    (1, 7, 7, 16, 1, 7, 3, True),     # Swin-T's window and shift
-    (1, 9, 11, 32, 2, 7, 3, True),
-    (1, 9, 9, 32, 2, 7, 0, False),    # padding, no qkv bias: padded tokens are zeros
-    (1, 5, 6, 16, 1, 3, 1, False),
-    (1, 13, 12, 32, 1, 12, 6, True),  # window 12 (N = 144): tiled path
-    (1, 9, 9, 128, 1, 7, 3, True),    # head_dim 128: 32 x 32 tiles in the fused layout
+    pytest.param(2, 8, 8, 32, 2, 4, 0, True, id="B2-8x8-C32-h2-ws4-shift0-qkvbias"),
+    pytest.param(2, 8, 8, 32, 2, 4, 2, True, id="B2-8x8-C32-h2-ws4-shift2-qkvbias"),
+    pytest.param(1, 7, 10, 32, 2, 4, 2, True, id="B1-7x10-C32-h2-ws4-shift2-qkvbias-h-w-not-multiples-of-the-window"),
+    pytest.param(1, 7, 7, 16, 1, 7, 3, True, id="B1-7x7-C16-h1-ws7-shift3-qkvbias-swin-t-s-window-and-shift"),
+    pytest.param(1, 9, 11, 32, 2, 7, 3, True, id="B1-9x11-C32-h2-ws7-shift3-qkvbias"),
+    pytest.param(1, 9, 9, 32, 2, 7, 0, False, id="B1-9x9-C32-h2-ws7-shift0-noqkvbias-padding-no-qkv-bias"),
+    pytest.param(1, 5, 6, 16, 1, 3, 1, False, id="B1-5x6-C16-h1-ws3-shift1-noqkvbias"),
+    pytest.param(1, 13, 12, 32, 1, 12, 6, True, id="B1-13x12-C32-h1-ws12-shift6-qkvbias-window-12-n-144"),
+    pytest.param(1, 9, 9, 128, 1, 7, 3, True, id="B1-9x9-C128-h1-ws7-shift3-qkvbias-head-dim-128"),
 ]
 
 

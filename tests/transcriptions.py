@@ -1,6 +1,7 @@
 """Eager modules transcribed from the code fastnote replaces, shared by the tests: SAGAN's
-Self_Attn (seed 001, forward as it is) and torchvision's SqueezeExcitation (torchvision is not
-always installed), and the perceptual loss of seed 000 (SeedVgg16, SeedPerceptualLoss)."""
+Self_Attn (seed 001, forward as it is), torchvision's SqueezeExcitation (for where torchvision is
+not installed), the perceptual loss of seed 000 (SeedVgg16, SeedPerceptualLoss), CUT's
+PatchNCELoss (seed 003), and the original Swin code's and timm's WindowAttention."""
 import torch
 from torch import nn
 
@@ -205,3 +206,55 @@ def cut_patch_sample(feat, num_patches, patch_id=None):
         patch_id = patch_id[:int(min(num_patches, patch_id.shape[0]))]
     x_sample = feat_reshape[:, patch_id, :].flatten(0, 1)
     return CUTNormalize(2)(x_sample), patch_id
+
+
+class SwinWindowAttention(nn.Module):
+    """The original Swin Transformer WindowAttention (index buffer persistent)."""
+
+    def __init__(self, dim, window_size, num_heads, qkv_bias=True, qk_scale=None, attn_drop=0., proj_drop=0.):
+        super().__init__()
+        self.dim = dim
+        self.window_size = window_size
+        self.num_heads = num_heads
+        head_dim = dim // num_heads
+        self.scale = qk_scale or head_dim ** -0.5
+        self.relative_position_bias_table = nn.Parameter(
+            torch.zeros((2 * window_size[0] - 1) * (2 * window_size[1] - 1), num_heads))
+        coords = torch.stack(torch.meshgrid([torch.arange(window_size[0]), torch.arange(window_size[1])],
+                                            indexing="ij"))
+        coords_flatten = torch.flatten(coords, 1)
+        relative_coords = (coords_flatten[:, :, None] - coords_flatten[:, None, :]).permute(1, 2, 0).contiguous()
+        relative_coords[:, :, 0] += window_size[0] - 1
+        relative_coords[:, :, 1] += window_size[1] - 1
+        relative_coords[:, :, 0] *= 2 * window_size[1] - 1
+        self.register_buffer("relative_position_index", relative_coords.sum(-1), persistent=self.persistent_index)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        nn.init.trunc_normal_(self.relative_position_bias_table, std=.02)
+        self.softmax = nn.Softmax(dim=-1)
+
+    persistent_index = True
+
+    def forward(self, x, mask=None):
+        B_, N, C = x.shape
+        qkv = self.qkv(x).reshape(B_, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        q = q * self.scale
+        attn = q @ k.transpose(-2, -1)
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(N, N, -1)
+        attn = attn + bias.permute(2, 0, 1).contiguous().unsqueeze(0)
+        if mask is not None:
+            nW = mask.shape[0]
+            attn = attn.view(B_ // nW, nW, self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
+            attn = attn.view(-1, self.num_heads, N, N)
+        attn = self.attn_drop(self.softmax(attn))
+        x = (attn @ v).transpose(1, 2).reshape(B_, N, C)
+        return self.proj_drop(self.proj(x))
+
+
+class TimmWindowAttention(SwinWindowAttention):
+    """timm's variant: the index buffer is non-persistent, so its state_dicts lack it."""
+
+    persistent_index = False
