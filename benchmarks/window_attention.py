@@ -30,6 +30,7 @@ FLOPs (core): fwd 4 * B*nW*heads*N^2*d, bwd 10 * B*nW*heads*N^2*d (the scores ar
 """
 import torch
 import torch.nn.functional as F
+import triton
 
 import fastnote
 import harness
@@ -54,10 +55,16 @@ def _cases(models, dtypes):
     return cases
 
 
+def _padded(cfg):
+    """(Hp, Wp): the feature map padded up to multiples of the window."""
+    ws = cfg["window"]
+    return triton.cdiv(cfg["H"], ws) * ws, triton.cdiv(cfg["W"], ws) * ws
+
+
 def _geometry(cfg):
     ws = cfg["window"]
-    nW = (-(-cfg["H"] // ws)) * (-(-cfg["W"] // ws))
-    return nW, ws * ws, cfg["C"] // cfg["heads"]
+    Hp, Wp = _padded(cfg)
+    return (Hp // ws) * (Wp // ws), ws * ws, cfg["C"] // cfg["heads"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -72,7 +79,7 @@ def core_inputs(case, device):
     bias = (torch.randn(heads, N, N, device=device) * 0.5).to(case.dtype).requires_grad_()
     mask = None
     if cfg["shift"]:
-        Hp, Wp = -(-cfg["H"] // cfg["window"]) * cfg["window"], -(-cfg["W"] // cfg["window"]) * cfg["window"]
+        Hp, Wp = _padded(cfg)
         mask = reference.shift_mask(Hp, Wp, cfg["window"], cfg["shift"], device=device).to(case.dtype)
     return {"q": q, "k": k, "v": v, "bias": bias, "mask": mask}
 
@@ -129,7 +136,7 @@ def block_inputs(case, device):
     inputs = {"x": x, "qkv_weight": param(3 * C, C, std=C ** -0.5), "qkv_bias": param(3 * C, std=0.02),
               "proj_weight": param(C, C, std=C ** -0.5), "proj_bias": param(C, std=0.02),
               "relative_position_bias_table": param((2 * ws - 1) ** 2, heads, std=0.02)}
-    Hp, Wp = -(-cfg["H"] // ws) * ws, -(-cfg["W"] // ws) * ws
+    Hp, Wp = _padded(cfg)
     # Swin keeps the index and the shift mask in buffers: built once, outside the timed region.
     extra = {"index": reference.relative_position_index(ws, device=device),
              "mask": reference.shift_mask(Hp, Wp, ws, cfg["shift"], device=device).to(case.dtype)
