@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastnote import reference as ref
-from transcriptions import CUTPatchNCELoss, Self_Attn, TorchvisionSqueezeExcitation
+from transcriptions import CUTPatchNCELoss, Self_Attn, TorchvisionSqueezeExcitation, seed_gram
 
 ATOL = RTOL = 2e-5
 
@@ -210,14 +210,6 @@ def test_hswish_se_low_precision(dtype):
 # ============================================================================================
 # 2. gram, style loss, total variation (seed 000: PerceptualLoss)
 # ============================================================================================
-
-def seed_gram(x):
-    (bs, ch, h, w) = x.size()
-    f = x.view(bs, ch, w * h)
-    f_T = f.transpose(1, 2)
-    G = f.bmm(f_T) / (ch * h * w)
-    return G
-
 
 def seed_style_term(y_hat_feature, style_gram):
     mse_sum = nn.MSELoss(reduction='sum')
