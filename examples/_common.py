@@ -1,0 +1,119 @@
+"""What the examples share: the command line, seeding, the progress line, and importing timm
+beside a CPU-only torch.
+
+Every example has ``build(use_fastnote, ...)`` (the eager model, or the same model with fastnote's
+modules and ops: same seed, same initial weights), ``run(use_fastnote, steps, ...)`` (the training
+loop, returning a ``Run``) and ``main(argv=None)`` (command line, returns the per-step losses).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import os
+import time
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+
+@dataclasses.dataclass
+class Run:
+    """What a training run leaves: the losses of every step (name -> list of floats) and the
+    trained modules (name -> module), whose ``.grad`` hold the last step's gradients."""
+    losses: Dict[str, List[float]]
+    modules: Dict[str, nn.Module]
+
+
+def parse_args(description: str, argv: Optional[Sequence[str]], steps: int = 3) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--steps", type=int, default=steps, help="training steps (default %(default)s)")
+    parser.add_argument("--device", default=None,
+                        help="cuda or cpu (default: cuda when there is a GPU, else cpu)")
+    parser.add_argument("--full", action="store_true",
+                        help="the real model and batch sizes (meant for a GPU); default: tiny smoke sizes")
+    parser.add_argument("--eager", action="store_true", help="run the plain-PyTorch model, without fastnote")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.steps < 1:
+        parser.error(f"--steps must be >= 1, got {args.steps}")
+    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return args
+
+
+def seed_all(seed: int) -> None:
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def data_generator(seed: int) -> torch.Generator:
+    """A CPU generator for the example's data, apart from torch's global one (so the model's
+    random draws and the data's do not depend on each other)."""
+    return torch.Generator().manual_seed(seed + 1)
+
+
+class Progress:
+    """Prints one line per step: ``<name> step i/n  loss=...  (t s)``."""
+
+    def __init__(self, name: str, steps: int, verbose: bool = True):
+        self.name, self.steps, self.verbose = name, steps, verbose
+        self.start = time.perf_counter()
+        self.losses: Dict[str, List[float]] = {}
+
+    def step(self, i: int, **losses: torch.Tensor) -> None:
+        for k, v in losses.items():
+            self.losses.setdefault(k, []).append(float(v.detach()) if torch.is_tensor(v) else float(v))
+        if self.verbose:
+            shown = "  ".join(f"{k}={vals[-1]:.5f}" for k, vals in self.losses.items())
+            print(f"{self.name} step {i + 1}/{self.steps}  {shown}  ({time.perf_counter() - self.start:.1f} s)",
+                  flush=True)
+
+
+def _torchvision_op_schemas() -> None:
+    # torchvision's wheel beside a CPU-only torch: its C extension cannot load, and importing
+    # torchvision (which timm does) then fails on fake registrations for two ops that extension
+    # defines. Defining the two schemas (no kernels: these models never call them) lets it import.
+    spec = importlib.util.find_spec("torchvision")
+    if spec is None or spec.origin is None:
+        return
+    folder = os.path.dirname(spec.origin)
+    for name in os.listdir(folder):
+        if name.startswith("_C") and name.endswith((".so", ".pyd")):
+            try:
+                torch.ops.load_library(os.path.join(folder, name))
+            except (OSError, RuntimeError):
+                pass
+    try:
+        torch.ops.torchvision.nms.default
+        return
+    except (AttributeError, RuntimeError):
+        pass
+    lib = torch.library.Library("torchvision", "DEF")
+    lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    lib.define("qnms(Tensor qdets, Tensor qscores, float iou_threshold) -> Tensor")
+    _LIBRARIES.append(lib)
+
+
+_LIBRARIES: list = []
+
+
+def import_timm():
+    """``timm``, importable beside a CPU-only torch; ImportError when it is not installed."""
+    if importlib.util.find_spec("timm") is None:
+        raise ImportError("this example needs timm: pip install timm")
+    _torchvision_op_schemas()
+    import timm
+
+    return timm
+
+
+def import_torchvision_models():
+    """``torchvision.models``, importable beside a CPU-only torch; ImportError when absent."""
+    if importlib.util.find_spec("torchvision") is None:
+        raise ImportError("this example needs torchvision")
+    _torchvision_op_schemas()
+    import torchvision.models
+
+    return torchvision.models

@@ -1,0 +1,113 @@
+"""CLIP-style contrastive training: an image encoder and a text encoder map a batch of
+(image, caption) pairs to unit vectors, trained with the symmetric contrastive loss and a learnt
+temperature.
+
+The eager variant builds the [n, n] logits and takes the two cross entropies; the fastnote variant
+calls ``fastnote.clip_loss``, which streams over the logits without storing them (its memory is
+O(n), which is what lets n reach tens of thousands on one device).
+
+    python examples/clip_step.py --steps 5             # tiny: n = 32, 32x32 images (CPU)
+    python examples/clip_step.py --full --steps 100    # n = 16384, 64x64 images (GPU)
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
+
+import fastnote  # noqa: E402
+
+FULL = dict(batch=16384, image_size=64, width=64, embed=512, vocab=8192, tokens=32)
+SMOKE = dict(batch=32, image_size=32, width=8, embed=32, vocab=128, tokens=8)
+
+
+class ImageEncoder(nn.Module):
+    def __init__(self, width: int, embed: int):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(3, width, 3, stride=2, padding=1), nn.GELU(),
+            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.GELU(),
+            nn.Conv2d(2 * width, 4 * width, 3, stride=2, padding=1), nn.GELU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * width, embed))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class TextEncoder(nn.Module):
+    """Token embeddings + one transformer layer, mean-pooled."""
+
+    def __init__(self, vocab: int, embed: int, tokens: int):
+        super().__init__()
+        self.token = nn.Embedding(vocab, embed)
+        self.position = nn.Parameter(torch.randn(tokens, embed) * 0.01)
+        self.layer = nn.TransformerEncoderLayer(embed, nhead=4, dim_feedforward=2 * embed, dropout=0.0,
+                                                batch_first=True)
+        self.proj = nn.Linear(embed, embed)
+
+    def forward(self, ids):
+        return self.proj(self.layer(self.token(ids) + self.position).mean(1))
+
+
+class CLIP(nn.Module):
+    def __init__(self, sizes):
+        super().__init__()
+        self.visual = ImageEncoder(sizes["width"], sizes["embed"])
+        self.text = TextEncoder(sizes["vocab"], sizes["embed"], sizes["tokens"])
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def forward(self, images, ids):
+        return (F.normalize(self.visual(images), dim=-1), F.normalize(self.text(ids), dim=-1),
+                self.logit_scale.exp())
+
+
+def eager_clip_loss(image, text, logit_scale):
+    logits = logit_scale * image @ text.t()
+    labels = torch.arange(image.shape[0], device=image.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+
+
+def build(use_fastnote: bool, full: bool = False, device="cpu", seed: int = 0):
+    """(model, loss(image, text, logit_scale), sizes)."""
+    sizes = FULL if full else SMOKE
+    _common.seed_all(seed)
+    model = CLIP(sizes).to(device)
+    return model, (fastnote.clip_loss if use_fastnote else eager_clip_loss), sizes
+
+
+def run(use_fastnote: bool, steps: int, full: bool = False, device="cpu", seed: int = 0,
+        amp: Optional[torch.dtype] = None, verbose: bool = False) -> _common.Run:
+    device = torch.device(device)
+    model, criterion, sizes = build(use_fastnote, full, device, seed)
+    opt = torch.optim.AdamW(model.parameters(), 5e-4, weight_decay=0.1)
+    gen = _common.data_generator(seed)
+    n, s = sizes["batch"], sizes["image_size"]
+    progress = _common.Progress("clip_step" + ("" if use_fastnote else " (eager)"), steps, verbose)
+    autocast = torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None)
+    for i in range(steps):
+        images = torch.rand(n, 3, s, s, generator=gen).to(device)
+        ids = torch.randint(0, sizes["vocab"], (n, sizes["tokens"]), generator=gen).to(device)
+        with autocast:
+            loss = criterion(*model(images, ids))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        progress.step(i, clip_loss=loss)
+    return _common.Run(progress.losses, {"clip": model})
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    args = _common.parse_args("CLIP-style contrastive training with clip_loss, a few steps", argv)
+    return run(not args.eager, args.steps, args.full, args.device, args.seed, verbose=True).losses
+
+
+if __name__ == "__main__":
+    main()

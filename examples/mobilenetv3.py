@@ -1,0 +1,69 @@
+"""MobileNetV3 (torchvision's ``mobilenet_v3_small``, random init) trained a few steps, with its
+h-swish, squeeze-excitation blocks, and the h-swish + SE pairs fused into one, swapped for
+fastnote's by ``fastnote.patch``. Needs torchvision (no weight download).
+
+    python examples/mobilenetv3.py --steps 5             # batch 4, 64x64, 10 classes (CPU)
+    python examples/mobilenetv3.py --full --steps 100    # batch 256, 224x224, 1000 classes (GPU)
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
+
+import fastnote  # noqa: E402
+
+FULL = dict(batch=256, image_size=224, classes=1000)
+SMOKE = dict(batch=4, image_size=64, classes=10)
+# 11 stand-alone h-swish, 1 SE after a ReLU, 8 h-swish + SE pairs (each: an Identity and a fused SE)
+REPLACED = 11 + 1 + 2 * 8
+
+
+def build(use_fastnote: bool, full: bool = False, device="cpu", seed: int = 0, verbose: bool = False):
+    """(model, sizes): torchvision's MobileNetV3-Small, eager or patched."""
+    models = _common.import_torchvision_models()
+    sizes = FULL if full else SMOKE
+    _common.seed_all(seed)
+    model = models.mobilenet_v3_small(num_classes=sizes["classes"]).to(device)
+    if use_fastnote:
+        report = fastnote.patch(model, expect=REPLACED)
+        if verbose:
+            print(report)
+    return model, sizes
+
+
+def run(use_fastnote: bool, steps: int, full: bool = False, device="cpu", seed: int = 0,
+        amp: Optional[torch.dtype] = None, verbose: bool = False) -> _common.Run:
+    device = torch.device(device)
+    model, sizes = build(use_fastnote, full, device, seed, verbose)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), 0.05, momentum=0.9)
+    gen = _common.data_generator(seed)
+    b, s = sizes["batch"], sizes["image_size"]
+    progress = _common.Progress("mobilenetv3" + ("" if use_fastnote else " (eager)"), steps, verbose)
+    autocast = torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None)
+    for i in range(steps):
+        images = torch.randn(b, 3, s, s, generator=gen).to(device)
+        labels = torch.randint(0, sizes["classes"], (b,), generator=gen).to(device)
+        with autocast:
+            loss = F.cross_entropy(model(images), labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        progress.step(i, loss=loss)
+    return _common.Run(progress.losses, {"mobilenet": model})
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    args = _common.parse_args("MobileNetV3-Small (torchvision), patched by fastnote, a few training steps", argv)
+    return run(not args.eager, args.steps, args.full, args.device, args.seed, verbose=True).losses
+
+
+if __name__ == "__main__":
+    main()

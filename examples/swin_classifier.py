@@ -1,0 +1,72 @@
+"""A Swin-T image classifier (timm's ``swin_tiny_patch4_window7_224``, random init) trained a few
+steps, with its window attention swapped for fastnote's by ``fastnote.patch``.
+
+At a reduced ``img_size`` timm shrinks the windows of the stages whose feature map is smaller
+than 7x7 as well; the patched model follows it. Needs timm (no weight download).
+
+    python examples/swin_classifier.py --steps 5             # batch 2, 64x64, width 32, 10 classes (CPU)
+    python examples/swin_classifier.py --full --steps 100    # batch 128, 224x224, 1000 classes (GPU)
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
+
+import fastnote  # noqa: E402
+
+FULL = dict(batch=128, image_size=224, classes=1000, widths={})
+# Swin-T's depths (2, 2, 6, 2) and windows, at a third of its width (heads of 32 channels as in
+# Swin-T, 1/2/4/8 of them): a step takes seconds on a CPU under the Triton interpreter.
+SMOKE = dict(batch=2, image_size=64, classes=10, widths=dict(embed_dim=32, num_heads=(1, 2, 4, 8)))
+
+
+def build(use_fastnote: bool, full: bool = False, device="cpu", seed: int = 0, verbose: bool = False):
+    """(model, sizes): timm's Swin-T, eager or patched (12 window-attention modules)."""
+    timm = _common.import_timm()
+    sizes = FULL if full else SMOKE
+    _common.seed_all(seed)
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=sizes["image_size"],
+                              num_classes=sizes["classes"], **sizes["widths"]).to(device)
+    if use_fastnote:
+        report = fastnote.patch(model, expect=12)
+        if verbose:
+            print(report)
+    return model, sizes
+
+
+def run(use_fastnote: bool, steps: int, full: bool = False, device="cpu", seed: int = 0,
+        amp: Optional[torch.dtype] = None, verbose: bool = False) -> _common.Run:
+    device = torch.device(device)
+    model, sizes = build(use_fastnote, full, device, seed, verbose)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), 1e-4, weight_decay=0.05)
+    gen = _common.data_generator(seed)
+    b, s = sizes["batch"], sizes["image_size"]
+    progress = _common.Progress("swin_classifier" + ("" if use_fastnote else " (eager)"), steps, verbose)
+    autocast = torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None)
+    for i in range(steps):
+        images = torch.randn(b, 3, s, s, generator=gen).to(device)
+        labels = torch.randint(0, sizes["classes"], (b,), generator=gen).to(device)
+        with autocast:
+            loss = F.cross_entropy(model(images), labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        progress.step(i, loss=loss)
+    return _common.Run(progress.losses, {"swin": model})
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    args = _common.parse_args("Swin-T classifier (timm), patched by fastnote, a few training steps", argv)
+    return run(not args.eager, args.steps, args.full, args.device, args.seed, verbose=True).losses
+
+
+if __name__ == "__main__":
+    main()
