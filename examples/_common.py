@@ -117,3 +117,23 @@ def import_torchvision_models():
     import torchvision.models
 
     return torchvision.models
+
+
+def train_classifier(name: str, model, opt, sizes: dict, steps: int, device, seed: int,
+                     amp: Optional[torch.dtype], verbose: bool) -> "Run":
+    """The classifier examples' loop: random images and labels from the data generator, cross
+    entropy (under bf16 autocast when ``amp`` is given), one optimiser step per batch."""
+    gen = data_generator(seed)
+    b, s = sizes["batch"], sizes["image_size"]
+    progress = Progress(name, steps, verbose)
+    autocast = torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None)
+    for i in range(steps):
+        images = torch.randn(b, 3, s, s, generator=gen).to(device)
+        labels = torch.randint(0, sizes["classes"], (b,), generator=gen).to(device)
+        with autocast:
+            loss = torch.nn.functional.cross_entropy(model(images), labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        progress.step(i, loss=loss)
+    return Run(progress.losses, {})

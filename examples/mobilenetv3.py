@@ -12,7 +12,6 @@ import sys
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
@@ -44,20 +43,9 @@ def run(use_fastnote: bool, steps: int, full: bool = False, device="cpu", seed: 
     model, sizes = build(use_fastnote, full, device, seed, verbose)
     model.train()
     opt = torch.optim.SGD(model.parameters(), 0.05, momentum=0.9)
-    gen = _common.data_generator(seed)
-    b, s = sizes["batch"], sizes["image_size"]
-    progress = _common.Progress("mobilenetv3" + ("" if use_fastnote else " (eager)"), steps, verbose)
-    autocast = torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None)
-    for i in range(steps):
-        images = torch.randn(b, 3, s, s, generator=gen).to(device)
-        labels = torch.randint(0, sizes["classes"], (b,), generator=gen).to(device)
-        with autocast:
-            loss = F.cross_entropy(model(images), labels)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        progress.step(i, loss=loss)
-    return _common.Run(progress.losses, {"mobilenet": model})
+    result = _common.train_classifier("mobilenetv3" + ("" if use_fastnote else " (eager)"), model, opt, sizes, steps,
+                                      device, seed, amp, verbose)
+    return _common.Run(result.losses, {"mobilenet": model})
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
