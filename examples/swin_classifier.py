@@ -46,8 +46,8 @@ def run(use_fastnote: bool, steps: int, full: bool = False, device="cpu", seed: 
     model, sizes = build(use_fastnote, full, device, seed, verbose)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), 1e-4, weight_decay=0.05)
-    result = _common.train_classifier("swin_classifier" + ("" if use_fastnote else " (eager)"), model, opt, sizes, steps,
-                                      device, seed, amp, verbose)
+    name = "swin_classifier" + ("" if use_fastnote else " (eager)")
+    result = _common.train_classifier(name, model, opt, sizes, steps, device, seed, amp, verbose)
     return _common.Run(result.losses, {"swin": model})
 
 

@@ -352,8 +352,9 @@ def swin_block_attention(x, qkv_weight, qkv_bias, proj_weight, proj_bias,
     Pads H, W with zeros at the bottom/right up to multiples of window_size (before the qkv
     projection, as Swin pads the normed x), rolls by -shift_size along each axis that the window
     does not cover (torchvision's rule: along an axis with window >= padded size the shift is
-    dropped, and with it that axis's part of the mask), partitions, runs window attention with the relative position bias (and the shift mask of
-    the padded size), merges heads, projects, reverses, rolls back and crops.
+    dropped, and with it that axis's part of the mask), partitions, runs window attention with
+    the relative position bias (and the shift mask of the padded size), merges heads, projects,
+    reverses, rolls back and crops.
     index (the [N, N] relative position index) defaults to Swin's, scale to head_dim ** -0.5,
     mask_value to -100.0.
     Returns [B, H, W, C] in x's dtype.

@@ -97,7 +97,8 @@ def _report_line(fn, constexprs, signature, options, compiled, shared):
     names = [p.name for p in fn.params]
     consts = {names[k[0]] if isinstance(k, tuple) else k: v for k, v in constexprs.items()
               if v is not None and not isinstance(v, bool) and (names[k[0]] if isinstance(k, tuple) else k).isupper()}
-    dtypes = sorted({t for t in signature.values() if isinstance(t, str) and (t.startswith("*fp") or t.startswith("*bf"))})
+    dtypes = sorted({t for t in signature.values()
+                     if isinstance(t, str) and (t.startswith("*fp") or t.startswith("*bf"))})
     smem = ",".join(f"{t}:{b}" for t, b in shared.items())
     return (f"{fn.fn.__module__.rsplit('.', 1)[-1]}.{fn.fn.__qualname__:<28} {','.join(dtypes):<16} "
             f"warps={options.num_warps} regs={regs.group(1) if regs else '?':>3} "

@@ -589,7 +589,8 @@ def fused_forward(qkv, qkv_bias, bias, window_size: int, shift: int, heads: int,
 def fused_backward(do, qkv, qkv_bias, bias, bias_grad: bool, out, lse, window_size: int, shift: int,
                    heads: int, scale: float, mask_value: float, dqkv, dqkv_bias):
     """dqkv [B, H, W, 3C] (every element written); dqkv_bias fp32 [3C] zeros or None, receives the
-    padded tokens' part of the qkv-bias gradient (summed from per-program partials, no atomics). Returns the fp32 dbias [heads, N, N] (or None)."""
+    padded tokens' part of the qkv-bias gradient (summed from per-program partials, no atomics).
+    Returns the fp32 dbias [heads, N, N] (or None)."""
     B, H, W, C3 = qkv.shape
     g = fused_geometry(B, H, W, C3 // 3, window_size, shift)
     C, d = g.C, g.C // heads
