@@ -137,3 +137,20 @@ def train_classifier(name: str, model, opt, sizes: dict, steps: int, device, see
         opt.step()
         progress.step(i, loss=loss)
     return Run(progress.losses, {})
+
+
+def main(description: str, run, argv: Optional[Sequence[str]]) -> dict:
+    """Every example's command line: parse it, run the fastnote (or, with --eager, the eager)
+    variant with a progress line per step, and return the per-step losses."""
+    args = parse_args(description, argv)
+    return run(not args.eager, args.steps, args.full, args.device, args.seed, verbose=True).losses
+
+
+def patched(model, expect: int, verbose: bool):
+    """``fastnote.patch(model, expect=...)``, its report printed when ``verbose``."""
+    import fastnote
+
+    report = fastnote.patch(model, expect=expect)
+    if verbose:
+        print(report)
+    return model

@@ -105,8 +105,7 @@ def run(use_fastnote: bool, steps: int, full: bool = False, device="cpu", seed: 
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    args = _common.parse_args("CLIP-style contrastive training with clip_loss, a few steps", argv)
-    return run(not args.eager, args.steps, args.full, args.device, args.seed, verbose=True).losses
+    return _common.main("CLIP-style contrastive training with clip_loss, a few steps", run, argv)
 
 
 if __name__ == "__main__":

@@ -165,8 +165,7 @@ def run(use_fastnote: bool, steps: int, full: bool = False, device="cpu", seed: 
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    args = _common.parse_args("CUT: PatchNCE loss over 5 encoder layers, a few training steps", argv)
-    return run(not args.eager, args.steps, args.full, args.device, args.seed, verbose=True).losses
+    return _common.main("CUT: PatchNCE loss over 5 encoder layers, a few training steps", run, argv)
 
 
 if __name__ == "__main__":

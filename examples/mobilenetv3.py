@@ -16,8 +16,6 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
 
-import fastnote  # noqa: E402
-
 FULL = dict(batch=256, image_size=224, classes=1000)
 SMOKE = dict(batch=4, image_size=64, classes=10)
 # 11 stand-alone h-swish, 1 SE after a ReLU, 8 h-swish + SE pairs (each: an Identity and a fused SE)
@@ -31,9 +29,7 @@ def build(use_fastnote: bool, full: bool = False, device="cpu", seed: int = 0, v
     _common.seed_all(seed)
     model = models.mobilenet_v3_small(num_classes=sizes["classes"]).to(device)
     if use_fastnote:
-        report = fastnote.patch(model, expect=REPLACED)
-        if verbose:
-            print(report)
+        _common.patched(model, REPLACED, verbose)
     return model, sizes
 
 
@@ -49,8 +45,7 @@ def run(use_fastnote: bool, steps: int, full: bool = False, device="cpu", seed: 
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    args = _common.parse_args("MobileNetV3-Small (torchvision), patched by fastnote, a few training steps", argv)
-    return run(not args.eager, args.steps, args.full, args.device, args.seed, verbose=True).losses
+    return _common.main("MobileNetV3-Small (torchvision), patched by fastnote, a few training steps", run, argv)
 
 
 if __name__ == "__main__":

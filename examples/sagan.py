@@ -152,8 +152,7 @@ def run(use_fastnote: bool, steps: int, full: bool = False, device="cpu", seed: 
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    args = _common.parse_args("SAGAN 64x64, hinge loss, a few training steps", argv)
-    return run(not args.eager, args.steps, args.full, args.device, args.seed, verbose=True).losses
+    return _common.main("SAGAN 64x64, hinge loss, a few training steps", run, argv)
 
 
 if __name__ == "__main__":

@@ -137,8 +137,7 @@ def run(use_fastnote: bool, steps: int, full: bool = False, device="cpu", seed: 
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    args = _common.parse_args("Style transfer with the perceptual loss, a few training steps", argv)
-    return run(not args.eager, args.steps, args.full, args.device, args.seed, verbose=True).losses
+    return _common.main("Style transfer with the perceptual loss, a few training steps", run, argv)
 
 
 if __name__ == "__main__":

@@ -18,8 +18,6 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
 
-import fastnote  # noqa: E402
-
 FULL = dict(batch=128, image_size=224, classes=1000, widths={})
 # Swin-T's depths (2, 2, 6, 2) and windows, at a third of its width (heads of 32 channels as in
 # Swin-T, 1/2/4/8 of them): a step takes seconds on a CPU under the Triton interpreter.
@@ -34,9 +32,7 @@ def build(use_fastnote: bool, full: bool = False, device="cpu", seed: int = 0, v
     model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=sizes["image_size"],
                               num_classes=sizes["classes"], **sizes["widths"]).to(device)
     if use_fastnote:
-        report = fastnote.patch(model, expect=12)
-        if verbose:
-            print(report)
+        _common.patched(model, 12, verbose)
     return model, sizes
 
 
@@ -52,8 +48,7 @@ def run(use_fastnote: bool, steps: int, full: bool = False, device="cpu", seed: 
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    args = _common.parse_args("Swin-T classifier (timm), patched by fastnote, a few training steps", argv)
-    return run(not args.eager, args.steps, args.full, args.device, args.seed, verbose=True).losses
+    return _common.main("Swin-T classifier (timm), patched by fastnote, a few training steps", run, argv)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 so every kernel runs (on the CPU) in every CI run. Fresh kernel outputs are NaN-poisoned so a
 kernel that leaves part of its output unwritten fails its parity test."""
 import os
+import sys
 
 import pytest
 
@@ -24,35 +25,20 @@ import torch  # noqa: E402
 
 
 def _torchvision_op_schemas() -> None:
-    """torchvision's wheel beside a CPU torch: its C extension (a CUDA build) cannot load, and
-    importing torchvision then fails on the fake registrations of two ops whose schemas that
-    extension would have defined (``torchvision::nms``, ``torchvision::qnms``). Where the
-    extension loads, nothing is done; where it does not, the two schemas are defined (no kernel:
-    the models under test never call them), so ``torchvision.models`` imports."""
+    """torchvision beside a CPU torch: its CUDA-built extension cannot load and ``import
+    torchvision`` fails on two missing op schemas, which the examples' helper defines (written once
+    there, since the examples run without the tests). Loaded by path: examples/ is no package."""
     import importlib.util
 
-    spec = importlib.util.find_spec("torchvision")
-    if spec is None:
-        return
-    folder = os.path.dirname(spec.origin)
-    for name in os.listdir(folder):
-        if name.startswith("_C") and name.endswith((".so", ".pyd")):
-            try:
-                torch.ops.load_library(os.path.join(folder, name))
-            except (OSError, RuntimeError):
-                pass
-    try:
-        torch.ops.torchvision.nms.default
-        return
-    except (AttributeError, RuntimeError):
-        pass
-    lib = torch.library.Library("torchvision", "DEF")
-    lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    lib.define("qnms(Tensor qdets, Tensor qscores, float iou_threshold) -> Tensor")
-    _KEEP.append(lib)
+    spec = importlib.util.spec_from_file_location("fastnote_examples_common",
+                                                  os.path.join(os.path.dirname(os.path.dirname(
+                                                      os.path.abspath(__file__))), "examples", "_common.py"))
+    common = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = common      # its dataclasses look their module up there
+    spec.loader.exec_module(common)
+    common._torchvision_op_schemas()
 
 
-_KEEP = []
 _torchvision_op_schemas()
 
 
