@@ -2,8 +2,10 @@
 beside a CPU-only torch.
 
 Every example has ``build(use_fastnote, ...)`` (the eager model, or the same model with fastnote's
-modules and ops: same seed, same initial weights), ``run(use_fastnote, steps, ...)`` (the training
-loop, returning a ``Run``) and ``main(argv=None)`` (command line, returns the per-step losses).
+modules and ops: same seed, same initial weights), ``training(use_fastnote, ...)`` (a ``Training``:
+the models, their optimisers, the data and one training step), ``run(use_fastnote, steps, ...)``
+(that step in a loop, returning a ``Run``) and ``main(argv=None)`` (command line, returns the
+per-step losses). ``benchmarks/models.py`` times the same ``Training.step``.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import dataclasses
 import importlib.util
 import os
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -24,6 +26,60 @@ class Run:
     trained modules (name -> module), whose ``.grad`` hold the last step's gradients."""
     losses: Dict[str, List[float]]
     modules: Dict[str, nn.Module]
+
+
+@dataclasses.dataclass
+class Phase:
+    """One backward pass of a training step: ``loss(batch)`` (run under the autocast), whose
+    gradients ``optimizer`` then applies."""
+    name: str
+    loss: Callable[[Any], torch.Tensor]
+    optimizer: torch.optim.Optimizer
+
+
+@dataclasses.dataclass
+class Training:
+    """What an example trains and how: the modules, the next batch of data (already on the device),
+    and the phases of a step (a GAN has two: the discriminator's, then the generator's).
+
+    ``step(batch)`` runs each phase: its loss under bf16/fp16 autocast when ``amp`` is set, every
+    optimiser's gradients cleared, the backward, its optimiser's step; it returns the losses
+    (detached tensors, not synchronised). ``compile()`` wraps each phase's loss (forward and,
+    through AOTAutograd, its backward) in ``torch.compile``; the optimiser steps stay eager."""
+    name: str
+    modules: Dict[str, nn.Module]
+    next_batch: Callable[[], Any]
+    phases: List[Phase]
+    device: torch.device
+    amp: Optional[torch.dtype] = None
+
+    def step(self, batch) -> Dict[str, torch.Tensor]:
+        losses = {}
+        for phase in self.phases:
+            with torch.autocast(self.device.type, dtype=self.amp or torch.bfloat16, enabled=self.amp is not None):
+                loss = phase.loss(batch)
+            self.zero_grad()
+            loss.backward()
+            phase.optimizer.step()
+            losses[phase.name] = loss.detach()
+        return losses
+
+    def zero_grad(self) -> None:
+        for phase in self.phases:
+            phase.optimizer.zero_grad()
+
+    def compile(self, fullgraph: bool = False, **options) -> "Training":
+        for phase in self.phases:
+            phase.loss = torch.compile(phase.loss, fullgraph=fullgraph, **options)
+        return self
+
+
+def train(training: Training, steps: int, verbose: bool = False) -> Run:
+    """``steps`` training steps, a progress line after each."""
+    progress = Progress(training.name, steps, verbose)
+    for i in range(steps):
+        progress.step(i, **training.step(training.next_batch()))
+    return Run(progress.losses, training.modules)
 
 
 def parse_args(description: str, argv: Optional[Sequence[str]], steps: int = 3) -> argparse.Namespace:
@@ -119,24 +175,24 @@ def import_torchvision_models():
     return torchvision.models
 
 
-def train_classifier(name: str, model, opt, sizes: dict, steps: int, device, seed: int,
-                     amp: Optional[torch.dtype], verbose: bool) -> "Run":
-    """The classifier examples' loop: random images and labels from the data generator, cross
-    entropy (under bf16 autocast when ``amp`` is given), one optimiser step per batch."""
+def classifier_training(name: str, model, opt, sizes: dict, device, seed: int,
+                        amp: Optional[torch.dtype]) -> Training:
+    """The classifier examples' training: random images and labels from the data generator, cross
+    entropy, one optimiser step per batch."""
     gen = data_generator(seed)
     b, s = sizes["batch"], sizes["image_size"]
-    progress = Progress(name, steps, verbose)
-    autocast = torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None)
-    for i in range(steps):
+    model.train()
+
+    def next_batch():
         images = torch.randn(b, 3, s, s, generator=gen).to(device)
         labels = torch.randint(0, sizes["classes"], (b,), generator=gen).to(device)
-        with autocast:
-            loss = torch.nn.functional.cross_entropy(model(images), labels)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        progress.step(i, loss=loss)
-    return Run(progress.losses, {})
+        return images, labels
+
+    def loss(batch):
+        images, labels = batch
+        return torch.nn.functional.cross_entropy(model(images), labels)
+
+    return Training(name, {"model": model}, next_batch, [Phase("loss", loss, opt)], torch.device(device), amp)
 
 
 def main(description: str, run, argv: Optional[Sequence[str]]) -> dict:

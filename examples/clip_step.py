@@ -83,25 +83,29 @@ def build(use_fastnote: bool, full: bool = False, device="cpu", seed: int = 0):
     return model, (fastnote.clip_loss if use_fastnote else eager_clip_loss), sizes
 
 
-def run(use_fastnote: bool, steps: int, full: bool = False, device="cpu", seed: int = 0,
-        amp: Optional[torch.dtype] = None, verbose: bool = False) -> _common.Run:
+def training(use_fastnote: bool, full: bool = False, device="cpu", seed: int = 0,
+             amp: Optional[torch.dtype] = None, verbose: bool = False) -> _common.Training:
     device = torch.device(device)
     model, criterion, sizes = build(use_fastnote, full, device, seed)
     opt = torch.optim.AdamW(model.parameters(), 5e-4, weight_decay=0.1)
     gen = _common.data_generator(seed)
     n, s = sizes["batch"], sizes["image_size"]
-    progress = _common.Progress("clip_step" + ("" if use_fastnote else " (eager)"), steps, verbose)
-    autocast = torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None)
-    for i in range(steps):
+
+    def next_batch():
         images = torch.rand(n, 3, s, s, generator=gen).to(device)
         ids = torch.randint(0, sizes["vocab"], (n, sizes["tokens"]), generator=gen).to(device)
-        with autocast:
-            loss = criterion(*model(images, ids))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        progress.step(i, clip_loss=loss)
-    return _common.Run(progress.losses, {"clip": model})
+        return images, ids
+
+    def loss(batch):
+        return criterion(*model(*batch))
+
+    return _common.Training("clip_step" + ("" if use_fastnote else " (eager)"), {"clip": model}, next_batch,
+                            [_common.Phase("clip_loss", loss, opt)], device, amp)
+
+
+def run(use_fastnote: bool, steps: int, full: bool = False, device="cpu", seed: int = 0,
+        amp: Optional[torch.dtype] = None, verbose: bool = False) -> _common.Run:
+    return _common.train(training(use_fastnote, full, device, seed, amp, verbose), steps, verbose)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:

@@ -139,29 +139,33 @@ def build(use_fastnote: bool, full: bool = False, device="cpu", seed: int = 0):
     return G, netF, loss, sizes
 
 
-def run(use_fastnote: bool, steps: int, full: bool = False, device="cpu", seed: int = 0,
-        amp: Optional[torch.dtype] = None, verbose: bool = False) -> _common.Run:
+def training(use_fastnote: bool, full: bool = False, device="cpu", seed: int = 0,
+             amp: Optional[torch.dtype] = None, verbose: bool = False) -> _common.Training:
+    """CUT's NCE part of a generator step: translate, encode both images, sample, PatchNCE."""
     device = torch.device(device)
     G, netF, criterion, sizes = build(use_fastnote, full, device, seed)
     opt = torch.optim.Adam(list(G.parameters()) + list(netF.parameters()), 2e-4, betas=(0.5, 0.999))
     gen = _common.data_generator(seed)
     b, s, p = sizes["batch"], sizes["image_size"], sizes["num_patches"]
-    progress = _common.Progress("cut_patchnce" + ("" if use_fastnote else " (eager)"), steps, verbose)
-    autocast = torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None)
-    for i in range(steps):
-        real_a = (torch.rand(b, 3, s, s, generator=gen) * 2 - 1).to(device)
-        with autocast:
-            fake_b = G(real_a)
-            feat_q = G.encode(fake_b)
-            feat_k = G.encode(real_a)
-            pool_k, ids = netF(feat_k, p)
-            pool_q, _ = netF(feat_q, p, ids)
-            loss = sum(criterion(q, k).mean() for q, k in zip(pool_q, pool_k)) / len(NCE_LAYERS)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        progress.step(i, nce_loss=loss)
-    return _common.Run(progress.losses, {"G": G, "F": netF})
+
+    def next_batch():
+        return (torch.rand(b, 3, s, s, generator=gen) * 2 - 1).to(device)
+
+    def nce_loss(real_a):
+        fake_b = G(real_a)
+        feat_q = G.encode(fake_b)
+        feat_k = G.encode(real_a)
+        pool_k, ids = netF(feat_k, p)
+        pool_q, _ = netF(feat_q, p, ids)
+        return sum(criterion(q, k).mean() for q, k in zip(pool_q, pool_k)) / len(NCE_LAYERS)
+
+    return _common.Training("cut_patchnce" + ("" if use_fastnote else " (eager)"), {"G": G, "F": netF}, next_batch,
+                            [_common.Phase("nce_loss", nce_loss, opt)], device, amp)
+
+
+def run(use_fastnote: bool, steps: int, full: bool = False, device="cpu", seed: int = 0,
+        amp: Optional[torch.dtype] = None, verbose: bool = False) -> _common.Run:
+    return _common.train(training(use_fastnote, full, device, seed, amp, verbose), steps, verbose)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:

@@ -120,8 +120,8 @@ def build(use_fastnote: bool, full: bool = False, device="cpu", seed: int = 0, v
     return G, D, sizes
 
 
-def run(use_fastnote: bool, steps: int, full: bool = False, device="cpu", seed: int = 0,
-        amp: Optional[torch.dtype] = None, verbose: bool = False) -> _common.Run:
+def training(use_fastnote: bool, full: bool = False, device="cpu", seed: int = 0,
+             amp: Optional[torch.dtype] = None, verbose: bool = False) -> _common.Training:
     """Hinge-loss training, one discriminator and one generator step per step (SAGAN's loop)."""
     device = torch.device(device)
     G, D, sizes = build(use_fastnote, full, device, seed, verbose)
@@ -129,26 +129,28 @@ def run(use_fastnote: bool, steps: int, full: bool = False, device="cpu", seed: 
     d_opt = torch.optim.Adam(D.parameters(), 4e-4, betas=(0.0, 0.9))
     gen = _common.data_generator(seed)
     b, z_dim, size = sizes["batch"], sizes["z_dim"], sizes["image_size"]
-    progress = _common.Progress("sagan" + ("" if use_fastnote else " (eager)"), steps, verbose)
-    autocast = torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None)
-    for i in range(steps):
+
+    def next_batch():
         real = (torch.rand(b, 3, size, size, generator=gen) * 2 - 1).to(device)
         z_d, z_g = (torch.randn(b, z_dim, generator=gen).to(device) for _ in range(2))
-        with autocast:
-            fake = G(z_d).detach()
-            d_loss = F.relu(1.0 - D(real)).mean() + F.relu(1.0 + D(fake)).mean()
-        g_opt.zero_grad()
-        d_opt.zero_grad()
-        d_loss.backward()
-        d_opt.step()
-        with autocast:
-            g_loss = -D(G(z_g)).mean()
-        g_opt.zero_grad()
-        d_opt.zero_grad()
-        g_loss.backward()
-        g_opt.step()
-        progress.step(i, d_loss=d_loss, g_loss=g_loss)
-    return _common.Run(progress.losses, {"G": G, "D": D})
+        return real, z_d, z_g
+
+    def d_loss(batch):
+        real, z_d, _ = batch
+        fake = G(z_d).detach()
+        return F.relu(1.0 - D(real)).mean() + F.relu(1.0 + D(fake)).mean()
+
+    def g_loss(batch):
+        return -D(G(batch[2])).mean()
+
+    phases = [_common.Phase("d_loss", d_loss, d_opt), _common.Phase("g_loss", g_loss, g_opt)]
+    return _common.Training("sagan" + ("" if use_fastnote else " (eager)"), {"G": G, "D": D}, next_batch, phases,
+                            device, amp)
+
+
+def run(use_fastnote: bool, steps: int, full: bool = False, device="cpu", seed: int = 0,
+        amp: Optional[torch.dtype] = None, verbose: bool = False) -> _common.Run:
+    return _common.train(training(use_fastnote, full, device, seed, amp, verbose), steps, verbose)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:

@@ -116,24 +116,27 @@ def build(use_fastnote: bool, full: bool = False, device="cpu", seed: int = 0):
     return model, loss, sizes
 
 
-def run(use_fastnote: bool, steps: int, full: bool = False, device="cpu", seed: int = 0,
-        amp: Optional[torch.dtype] = None, verbose: bool = False) -> _common.Run:
+def training(use_fastnote: bool, full: bool = False, device="cpu", seed: int = 0,
+             amp: Optional[torch.dtype] = None, verbose: bool = False) -> _common.Training:
     device = torch.device(device)
     model, criterion, sizes = build(use_fastnote, full, device, seed)
     opt = torch.optim.Adam(model.parameters(), 1e-3)
     gen = _common.data_generator(seed)
     b, s = sizes["batch"], sizes["image_size"]
-    progress = _common.Progress("style_transfer" + ("" if use_fastnote else " (eager)"), steps, verbose)
-    autocast = torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None)
-    for i in range(steps):
-        x = torch.rand(b, 3, s, s, generator=gen).to(device)
-        with autocast:
-            loss = criterion(x, model(x))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        progress.step(i, perceptual_loss=loss)
-    return _common.Run(progress.losses, {"transform": model})
+
+    def next_batch():
+        return torch.rand(b, 3, s, s, generator=gen).to(device)
+
+    def loss(x):
+        return criterion(x, model(x))
+
+    return _common.Training("style_transfer" + ("" if use_fastnote else " (eager)"), {"transform": model},
+                            next_batch, [_common.Phase("perceptual_loss", loss, opt)], device, amp)
+
+
+def run(use_fastnote: bool, steps: int, full: bool = False, device="cpu", seed: int = 0,
+        amp: Optional[torch.dtype] = None, verbose: bool = False) -> _common.Run:
+    return _common.train(training(use_fastnote, full, device, seed, amp, verbose), steps, verbose)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
