@@ -2,7 +2,8 @@
 each, and print a summary. A failing script does not stop the others; the exit status is 1 if any
 failed.
 
-    python benchmarks/run_all.py [--smoke] [--out DIR] [--only hardswish,squeeze_excitation] [-- extra args]
+    python benchmarks/run_all.py [--smoke] [--out DIR] [--only hardswish,squeeze_excitation] [--skip models]
+                                 [-- extra args]
 
 Arguments it does not know (``--modes``, ``--dtypes``, ``--compile``, ...) go to every script.
 In smoke mode without ``--out`` all scripts write into one fresh temp dir, printed at the end.
@@ -41,18 +42,23 @@ def main(argv=None) -> int:
     p.add_argument("--smoke", action="store_true", help="smoke mode for every script")
     p.add_argument("--out", help="output root passed to every script")
     p.add_argument("--only", help="comma list of script names (without .py) to run")
+    p.add_argument("--skip", help="comma list of script names (without .py) not to run")
     args, passthrough = p.parse_known_args(argv)
     if passthrough and passthrough[0] == "--":
         passthrough = passthrough[1:]
 
     scripts = discover()
-    if args.only:
-        wanted = {s.strip().removesuffix(".py") for s in args.only.split(",") if s.strip()}
-        unknown = wanted - {os.path.basename(s)[:-3] for s in scripts}
+    names = {os.path.basename(s)[:-3] for s in scripts}
+    for flag, text in (("--only", args.only), ("--skip", args.skip)):
+        if not text:
+            continue
+        listed = {s.strip().removesuffix(".py") for s in text.split(",") if s.strip()}
+        unknown = listed - names
         if unknown:
-            print(f"--only: no such benchmark script: {', '.join(sorted(unknown))}")
+            print(f"{flag}: no such benchmark script: {', '.join(sorted(unknown))}")
             return 2
-        scripts = [s for s in scripts if os.path.basename(s)[:-3] in wanted]
+        keep = (lambda n: n in listed) if flag == "--only" else (lambda n: n not in listed)
+        scripts = [s for s in scripts if keep(os.path.basename(s)[:-3])]
     if not scripts:
         print("no benchmark scripts found")
         return 1

@@ -6,8 +6,10 @@
 #   bash benchmarks/run_gpu.sh [quick|all|tests|bench|parity] [arguments for run_all.py, e.g. --only window_attention]
 #
 # quick: for a short GPU budget (each step capped at STEP_TIMEOUT): the gpu-marked tests (fp16/bf16
-#   parity of every kernel, the CUDA power iteration), each benchmark's headline case per dtype
-#   without the torch.compile providers (run_all.py --quick --no-compile), the parity report.
+#   parity of every kernel, the CUDA power iteration), each op benchmark's headline case per dtype
+#   without the torch.compile providers (run_all.py --quick --no-compile), the whole-model headline
+#   (models.py --quick: SAGAN and Swin-T training steps, eager / fastnote / both compiled), the
+#   parity report.
 # all / tests / bench / parity: the whole suite, every benchmark case and provider (longer than one
 #   ten-minute command: run them as separate stages).
 # Each step runs under `timeout` (STEP_TIMEOUT seconds, default 240 in quick, else 580) and the archive is rewritten
@@ -58,8 +60,10 @@ pack
 if [ "$stage" = quick ]; then
   step "gpu tests" pytest.log python -m pytest -q -rs -m gpu --durations=15 --junitxml="$LOGS/pytest.xml"
   tail -n 20 "$LOGS/pytest.log" | tee -a "$summary"
-  step "benchmarks (quick, no compile)" bench.log python benchmarks/run_all.py --quick --no-compile "$@"
+  step "benchmarks (quick, no compile)" bench.log python benchmarks/run_all.py --quick --no-compile --skip models "$@"
   tail -n 15 "$LOGS/bench.log" | tee -a "$summary"
+  step "models (quick)" models.log python benchmarks/models.py --quick
+  grep -E "^  models " "$LOGS/models.log" | tee -a "$summary"
 fi
 if [ "$stage" = all ] || [ "$stage" = tests ]; then
   step "tests" pytest.log python -m pytest -q -rs --durations=25 --junitxml="$LOGS/pytest.xml"

@@ -29,6 +29,7 @@ EXPECTED = {
     "tv_loss": ({"eager", "fastnote"}, ALL_MODES),
     "patch_nce": ({"eager", "fastnote"}, ALL_MODES),
     "clip_loss": ({"eager", "fastnote"}, ALL_MODES),
+    "models": ({"eager", "fastnote"}, {"step"}),
 }
 PARITY_OPS = ["hard_swish", "hard_sigmoid", "squeeze_excitation", "hswish_se", "gram", "style_loss", "tv_loss",
               "patch_nce", "patch_nce_all", "clip_loss"]
@@ -128,6 +129,46 @@ def test_make_table_writes_between_markers(tmp_path):
     assert "2.00x" in cells and "1.50x" in cells and "0.50x" in cells  # speedups, memory ratio
 
 
+def test_make_table_models(tmp_path):
+    """The whole-model table: the four providers' step times, fastnote's speed-ups, peak memory."""
+    folder = tmp_path / "results" / "nvidia-h200"
+    folder.mkdir(parents=True)
+    base = {"op": "models", "mode": "step", "x_name": "batch", "x_value": 64, "gpu": "NVIDIA H200",
+            "torch": "2.11.0", "triton": "3.6.0", "fastnote_commit": "abc1234", "timestamp": "2026-01-01"}
+    cfg = json.dumps({"model": "SAGAN 64x64", "dtype": "fp32", "example": "sagan", "full": True})
+    values = {"eager": (40.0, 900.0), "fastnote": (20.0, 300.0), "torch.compile": (30.0, 600.0),
+              "torch.compile(fastnote)": (15.0, 250.0)}
+    with open(folder / "models.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        for provider, (ms, mb) in values.items():
+            for metric, unit, v in (("time", "ms", ms), ("memory", "MB", mb)):
+                w.writerow(dict(base, provider=provider, metric=metric, unit=unit, p50=v, p20=v, p80=v, config=cfg))
+    proc = _run(os.path.join(BENCH, "make_table.py"), "--results", str(tmp_path / "results"), "--stdout")
+    assert proc.returncode == 0, proc.stderr
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("| SAGAN 64x64"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[:7] == ["SAGAN 64x64", "fp32", "64", "40.0", "20.0", "30.0", "15.0"]
+    assert cells[7:10] == ["2.00x", "1.50x", "2.00x"]   # vs eager, vs torch.compile, compiled vs compiled
+    assert cells[10:] == ["900", "300", "600", "250"]
+
+
+def test_quick_cases():
+    sys.path.insert(0, BENCH)
+    try:
+        import harness
+    finally:
+        sys.path.remove(BENCH)
+    cases = [harness.Case("N", n, {"dtype": d}) for n, d in ((1, "bf16"), (2, "bf16"), (3, "fp32"), (4, "fp32"))]
+
+    def bench(quick):
+        return harness.Benchmark(op="toy", make_inputs=None, providers=[], cases=cases, smoke_cases=[],
+                                 quick_cases=quick)
+
+    assert [c.x_value for c in harness.quick_cases(bench(None), cases)] == [1, 3]   # first per dtype
+    assert [c.x_value for c in harness.quick_cases(bench([cases[1], cases[3]]), cases)] == [2, 4]
+
+
 def test_make_table_without_results_or_markers(tmp_path):
     results = tmp_path / "results"
     _write_results(results / "cpu-smoke", [("fastnote", "fwd", "time", "ms", 1.0)])
@@ -141,7 +182,7 @@ def test_make_table_without_results_or_markers(tmp_path):
 
 def _stand_in_gpu_timers(harness, monkeypatch):
     """do_bench and the memory probe replaced (2 ms, 12.5 MB), where the measurement looks them up."""
-    monkeypatch.setattr(harness.timing, "_time_cuda", lambda fn, leaves: (fn(), [2.0, 1.0, 4.0])[1])
+    monkeypatch.setattr(harness.timing, "_time_cuda", lambda fn, leaves, rep_ms=100: (fn(), [2.0, 1.0, 4.0])[1])
     monkeypatch.setattr(harness.timing, "_peak_memory_mb", lambda fn, leaves, device: (fn(), 12.5)[1])
 
 

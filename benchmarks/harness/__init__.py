@@ -86,6 +86,16 @@ Output: ``<out>/<device slug>/<op>.csv`` (long format, columns ``COLUMNS``; a ru
 op's file) and one PNG per op and ``plot_by`` group (time and memory vs x, one line per provider,
 one column per mode).
 
+With pytest-benchmark
+---------------------
+``pytest benchmarks/ --benchmark-only`` times the same declarations through pytest-benchmark's
+``benchmark`` fixture (``benchmarks/test_timings.py``: one test per op, provider, mode and case,
+``--fastnote-cases quick|all``, quick being ``quick_cases`` as for ``--quick``), for
+``--benchmark-save`` / ``--benchmark-compare`` checks of a change. The CSVs stay the record.
+On CUDA a round is GPU time read from CUDA events (``gpu_clock``), after an untimed
+``flush_l2``; a ``cpu_real`` benchmark on the CPU uses pytest-benchmark's own timer; the others
+only run on the CPU with ``--benchmark-disable`` (their smoke cases, once each).
+
 Where things are
 ----------------
 - ``spec.py``: ``Case``, ``Provider``, ``Benchmark`` (what a script declares), ``_Run`` (the
@@ -99,19 +109,22 @@ Where things are
 - ``results.py``: the rows (time, memory, throughput, % of peak), printed lines, ``COLUMNS``
   and the CSV.
 - ``plotting.py``: the PNGs.
-- ``cli.py``: ``parser`` and ``main``.
+- ``cli.py``: ``parser``, ``main`` and ``quick_cases``.
+- ``clock.py``: ``gpu_clock`` (a pytest-benchmark timer of GPU time) and ``flush_l2``.
 """
-from .cli import main, parser
+from .cli import main, parser, quick_cases
+from .clock import FLUSH_BYTES, flush_l2, gpu_clock, release_flush_buffers
 from .environment import (COPY_BYTES, RESULTS, ROOT, copy_bandwidth_gbps, cpu_name, git_commit, nominal_peak,
                           slugify, triton_version)
 from .modes import grad_leaves
 from .plotting import plot
 from .results import COLUMNS, write_csv
 from .runner import run_benchmark
-from .spec import DTYPES, MODES, QUANTILES, Benchmark, Case, Provider, _Run
+from .spec import DTYPES, MODES, QUANTILES, STEP, Benchmark, Case, Provider, _Run
 from .timing import CPU_ROUND
 
 __all__ = ["Benchmark", "Case", "Provider", "main", "parser", "run_benchmark", "write_csv", "plot",
            "grad_leaves", "slugify", "cpu_name", "git_commit", "triton_version", "copy_bandwidth_gbps",
-           "nominal_peak", "MODES", "DTYPES", "QUANTILES", "COLUMNS", "CPU_ROUND", "COPY_BYTES",
-           "ROOT", "RESULTS", "_Run"]
+           "nominal_peak", "MODES", "STEP", "DTYPES", "QUANTILES", "COLUMNS", "CPU_ROUND", "COPY_BYTES",
+           "ROOT", "RESULTS", "_Run", "quick_cases", "gpu_clock", "flush_l2", "release_flush_buffers",
+           "FLUSH_BYTES"]

@@ -18,11 +18,23 @@ from .environment import (COPY_BYTES, RESULTS, _backend_name, copy_bandwidth_gbp
 from .plotting import plot
 from .results import write_csv
 from .runner import run_benchmark
-from .spec import DTYPES, MODES, Benchmark, _Run
+from .spec import DTYPES, MODES, STEP, Benchmark, _Run
 
 
 def _csv_list(text: Optional[str]) -> Optional[List[str]]:
     return [s.strip() for s in text.split(",") if s.strip()] if text else None
+
+
+def quick_cases(bench: Benchmark, cases: Sequence) -> list:
+    """What ``--quick`` runs (and the pytest-benchmark entry's default ``--fastnote-cases quick``):
+    those of ``cases`` the Benchmark lists in ``quick_cases``, or else the first case of each
+    dtype, in declaration order."""
+    if bench.quick_cases is not None:
+        return [c for c in cases if c in bench.quick_cases]
+    firsts = {}
+    for c in cases:
+        firsts.setdefault(c.config.get("dtype"), c)
+    return list(firsts.values())
 
 
 def parser(description: str = "") -> argparse.ArgumentParser:
@@ -31,7 +43,7 @@ def parser(description: str = "") -> argparse.ArgumentParser:
                    help="tiny shapes, one timed call (automatic when there is no CUDA GPU)")
     p.add_argument("--out", help="output root; results go to OUT/<device>/<op>.csv "
                                  "(default: benchmarks/results, or a temp dir in smoke mode)")
-    p.add_argument("--modes", help="comma list of fwd,bwd,both")
+    p.add_argument("--modes", help="comma list of fwd,bwd,both (the model benchmarks: step)")
     p.add_argument("--dtypes", help="comma list of fp32,fp16,bf16")
     p.add_argument("--providers", help="comma list of provider names")
     p.add_argument("--compile", action="store_true", help="run torch.compile providers in smoke mode too")
@@ -53,8 +65,8 @@ def main(benchmarks: Sequence[Benchmark], argv: Optional[Sequence[str]] = None) 
     dtypes_wanted = _csv_list(args.dtypes)
     providers_wanted = _csv_list(args.providers)
     for name in modes_wanted or []:
-        if name not in MODES:
-            sys.exit(f"--modes: unknown mode {name!r}; choose from {MODES}")
+        if name not in MODES + (STEP,):
+            sys.exit(f"--modes: unknown mode {name!r}; choose from {MODES + (STEP,)}")
     for name in dtypes_wanted or []:
         if name not in DTYPES:
             sys.exit(f"--dtypes: unknown dtype {name!r}; choose from {tuple(DTYPES)}")
@@ -106,10 +118,7 @@ def main(benchmarks: Sequence[Benchmark], argv: Optional[Sequence[str]] = None) 
         providers = [p for p in bench.providers if (not providers_wanted or p.name in providers_wanted)
                      and not (args.no_compile and p.compile)]
         if args.quick and not smoke:
-            firsts = {}
-            for c in cases:
-                firsts.setdefault(c.config.get("dtype"), c)
-            cases = list(firsts.values())
+            cases = quick_cases(bench, cases)
 
         how = ("smoke (tiny shapes, one timed call, no memory)" if smoke else
                f"CPU, median of {run.repeats} calls" if cpu_timing else "triton.testing.do_bench")

@@ -1,5 +1,7 @@
 """The PNGs: per op and ``plot_by`` group, time and peak memory against the swept size, one line
-per provider (the p20-p80 band shaded for time), one column per mode."""
+per provider (the p20-p80 band shaded for time), one column per mode; or, for a Benchmark with
+``plot_kind="bars"`` (whole models: cases that are no sweep), one PNG of grouped bars, a group per
+case, speed-up and peak memory relative to the first provider."""
 from __future__ import annotations
 
 import json
@@ -18,6 +20,8 @@ def _plain_config(config_json: str) -> dict:
 
 def plot(bench: Benchmark, rows: List[dict], out_dir: str) -> List[str]:
     """One PNG per ``plot_by`` group: rows time/memory, columns modes, a line per provider."""
+    if bench.plot_kind == "bars":
+        return [_plot_bars(bench, rows, out_dir)]
     import matplotlib
 
     matplotlib.use("Agg")
@@ -74,6 +78,54 @@ def plot(bench: Benchmark, rows: List[dict], out_dir: str) -> List[str]:
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def _case_label(config_json: str) -> str:
+    cfg = _plain_config(config_json)
+    return " ".join(str(cfg[k]) for k in ("model", "dtype") if k in cfg) or config_json
+
+
+def _plot_bars(bench: Benchmark, rows: List[dict], out_dir: str) -> str:
+    """Speed-up (baseline time / time) and peak memory relative to the baseline, the baseline being
+    the first provider declared; a group of bars per case, one bar per provider; a missing or
+    failed measurement leaves its bar out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    providers = [p.name for p in bench.providers if any(r["provider"] == p.name for r in rows)]
+    baseline = bench.providers[0].name
+    cases = list(dict.fromkeys(_case_label(r["config"]) for r in rows))
+    p50 = {(_case_label(r["config"]), r["provider"], r["metric"]): _num(r["p50"]) for r in rows
+           if r["metric"] in ("time", "memory")}
+    metrics = [m for m in ("time", "memory") if any(k[2] == m and math.isfinite(v) for k, v in p50.items())]
+    fig, axes = plt.subplots(1, len(metrics) or 1, figsize=(max(6.0, 1.6 * len(cases)) * len(metrics or [1]), 3.8),
+                             squeeze=False)
+    width = 0.8 / max(1, len(providers))
+    for ax, metric in zip(axes[0], metrics):
+        for j, prov in enumerate(providers):
+            xs, ys = [], []
+            for i, case in enumerate(cases):
+                base, value = p50.get((case, baseline, metric)), p50.get((case, prov, metric))
+                if base is None or value is None or not (math.isfinite(base) and math.isfinite(value)) or value <= 0:
+                    continue
+                xs.append(i + (j - (len(providers) - 1) / 2) * width)
+                ys.append(base / value if metric == "time" else value / base)
+            ax.bar(xs, ys, width, label=prov)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(cases)))
+        ax.set_xticklabels(cases, rotation=20, ha="right", fontsize="small")
+        ax.set_ylabel(f"speed-up over {baseline}" if metric == "time" else f"peak memory / {baseline}'s")
+        ax.set_title(f"{bench.op}: {'step time' if metric == 'time' else 'peak memory'}")
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.suptitle(f"{bench.op} on {rows[0]['gpu']}" if rows else bench.op)
+    fig.tight_layout()
+    path = os.path.join(out_dir, f"{bench.op}.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _num(v) -> float:

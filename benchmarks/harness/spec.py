@@ -8,6 +8,9 @@ from typing import Any, Callable, Dict, Optional, Sequence
 import torch
 
 MODES = ("fwd", "bwd", "both")
+# A whole training step (forward, backward, optimiser step): the model benchmarks' only mode; their
+# providers give ready callables, {"step": fn}.
+STEP = "step"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 QUANTILES = [0.5, 0.2, 0.8]   # the p50, p20, p80 columns
 
@@ -51,6 +54,9 @@ class Benchmark:
     cpu_warmup: int = 3
     cpu_repeats: int = 20
     plot_by: Sequence[str] = ("dtype",)
+    quick_cases: Optional[Sequence[Case]] = None   # what --quick runs; default: the first case per dtype
+    gpu_rep_ms: int = 100     # do_bench's rep: how long (ms) it keeps timing; raise it for calls of 100 ms and more
+    plot_kind: str = "lines"  # "lines": time and memory against x; "bars": one group of bars per case
 
 
 @dataclasses.dataclass

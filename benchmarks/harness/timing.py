@@ -46,10 +46,10 @@ def _time_cpu(fn, leaves, warmup: int, repeats: int, device: torch.device) -> Li
     return _quantiles(times)
 
 
-def _time_cuda(fn, leaves) -> List[float]:
+def _time_cuda(fn, leaves, rep_ms: int = 100) -> List[float]:
     import triton.testing
 
-    return list(triton.testing.do_bench(fn, quantiles=QUANTILES, grad_to_none=leaves or None))
+    return list(triton.testing.do_bench(fn, rep=rep_ms, quantiles=QUANTILES, grad_to_none=leaves or None))
 
 
 def _peak_memory_mb(fn, leaves, device) -> float:
@@ -77,7 +77,7 @@ def _measure(bench: Benchmark, run: _Run, made, mode: str, leaves):
             fn()  # warm-up: compilation and autotuning stay out of the memory figure
             _clear_grads(leaves)
             memory = _peak_memory_mb(fn, leaves, run.device)
-            times = _time_cuda(fn, leaves)
+            times = _time_cuda(fn, leaves, bench.gpu_rep_ms)
         return times, memory
     finally:
         del fn
