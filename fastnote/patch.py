@@ -35,7 +35,9 @@ found too), with the family name ``include`` takes:
 - ``SelfAttention``: SAGAN-shaped attention (``query_conv``, ``key_conv``, ``value_conv``,
   ``gamma``; query/key width C // 8) returning ``(out, attention)`` -> ``fastnote.nn.SelfAttention``
   with ``return_attention=True``, the same return convention (set the module's
-  ``return_attention = False`` to get ``(out, None)`` and O(N) memory).
+  ``return_attention = False`` to get ``(out, None)`` and O(N) memory); and BigGAN's non-local
+  block (``theta``, ``phi``, ``g``, ``o``, ``gamma``; keys and values 2x2 max-pooled) ->
+  ``fastnote.nn.BigGANAttention``, its convs (spectral-norm ones included) kept as they are.
 - ``spectral_norm``: torch's hook (``torch.nn.utils.spectral_norm``) and parametrization
   versions, and SAGAN's ``SpectralNorm`` wrapper (``module``, ``name``, ``power_iterations``,
   ``<name>_u/_v/_bar``) -> fastnote's, on the same u and v tensors, so training continues exactly.
@@ -416,6 +418,48 @@ def _self_attention(old: nn.Module) -> Result:
     return _mode_of(old, _no_meta_left(new, "SelfAttention")), "returns (out, attention) as the original"
 
 
+def _biggan_attention(old: nn.Module) -> Result:
+    convs = [getattr(old, n, None) for n in ("theta", "phi", "g", "o")]
+    gamma = getattr(old, "gamma", None)
+    if _is_fastnote(old) or not all(isinstance(c, nn.Conv2d) for c in convs) or not isinstance(gamma, nn.Parameter):
+        return None
+    theta, phi, g, o = convs
+    C = theta.in_channels
+    shapes = [(c.in_channels, c.out_channels) for c in convs]
+    if shapes != [(C, C // 8), (C, C // 8), (C, C // 2), (C // 2, C)] or C < 8:
+        return (f"BigGAN-shaped (theta, phi, g, o, gamma), but its convs map {shapes}: fastnote.nn.BigGANAttention "
+                f"has C -> C // 8, C // 8, C // 2 and C // 2 -> C")
+    if any(c.kernel_size != (1, 1) or c.stride != (1, 1) or c.padding != (0, 0) or c.groups != 1 or c.bias is not None
+           for c in convs) or gamma.numel() != 1:
+        return "BigGAN-shaped, but theta/phi/g/o are not bias-free 1x1 convs, or gamma is not a scalar"
+    names = {"theta", "phi", "g", "o"}
+    extra = [n for n, _ in old.named_parameters() if n != "gamma" and n.split(".")[0] not in names]
+    if extra:
+        return f"BigGAN-shaped, but it has other parameters ({', '.join(extra)})"
+    # The probe, on a copy in eval mode (a spectral-norm conv then leaves its vectors alone, so
+    # the two passes below see the same weights) with gamma != 0.
+    probe = copy.deepcopy(old).eval()
+    with torch.no_grad():
+        probe.gamma.fill_(0.5)
+        x = _probe_input((2, C, 4, 2), theta.weight)
+        pool = torch.nn.functional.max_pool2d
+        tt = probe.theta(x).flatten(2)
+        pp, gg = (pool(c(x), [2, 2]).flatten(2) for c in (probe.phi, probe.g))
+        want = probe.gamma * probe.o(reference.sagan_attention(tt, pp, gg).reshape(2, C // 2, 4, 2)) + x
+        try:
+            got = probe(x)
+        except Exception as e:  # noqa: BLE001
+            return f"BigGAN-shaped, but its forward failed on a probe input ({type(e).__name__}: {e})"
+    if not _probe_close(got, want, theta.weight.dtype):
+        return ("BigGAN-shaped, but its forward is not x + gamma * o(g' softmax(theta^T phi')^T) with 2x2-pooled "
+                "phi', g'")
+    new = _on_meta(lambda: fnn.BigGANAttention(C))
+    new.theta, new.phi, new.g, new.o = theta, phi, g, o
+    new.gamma = gamma
+    new.which_conv = getattr(old, "which_conv", nn.Conv2d)
+    return _mode_of(old, _no_meta_left(new, "BigGANAttention")), "pooled keys/values; the [B, N, N/4] map is not stored"
+
+
 def _sagan_spectral_norm(old: nn.Module) -> Result:
     inner, name, n = getattr(old, "module", None), getattr(old, "name", None), getattr(old, "power_iterations", None)
     if _is_fastnote(old) or not isinstance(inner, nn.Module) or not isinstance(name, str) \
@@ -437,7 +481,7 @@ CONVERTERS: Dict[str, Tuple[Callable[[nn.Module], Result], ...]] = {
     "SqueezeExcitation": (_squeeze_excitation,),
     "WindowAttention": (_window_attention,),
     "ShiftedWindowAttention": (_shifted_window_attention,),
-    "SelfAttention": (_self_attention,),
+    "SelfAttention": (_self_attention, _biggan_attention),
     "spectral_norm": (_sagan_spectral_norm,),
 }
 

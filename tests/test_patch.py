@@ -18,7 +18,7 @@ from fastnote import __main__ as cli
 from fastnote.testing import assert_close
 from test_spectral_norm import OriginalSagan
 from transcriptions import SwinWindowAttention, TimmWindowAttention
-from transcriptions import Self_Attn, TorchvisionSqueezeExcitation
+from transcriptions import BigGANAttention, Self_Attn, TorchvisionSqueezeExcitation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -335,6 +335,51 @@ def test_sagan_shaped_but_other_widths_or_return_left():
     report = fastnote.patch(nn.Sequential(WideQK(32), OutOnly(32)))
     assert list(report) == []
     assert "C // 8" in report.left[0].reason and "does not return (out, attention)" in report.left[1].reason
+
+
+@pytest.mark.parametrize("which_conv", ["spectral-norm conv", "nn.Conv2d"])
+def test_biggan_attention(which_conv, device):
+    """BigGAN's non-local block (pooled keys and values, the o conv after the attention), with
+    BigGAN's own spectral-norm conv, whose power iteration keeps running inside the patched block."""
+    def make():
+        torch.manual_seed(0)
+        kwargs = {} if which_conv == "spectral-norm conv" else {"which_conv": nn.Conv2d}
+        m = nn.Sequential(BigGANAttention(32, **kwargs))
+        with torch.no_grad():
+            m[0].gamma.fill_(0.8)
+        return m
+
+    eager, patched = _twins(make, device)
+    report = fastnote.patch(patched)
+    assert list(report) == ["0: BigGANAttention -> fastnote.nn.BigGANAttention"]
+    assert list(patched.state_dict()) == list(eager.state_dict())
+    assert patched[0].theta is not eager[0].theta and type(patched[0].theta) is type(eager[0].theta)
+    x = torch.randn(2, 32, 8, 6, device=device)
+    _same_forward_backward(eager, patched, x, "two_matmul")   # training mode: u0/sv0 updated in both
+    for key, value in eager.state_dict().items():
+        assert_close(patched.state_dict()[key], value, "two_matmul", msg=key)
+    eager.eval(), patched.eval()
+    _same_forward_backward(eager, patched, x, "two_matmul")
+    fastnote.unpatch(patched)
+    assert type(patched[0]) is BigGANAttention
+
+
+@pytest.mark.no_kernel
+def test_biggan_shaped_but_other_widths_or_forward_left():
+    class WideTheta(BigGANAttention):
+        def __init__(self, c):
+            super().__init__(c, which_conv=nn.Conv2d)
+            self.theta, self.phi = nn.Conv2d(c, c // 4, 1, bias=False), nn.Conv2d(c, c // 4, 1, bias=False)
+
+    class Unpooled(BigGANAttention):
+        def forward(self, x, y=None):
+            b, c, h, w = x.shape
+            beta = torch.softmax(torch.bmm(self.theta(x).flatten(2).transpose(1, 2), self.phi(x).flatten(2)), -1)
+            return self.gamma * self.o(torch.bmm(self.g(x).flatten(2), beta.transpose(1, 2)).view(b, c // 2, h, w)) + x
+
+    report = fastnote.patch(nn.Sequential(WideTheta(32), Unpooled(32, which_conv=nn.Conv2d)))
+    assert list(report) == []
+    assert "C // 8" in report.left[0].reason and "pooled" in report.left[1].reason
 
 
 # ------------------------------------------------------------------------------------------------

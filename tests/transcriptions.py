@@ -1,8 +1,10 @@
 """Eager modules transcribed from the code fastnote replaces, shared by the tests: SAGAN's
 Self_Attn (seed 001, forward as it is), torchvision's SqueezeExcitation (for where torchvision is
 not installed), the perceptual loss of seed 000 (SeedVgg16, SeedPerceptualLoss), CUT's
-PatchNCELoss (seed 003), and the original Swin code's and timm's WindowAttention."""
+PatchNCELoss (seed 003), the original Swin code's and timm's WindowAttention, and BigGAN's
+non-local block with its spectral-norm conv (BigGAN-PyTorch's layers.py, one singular vector)."""
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -258,3 +260,56 @@ class TimmWindowAttention(SwinWindowAttention):
     """timm's variant: the index buffer is non-persistent, so its state_dicts lack it."""
 
     persistent_index = False
+
+
+class BigGANSNConv2d(nn.Conv2d):
+    """BigGAN-PyTorch's ``SNConv2d`` with one singular vector and one power iteration per forward:
+    buffers ``u0`` [1, out] and ``sv0`` [1]; in training mode u0 and sv0 are updated in place."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
+                 bias=True, eps=1e-12):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
+        self.eps = eps
+        self.register_buffer("u0", torch.randn(1, out_channels))
+        self.register_buffer("sv0", torch.ones(1))
+
+    def normalized_weight(self):
+        w = self.weight.view(self.weight.size(0), -1)
+        with torch.no_grad():
+            v = F.normalize(self.u0 @ w, eps=self.eps)
+            u = F.normalize(v @ w.t(), eps=self.eps)
+            if self.training:
+                self.u0[:] = u
+        sv = torch.squeeze((v @ w.t()) @ u.t())
+        if self.training:
+            self.sv0[:] = sv
+        return self.weight / sv
+
+    def forward(self, x):
+        return F.conv2d(x, self.normalized_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class BigGANAttention(nn.Module):
+    """BigGAN-PyTorch's ``Attention``: theta/phi (C -> C/8), g (C -> C/2), o (C/2 -> C), phi and g
+    2x2 max-pooled, ``x + gamma * o(g softmax(theta^T phi)^T)``."""
+
+    def __init__(self, ch, which_conv=BigGANSNConv2d, name="attention"):
+        super().__init__()
+        self.ch = ch
+        self.which_conv = which_conv
+        self.theta = which_conv(ch, ch // 8, kernel_size=1, padding=0, bias=False)
+        self.phi = which_conv(ch, ch // 8, kernel_size=1, padding=0, bias=False)
+        self.g = which_conv(ch, ch // 2, kernel_size=1, padding=0, bias=False)
+        self.o = which_conv(ch // 2, ch, kernel_size=1, padding=0, bias=False)
+        self.gamma = nn.Parameter(torch.tensor(0.0), requires_grad=True)
+
+    def forward(self, x, y=None):
+        theta = self.theta(x)
+        phi = F.max_pool2d(self.phi(x), [2, 2])
+        g = F.max_pool2d(self.g(x), [2, 2])
+        theta = theta.view(-1, self.ch // 8, x.shape[2] * x.shape[3])
+        phi = phi.view(-1, self.ch // 8, x.shape[2] * x.shape[3] // 4)
+        g = g.view(-1, self.ch // 2, x.shape[2] * x.shape[3] // 4)
+        beta = F.softmax(torch.bmm(theta.transpose(1, 2), phi), -1)
+        o = self.o(torch.bmm(g, beta.transpose(1, 2)).view(-1, self.ch // 2, x.shape[2], x.shape[3]))
+        return self.gamma * o + x

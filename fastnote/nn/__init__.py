@@ -2,12 +2,12 @@
 from .activation import Hardsigmoid, Hardswish
 from .contrastive import ClipLoss, PatchNCELoss
 from .perceptual_loss import PerceptualLoss, PerceptualLossTerms, StyleLoss, TotalVariation
-from .self_attention import SelfAttention
+from .self_attention import BigGANAttention, SelfAttention
 from . import utils
 from .sagan_spectral_norm import SpectralNorm
 from .squeeze_excitation import SqueezeExcitation
 from .window_attention import ShiftedWindowAttention, WindowAttention
 
-__all__ = ["utils", "Hardsigmoid", "Hardswish", "SelfAttention", "SpectralNorm", "SqueezeExcitation",
+__all__ = ["utils", "Hardsigmoid", "Hardswish", "SelfAttention", "BigGANAttention", "SpectralNorm", "SqueezeExcitation",
            "ShiftedWindowAttention", "WindowAttention", "PerceptualLoss", "PerceptualLossTerms", "StyleLoss",
            "TotalVariation", "ClipLoss", "PatchNCELoss"]

@@ -48,3 +48,41 @@ class SelfAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_dim={self.chanel_in}, return_attention={self.return_attention}"
+
+
+class BigGANAttention(nn.Module):
+    """BigGAN's non-local block (``Attention`` in BigGAN-PyTorch's layers.py), same state_dict keys:
+    ``theta``, ``phi`` (C -> C // 8), ``g`` (C -> C // 2), ``o`` (C // 2 -> C), 1x1 convs without
+    bias, and the scalar ``gamma`` (0-dim, initialised to 0)::
+
+        out = x + gamma * o(g' softmax(theta^T phi')^T),   phi' = maxpool2x2(phi(x)), g' = maxpool2x2(g(x))
+
+    Keys and values are pooled, so the attention map is [B, N, N/4]; fastnote's kernel never stores
+    it (O(N) memory). The convs are whatever ``which_conv`` builds (BigGAN passes its spectral-norm
+    conv; ``nn.Conv2d`` by default) and run as they are, spectral-norm updates included.
+    ``forward(x, y=None)`` ignores ``y`` as BigGAN's does.
+    """
+
+    def __init__(self, ch: int, which_conv=nn.Conv2d, name: str = "attention"):
+        super().__init__()
+        if ch < 8:
+            raise ValueError(f"ch must be >= 8 (theta/phi have ch // 8 channels), got {ch}")
+        self.ch = ch
+        self.which_conv = which_conv
+        self.theta = which_conv(ch, ch // 8, kernel_size=1, padding=0, bias=False)
+        self.phi = which_conv(ch, ch // 8, kernel_size=1, padding=0, bias=False)
+        self.g = which_conv(ch, ch // 2, kernel_size=1, padding=0, bias=False)
+        self.o = which_conv(ch // 2, ch, kernel_size=1, padding=0, bias=False)
+        self.gamma = nn.Parameter(torch.tensor(0.0))
+
+    def forward(self, x, y=None):
+        checks.tensor("x", x, ndim=4)
+        B, C, H, W = x.shape
+        theta = self.theta(x).reshape(B, C // 8, H * W)
+        phi = torch.nn.functional.max_pool2d(self.phi(x), [2, 2]).flatten(2)
+        g = torch.nn.functional.max_pool2d(self.g(x), [2, 2]).flatten(2)
+        attended = sagan_attention(theta, phi, g).reshape(B, C // 2, H, W)
+        return self.gamma * self.o(attended) + x
+
+    def extra_repr(self) -> str:
+        return f"ch={self.ch}"
