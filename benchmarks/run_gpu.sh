@@ -62,8 +62,12 @@ if [ "$stage" = quick ]; then
   tail -n 20 "$LOGS/pytest.log" | tee -a "$summary"
   step "benchmarks (quick, no compile)" bench.log python benchmarks/run_all.py --quick --no-compile --skip models "$@"
   tail -n 15 "$LOGS/bench.log" | tee -a "$summary"
-  step "models (quick)" models.log python benchmarks/models.py --quick
-  grep -E "^  models " "$LOGS/models.log" | tee -a "$summary"
+  # eager and fastnote first (minutes), then the compiled two merged into the same CSV, so a
+  # compilation that runs out of time still leaves the first half
+  step "models (quick)" models.log python benchmarks/models.py --quick --no-compile
+  step "models (quick, torch.compile)" models-compile.log \
+    python benchmarks/models.py --quick --merge --providers "torch.compile,torch.compile(fastnote)"
+  grep -hE "^  models " "$LOGS/models.log" "$LOGS/models-compile.log" | tee -a "$summary"
 fi
 if [ "$stage" = all ] || [ "$stage" = tests ]; then
   step "tests" pytest.log python -m pytest -q -rs --durations=25 --junitxml="$LOGS/pytest.xml"

@@ -301,3 +301,22 @@ def test_harness_tf32_peak_under_the_new_fp32_precision_api(monkeypatch):
     assert failures == 0
     (peak,) = [r for r in rows if r["unit"] == "% of peak TFLOP/s"]
     assert peak["p50"] == pytest.approx(100 * 1.0 / 494)
+
+
+def test_merge_keeps_the_rows_a_second_run_does_not_measure(tmp_path):
+    """--merge: a second run with other providers adds its rows to the op's CSV; without it the
+    second run rewrites the file; the same provider measured again replaces its own rows."""
+    script = os.path.join(BENCH, "hardswish.py")
+
+    def providers_in_csv(*args):
+        proc = _run(script, "--smoke", "--out", str(tmp_path), "--no-plot", *args)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        with open(tmp_path / "cpu-smoke" / "hard_swish.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+        return sorted({r["provider"] for r in rows}), len(rows)
+
+    assert providers_in_csv("--providers", "eager")[0] == ["eager"]
+    merged, n_merged = providers_in_csv("--providers", "fastnote", "--merge")
+    assert merged == ["eager", "fastnote"]
+    assert providers_in_csv("--providers", "fastnote", "--merge") == (merged, n_merged)  # replaced, not doubled
+    assert providers_in_csv("--providers", "fastnote")[0] == ["fastnote"]

@@ -83,7 +83,9 @@ Where and how it measures
   the run goes on; any failure other than OOM makes the script exit non-zero at the end.
 
 Output: ``<out>/<device slug>/<op>.csv`` (long format, columns ``COLUMNS``; a run rewrites its
-op's file) and one PNG per op and ``plot_by`` group (time and memory vs x, one line per provider,
+op's file, after every case, so a run stopped from outside keeps the cases it finished; with
+``--merge`` it keeps the file's rows it does not measure again, e.g. a second run with other
+``--providers``) and one PNG per op and ``plot_by`` group (time and memory vs x, one line per provider,
 one column per mode).
 
 With pytest-benchmark

@@ -3,6 +3,7 @@ the device, output folder, cases, modes and providers; run; write the CSV and th
 from __future__ import annotations
 
 import argparse
+import csv
 import datetime
 import json
 import os
@@ -16,7 +17,7 @@ import torch
 from .environment import (COPY_BYTES, RESULTS, _backend_name, copy_bandwidth_gbps, cpu_name, git_commit,
                           slugify, triton_version)
 from .plotting import plot
-from .results import write_csv
+from .results import merged_with_file, write_csv
 from .runner import run_benchmark
 from .spec import DTYPES, MODES, STEP, Benchmark, _Run
 
@@ -56,6 +57,9 @@ def parser(description: str = "") -> argparse.ArgumentParser:
     p.add_argument("--peak-gbps", type=float, help="nominal memory bandwidth for the %% of peak rows")
     p.add_argument("--peak-tflops", type=float, help="nominal compute peak for the %% of peak rows")
     p.add_argument("--no-plot", action="store_true", help="skip the PNGs")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the rows already in the op's CSV that this run does not measure again "
+                        "(e.g. a second run with other --providers); default: the run rewrites the CSV")
     return p
 
 
@@ -127,11 +131,20 @@ def main(benchmarks: Sequence[Benchmark], argv: Optional[Sequence[str]] = None) 
               f"commit {meta_common['fastnote_commit']}, fastnote backend: {_backend_name(device)}")
         if copy_gbps:
             print(f"   measured copy bandwidth: {copy_gbps:.1f} GB/s")
-        rows, failed = run_benchmark(bench, run, cases, modes, providers, args.compile)
-        failures += failed
         out_dir = os.path.join(out_root, slug)
         path = os.path.join(out_dir, f"{bench.op}.csv")
-        write_csv(path, rows)
+
+        def save(rows, path=path):
+            # With --merge, what this run measured replaces its own earlier rows only.
+            write_csv(path, merged_with_file(path, rows) if args.merge else rows)
+
+        # The CSV is rewritten after every case: a run stopped from outside keeps what it finished.
+        rows, failed = run_benchmark(bench, run, cases, modes, providers, args.compile, save)
+        failures += failed
+        save(rows)
+        if args.merge:
+            with open(path, newline="", encoding="utf-8") as f:
+                rows = list(csv.DictReader(f))
         print(f"   wrote {path} ({len(rows)} rows)")
         if not args.no_plot and rows:
             try:

@@ -100,6 +100,23 @@ def _print_result(bench, provider, mode, case, rows, note):
     print(f"  {bench.op:<14} {provider:<14} {mode:<4} {_describe(case)}: {', '.join(parts)}{tail}")
 
 
+def _row_key(r: dict) -> tuple:
+    cfg = json.loads(r["config"]) if isinstance(r["config"], str) else dict(r["config"])
+    cfg.pop("note", None)
+    return (r["provider"], r["mode"], r["metric"], r["unit"], json.dumps(cfg, sort_keys=True))
+
+
+def merged_with_file(path: str, rows: List[dict]) -> List[dict]:
+    """The rows already in the CSV at ``path`` (if any) that ``rows`` does not measure again
+    (same provider, mode, metric, unit and case), followed by ``rows``: what ``--merge`` writes."""
+    if not os.path.exists(path):
+        return list(rows)
+    with open(path, newline="", encoding="utf-8") as f:
+        old = list(csv.DictReader(f))
+    new_keys = {_row_key(r) for r in rows}
+    return [r for r in old if _row_key(r) not in new_keys] + list(rows)
+
+
 def write_csv(path: str, rows: List[dict]) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w", newline="", encoding="utf-8") as f:

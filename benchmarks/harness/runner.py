@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import traceback
 from collections.abc import Mapping
-from typing import List
+from typing import Callable, List, Optional
 
 import torch
 
@@ -15,8 +15,11 @@ from .spec import Benchmark, _Run
 from .timing import _measure, _run_case_interleaved
 
 
-def run_benchmark(bench: Benchmark, run: _Run, cases, modes, providers, with_compile: bool):
-    """Rows of every (case, provider, mode); returns (rows, failures)."""
+def run_benchmark(bench: Benchmark, run: _Run, cases, modes, providers, with_compile: bool,
+                  on_case: Optional[Callable[[List[dict]], None]] = None):
+    """Rows of every (case, provider, mode); returns (rows, failures). ``on_case(rows so far)``
+    runs after each case (the CLI writes the CSV there, so a run stopped from outside keeps the
+    cases it finished)."""
     rows: List[dict] = []
     failures = 0
     nan3 = [float("nan")] * 3
@@ -46,6 +49,8 @@ def run_benchmark(bench: Benchmark, run: _Run, cases, modes, providers, with_com
             for p in active:
                 for mode in modes:
                     rows += _rows(bench, run, case, p.name, mode, nan3, float("nan"), f"inputs: {note}")
+            if on_case is not None:
+                on_case(rows)
             continue
         leaves = grad_leaves(inputs)
         if run.cpu_timing and not run.smoke:
@@ -53,6 +58,8 @@ def run_benchmark(bench: Benchmark, run: _Run, cases, modes, providers, with_com
             rows += new_rows
             failures += failed
             del inputs, leaves
+            if on_case is not None:
+                on_case(rows)
             continue
         for p in active:
             made = None
@@ -92,4 +99,6 @@ def run_benchmark(bench: Benchmark, run: _Run, cases, modes, providers, with_com
             _free(run.device)
         del inputs, leaves
         _free(run.device)
+        if on_case is not None:
+            on_case(rows)
     return rows, failures
