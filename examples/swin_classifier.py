@@ -1,12 +1,13 @@
 """A Swin-T image classifier (timm's ``swin_tiny_patch4_window7_224``, or with ``source="torchvision"``
 torchvision's ``swin_t``; random init) trained a few steps, with its window attention swapped for
-fastnote's by ``fastnote.patch``.
+fastnote's fused path by ``fastnote.patch``: shift, pad, partition and their reverse done inside
+the attention kernel, in each library's own order (timm rolls, then pads; torchvision pads, then
+rolls).
 
 At a reduced ``img_size`` timm shrinks the windows of the stages whose feature map is smaller
 than 7x7 as well; the patched model follows it. torchvision keeps the 7x7 window, pads the map up
-to it and drops the shift where one window covers the map; fastnote does the same, with the
-shift, padding and partition fused into the attention kernel. Needs timm or torchvision (no
-weight download).
+to it and drops the shift where one window covers the map; fastnote does the same. Needs timm or
+torchvision (no weight download).
 
     python examples/swin_classifier.py --steps 5             # batch 2, 64x64, width 32, 10 classes (CPU)
     python examples/swin_classifier.py --full --steps 100    # batch 128, 224x224, 1000 classes (GPU)
@@ -41,7 +42,8 @@ def _torchvision_swin_t(sizes):
 
 def build(use_fastnote: bool, full: bool = False, device="cpu", seed: int = 0, verbose: bool = False,
           source: str = "timm"):
-    """(model, sizes): Swin-T from timm or torchvision, eager or patched (12 window-attention modules)."""
+    """(model, sizes): Swin-T from timm or torchvision, eager or patched (12 blocks: timm's
+    ``SwinTransformerBlock`` or torchvision's ``ShiftedWindowAttention``)."""
     if source not in ("timm", "torchvision"):
         raise ValueError(f"source must be 'timm' or 'torchvision', got {source!r}")
     sizes = FULL if full else SMOKE

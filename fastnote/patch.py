@@ -28,10 +28,14 @@ found too), with the family name ``include`` takes:
   replaced alone.
 - ``WindowAttention``: Swin's / timm's ``WindowAttention`` (``qkv``, ``proj``,
   ``relative_position_bias_table``, an ``[N, N]`` ``relative_position_index``) -> the core op
-  module ``fastnote.nn.WindowAttention``; the block around it (timm rolls before padding, the
-  original Swin code pads first) keeps its own shift, pad and partition code.
-- ``ShiftedWindowAttention``: torchvision's (flat ``[N*N]`` index, ``[B, H, W, C]`` input) -> the
-  fused path, which follows torchvision's order and shift rule.
+  module ``fastnote.nn.WindowAttention``, inside a block that keeps its own shift, pad and
+  partition code (the original Swin code's blocks; timm's where the fused path below is not used).
+- ``ShiftedWindowAttention``: the fused path (shift, pad, partition and their reverse done by the
+  attention kernel's index arithmetic). torchvision's ``ShiftedWindowAttention`` (flat ``[N*N]``
+  index, ``[B, H, W, C]`` input) -> fastnote's, in torchvision's order (pad, then roll) with its
+  shift rule; timm's ``SwinTransformerBlock`` -> the same block object's class switched to
+  ``fastnote.nn.timm_swin.FusedSwinTransformerBlock``, in timm's order (roll, then pad), its
+  ``attn`` left as it is (the fused ``_attn`` reads its parameters).
 - ``SelfAttention``: SAGAN-shaped attention (``query_conv``, ``key_conv``, ``value_conv``,
   ``gamma``; query/key width C // 8) returning ``(out, attention)`` -> ``fastnote.nn.SelfAttention``
   with ``return_attention=True``, the same return convention (set the module's
@@ -67,7 +71,7 @@ from torch import nn
 from . import nn as fnn
 from . import reference, testing
 from .nn.squeeze_excite import HardswishSqueezeExcitation, SqueezeExcite
-from .nn.timm_swin import TimmWindowAttention
+from .nn.timm_swin import TimmWindowAttention, fused_block_class
 from .nn.torchvision_swin import TorchvisionShiftedWindowAttention
 
 __all__ = ["patch", "unpatch", "PatchReport", "Replaced", "Left", "KINDS"]
@@ -381,6 +385,32 @@ def _shifted_window_attention(old: nn.Module) -> Result:
     return _mode_of(old, _no_meta_left(new, "ShiftedWindowAttention")), note
 
 
+def _timm_swin_block(old: nn.Module) -> Result:
+    """timm's ``SwinTransformerBlock`` (its class, not a look-alike: the fused path replaces the
+    block's private ``_attn``) -> the same block on fastnote's fused path in timm's order."""
+    cls = type(old)
+    if cls.__name__ != "SwinTransformerBlock" or not cls.__module__.startswith("timm.") \
+            or not callable(getattr(old, "_attn", None)):
+        return None
+    attn = getattr(old, "attn", None)
+    ws, shift = tuple(getattr(old, "window_size", ())), tuple(getattr(old, "shift_size", ()))
+    if attn is None or _is_fastnote(attn) or not _window_attention_like(attn) \
+            or getattr(getattr(attn, "relative_position_index", None), "shape", None) != (ws[0] * ws[-1],) * 2:
+        return ("timm Swin block whose attn is not timm's WindowAttention (or is already fastnote's core op): "
+                "left on the block's own path")
+    if len(ws) != 2 or ws[0] != ws[1] or len(shift) != 2 or shift[0] != shift[1]:
+        return (f"timm Swin block with window {ws} and shift {shift}: the fused path takes square windows and "
+                f"equal shifts (its attention core is still replaced)")
+    dim = old.norm1.normalized_shape[-1] if hasattr(old.norm1, "normalized_shape") else attn.qkv.in_features
+    if tuple(attn.qkv.weight.shape) != (3 * dim, dim) or tuple(attn.proj.weight.shape) != (dim, dim):
+        return "timm Swin block whose attention width differs from the block's (head_dim set): fused path not used"
+    if _dropout_p(attn, "attn_drop") > 0:
+        return "timm Swin block with attention dropout: the fused path has none"
+    new = copy.copy(old)            # the same parameter, buffer and child dicts: one state, two classes
+    new.__class__ = fused_block_class(cls)
+    return new, "roll, pad, partition and their reverse fused into the attention (timm's order: roll, then pad)"
+
+
 def _self_attention(old: nn.Module) -> Result:
     convs = [getattr(old, n, None) for n in ("query_conv", "key_conv", "value_conv")]
     gamma = getattr(old, "gamma", None)
@@ -480,7 +510,7 @@ CONVERTERS: Dict[str, Tuple[Callable[[nn.Module], Result], ...]] = {
     "Hardsigmoid": (lambda m: _activation(m, fnn.Hardsigmoid) if type(m) is nn.Hardsigmoid else None,),
     "SqueezeExcitation": (_squeeze_excitation,),
     "WindowAttention": (_window_attention,),
-    "ShiftedWindowAttention": (_shifted_window_attention,),
+    "ShiftedWindowAttention": (_shifted_window_attention, _timm_swin_block),
     "SelfAttention": (_self_attention, _biggan_attention),
     "spectral_norm": (_sagan_spectral_norm,),
 }
@@ -712,8 +742,9 @@ class _Patcher:
             _patch_spectral_norm_in(parent, prefix, self)
         if "hswish_se" in self.wanted and isinstance(parent, nn.Sequential):
             self.fuse_hswish_se(parent, prefix)
+        used_by_parent = getattr(parent, "_fastnote_fused_children", ())   # a fused block reads these itself
         for name, child in list(parent._modules.items()):
-            if child is None:
+            if child is None or name in used_by_parent:
                 continue
             path = _join(prefix, name)
             new = None if _is_fastnote(child) else self.convert(parent, name, child, path)

@@ -344,7 +344,7 @@ def window_attention(q, k, v, bias=None, mask=None, scale=None):
 @_exact
 def swin_block_attention(x, qkv_weight, qkv_bias, proj_weight, proj_bias,
                          relative_position_bias_table, window_size, num_heads, shift_size=0,
-                         index=None, scale=None, mask_value=MASK_VALUE):
+                         index=None, scale=None, mask_value=MASK_VALUE, roll_first=False):
     """The W-MSA / SW-MSA path of one Swin block (no norm, MLP or residual).
 
     x: [B, H, W, C]; qkv_weight [3C, C], qkv_bias [3C] or None; proj_weight [C, C], proj_bias
@@ -355,6 +355,8 @@ def swin_block_attention(x, qkv_weight, qkv_bias, proj_weight, proj_bias,
     dropped, and with it that axis's part of the mask), partitions, runs window attention with
     the relative position bias (and the shift mask of the padded size), merges heads, projects,
     reverses, rolls back and crops.
+    ``roll_first`` (timm's order): roll the H x W map by -shift_size first (no axis dropped: timm
+    zeroes the shift when it builds such a block), then pad; the output is cropped, then rolled back.
     index (the [N, N] relative position index) defaults to Swin's, scale to head_dim ** -0.5,
     mask_value to -100.0.
     Returns [B, H, W, C] in x's dtype.
@@ -365,15 +367,19 @@ def swin_block_attention(x, qkv_weight, qkv_bias, proj_weight, proj_bias,
     xf = _up(x)
     pad_b = (ws - H % ws) % ws
     pad_r = (ws - W % ws) % ws
-    xf = F.pad(xf, (0, 0, 0, pad_r, 0, pad_b))
     Hp, Wp = H + pad_b, W + pad_r
 
-    shifts = (shift_size if ws < Hp else 0, shift_size if ws < Wp else 0)
-    if any(shifts):
-        xf = torch.roll(xf, shifts=(-shifts[0], -shifts[1]), dims=(1, 2))
-        mask = shift_mask(Hp, Wp, ws, shifts, device=x.device, mask_value=mask_value)
+    if roll_first:
+        shifts = (shift_size, shift_size)
+        if any(shifts):
+            xf = torch.roll(xf, shifts=(-shifts[0], -shifts[1]), dims=(1, 2))
+        xf = F.pad(xf, (0, 0, 0, pad_r, 0, pad_b))
     else:
-        mask = None
+        xf = F.pad(xf, (0, 0, 0, pad_r, 0, pad_b))
+        shifts = (shift_size if ws < Hp else 0, shift_size if ws < Wp else 0)
+        if any(shifts):
+            xf = torch.roll(xf, shifts=(-shifts[0], -shifts[1]), dims=(1, 2))
+    mask = shift_mask(Hp, Wp, ws, shifts, device=x.device, mask_value=mask_value) if any(shifts) else None
 
     windows = window_partition(xf, ws)                                   # [B_, N, C]
     b_, n, _ = windows.shape
@@ -389,6 +395,11 @@ def swin_block_attention(x, qkv_weight, qkv_bias, proj_weight, proj_bias,
     out = F.linear(out, _up(proj_weight), _up(proj_bias))
 
     out = window_reverse(out, ws, Hp, Wp)                                # [B, Hp, Wp, C]
+    if roll_first:
+        out = out[:, :H, :W, :]
+        if any(shifts):
+            out = torch.roll(out, shifts=shifts, dims=(1, 2))
+        return out.contiguous().to(x.dtype)
     if any(shifts):
         out = torch.roll(out, shifts=shifts, dims=(1, 2))
     return out[:, :H, :W, :].contiguous().to(x.dtype)

@@ -1,5 +1,7 @@
 """Swin window attention: the core op, the WindowAttention drop-in and the fused block path, forward
 and backward, against fastnote.reference (and against transcribed Swin / timm modules)."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -403,6 +405,43 @@ def test_block_forward_backward(device, B, H, W, C, heads, ws, shift, qkv_bias):
         assert_close(a, b, KIND, msg=name)
 
 
+ROLL_FIRST_CASES = [
+    # B, H, W, C, heads, ws, shift: maps that need padding, with a shift (where the orders differ)
+    pytest.param(1, 7, 10, 32, 2, 4, 2, id="B1-7x10-ws4-shift2"),
+    pytest.param(1, 9, 11, 32, 2, 7, 3, id="B1-9x11-ws7-shift3"),
+    pytest.param(2, 5, 6, 16, 1, 3, 1, id="B2-5x6-ws3-shift1"),
+    pytest.param(1, 5, 4, 16, 1, 7, 3, id="B1-5x4-ws7-shift3-one-window-shift-kept"),
+    pytest.param(1, 13, 12, 32, 1, 12, 6, id="B1-13x12-ws12-shift6-n-144"),
+]
+
+
+@pytest.mark.parametrize("B,H,W,C,heads,ws,shift", ROLL_FIRST_CASES)
+def test_block_roll_first(device, B, H, W, C, heads, ws, shift):
+    """timm's order (roll, then pad): the fused op against the reference in that order, forward
+    and every gradient; and the reference differs from the pad-first order on these maps."""
+    x = torch.randn(B, H, W, C, device=device, requires_grad=True)
+    params = _block_params(C, heads, ws, device, True)
+    out = fastnote.swin_window_attention(x, *params, ws, heads, shift_size=shift, roll_first=True)
+    ref = reference.swin_block_attention(x, *params, ws, heads, shift_size=shift, roll_first=True)
+    assert_close(out, ref, KIND)
+    other = reference.swin_block_attention(x, *params, ws, heads, shift_size=shift)
+    assert (other - ref).abs().max() > 1e-2     # the orders really differ here
+    leaves = (x,) + tuple(params)
+    grad = torch.randn_like(ref)
+    for name, a, b in zip(("x", "qkv_weight", "qkv_bias", "proj_weight", "proj_bias", "table"),
+                          _grads(out, leaves, grad), _grads(ref, leaves, grad)):
+        assert_close(a, b, KIND, msg=name)
+
+
+@pytest.mark.no_kernel
+def test_block_orders_agree_without_padding():
+    x = torch.randn(2, 8, 12, 32, dtype=torch.float64)
+    params = [p.double() for p in _block_params(32, 2, 4, "cpu", True)]
+    a = reference.swin_block_attention(x, *params, 4, 2, shift_size=2)
+    b = reference.swin_block_attention(x, *params, 4, 2, shift_size=2, roll_first=True)
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_block_module_matches_window_attention_module(device):
     # ShiftedWindowAttention == pad/roll/partition + WindowAttention + reverse/roll/crop, same state_dict.
     dim, heads, ws, shift = 32, 2, 4, 2
@@ -461,17 +500,18 @@ def test_block_empty_batch(device):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("B,H,W,C,heads,ws,shift", [(4, 56, 56, 96, 3, 7, 3), (4, 7, 7, 768, 24, 7, 0),
-                                                    (2, 24, 24, 128, 4, 12, 6), (2, 30, 33, 64, 2, 7, 3)])
-def test_block_half_gpu(device, dtype, B, H, W, C, heads, ws, shift):
+@pytest.mark.parametrize("B,H,W,C,heads,ws,shift,roll_first", [
+    (4, 56, 56, 96, 3, 7, 3, False), (4, 7, 7, 768, 24, 7, 0, False), (2, 24, 24, 128, 4, 12, 6, False),
+    (2, 30, 33, 64, 2, 7, 3, False), (2, 30, 33, 64, 2, 7, 3, True)])
+def test_block_half_gpu(device, dtype, B, H, W, C, heads, ws, shift, roll_first):
     x = torch.randn(B, H, W, C, device=device, requires_grad=True)
     params = _block_params(C, heads, ws, device)
     with torch.no_grad():
         params[4].mul_(0.1)
-    ref = reference.swin_block_attention(x, *params, ws, heads, shift_size=shift)
+    ref = reference.swin_block_attention(x, *params, ws, heads, shift_size=shift, roll_first=roll_first)
     xh = x.detach().to(dtype).requires_grad_()
     ph = [p.detach().to(dtype).requires_grad_() for p in params]
-    out = fastnote.swin_window_attention(xh, *ph, ws, heads, shift_size=shift)
+    out = fastnote.swin_window_attention(xh, *ph, ws, heads, shift_size=shift, roll_first=roll_first)
     assert_close(out, ref, KIND)
     grad = torch.randn_like(ref)
     got = _grads(out, [xh] + ph, grad.to(dtype))
@@ -507,6 +547,48 @@ def test_timm_swin_tiny_swap(device):
         got = model(x)
     # 12 blocks of fp32 attention in a different summation order: a little looser than one op.
     torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("H,W,ws,shift", [pytest.param(9, 11, 4, 2, id="9x11-ws4-shift2-padded"),
+                                          pytest.param(8, 8, 4, 2, id="8x8-ws4-shift2"),
+                                          pytest.param(5, 6, 7, 3, id="5x6-ws7-shift3-always-partition"),
+                                          pytest.param(8, 8, 4, 0, id="8x8-ws4-shift0")])
+def test_timm_block_fused_path(device, H, W, ws, shift):
+    """timm's own SwinTransformerBlock against the same block patched onto the fused path
+    (timm's order: roll, then pad), training mode, forward and every parameter's gradient."""
+    timm_swin = pytest.importorskip("timm.models.swin_transformer")
+    torch.manual_seed(0)
+    block = nn.Sequential(timm_swin.SwinTransformerBlock(32, (H, W), num_heads=2, window_size=ws, shift_size=shift,
+                                                         always_partition=ws > min(H, W))).to(device)
+    assert tuple(block[0].shift_size) == (shift, shift)
+    with torch.no_grad():
+        block[0].attn.relative_position_bias_table.normal_()
+    fused = copy.deepcopy(block)
+    report = fastnote.patch(fused)
+    assert list(report) == ["0: SwinTransformerBlock -> fastnote.nn.timm_swin.FusedSwinTransformerBlock"]
+    assert type(fused[0].attn) is type(block[0].attn) and list(fused.state_dict()) == list(block.state_dict())
+    x = torch.randn(2, H, W, 32, device=device)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = block(xa), fused(xb)
+    assert_close(yb, ya, KIND)
+    g = torch.randn_like(ya)
+    ga = torch.autograd.grad(ya, [xa] + list(block.parameters()), g)
+    gb = torch.autograd.grad(yb, [xb] + list(fused.parameters()), g)
+    for (name, _), a, b in zip([("x", None)] + list(block.named_parameters()), gb, ga):
+        assert_close(a, b, KIND, msg=name)
+    fastnote.unpatch(fused)
+    assert type(fused[0]) is type(block[0])
+
+
+def test_timm_fused_block_pickles(tmp_path):
+    timm_swin = pytest.importorskip("timm.models.swin_transformer")
+    model = nn.Sequential(timm_swin.SwinTransformerBlock(16, (4, 4), num_heads=1, window_size=2, shift_size=1))
+    fastnote.patch(model)
+    torch.save(model, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    assert type(loaded[0]).__name__ == "FusedSwinTransformerBlock"
+    x = torch.randn(1, 4, 4, 16)
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -7,7 +7,9 @@ core   q, k, v ``[B*nW, heads, N, d]`` (any strides with a unit last stride), ``
 fused  the Swin block: ``qkv`` ``[B, H, W, 3C]`` as a plain Linear over ``x`` writes it. Window ``w``
        (image ``w // nW``) token ``i`` sits at the rolled, padded coordinate
        ``(ph, pw) = (row(w) * Ws + i // Ws, col(w) * Ws + i % Ws)`` and reads image position
-       ``((ph + shift) % Hp, (pw + shift) % Wp)``: cyclic shift and window partition are index
+       ``((ph + shift) % Hp, (pw + shift) % Wp)`` (padding first, then rolling, as the original
+       Swin code and torchvision; timm rolls first: ``((ph + shift) % H, (pw + shift) % W)`` for
+       ``ph < H, pw < W``, see ``_tokens``): cyclic shift and window partition are index
        arithmetic, and the output goes back to that same position in ``[B, H, W, C]`` (reverse and
        roll-back). A position outside ``H x W`` is a zero-padded token, whose q/k/v equal the qkv
        bias: the kernel loads the bias vector instead of memory, and the backward adds those
@@ -97,22 +99,29 @@ TILE = 64
 
 
 @triton.jit
-def _tokens(w, idx, N, nW, nWw, H, W, Hp, Wp, shift_h, shift_w, WS: tl.constexpr, FUSED: tl.constexpr):
+def _tokens(w, idx, N, nW, nWw, H, W, Rh, Rw, shift_h, shift_w, WS: tl.constexpr, FUSED: tl.constexpr):
     """(token, in_image, region label) of in-window indices ``idx`` of window ``w``.
 
     core: token = idx, in_image = idx < N. fused: token = (b * H + y) * W + x, the image position
     the token reads and writes; in_image is False for padded positions and for idx >= N; the
-    label is 3 * region(ph) + region(pw) of the rolled padded coordinate."""
+    label is 3 * region(ph) + region(pw) of the rolled padded coordinate.
+
+    ``Rh, Rw``: the extent the roll wraps around. Padding first, then rolling (the original Swin
+    code, torchvision): the padded size, ``y = (ph + shift) % Hp``, padded where ``y >= H``.
+    Rolling first, then padding (timm): the image size, ``y = (ph + shift) % H`` for ``ph < H``,
+    padded where ``ph >= H``. One formula covers both: inside = ph < Rh and y < H."""
     valid = idx < N
     if FUSED:
         b = w // nW
         wi = w % nW
         ph = (wi // nWw) * WS + idx // WS
         pw = (wi % nWw) * WS + idx % WS
-        y = (ph + shift_h) % Hp
-        x = (pw + shift_w) % Wp
-        inside = valid & (y < H) & (x < W)
+        y = (ph + shift_h) % Rh
+        x = (pw + shift_w) % Rw
+        inside = valid & (ph < Rh) & (pw < Rw) & (y < H) & (x < W)
         tok = (b * H + y) * W + x
+        Hp = (nW // nWw) * WS   # the padded size, which the shift mask's regions are taken on
+        Wp = nWw * WS
         # With no shift along an axis every window lies in one region along it: no mask there.
         label = ((ph >= Hp - WS).to(tl.int32) + (ph >= Hp - shift_h).to(tl.int32)) * 3 \
             + (pw >= Wp - WS).to(tl.int32) + (pw >= Wp - shift_w).to(tl.int32)
@@ -163,11 +172,11 @@ def _additive(bias_ptr, mask_ptr, h, j, rows, cols, lab_q, lab_k, N, mask_value,
 
 @triton.jit
 def _load_kv(k_ptr, v_ptr, qkvb_ptr, w, h, cols, cols_d, d_ok, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
-             N, nW, nWw, H, W, Hp, Wp, shift_h, shift_w, C,
+             N, nW, nWw, H, W, Rh, Rw, shift_h, shift_w, C,
              D: tl.constexpr, WS: tl.constexpr, FUSED: tl.constexpr, HAS_QKV_BIAS: tl.constexpr):
     """Key and value rows ``cols`` of window ``w``, head ``h`` (padded tokens of the fused path get
     the qkv bias), with their token offsets, in-image flags and region labels."""
-    tok_k, in_k, lab_k = _tokens(w, cols, N, nW, nWw, H, W, Hp, Wp, shift_h, shift_w, WS, FUSED)
+    tok_k, in_k, lab_k = _tokens(w, cols, N, nW, nWw, H, W, Rh, Rw, shift_h, shift_w, WS, FUSED)
     k = _load_rows(k_ptr, w, h, tok_k, in_k, cols_d, d_ok, sk_b, sk_h, sk_n)
     v = _load_rows(v_ptr, w, h, tok_k, in_k, cols_d, d_ok, sv_b, sv_h, sv_n)
     if FUSED:
@@ -177,13 +186,13 @@ def _load_kv(k_ptr, v_ptr, qkvb_ptr, w, h, cols, cols_d, d_ok, sk_b, sk_h, sk_n,
 
 
 @triton.jit
-def _place_additive(bias_ptr, mask_ptr, h, j, rows, cols, N, nW, nWw, H, W, Hp, Wp, shift_h, shift_w, mask_value,
+def _place_additive(bias_ptr, mask_ptr, h, j, rows, cols, N, nW, nWw, H, W, Rh, Rw, shift_h, shift_w, mask_value,
                     WS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, FUSED: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """bias[h] + mask of window place j over the (rows, cols) tile: the same for every image, so a
     program that holds whole windows builds it once."""
-    lab_r = _tokens(j, rows, N, nW, nWw, H, W, Hp, Wp, shift_h, shift_w, WS, FUSED)[2]
-    lab_c = _tokens(j, cols, N, nW, nWw, H, W, Hp, Wp, shift_h, shift_w, WS, FUSED)[2]
+    lab_r = _tokens(j, rows, N, nW, nWw, H, W, Rh, Rw, shift_h, shift_w, WS, FUSED)[2]
+    lab_c = _tokens(j, cols, N, nW, nWw, H, W, Rh, Rw, shift_h, shift_w, WS, FUSED)[2]
     return _additive(bias_ptr, mask_ptr, h, j, rows, cols, lab_r, lab_c, N, mask_value,
                      HAS_BIAS, HAS_MASK, FUSED, BLOCK_M, BLOCK_N)
 
@@ -191,7 +200,7 @@ def _place_additive(bias_ptr, mask_ptr, h, j, rows, cols, N, nW, nWw, H, W, Hp, 
 @triton.jit
 def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, bias_ptr, mask_ptr, qkvb_ptr,
                 sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n,
-                num_images, N, nW, nWw, H, W, Hp, Wp, shift_h, shift_w, C, qk_scale, mask_value,
+                num_images, N, nW, nWw, H, W, Rh, Rw, shift_h, shift_w, C, qk_scale, mask_value,
                 HEADS: tl.constexpr, D: tl.constexpr, WS: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
                 HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, FUSED: tl.constexpr,
@@ -208,14 +217,14 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, bias_ptr, mask_ptr, qkvb_pt
     d_ok = cols_d < D
     if SINGLE:  # one tile per window: bias + mask are the same for all the program's windows
         cols = tl.arange(0, BLOCK_N)
-        add = _place_additive(bias_ptr, mask_ptr, h, j, rows, cols, N, nW, nWw, H, W, Hp, Wp, shift_h, shift_w,
+        add = _place_additive(bias_ptr, mask_ptr, h, j, rows, cols, N, nW, nWw, H, W, Rh, Rw, shift_h, shift_w,
                               mask_value,
                               WS, HAS_BIAS, HAS_MASK, FUSED, BLOCK_M, BLOCK_N)
     for i in range(0, GROUP):
         img = first + i
         if img < num_images:
             w = img.to(tl.int64) * nW + j
-            tok_q, in_q, lab_q = _tokens(w, rows, N, nW, nWw, H, W, Hp, Wp, shift_h, shift_w, WS, FUSED)
+            tok_q, in_q, lab_q = _tokens(w, rows, N, nW, nWw, H, W, Rh, Rw, shift_h, shift_w, WS, FUSED)
             q = _load_rows(q_ptr, w, h, tok_q, in_q, cols_d, d_ok, sq_b, sq_h, sq_n)
             if FUSED:
                 q = _with_pad_value(q, rows < N, in_q, qkvb_ptr, h * D, cols_d, d_ok, HAS_QKV_BIAS)
@@ -226,7 +235,7 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, bias_ptr, mask_ptr, qkvb_pt
                 cols = n0 + tl.arange(0, BLOCK_N)
                 tok_k, in_k, lab_k, k, v = _load_kv(k_ptr, v_ptr, qkvb_ptr, w, h, cols, cols_d, d_ok,
                                                     sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
-                                                    N, nW, nWw, H, W, Hp, Wp, shift_h, shift_w, C,
+                                                    N, nW, nWw, H, W, Rh, Rw, shift_h, shift_w, C,
                                                     D, WS, FUSED, HAS_QKV_BIAS)
                 if not SINGLE:
                     add = _additive(bias_ptr, mask_ptr, h, j, rows, cols, lab_q, lab_k, N, mask_value,
@@ -250,7 +259,7 @@ def _bwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, bias_ptr, mask_ptr,
                 dq_ptr, dk_ptr, dv_ptr, dbias_ptr, dqkvb_ptr,
                 sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n,
                 sdq_b, sdq_h, sdq_n, sd_b, sd_h, sd_n,
-                num_images, N, nW, nWw, H, W, Hp, Wp, shift_h, shift_w, C, qk_scale, scale, mask_value, num_slots,
+                num_images, N, nW, nWw, H, W, Rh, Rw, shift_h, shift_w, C, qk_scale, scale, mask_value, num_slots,
                 HEADS: tl.constexpr, D: tl.constexpr, WS: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
                 HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, SHARED_SLOTS: tl.constexpr,
@@ -273,7 +282,7 @@ def _bwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, bias_ptr, mask_ptr,
     if SINGLE:
         rows = tl.arange(0, BLOCK_M)
         cols = tl.arange(0, BLOCK_N)
-        add = _place_additive(bias_ptr, mask_ptr, h, j, rows, cols, N, nW, nWw, H, W, Hp, Wp, shift_h, shift_w,
+        add = _place_additive(bias_ptr, mask_ptr, h, j, rows, cols, N, nW, nWw, H, W, Rh, Rw, shift_h, shift_w,
                               mask_value,
                               WS, HAS_BIAS, HAS_MASK, FUSED, BLOCK_M, BLOCK_N)
     for i in range(0, GROUP):
@@ -285,13 +294,13 @@ def _bwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, bias_ptr, mask_ptr,
                 cols = n0 + tl.arange(0, BLOCK_N)
                 tok_k, in_k, lab_k, k, v = _load_kv(k_ptr, v_ptr, qkvb_ptr, w, h, cols, cols_d, d_ok,
                                                     sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
-                                                    N, nW, nWw, H, W, Hp, Wp, shift_h, shift_w, C,
+                                                    N, nW, nWw, H, W, Rh, Rw, shift_h, shift_w, C,
                                                     D, WS, FUSED, HAS_QKV_BIAS)
                 dk_acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
                 dv_acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
                 for m0 in range(0, N, BLOCK_M):
                     rows = m0 + tl.arange(0, BLOCK_M)
-                    tok_q, in_q, lab_q = _tokens(w, rows, N, nW, nWw, H, W, Hp, Wp, shift_h, shift_w, WS, FUSED)
+                    tok_q, in_q, lab_q = _tokens(w, rows, N, nW, nWw, H, W, Rh, Rw, shift_h, shift_w, WS, FUSED)
                     q = _load_rows(q_ptr, w, h, tok_q, in_q, cols_d, d_ok, sq_b, sq_h, sq_n)
                     if FUSED:
                         q = _with_pad_value(q, rows < N, in_q, qkvb_ptr, h * D, cols_d, d_ok, HAS_QKV_BIAS)
@@ -375,6 +384,7 @@ class Geometry(NamedTuple):
     shift_w: int = 0
     C: int = 0            # channels of the attention output (heads * d)
     window_size: int = 1
+    roll_first: bool = False   # timm's order: roll the H x W map, then pad (else pad, then roll)
 
     @property
     def num_images(self) -> int:
@@ -390,24 +400,31 @@ def core_geometry(q: torch.Tensor, mask: Optional[torch.Tensor]) -> Geometry:
     return Geometry(num_windows=B_, N=N, nW=mask.shape[0] if mask is not None else 1, C=heads * d)
 
 
-def fused_geometry(B: int, H: int, W: int, C: int, window_size: int, shift: int) -> Geometry:
+def fused_geometry(B: int, H: int, W: int, C: int, window_size: int, shift: int,
+                   roll_first: bool = False) -> Geometry:
     """The fused layout of ``[B, H, W, C]`` attention outputs with square windows.
 
-    H and W are zero-padded up to multiples of the window. The shift is dropped along an axis
-    whose padded size the window covers (window >= padded size), as torchvision's
-    ``shifted_window_attention`` does at every forward (the original Swin code and timm decide the
-    same when they build such a block, by shrinking the window and zeroing the shift): rolling one
-    window onto itself would only mask pairs that are neighbours in the image."""
+    H and W are zero-padded up to multiples of the window, after the roll (``roll_first``, timm's
+    order) or before it (the original Swin code's and torchvision's). In the pad-first order the
+    shift is dropped along an axis whose padded size the window covers (window >= padded size),
+    as torchvision's ``shifted_window_attention`` does at every forward (the original Swin code
+    decides the same when it builds such a block, by shrinking the window and zeroing the shift):
+    rolling one window onto itself would only mask pairs that are neighbours in the image. timm
+    makes that choice when it builds the block (its ``shift_size`` is then 0), so in its order the
+    shift is taken as given."""
     ws = window_size
     Hp, Wp = triton.cdiv(H, ws) * ws, triton.cdiv(W, ws) * ws
     nW = (Hp // ws) * (Wp // ws)
+    keep_h, keep_w = (True, True) if roll_first else (ws < Hp, ws < Wp)
     return Geometry(num_windows=B * nW, N=ws * ws, nW=nW, nWw=Wp // ws, H=H, W=W, Hp=Hp, Wp=Wp,
-                    shift_h=shift if ws < Hp else 0, shift_w=shift if ws < Wp else 0, C=C, window_size=ws)
+                    shift_h=shift if keep_h else 0, shift_w=shift if keep_w else 0, C=C, window_size=ws,
+                    roll_first=roll_first)
 
 
 def _geometry_args(g: Geometry) -> dict:
     """The kernels' runtime geometry arguments."""
-    return dict(num_images=g.num_images, N=g.N, nW=g.nW, nWw=g.nWw, H=g.H, W=g.W, Hp=g.Hp, Wp=g.Wp,
+    return dict(num_images=g.num_images, N=g.N, nW=g.nW, nWw=g.nWw, H=g.H, W=g.W,
+                Rh=g.H if g.roll_first else g.Hp, Rw=g.W if g.roll_first else g.Wp,
                 shift_h=g.shift_h, shift_w=g.shift_w, C=g.C)
 
 
@@ -572,11 +589,11 @@ def backward(do, q, k, v, out, lse, bias, bias_grad: bool, mask, scale: float, d
 
 
 def fused_forward(qkv, qkv_bias, bias, window_size: int, shift: int, heads: int, scale: float,
-                  mask_value: float, out, lse):
+                  mask_value: float, out, lse, roll_first: bool = False):
     """Fused layout. qkv [B, H, W, 3C] contiguous, qkv_bias [3C] (q/k/v of padded tokens) or None,
     bias [heads, N, N] contiguous or None; out [B, H, W, C] and lse [B*nW, heads, N] fp32."""
     B, H, W, C3 = qkv.shape
-    g = fused_geometry(B, H, W, C3 // 3, window_size, shift)
+    g = fused_geometry(B, H, W, C3 // 3, window_size, shift, roll_first)
     C, d = g.C, g.C // heads
     qkv_strides = (0, d, 3 * C)   # (window: the token index carries the image, head, token)
     _fwd(q=qkv, k=qkv[..., C:], v=qkv[..., 2 * C:], q_strides=qkv_strides, k_strides=qkv_strides,
@@ -587,12 +604,12 @@ def fused_forward(qkv, qkv_bias, bias, window_size: int, shift: int, heads: int,
 
 
 def fused_backward(do, qkv, qkv_bias, bias, bias_grad: bool, out, lse, window_size: int, shift: int,
-                   heads: int, scale: float, mask_value: float, dqkv, dqkv_bias):
+                   heads: int, scale: float, mask_value: float, dqkv, dqkv_bias, roll_first: bool = False):
     """dqkv [B, H, W, 3C] (every element written); dqkv_bias fp32 [3C] zeros or None, receives the
     padded tokens' part of the qkv-bias gradient (summed from per-program partials, no atomics).
     Returns the fp32 dbias [heads, N, N] (or None)."""
     B, H, W, C3 = qkv.shape
-    g = fused_geometry(B, H, W, C3 // 3, window_size, shift)
+    g = fused_geometry(B, H, W, C3 // 3, window_size, shift, roll_first)
     C, d = g.C, g.C // heads
     single = blocks(g.N, d, qkv.dtype)[3]
     qkv_strides = (0, d, 3 * C)

@@ -1,12 +1,24 @@
-"""Drop-in for timm's Swin ``WindowAttention``: timm's constructor arguments and its state_dict
-layout, in which the relative position index is a non-persistent buffer (absent from timm's
-checkpoints, and so from this module's)."""
+"""timm's Swin, two ways.
+
+- ``TimmWindowAttention``: drop-in for timm's ``WindowAttention`` (the attention core, on
+  windows the block has already shifted, padded and partitioned): timm's constructor arguments and
+  its state_dict layout, in which the relative position index is a non-persistent buffer (absent
+  from timm's checkpoints, and so from this module's).
+- ``FusedSwinTransformerBlock``: timm's ``SwinTransformerBlock`` (a subclass, made when first
+  asked for, so that importing fastnote does not import timm) whose ``_attn`` runs the whole roll +
+  pad + partition + attention + reverse + roll-back path as ``fastnote.swin_window_attention`` in
+  timm's order (``roll_first=True``: roll the map, then pad), on the block's own ``attn``
+  parameters. Same submodules, parameters and state_dict; ``fastnote.patch`` switches a block's
+  class to it. The name resolves through this module (``fastnote.nn.timm_swin.FusedSwinTransformerBlock``),
+  so a pickled patched model loads where timm and fastnote are installed.
+"""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, Optional
 
 from torch import nn
 
+from ..ops.window_attention import swin_window_attention
 from .window_attention import WindowAttention
 
 
@@ -35,3 +47,40 @@ class TimmWindowAttention(WindowAttention):
         # The index is not part of the state: nothing to fill in (WindowAttention's override adds
         # it for Swin's persistent layout).
         nn.Module._load_from_state_dict(self, *args, **kwargs)
+
+
+class _FusedAttention:
+    """The ``_attn`` of a fused timm block: ``x`` [B, H, W, C] (after ``norm1``) -> [B, H, W, C]."""
+
+    _fastnote_fused_children = ("attn",)   # read by fastnote.patch: the block uses attn's parameters itself
+
+    def _attn(self, x):
+        attn = self.attn
+        if attn.training and attn.attn_drop.p > 0:
+            raise ValueError("fastnote's fused Swin block has no attention dropout: attn_drop must be 0 in training")
+        out = swin_window_attention(x, attn.qkv.weight, attn.qkv.bias, attn.proj.weight, attn.proj.bias,
+                                    attn.relative_position_bias_table, self.window_size[0], attn.num_heads,
+                                    shift_size=self.shift_size[0],
+                                    relative_position_index=attn.relative_position_index, scale=attn.scale,
+                                    roll_first=True)
+        return attn.proj_drop(out)
+
+
+_FUSED: Dict[type, type] = {}
+
+
+def fused_block_class(cls: type) -> type:
+    """The fused subclass of timm's block class ``cls`` (made once per class)."""
+    if cls not in _FUSED:
+        name = "Fused" + cls.__name__
+        _FUSED[cls] = type(name, (_FusedAttention, cls), {"__module__": __name__, "__qualname__": name,
+                                                          "__doc__": f"timm's {cls.__name__} on fastnote's fused path."})
+    return _FUSED[cls]
+
+
+def __getattr__(name: str):
+    if name == "FusedSwinTransformerBlock":
+        from timm.models.swin_transformer import SwinTransformerBlock
+
+        return fused_block_class(SwinTransformerBlock)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -155,14 +155,16 @@ def window_attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = N
 
 @torch.library.custom_op("fastnote::swin_window_attention", mutates_args=())
 def _block_forward_op(qkv: Tensor, qkv_bias: Optional[Tensor], bias: Optional[Tensor], window_size: int,
-                      num_heads: int, shift_size: int, scale: float, mask_value: float) -> List[Tensor]:
+                      num_heads: int, shift_size: int, scale: float, mask_value: float,
+                      roll_first: bool) -> List[Tensor]:
     from ..triton_kernels import window_attention as kernels
 
     qkv, qkv_bias, bias = checks.contiguous(qkv, qkv_bias, bias)
     B, H, W, C3 = qkv.shape
     out = backend.empty((B, H, W, C3 // 3), qkv.dtype, qkv.device)
     lse = backend.empty(_lse_shape(qkv, window_size, num_heads), torch.float32, qkv.device)
-    kernels.fused_forward(qkv, qkv_bias, bias, window_size, shift_size, num_heads, scale, mask_value, out, lse)
+    kernels.fused_forward(qkv, qkv_bias, bias, window_size, shift_size, num_heads, scale, mask_value, out, lse,
+                          roll_first)
     return [out, lse]
 
 
@@ -175,7 +177,7 @@ def _lse_shape(qkv, window_size, num_heads):
 
 
 @_block_forward_op.register_fake
-def _(qkv, qkv_bias, bias, window_size, num_heads, shift_size, scale, mask_value):
+def _(qkv, qkv_bias, bias, window_size, num_heads, shift_size, scale, mask_value, roll_first):
     B, H, W, C3 = qkv.shape
     return [qkv.new_empty((B, H, W, C3 // 3)),
             qkv.new_empty(_lse_shape(qkv, window_size, num_heads), dtype=torch.float32)]
@@ -184,7 +186,7 @@ def _(qkv, qkv_bias, bias, window_size, num_heads, shift_size, scale, mask_value
 @torch.library.custom_op("fastnote::swin_window_attention_backward", mutates_args=())
 def _block_backward_op(grad: Tensor, qkv: Tensor, qkv_bias: Optional[Tensor], bias: Optional[Tensor],
                        out: Tensor, lse: Tensor, window_size: int, num_heads: int, shift_size: int,
-                       scale: float, mask_value: float, bias_grad: bool) -> List[Tensor]:
+                       scale: float, mask_value: float, roll_first: bool, bias_grad: bool) -> List[Tensor]:
     from ..triton_kernels import window_attention as kernels
 
     qkv, qkv_bias, bias, out, lse = checks.contiguous(qkv, qkv_bias, bias, out, lse)
@@ -193,23 +195,24 @@ def _block_backward_op(grad: Tensor, qkv: Tensor, qkv_bias: Optional[Tensor], bi
     dqkv_bias = torch.zeros(qkv.shape[-1], dtype=torch.float32, device=qkv.device)  # accumulated into
     bias_grad = bias_grad and bias is not None
     dbias = kernels.fused_backward(grad, qkv, qkv_bias, bias, bias_grad, out, lse, window_size, shift_size,
-                                   num_heads, scale, mask_value, dqkv, dqkv_bias)
+                                   num_heads, scale, mask_value, dqkv, dqkv_bias, roll_first)
     return [dqkv,
             dqkv_bias.to(qkv_bias.dtype) if qkv_bias is not None else qkv.new_empty(0),
             dbias.to(bias.dtype) if dbias is not None else qkv.new_empty(0)]
 
 
 @_block_backward_op.register_fake
-def _(grad, qkv, qkv_bias, bias, out, lse, window_size, num_heads, shift_size, scale, mask_value, bias_grad):
+def _(grad, qkv, qkv_bias, bias, out, lse, window_size, num_heads, shift_size, scale, mask_value, roll_first,
+      bias_grad):
     return [qkv.new_empty(qkv.shape),
             qkv_bias.new_empty(qkv_bias.shape) if qkv_bias is not None else qkv.new_empty(0),
             bias.new_empty(bias.shape) if (bias_grad and bias is not None) else qkv.new_empty(0)]
 
 
 def _block_setup_context(ctx, inputs, output):
-    qkv, qkv_bias, bias, window_size, num_heads, shift_size, scale, mask_value = inputs
+    qkv, qkv_bias, bias, window_size, num_heads, shift_size, scale, mask_value, roll_first = inputs
     ctx.save_for_backward(qkv, qkv_bias, bias, output[0], output[1])
-    ctx.config = (window_size, num_heads, shift_size, scale, mask_value)
+    ctx.config = (window_size, num_heads, shift_size, scale, mask_value, roll_first)
 
 
 def _block_backward(ctx, grads):
@@ -217,7 +220,7 @@ def _block_backward(ctx, grads):
     bias_grad = bias is not None and ctx.needs_input_grad[2]
     dqkv, dqkv_bias, dbias = _block_backward_op(grads[0], qkv, qkv_bias, bias, out, lse, *ctx.config, bias_grad)
     return (dqkv, dqkv_bias if qkv_bias is not None else None, dbias if bias_grad else None,
-            None, None, None, None, None)
+            None, None, None, None, None, None)
 
 
 _block_forward_op.register_autograd(_block_backward, setup_context=_block_setup_context)
@@ -257,7 +260,7 @@ def swin_window_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tens
                           proj_bias: Optional[Tensor], relative_position_bias_table: Tensor,
                           window_size: int, num_heads: int, shift_size: int = 0,
                           relative_position_index: Optional[Tensor] = None, scale: Optional[float] = None,
-                          mask_value: float = MASK_VALUE) -> Tensor:
+                          mask_value: float = MASK_VALUE, roll_first: bool = False) -> Tensor:
     """The W-MSA / SW-MSA part of a Swin block on ``x: [B, H, W, C]``, fused.
 
     Same result as ``reference.swin_block_attention``: zero-pad H, W to multiples of
@@ -271,6 +274,10 @@ def swin_window_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tens
     Along an axis whose padded size the window covers (a 7x7 map with window 7: the last stage of
     every Swin at 224) the shift is dropped, as torchvision's ``ShiftedWindowAttention`` does and
     as the original Swin code and timm decide when they build such a block.
+
+    ``roll_first=True`` follows timm's ``SwinTransformerBlock`` instead: roll the H x W map, then
+    pad (the two orders differ only where a map needs padding and the shift is non-zero), with the
+    shift taken as given (timm zeroes it itself when it builds a block the window covers).
 
     >>> import torch, fastnote
     >>> x = torch.randn(1, 9, 9, 32)
@@ -290,7 +297,7 @@ def swin_window_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tens
         return reference.swin_block_attention(x, qkv_weight, qkv_bias, proj_weight, proj_bias,
                                               relative_position_bias_table, ws, num_heads, shift_size,
                                               index=relative_position_index, scale=scale,
-                                              mask_value=float(mask_value))
+                                              mask_value=float(mask_value), roll_first=roll_first)
 
     qkv = F.linear(x, qkv_weight, qkv_bias)                      # [B, H, W, 3C], no partitioned copy
     # One tiny gather ([heads, N, N]); its backward scatters dbias into the table.
@@ -298,5 +305,6 @@ def swin_window_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tens
     pad_bias = qkv_bias.to(qkv.dtype) if qkv_bias is not None else None
     if autocast is not None:
         bias = bias.to(autocast)
-    out = _block_forward_op(qkv, pad_bias, bias, ws, num_heads, shift_size, scale, float(mask_value))[0]
+    out = _block_forward_op(qkv, pad_bias, bias, ws, num_heads, shift_size, scale, float(mask_value),
+                            bool(roll_first))[0]
     return F.linear(out, proj_weight, proj_bias)
