@@ -73,8 +73,8 @@ def fused_block_class(cls: type) -> type:
     """The fused subclass of timm's block class ``cls`` (made once per class)."""
     if cls not in _FUSED:
         name = "Fused" + cls.__name__
-        _FUSED[cls] = type(name, (_FusedAttention, cls), {"__module__": __name__, "__qualname__": name,
-                                                          "__doc__": f"timm's {cls.__name__} on fastnote's fused path."})
+        doc = f"timm's {cls.__name__} on fastnote's fused path."
+        _FUSED[cls] = type(name, (_FusedAttention, cls), {"__module__": __name__, "__qualname__": name, "__doc__": doc})
     return _FUSED[cls]
 
 
