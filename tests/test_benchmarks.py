@@ -320,3 +320,31 @@ def test_merge_keeps_the_rows_a_second_run_does_not_measure(tmp_path):
     assert merged == ["eager", "fastnote"]
     assert providers_in_csv("--providers", "fastnote", "--merge") == (merged, n_merged)  # replaced, not doubled
     assert providers_in_csv("--providers", "fastnote")[0] == ["fastnote"]
+
+
+def test_models_benchmark_step_rows_with_a_stand_in_timer(monkeypatch):
+    """benchmarks/models.py's providers through the GPU measurement path (do_bench and the memory
+    probe replaced, each still calling the step): one CLIP smoke case, eager and fastnote, a time
+    and a memory row each for the ``step`` mode, and the CSV callback after the case."""
+    import torch
+
+    sys.path.insert(0, BENCH)
+    try:
+        import harness
+        import models
+    finally:
+        sys.path.remove(BENCH)
+    _stand_in_gpu_timers(harness, monkeypatch)
+    bench = models.BENCHMARKS[0]
+    case = next(c for c in bench.smoke_cases if c.config["example"] == "clip_step")
+    run = harness._Run(device=torch.device("cpu"), smoke=False, cpu_timing=False, slug="fake-h200", gpu="NVIDIA H200",
+                       warmup=0, repeats=1, peak_gbps=None, peak_tflops=None, copy_gbps=None,
+                       meta=dict(gpu="NVIDIA H200", torch="t", triton="t", fastnote_commit="c", timestamp="now"))
+    providers = [p for p in bench.providers if not p.compile]
+    seen = []
+    rows, failures = harness.run_benchmark(bench, run, [case], list(bench.modes), providers, False,
+                                           on_case=lambda r: seen.append(len(r)))
+    assert failures == 0 and seen == [len(rows)]
+    got = {(r["provider"], r["mode"], r["metric"]): r["p50"] for r in rows}
+    for p in ("eager", "fastnote"):
+        assert got[(p, "step", "time")] == 2.0 and got[(p, "step", "memory")] == 12.5
