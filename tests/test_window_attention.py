@@ -580,6 +580,22 @@ def test_timm_block_fused_path(device, H, W, ws, shift):
     assert type(fused[0]) is type(block[0])
 
 
+def test_timm_fused_blocks_follow_set_input_size(device):
+    """timm's set_input_size (new image size and window) after patching: the fused blocks read
+    the window and shift timm sets at every forward."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    eager = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=32, num_classes=4,
+                              embed_dim=16, depths=(2, 2), num_heads=(1, 2)).to(device).eval()
+    patched = copy.deepcopy(eager)
+    assert len(fastnote.patch(patched)) == 4
+    for model in (eager, patched):
+        model.set_input_size(img_size=(48, 48), window_size=6)
+    x = torch.randn(1, 3, 48, 48, device=device)
+    with torch.no_grad():
+        assert_close(patched(x), eager(x), KIND)
+
+
 def test_timm_fused_block_pickles(tmp_path):
     timm_swin = pytest.importorskip("timm.models.swin_transformer")
     model = nn.Sequential(timm_swin.SwinTransformerBlock(16, (4, 4), num_heads=1, window_size=2, shift_size=1))
