@@ -257,18 +257,19 @@ def test_opcheck_core(device):
     torch.library.opcheck(torch.ops.fastnote.window_attention_backward.default, args)
 
 
-def test_opcheck_block(device):
+@pytest.mark.parametrize("roll_first", [False, True], ids=["pad-first", "roll-first"])
+def test_opcheck_block(device, roll_first):
     x = torch.randn(1, 5, 6, 32, device=device)
     w, b, _, _, table = _block_params(32, 2, 4, device)
     qkv = F.linear(x, w, b).detach().requires_grad_()
     index = reference.relative_position_index(4, device)
     bias = reference.relative_position_bias(table, index, 2).detach().requires_grad_()
     qb = b.detach().requires_grad_()
-    args = (qkv, qb, bias, 4, 2, 2, 0.25, -100.0)
+    args = (qkv, qb, bias, 4, 2, 2, 0.25, -100.0, roll_first)
     torch.library.opcheck(torch.ops.fastnote.swin_window_attention.default, args)
     out, lse = torch.ops.fastnote.swin_window_attention(*args)
     bargs = (torch.randn_like(out), qkv.detach(), qb.detach(), bias.detach(), out.detach(), lse.detach(), 4, 2, 2, 0.25,
-             -100.0, True)
+             -100.0, roll_first, True)
     torch.library.opcheck(torch.ops.fastnote.swin_window_attention_backward.default, bargs)
 
 
