@@ -82,6 +82,16 @@ def train(training: Training, steps: int, verbose: bool = False) -> Run:
     return Run(progress.losses, training.modules)
 
 
+def runner(training: Callable[..., Training]) -> Callable[..., Run]:
+    """An example's ``run(use_fastnote, steps, full=False, device="cpu", seed=0, amp=None,
+    verbose=False, **options)``: its ``training(...)`` (options passed on), trained ``steps`` steps."""
+    def run(use_fastnote: bool, steps: int, full: bool = False, device="cpu", seed: int = 0,
+            amp: Optional[torch.dtype] = None, verbose: bool = False, **options) -> Run:
+        return train(training(use_fastnote, full, device, seed, amp, verbose, **options), steps, verbose)
+
+    return run
+
+
 def parse_args(description: str, argv: Optional[Sequence[str]], steps: int = 3) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--steps", type=int, default=steps, help="training steps (default %(default)s)")

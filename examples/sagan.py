@@ -148,9 +148,7 @@ def training(use_fastnote: bool, full: bool = False, device="cpu", seed: int = 0
                             device, amp)
 
 
-def run(use_fastnote: bool, steps: int, full: bool = False, device="cpu", seed: int = 0,
-        amp: Optional[torch.dtype] = None, verbose: bool = False) -> _common.Run:
-    return _common.train(training(use_fastnote, full, device, seed, amp, verbose), steps, verbose)
+run = _common.runner(training)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:

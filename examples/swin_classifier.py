@@ -70,9 +70,7 @@ def training(use_fastnote: bool, full: bool = False, device="cpu", seed: int = 0
     return _common.classifier_training(name, model, opt, sizes, device, seed, amp)
 
 
-def run(use_fastnote: bool, steps: int, full: bool = False, device="cpu", seed: int = 0,
-        amp: Optional[torch.dtype] = None, verbose: bool = False, source: str = "timm") -> _common.Run:
-    return _common.train(training(use_fastnote, full, device, seed, amp, verbose, source), steps, verbose)
+run = _common.runner(training)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
