@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .contrastive import LN2, LOG2E, config, grid_d, load_rows, online_logsumexp, row_dot, score_tile
+from .contrastive import LN2, LOG2E, config, grid_d, load_rows, online_logsumexp, score_tile
 from .utils import dot
 
 
@@ -51,18 +51,24 @@ def _forward_kernel(x_ptr, y_ptr, scale_ptr, stats_ptr, ce_ptr, NX, NY, D, offse
     row_ok = rows < NX
     ch = tl.arange(0, BLOCK_D)
     scale2 = tl.load(scale_ptr).to(tl.float32) * LOG2E
-    pos = row_dot(x_ptr, y_ptr, rows, rows + offset, row_ok, D, BLOCK_X, BLOCK_D) * scale2
-    xt = pos
+    xt = rows
     if SINGLE_D:
         xt = load_rows(x_ptr, rows, row_ok, ch, D)
     m_i = tl.full([BLOCK_X], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_X], tl.float32)
+    # The positive logit is taken from the score tile that holds it, not recomputed apart: the
+    # same rounding as the entry the max and the sum saw, so m_i >= pos exactly and the
+    # cross-entropy (m_i - pos) + log_l cannot go below zero by more than the sum's rounding.
+    # A separately summed x_i . y_i differs by ~1e-6 relative, which at logits of 1e4 and more
+    # (fp16 and bf16 embeddings of norm 30, scale 100) made the loss negative.
+    pos = tl.zeros([BLOCK_X], tl.float32)
     for start in range(0, NY, BLOCK_Y):
         cols = start + tl.arange(0, BLOCK_Y)
         col_ok = cols < NY
         s = score_tile(x_ptr, y_ptr, rows, row_ok, cols.to(tl.int64), col_ok, D, xt,
                        BLOCK_X, BLOCK_Y, BLOCK_D, SINGLE_D, PRECISION, UPCAST) * scale2
         s = tl.where(col_ok[None, :], s, float("-inf"))
+        pos += tl.sum(tl.where(cols[None, :] == rows[:, None] + offset, s, 0.0), 1)
         # Every block holds a real column, so the running max stays finite: no inf - inf.
         m_i, l_i = online_logsumexp(m_i, l_i, s)
     # The max and the log of the sum, kept apart: backward forms exp2((t - m) - log_l), which
