@@ -58,6 +58,23 @@ def test_deterministic_mode_gives_each_program_its_slot(device, monkeypatch, det
     assert call["SHARED_SLOTS"] is False and call["num_slots"] == 6
 
 
+@pytest.mark.parametrize("windows,heads,N,shared", [(8192, 3, 49, False), (512, 3, 49, True), (64, 4, 144, True),
+                                                    (4096, 4, 144, False)])
+def test_shared_slots_for_few_large_windows(windows, heads, N, shared):
+    # Where one dbias partial per program would pass 10% of the backward's minimum traffic,
+    # programs share slots: large windows over few images. Swin-T stage 1 at batch 128 (8192
+    # windows of 49) and Swin-B 384 stage 1 at batch 64 (4096 of 144) do not; 64 windows of
+    # 144 do (over 10 programs a slot). Two programs adding into one zeroed slot still give one
+    # result whatever their order (0 + a + b = 0 + b + a): 512 windows of 49 share, repeatably.
+    d = 32
+    group = wa_kernels.backward_group(windows, 1, heads, N, d)
+    programs = -(-windows // group)
+    slots = wa_kernels.dbias_slots(programs, windows * heads * N * d * 2, heads, N)
+    assert (slots < programs) == shared
+    if windows == 512:
+        assert programs <= 2 * slots
+
+
 # ------------------------------------------------------------------------------------------------
 # On a GPU: each backward twice, compared bit for bit
 # ------------------------------------------------------------------------------------------------
@@ -73,12 +90,25 @@ def _twice(fn, *inputs):
         assert torch.equal(a, b)
 
 
+def _deterministic(fn):
+    def run(*args):
+        previous = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True)
+        try:
+            return fn(*args)
+        finally:
+            torch.use_deterministic_algorithms(previous)
+    return run
+
+
 def _cases(device):
     r = lambda *s, dtype=torch.bfloat16: torch.randn(*s, device=device, dtype=dtype)  # noqa: E731
     return {
         "window_attention N=49": (lambda q, k, v, b: fastnote.window_attention(q, k, v, bias=b),
                                   r(512, 3, 49, 32), r(512, 3, 49, 32), r(512, 3, 49, 32), r(3, 49, 49)),
-        "window_attention N=144": (lambda q, k, v, b: fastnote.window_attention(q, k, v, bias=b),
+        # 64 windows of 144 tokens: over 10 programs per shared dbias slot by default (see
+        # test_shared_slots_for_few_large_windows), so compared in the deterministic mode
+        "window_attention N=144": (_deterministic(lambda q, k, v, b: fastnote.window_attention(q, k, v, bias=b)),
                                    r(64, 4, 144, 32), r(64, 4, 144, 32), r(64, 4, 144, 32), r(4, 144, 144)),
         "swin block, padded": (lambda x, w, b, pw, pb, t: fastnote.swin_window_attention(x, w, b, pw, pb, t, 7, 3, 3),
                                r(8, 30, 33, 96), r(288, 96) * 0.1, r(288), r(96, 96) * 0.1, r(96), r(169, 3)),
@@ -91,7 +121,8 @@ def _cases(device):
         "hard_swish": (fastnote.hard_swish, r(128, 72, 56, 56)),
         "style_loss": (lambda x, t: fastnote.style_loss(x, t), r(4, 256, 64, 64), r(256, 256, dtype=torch.float32)),
         "tv_loss": (fastnote.tv_loss, r(8, 3, 256, 256)),
-        "patch_nce_loss": (lambda q, k: fastnote.patch_nce_loss(q, k, 4, reduction="mean",
+        # k not detached (CUT detaches it by default), so the key-side kernel is compared too
+        "patch_nce_loss": (lambda q, k: fastnote.patch_nce_loss(q, k, 4, reduction="mean", detach_k=False,
                                                                 include_all_negatives_from_minibatch=True),
                            r(1024, 256), r(1024, 256)),
         "clip_loss": (lambda a, b, s: fastnote.clip_loss(a, b, s), r(8192, 512), r(8192, 512),

@@ -8,7 +8,7 @@ import torch
 import fastnote
 from fastnote import reference
 from fastnote.ops import gram as gram_ops
-from fastnote.testing import assert_close
+from fastnote.testing import assert_close, tolerance
 from fastnote.triton_kernels import gram as kernels
 
 NORMALIZE = ["chw", "hw", "none"]
@@ -41,14 +41,26 @@ def _check_gram(x, normalize="chw"):
     _close(dx, want_dx, x.dtype, "gradient of x")
 
 
+def _loss_scale(want_dx, dtype):
+    """1.7, times a power of two for fp16 as a GradScaler would settle on: the style loss's
+    gradient of x is ~1e-11 at VGG sizes (4 / (C H W)^2 times sums of O(C) terms), under fp16's
+    smallest subnormal (6e-8), so unscaled it is zero in fp16 whatever computes it."""
+    if dtype != torch.float16:
+        return 1.0
+    top = want_dx.abs().max().item()
+    return 2.0 ** round(-torch.log2(torch.tensor(top)).item()) if top > 0 else 1.0
+
+
 def _check_style(x, target, normalize="chw"):
     x, target = _leaf(x), _leaf(target)
     loss = fastnote.style_loss(x, target, normalize)
     assert loss.shape == () and loss.dtype == torch.float32
-    dx, dt = torch.autograd.grad(loss * 1.7, (x, target))
     xr, tr = _leaf(x.float()), _leaf(target.float())
     want = reference.style_loss(xr, tr, normalize)
     want_dx, want_dt = torch.autograd.grad(want * 1.7, (xr, tr))
+    scale = _loss_scale(want_dx, x.dtype)
+    want_dx, want_dt = want_dx * scale, want_dt * scale
+    dx, dt = torch.autograd.grad(loss * (1.7 * scale), (x, target))
     _close(loss, want, x.dtype, "loss")
     assert dx.shape == x.shape and dx.dtype == x.dtype and dt.shape == target.shape and dt.dtype == target.dtype
     _close(dx, want_dx, x.dtype, "gradient of x")
@@ -336,8 +348,35 @@ def test_vgg_shapes_gpu(shape, dtype, device):
     _check_gram(x.to(dtype))
     C = shape[1]
     target = reference.gram(_features((1, *shape[1:]), device) * 4)
-    _check_style(x.to(dtype), target)
+    if dtype == torch.float32:
+        _check_style_fp64(x, target)
+    else:
+        _check_style(x.to(dtype), target)
     _check_style(x.to(dtype).contiguous(memory_format=torch.channels_last), target[0])
+
+
+def _check_style_fp64(x, target):
+    """fp32 at real sizes, against a float64 oracle. Here the fp32 reference carries summation
+    error of its own: the target's gradient is -2 sum_b (G_b - T) / (C K), whose diagonal entries
+    are differences of sums of ~0.1 that cancel to ~1e-2, so G's ~1e-6 relative rounding over
+    K = 65536 terms shows at ~1e-4 of the largest entry (on an H200, fastnote against cuBLAS's
+    fp32 Gram: 2.4e-4 in one entry of 4096). fastnote's error against float64 must stay within
+    the table's fp32 tolerance or within twice the fp32 reference's own error."""
+    def grads(x, t, fn):
+        x, t = _leaf(x), _leaf(t)
+        loss = fn(x, t)
+        return (loss.detach(),) + torch.autograd.grad(loss * 1.7, (x, t))
+
+    got = grads(x, target, fastnote.style_loss)
+    fp32 = grads(x, target, reference.style_loss)
+    exact = grads(x.double(), target.double(), reference.style_loss)
+    atol, rtol = tolerance(torch.float32, "reduction")
+    for name, g, r, e in zip(("loss", "gradient of x", "gradient of target_gram"), got, fp32, exact):
+        top = e.abs().max().item()
+        err = ((g.double() - e).abs().max() / top).item()
+        ref_err = ((r.double() - e).abs().max() / top).item()
+        assert err <= max(atol, 2 * ref_err), \
+            f"{name}: fastnote {err:.2e}, fp32 reference {ref_err:.2e} (relative to the largest entry)"
 
 
 @pytest.mark.gpu
@@ -366,3 +405,19 @@ def test_tf32_setting_gpu(device):
     # TF32 keeps 10 mantissa bits (error ~1e-3 relative), IEEE fp32 23 (~1e-6 here).
     assert ieee * 10 < tf32, (ieee, tf32)
     _close(fastnote.gram(x), exact.float())
+
+
+def test_fp16_gradient_underflow_and_loss_scaling(device):
+    # The style loss's gradient of x at VGG-like sizes lies under fp16's smallest subnormal: in
+    # fp16 it is zero, as any fp16 result would be, and a loss scale (torch.amp.GradScaler)
+    # brings it back. The kernels apply the loss's upstream gradient to the fp32 accumulator,
+    # so the scaled gradient comes out at fp16's precision.
+    x = (_features((2, 64, 16, 32), device) * 4).half()
+    target = reference.gram(_features((1, 64, 16, 32), device) * 4)
+    xr = _leaf(x.float())
+    want_dx, = torch.autograd.grad(reference.style_loss(xr, target), xr)
+    assert want_dx.abs().max().item() < 2.0 ** -25        # rounds to 0 in fp16
+    x = _leaf(x)
+    dx, = torch.autograd.grad(fastnote.style_loss(x, target), x)
+    assert torch.equal(dx, want_dx.half())
+    _check_style(x.detach(), target)                       # scaled as a GradScaler would

@@ -60,8 +60,8 @@ per program in registers and written as one ``[2, d]`` partial per (program, hea
 sums: no atomics.
 
 Determinism. Forward and backward give bitwise-identical results from run to run, except where
-shared dbias slots are used (large N with few windows, above): there several programs add into
-one slot and the order varies. ``torch.use_deterministic_algorithms(True)`` turns the sharing
+shared dbias slots are used (large N with few windows, above): where three or more programs add
+into one slot the order varies (two adding into a zeroed slot commute exactly). ``torch.use_deterministic_algorithms(True)`` turns the sharing
 off (one slot per program, at the partials' extra memory traffic). The other atomics (dq and the
 partials for N > 64) add into addresses that only one program touches, in its loop order.
 
