@@ -552,12 +552,13 @@ def _bwd(*, q, k, v, q_strides, k_strides, v_strides, out, do, out_strides, lse,
 
 
 def _backward_warps(bm: int, bn: int, switches: dict) -> int:
-    """8 warps for 64 x 64 tiles (4 below), 16 for exact fp32 dots at 64 x 64: built as the JIT
-    specialises Swin-T stage 1's core launch (GROUP 15), the IEEE fp32 backward got 32 registers
-    and 4.8 KB of stack per thread from ptxas at 8 warps (8.5 KB at 4), 440 bytes at 16."""
+    """8 warps for 64 x 64 tiles (4 below), 16 for fp32-accurate dots at 64 x 64: built as the
+    JIT specialises Swin-T stage 1's core launch (GROUP 15), the IEEE fp32 backward got 32
+    registers and 4.8 KB of stack per thread from ptxas at 8 warps (8.5 KB at 4), 440 bytes at 16;
+    the 3xTF32 one (split operands, three products) 632-992 bytes at 8 warps."""
     if bm * bn < 64 * 64:
         return 4
-    return 16 if switches["PRECISION"] == "ieee" else 8
+    return 16 if switches["PRECISION"] in ("ieee", "tf32x3") else 8
 
 
 def forward(q, k, v, bias, mask, scale: float, out, lse):
