@@ -180,6 +180,119 @@ def test_make_table_without_results_or_markers(tmp_path):
     assert readme.read_text() == "# no markers here\n"
 
 
+def _make_table_module():
+    sys.path.insert(0, BENCH)
+    try:
+        import make_table
+    finally:
+        sys.path.remove(BENCH)
+    return make_table
+
+
+def _write_rows(path, op, rows, gpu="NVIDIA H200"):
+    """rows: (provider, mode, metric, unit, value, config) -> a result CSV of ``op``."""
+    base = {"op": op, "x_name": "N", "x_value": 1024, "gpu": gpu, "torch": "2.11.0", "triton": "3.6.0",
+            "fastnote_commit": "abc1234", "timestamp": "2026-01-01T00:00:00+00:00"}
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        for provider, mode, metric, unit, value, cfg in rows:
+            w.writerow(dict(base, provider=provider, mode=mode, metric=metric, unit=unit, p50=value, p20=value,
+                            p80=value, config=json.dumps(cfg)))
+
+
+def _targets_rows(text):
+    """{(target, dtype): (worst case, measured, needed, status)} from the targets table."""
+    out = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if line.startswith("| ") and len(cells) == 6 and cells[0] not in ("target", "---"):
+            out[(cells[0], cells[1])] = tuple(cells[2:])
+    return out
+
+
+def test_make_table_targets_met_not_met_not_measured(tmp_path):
+    """The targets computation on a tiny CSV: a speed-up target met in one dtype and not in the
+    other, a bandwidth target from the % row and, where that row is missing, from GB/s and the
+    copy bandwidth, targets whose provider or op the run lacks, and the cases slower than eager."""
+    make_table = _make_table_module()
+    Target = make_table.Target
+    folder = tmp_path / "results" / "nvidia-h200-quick"
+    folder.mkdir(parents=True)
+    bf16, fp32, oom = {"dtype": "bf16", "shape": [4, 256]}, {"dtype": "fp32", "shape": [4, 256]}, \
+        {"dtype": "fp32", "shape": [8, 256]}
+    _write_rows(folder / "toy.csv", "toy", [
+        ("eager", "fwd", "time", "ms", 3.0, bf16), ("sdpa", "fwd", "time", "ms", 1.5, bf16),
+        ("fastnote", "fwd", "time", "ms", 1.0, bf16),                          # 3x eager, 1.5x sdpa
+        ("fastnote", "fwd", "throughput", "% of copy BW", 90.0, bf16),
+        ("eager", "fwd", "time", "ms", 1.0, fp32), ("fastnote", "fwd", "time", "ms", 2.0, fp32),  # 0.5x
+        ("fastnote", "fwd", "throughput", "GB/s", 3000.0, fp32),               # no % row: 3000 / 4000
+        ("eager", "both", "time", "ms", 4.0, bf16), ("fastnote", "both", "time", "ms", 5.0, bf16),  # 0.8x
+        ("eager", "fwd", "time", "ms", "nan", dict(oom, note="OOM")),           # eager failed: no comparison
+        ("fastnote", "fwd", "time", "ms", 1.0, oom),
+    ])
+    _write_rows(folder / "device.csv", "copy_bandwidth",
+                [("torch.copy_", "copy", "throughput", "GB/s", 4000.0, {"dtype": "uint8"})])
+    (folder / "spectral_norm_launches.csv").write_text("provider,kernels_per_layer\nfastnote hook,3\n")
+    targets = [
+        Target("toy forward vs eager", "toy", 2.0, vs="eager", modes=("fwd",)),
+        Target("toy forward vs sdpa", "toy", 2.0, vs="sdpa", modes=("fwd",), where={"dtype": "bf16"}),
+        Target("toy bandwidth", "toy", 85.0, unit="% of copy BW", where={"shape": "[[]4, 256[]]"}),
+        Target("toy vs torch.compile", "toy", 1.2, vs="torch.compile"),
+        Target("absent op", "absent", 1.3, vs="eager"),
+        Target("no op slower than eager", "*", 1.0, vs="eager", per=(), itemize=True),
+    ]
+    text = make_table.render_targets(make_table.load(str(tmp_path / "results")), targets)
+    got = _targets_rows(text)
+    assert got[("toy forward vs eager", "bf16")] == ("4x256, fwd", "3.00x", ">= 2.00x eager", "met")
+    # the 8x256 case, where eager ran out of memory, is not compared: one case, no "(worst of 2)"
+    assert got[("toy forward vs eager", "fp32")] == ("4x256, fwd", "0.50x", ">= 2.00x eager", "**not met**")
+    assert got[("toy forward vs sdpa", "bf16")][1:] == ("1.50x", ">= 2.00x sdpa", "**not met**")
+    assert got[("toy bandwidth", "bf16")][1:] == ("90.0%", ">= 85% of copy BW", "met")
+    assert got[("toy bandwidth", "fp32")][1:] == ("75.0%", ">= 85% of copy BW", "**not met**")
+    assert got[("toy vs torch.compile", "-")] == ("(no torch.compile rows)", "n/a", ">= 1.20x torch.compile",
+                                                   "not measured")
+    assert got[("absent op", "-")][0] == "(no absent rows in this run)"
+    assert got[("absent op", "-")][3] == "not measured"
+    assert got[("no op slower than eager", "bf16, fp32")][1:] == ("0.50x", ">= 1.00x eager", "**not met**")
+    assert "Met: 2 of the 6 checks measured; 2 not measured." in text
+    assert "**no op slower than eager**: 2 of 3 cases miss it:" in text
+    listed = [line for line in text.splitlines() if line.startswith("| toy |")]
+    assert listed == ["| toy | 4x256 | bf16 | both | 4.000 | 5.000 | 0.80x |",
+                      "| toy | 4x256 | fp32 | fwd | 1.000 | 2.000 | 0.50x |"]
+    assert "NVIDIA H200" in text and "quick run" in text and "no torch.compile providers" in text
+    # every declared target evaluates on these rows (not measured, mostly) without raising
+    assert len(_targets_rows(make_table.render_targets(make_table.load(str(tmp_path / "results"))))) >= len(
+        make_table.TARGETS)
+
+
+def test_make_table_plots_and_targets_in_the_readme(tmp_path):
+    """``--plots`` redraws a folder's PNGs from its CSVs (the benchmark scripts' declarations, no
+    GPU), and the targets go between their own markers with the declared TARGETS."""
+    results = tmp_path / "results"
+    _write_results(results / "nvidia-h100-80gb-hbm3", [
+        ("eager", "fwd", "time", "ms", 0.2), ("fastnote", "fwd", "time", "ms", 0.1),
+        ("eager", "fwd", "memory", "MB", 100.0), ("fastnote", "fwd", "memory", "MB", 50.0),
+        ("fastnote", "fwd", "throughput", "% of copy BW", 88.0),
+    ])
+    readme = tmp_path / "README.md"
+    readme.write_text("# t\n\n<!-- perf-table:start -->\nSTALE\n<!-- perf-table:end -->\n\n### Targets\n\n"
+                      "<!-- perf-targets:start -->\nSTALE targets\n<!-- perf-targets:end -->\n\ntail\n")
+    proc = _run(os.path.join(BENCH, "make_table.py"), "--results", str(results), "--readme", str(readme),
+                "--plots", "nvidia-h100-80gb-hbm3")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (results / "nvidia-h100-80gb-hbm3" / "hard_swish.png").exists()
+    text = readme.read_text()
+    assert text.endswith("<!-- perf-targets:end -->\n\ntail\n") and "STALE" not in text
+    targets = text.split("<!-- perf-targets:start -->")[1].split("<!-- perf-targets:end -->")[0]
+    got = _targets_rows(targets)
+    assert got[("h-swish: bandwidth on minimum bytes", "bf16")][1:] == ("88.0%", ">= 85% of copy BW", "met")
+    assert got[("No op slower than eager (every shape, dtype and mode)", "bf16")][1:] == (
+        "2.00x", ">= 1.00x eager", "met")
+    assert got[("SE (hswish_se): vs eager", "-")] == ("(no hswish_se rows in this run)", "n/a", ">= 1.80x eager",
+                                                      "not measured")
+
+
 def _stand_in_gpu_timers(harness, monkeypatch):
     """do_bench and the memory probe replaced (2 ms, 12.5 MB), where the measurement looks them up."""
     monkeypatch.setattr(harness.timing, "_time_cuda", lambda fn, leaves, rep_ms=100: (fn(), [2.0, 1.0, 4.0])[1])
