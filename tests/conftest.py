@@ -1,10 +1,15 @@
 """Test setup. Without a GPU the Triton interpreter is turned on here, before triton is imported,
 so every kernel runs (on the CPU) in every CI run. Fresh kernel outputs are NaN-poisoned so a
 kernel that leaves part of its output unwritten fails its parity test."""
+import contextlib
 import os
 import sys
+import warnings
 
 import pytest
+
+# ``pytester`` runs small pytest sessions in a subprocess: the guard's own tests (test_suite_guard.py)
+pytest_plugins = ["pytester"]
 
 
 def _has_cuda() -> bool:
@@ -44,7 +49,10 @@ _torchvision_op_schemas()
 
 # ------------------------------------------------------------------------------------------------
 # Kernel launches, recorded. A parity test that silently takes the reference path compares the
-# reference with itself and passes, so under CI=true the run fails unless the kernels ran.
+# reference with itself and passes, so under CI (CI=1, true or yes, any case) the run fails unless
+# the kernels ran. Under pytest-xdist each worker records its own launches and test files and hands
+# them to the controller (``workeroutput``), which judges the whole run: one file's tests may be
+# spread over several workers, and some of them launch nothing on purpose.
 # ------------------------------------------------------------------------------------------------
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCHES = []           # (module, kernel, grid) of the current test's launches
@@ -73,11 +81,15 @@ _record_launches()
 
 
 def _in_ci() -> bool:
-    return os.environ.get("CI", "").lower() == "true"
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def _is_xdist_worker(config) -> bool:
+    return hasattr(config, "workerinput")
 
 
 def pytest_sessionstart(session):
-    """Under CI=true: the run must exercise the kernels, whatever the environment says."""
+    """Under CI: the run must exercise the kernels, whatever the environment says."""
     if not _in_ci():
         return
     problems = []
@@ -98,7 +110,7 @@ def pytest_sessionstart(session):
     if not power_iteration.extension_available():
         problems.append("fastnote._C is not built: the spectral-norm kernels would not be tested")
     if problems:
-        raise pytest.UsageError("CI=true but the kernels would not run: " + "; ".join(problems))
+        raise pytest.UsageError(f"CI={os.environ.get('CI')} but the kernels would not run: " + "; ".join(problems))
 
 
 def _kernel_module(test_path: str):
@@ -120,7 +132,7 @@ def _launch_log(request):
     # unless it says it launches none (errors raised before any launch, pure reference checks).
     if _in_ci() and "device" in request.fixturenames and not LAUNCHES \
             and request.node.get_closest_marker("no_kernel") is None:
-        pytest.fail("CI=true: this test uses the kernels' device but launched no kernel (it would compare "
+        pytest.fail("CI: this test uses the kernels' device but launched no kernel (it would compare "
                     "the reference with itself); mark it no_kernel if it launches none on purpose")
 
 
@@ -130,13 +142,41 @@ def launches():
     return LAUNCHES
 
 
+def _files_without_launches(ran_files, launch_counts):
+    """The kernel modules whose test files ran while none of their kernels was launched."""
+    return sorted({m for f in ran_files if (m := _kernel_module(f)) and not launch_counts.get(m)})
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    """xdist controller: a worker finished; add what it ran and launched to the run's totals."""
+    out = getattr(node, "workeroutput", None) or {}
+    for module, count in out.get("fastnote_launch_counts", {}).items():
+        LAUNCH_COUNTS[module] = LAUNCH_COUNTS.get(module, 0) + count
+    _ran_test_files.update(out.get("fastnote_ran_files", ()))
+
+
 def pytest_sessionfinish(session, exitstatus):
     if not _in_ci():
         return
-    missing = sorted({m for f in _ran_test_files if (m := _kernel_module(f)) and not LAUNCH_COUNTS.get(m)})
+    config = session.config
+    if _is_xdist_worker(config):
+        # the controller judges the run, from every worker's share (pytest_testnodedown)
+        config.workeroutput["fastnote_launch_counts"] = dict(LAUNCH_COUNTS)
+        config.workeroutput["fastnote_ran_files"] = sorted(_ran_test_files)
+        return
+    missing = _files_without_launches(_ran_test_files, LAUNCH_COUNTS)
     if missing:
-        print(f"\nCI=true: tests ran for {', '.join(missing)} but none of their kernels was launched")
-        session.exitstatus = 1
+        message = (f"CI={os.environ.get('CI')}: tests ran for {', '.join(missing)} but none of their kernels "
+                   "was launched")
+        reporter = config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line("")
+            reporter.write_line(message, red=True, bold=True)
+        else:
+            print("\n" + message, file=sys.stderr)
+        if session.exitstatus == pytest.ExitCode.OK:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_collection_modifyitems(config, items):
@@ -152,6 +192,16 @@ def pytest_collection_modifyitems(config, items):
 def device():
     """Where the kernels run: the GPU when there is one, else the CPU under the interpreter."""
     return torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+@pytest.fixture(autouse=True)
+def _backend_settings():
+    """fastnote reads FASTNOTE_BACKEND and FASTNOTE_POISON_ALLOC once; a test that changes them
+    calls ``fastnote.backend.refresh()``, and after every test (monkeypatch has restored the
+    environment by then) they are read again."""
+    yield
+    from fastnote import backend
+    backend.refresh()
 
 
 @pytest.fixture(autouse=True)
@@ -178,3 +228,108 @@ def compile_backend():
     interpreter aot_eager, which traces the same graph (dynamo + fake tensors + autograd) without
     spending minutes in the C++ compiler on two cores."""
     return "inductor" if HAS_CUDA else "aot_eager"
+
+
+# ------------------------------------------------------------------------------------------------
+# TF32 off for fp32 comparisons. On Ampere and later, cuDNN convolutions use TF32 by default (and
+# matmuls when asked), so torch's own fp32 result is off by ~1e-3 relative: an fp32 parity test of
+# a module, a model or an example against torch must compare against true fp32.
+# ------------------------------------------------------------------------------------------------
+# torch's newer API (2.9+): one precision per backend and operation
+_FP32_PRECISION = (("fp32_precision",), ("cuda", "matmul", "fp32_precision"), ("cudnn", "fp32_precision"),
+                   ("cudnn", "conv", "fp32_precision"), ("cudnn", "rnn", "fp32_precision"))
+_FP32_PRECISION_OFF = (("cuda", "matmul", "fp32_precision"), ("cudnn", "conv", "fp32_precision"),
+                       ("cudnn", "rnn", "fp32_precision"))
+_ALLOW_TF32 = (("cuda", "matmul", "allow_tf32"), ("cudnn", "allow_tf32"))
+
+
+def _backend_attr(path):
+    """torch.backends.<path>, or None where this torch has no such setting, or (the legacy flags,
+    after the new API set them otherwise) will not tell it."""
+    obj = torch.backends
+    try:
+        for name in path:
+            obj = getattr(obj, name)
+    except (AttributeError, RuntimeError):
+        return None
+    return obj
+
+
+def _set_backend_attr(path, value):
+    obj = torch.backends
+    for name in path[:-1]:
+        obj = getattr(obj, name, None)
+        if obj is None:
+            return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # torch's advice to move to the new API
+        setattr(obj, path[-1], value)
+
+
+def tf32_settings() -> dict:
+    """The TF32 settings ``tf32_disabled`` changes: "cuda.matmul.allow_tf32" etc. -> value (None
+    where absent or unreadable)."""
+    return {".".join(p): _backend_attr(p) for p in _ALLOW_TF32 + _FP32_PRECISION}
+
+
+@contextlib.contextmanager
+def tf32_disabled():
+    """cuDNN and cuBLAS in full fp32 inside, through both APIs (the legacy ``allow_tf32`` flags and,
+    where this torch has it, ``fp32_precision``), so neither can turn TF32 on; every setting is
+    put back on exit, the legacy flags first and the new API's values last, as they were."""
+    legacy = {p: _backend_attr(p) for p in _ALLOW_TF32}
+    new = {p: _backend_attr(p) for p in _FP32_PRECISION}
+    try:
+        for p in _ALLOW_TF32:
+            _set_backend_attr(p, False)
+        for p in _FP32_PRECISION_OFF:
+            if new[p] is not None:
+                _set_backend_attr(p, "ieee")
+        yield
+    finally:
+        for p in _ALLOW_TF32:
+            if legacy[p] is not None:
+                _set_backend_attr(p, legacy[p])
+        for p in _FP32_PRECISION:
+            if new[p] is not None:
+                _set_backend_attr(p, new[p])
+
+
+@pytest.fixture
+def no_tf32():
+    """For fp32 parity tests of modules, whole models and examples: TF32 off (``tf32_disabled``)."""
+    with tf32_disabled():
+        yield
+
+
+# ------------------------------------------------------------------------------------------------
+# Processes started by a test (torch.multiprocessing.spawn). A spawned child imports the test
+# module, so fastnote and triton, before any of the worker's code runs, and triton decides at import
+# whether its kernels are interpreted: TRITON_INTERPRET must be in the environment the child
+# inherits. Setting it inside the worker is too late (on a GPU machine the worker then has compiled
+# kernels, which cannot take the CPU tensors that gloo workers use).
+# ------------------------------------------------------------------------------------------------
+CHILD_ENV = {"TRITON_INTERPRET": "1", "FASTNOTE_POISON_ALLOC": "1"}
+
+
+@contextlib.contextmanager
+def _interpreted_children():
+    saved = {k: os.environ.get(k) for k in CHILD_ENV}
+    os.environ.update(CHILD_ENV)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture
+def interpreted_children():
+    """A context manager: processes started inside it run fastnote's kernels under the Triton
+    interpreter (CHILD_ENV is in their environment from the start). Keep it around the start only:
+    on a GPU machine this process's own kernels are compiled, and fastnote reads TRITON_INTERPRET
+    on every call."""
+    return _interpreted_children

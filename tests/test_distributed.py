@@ -177,12 +177,30 @@ def _count_launches():
     return counter
 
 
+def _compiled_kernels():
+    """fastnote's loaded kernels that triton compiled instead of interpreting: those decorated
+    while TRITON_INTERPRET was not yet set."""
+    from triton.runtime.jit import JITFunction, KernelInterface
+
+    found = []
+    for mod_name, mod in list(sys.modules.items()):
+        if mod is None or not mod_name.startswith("fastnote.triton_kernels."):
+            continue
+        for attr, obj in vars(mod).items():
+            while isinstance(obj, KernelInterface) and not isinstance(obj, JITFunction) and hasattr(obj, "fn"):
+                obj = obj.fn   # an autotuner or heuristics wrapper
+            if isinstance(obj, JITFunction):
+                found.append(f"{mod_name}.{attr}")
+    return found
+
+
 def _worker(rank, name, engine, store_path, results):
     import torch.distributed as dist
 
     try:
-        os.environ["TRITON_INTERPRET"] = "1"
-        os.environ["FASTNOTE_POISON_ALLOC"] = "1"
+        # TRITON_INTERPRET came with the environment (the parent's ``interpreted_children``): set
+        # here it would be too late, fastnote and triton being imported before this runs
+        assert os.environ.get("TRITON_INTERPRET") == "1", "TRITON_INTERPRET=1 was not inherited"
         torch.set_num_threads(1)
         launches = _count_launches()
         dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=WORLD)
@@ -213,6 +231,8 @@ def _worker(rank, name, engine, store_path, results):
             _step(name, wrapped, opts, _data(name, step, rows))
         state = _state(modules, gather=engine == "fsdp2")
         assert launches[0] > 0, "no fastnote kernel was launched"
+        compiled = _compiled_kernels()
+        assert not compiled, f"compiled (not interpreted) kernels on CPU tensors: {compiled}"
         buf = io.BytesIO()
         torch.save({"state": state, "launches": launches[0]}, buf)
         dist.destroy_process_group()
@@ -240,13 +260,14 @@ def _single_process(name):
     return before, _state(modules)
 
 
-def _run(name, engine, tmp_path):
+def _run(name, engine, tmp_path, interpreted_children):
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    procs = mp.spawn(_worker, args=(name, engine, str(tmp_path / "store"), results), nprocs=WORLD,
-                     join=False)
+    with interpreted_children():   # the workers run fastnote's kernels on CPU tensors
+        procs = mp.spawn(_worker, args=(name, engine, str(tmp_path / "store"), results), nprocs=WORLD,
+                         join=False)
     try:
         # one process on the combined batch, while the workers run
         before, want = _single_process(name)
@@ -294,23 +315,23 @@ def _run(name, engine, tmp_path):
 # Tests
 # ------------------------------------------------------------------------------------------------
 
-def test_ddp_sagan(tmp_path):
+def test_ddp_sagan(tmp_path, interpreted_children):
     _need_distributed()
-    print("max parameter error %.3g, update error %.3g" % _run("sagan", "ddp", tmp_path))
+    print("max parameter error %.3g, update error %.3g" % _run("sagan", "ddp", tmp_path, interpreted_children))
 
 
-def test_ddp_swin(tmp_path):
-    _need_distributed()
-    _need_timm()
-    print("max parameter error %.3g, update error %.3g" % _run("swin", "ddp", tmp_path))
-
-
-def test_fsdp2_sagan(tmp_path):
-    _need_distributed()
-    print("max parameter error %.3g, update error %.3g" % _run("sagan", "fsdp2", tmp_path))
-
-
-def test_fsdp2_swin(tmp_path):
+def test_ddp_swin(tmp_path, interpreted_children):
     _need_distributed()
     _need_timm()
-    print("max parameter error %.3g, update error %.3g" % _run("swin", "fsdp2", tmp_path))
+    print("max parameter error %.3g, update error %.3g" % _run("swin", "ddp", tmp_path, interpreted_children))
+
+
+def test_fsdp2_sagan(tmp_path, interpreted_children):
+    _need_distributed()
+    print("max parameter error %.3g, update error %.3g" % _run("sagan", "fsdp2", tmp_path, interpreted_children))
+
+
+def test_fsdp2_swin(tmp_path, interpreted_children):
+    _need_distributed()
+    _need_timm()
+    print("max parameter error %.3g, update error %.3g" % _run("swin", "fsdp2", tmp_path, interpreted_children))

@@ -27,6 +27,11 @@ from fastnote.testing import UNIT_ROUNDOFF, rms_relative_error
 
 FACTOR = 4.0
 FLOOR = 64 * UNIT_ROUNDOFF[torch.float32]
+# fp32 against float64: TF32 off (on a GPU cuDNN's convolutions would otherwise use it)
+pytestmark = pytest.mark.usefixtures("no_tf32")
+# modules that draw random masks in training; the float64 model would draw other ones than the fp32
+# models on CUDA (the RNG streams of the two dtypes differ)
+STOCHASTIC = ("DropPath", "StochasticDepth", "DropBlock2d")
 
 
 def _torchvision_models():
@@ -106,9 +111,23 @@ def _pair(name, device):
     return eager, patched, report, x
 
 
+def _stochastic(model):
+    return [m for m in model.modules()
+            if isinstance(m, nn.modules.dropout._DropoutNd) or type(m).__name__ in STOCHASTIC]
+
+
+def _train(model, training):
+    """``model.train(training)``, its dropout / drop-path / stochastic-depth modules left in eval:
+    they draw their masks per dtype, so the float64 comparison would see different masks (the rest,
+    batch norm included, trains)."""
+    model.train(training)
+    for m in _stochastic(model):
+        m.eval()
+
+
 def _run(model, x, grad_seed=6):
     x = x.clone().requires_grad_()
-    torch.manual_seed(5)                     # the same dropout masks for every run
+    torch.manual_seed(5)
     y = model(x)
     g = torch.randn(y.shape, generator=torch.Generator(y.device).manual_seed(grad_seed), device=y.device,
                     dtype=torch.float32).to(y.dtype)
@@ -117,6 +136,9 @@ def _run(model, x, grad_seed=6):
 
 
 def _check_against_float64(eager, patched, x, msg):
+    drawing = [type(m).__name__ for model in (eager, patched) for m in _stochastic(model)
+               if m.training and getattr(m, "p", getattr(m, "drop_prob", 1.0)) > 0]
+    assert not drawing, f"{msg}: {drawing} would draw random masks, other ones in float64 than in fp32"
     exact_model = copy.deepcopy(eager).double()
     y64, g64 = _run(exact_model, x.double())
     y32, g32 = _run(eager, x)
@@ -138,8 +160,8 @@ def test_patch_replaces_every_module_and_keeps_outputs(name, device, launches):
     n_kinds = {k: sum(1 for m in eager.modules() if type(m).__name__ == k) for k in ORIGINALS}
     assert len(report) == sum(n_kinds.values()), (n_kinds, report.counts())
     for mode in ("eval", "train"):
-        eager.train(mode == "train")
-        patched.train(mode == "train")
+        _train(eager, mode == "train")
+        _train(patched, mode == "train")
         launches.clear()
         _check_against_float64(eager, patched, x, f"{name} {mode}")
         assert launches, "no kernel ran: the patched model compared the reference with itself"
@@ -189,6 +211,6 @@ def test_swin_at_224_gpu(name, size, device):
     assert len(report) == 12
     x = torch.randn(2, 3, size, size, device=device)
     for mode in ("eval", "train"):
-        eager.train(mode == "train")
-        patched.train(mode == "train")
+        _train(eager, mode == "train")
+        _train(patched, mode == "train")
         _check_against_float64(eager, patched, x, f"{name} {mode}")

@@ -26,7 +26,10 @@ MIN_ROUNDS = 7
 
 def _pytest(*args, timeout=240):
     cmd = [sys.executable, "-m", "pytest", "benchmarks/", "-p", "no:cacheprovider", *args]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    # a run of its own: under pytest-xdist the worker's variables would make pytest-benchmark in
+    # the child believe it runs under xdist too, and disable itself
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST") and k != "PYTEST_CURRENT_TEST"}
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def _output(proc) -> str:
