@@ -47,12 +47,33 @@ if ! has torch; then
 fi
 missing=()
 for pair in triton:triton numpy:numpy pytest:pytest hypothesis:hypothesis pytest_benchmark:pytest-benchmark \
-            matplotlib:matplotlib ninja:ninja setuptools:setuptools wheel:wheel; do
+            xdist:pytest-xdist matplotlib:matplotlib ninja:ninja setuptools:setuptools wheel:wheel; do
   has "${pair%%:*}" || missing+=("${pair#*:}")
 done
 if [ ${#missing[@]} -gt 0 ]; then
   log "installing: ${missing[*]}"
   pip_install "${missing[@]}" || exit 1
+fi
+# Triton before 3.7 (3.6 is the one torch 2.11 pins) has its interpreter int() a 1-element numpy
+# array, which numpy >= 2.4 refuses: without a GPU every kernel runs under the interpreter, so
+# such a triton gets numpy < 2.4. With a GPU the compiled kernels never take that path and the
+# environment is left as it is. (No requirement in setup.py can say this: an environment marker
+# cannot depend on another package's version.)
+old_triton_new_numpy() {
+  "$PY" - <<'PYEOF'
+import sys
+from importlib.metadata import version
+major_minor = lambda name: tuple(int(p) for p in version(name).split("+")[0].split(".")[:2])
+sys.exit(0 if major_minor("triton") < (3, 7) and major_minor("numpy") >= (2, 4) else 1)
+PYEOF
+}
+if old_triton_new_numpy 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
+    log "note: triton < 3.7 with numpy >= 2.4: the Triton interpreter (CPU runs) would fail; GPU runs are fine"
+  else
+    log "triton < 3.7 with numpy >= 2.4 (its interpreter fails on that numpy): installing numpy<2.4"
+    pip_install "numpy<2.4" || exit 1
+  fi
 fi
 # Real models for the compatibility tests (best effort: the tests skip where these cannot be had).
 # torchvision's wheel without its dependencies, at the release paired with the installed torch

@@ -66,14 +66,16 @@ class SpectralNorm(nn.Module):
         self.module.register_parameter(self.name + "_bar", w_bar)
 
     def _update_u_v(self) -> None:
-        # drop the module's reference to the last result first, so its buffer can be reused
-        self.module.__dict__.pop(self.name, None)
-        weight = _pi.spectral_weight(
+        # What Module.__setattr__ does for a plain tensor attribute, without its checks. The
+        # module's reference to the last result is dropped first, so the pool can reuse its
+        # buffer. Item assignments only: torch.compile traces them on torch 2.11 too, whose dynamo
+        # cannot trace ``module.__dict__.pop``.
+        attrs = self.module.__dict__
+        attrs[self.name] = None
+        attrs[self.name] = _pi.spectral_weight(
             getattr(self.module, self.name + "_bar"), getattr(self.module, self.name + "_u"),
             getattr(self.module, self.name + "_v"), 0, self.power_iterations, _EPS,
             add_rule=True, u_first=False, pool=self._pool)
-        # what Module.__setattr__ does for a plain tensor attribute, without its checks
-        self.module.__dict__[self.name] = weight
 
     def forward(self, *args, **kwargs):
         self._update_u_v()
