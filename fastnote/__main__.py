@@ -25,6 +25,9 @@ def _prepare_interpreter(enable: bool) -> str:
     if "triton" in sys.modules:
         return "triton was imported before the interpreter could be turned on"
     os.environ["TRITON_INTERPRET"] = "1"
+    from . import backend
+
+    backend.refresh()   # in case the settings were read before
     return ""
 
 

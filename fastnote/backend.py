@@ -1,30 +1,67 @@
 """Backend choice, in one place.
 
-``FASTNOTE_BACKEND=auto|triton|reference`` (read on every call, so tests and users can switch it
-at run time):
+``FASTNOTE_BACKEND=auto|triton|reference``:
 
 - ``auto`` (default): CUDA tensors run the Triton/CUDA kernels; CPU tensors run ``reference.py``
   unless the Triton interpreter is on (``TRITON_INTERPRET=1``, set before triton is imported),
   in which case the Triton kernels themselves run on the CPU.
 - ``triton``: always the kernels (on CPU this needs the interpreter).
 - ``reference``: always the plain-PyTorch reference.
+
+``FASTNOTE_BACKEND``, ``TRITON_INTERPRET`` and ``FASTNOTE_POISON_ALLOC`` are read once, when first
+needed (the first op call), not on every call: an op's host time is part of every training step.
+Code that changes them afterwards (tests, scripts) calls ``refresh()`` to have them read again.
 """
 from __future__ import annotations
 
 import importlib.util
 import os
+from typing import Dict, NamedTuple, Optional
 
 import torch
 
 _CHOICES = ("auto", "triton", "reference")
 
 
-def interpreter_on() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+class Settings(NamedTuple):
+    choice: str             # one of _CHOICES, or "" when FASTNOTE_BACKEND is invalid
+    error: Optional[str]    # the message raised while FASTNOTE_BACKEND is invalid
+    interpret: bool         # TRITON_INTERPRET=1
+    poison: bool            # FASTNOTE_POISON_ALLOC=1
 
 
 # Looked up once, without importing triton (TRITON_INTERPRET must be read by triton's own import).
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+_settings: Optional[Settings] = None
+_poison: Optional[bool] = None          # _settings.poison, as a plain global for backend.empty
+_decisions: Dict[str, bool] = {}        # device type -> use the kernels (filled as devices come)
+
+
+def refresh() -> Settings:
+    """Read ``FASTNOTE_BACKEND``, ``TRITON_INTERPRET`` and ``FASTNOTE_POISON_ALLOC`` from the
+    environment again; returns what was read. An invalid ``FASTNOTE_BACKEND`` is not raised here
+    but by the next ``requested()`` / ``use_triton()``."""
+    global _settings, _poison
+    choice = os.environ.get("FASTNOTE_BACKEND", "auto").strip().lower() or "auto"
+    error = None
+    if choice not in _CHOICES:
+        error = f"FASTNOTE_BACKEND must be one of {_CHOICES}, got {choice!r}"
+        choice = ""
+    _settings = Settings(choice, error, os.environ.get("TRITON_INTERPRET", "0") == "1",
+                         os.environ.get("FASTNOTE_POISON_ALLOC", "0") == "1")
+    _poison = _settings.poison
+    _decisions.clear()
+    return _settings
+
+
+def settings() -> Settings:
+    """The settings in force (read from the environment on first use, or by ``refresh()``)."""
+    return _settings if _settings is not None else refresh()
+
+
+def interpreter_on() -> bool:
+    return settings().interpret
 
 
 def triton_available() -> bool:
@@ -32,32 +69,50 @@ def triton_available() -> bool:
 
 
 def requested() -> str:
-    choice = os.environ.get("FASTNOTE_BACKEND", "auto").strip().lower() or "auto"
-    if choice not in _CHOICES:
-        raise ValueError(f"FASTNOTE_BACKEND must be one of {_CHOICES}, got {choice!r}")
-    return choice
+    s = settings()
+    if s.error is not None:
+        raise ValueError(s.error)
+    return s.choice
 
 
 def use_triton(device: torch.device) -> bool:
     """True when the Triton kernels should run for tensors on ``device``."""
+    decided = _decisions.get(device.type)
+    if decided is not None:
+        return decided
+    return _decide(device)
+
+
+def _decide(device: torch.device) -> bool:
     choice = requested()
     if choice == "reference":
-        return False
-    kernels_can_run = triton_available() and (device.type == "cuda" or interpreter_on())
-    if choice == "triton":
-        if not kernels_can_run:
+        decided = False
+    else:
+        kernels_can_run = triton_available() and (device.type == "cuda" or interpreter_on())
+        if choice == "triton" and not kernels_can_run:
             raise RuntimeError(
                 f"FASTNOTE_BACKEND=triton but the Triton kernels cannot run on {device.type} tensors: "
                 "use CUDA tensors, or set TRITON_INTERPRET=1 before importing triton"
             )
-        return True
-    return kernels_can_run
+        decided = kernels_can_run
+    _decisions[device.type] = decided
+    return decided
 
 
 def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Fresh output buffer. With ``FASTNOTE_POISON_ALLOC=1`` (the test suite sets it) the buffer
     is filled with NaN, so a kernel that leaves part of its output unwritten fails loudly."""
     out = torch.empty(shape, dtype=dtype, device=device)
-    if os.environ.get("FASTNOTE_POISON_ALLOC", "0") == "1" and out.is_floating_point():
+    poison = _poison if _poison is not None else settings().poison
+    if poison and out.is_floating_point():
+        out.fill_(float("nan"))
+    return out
+
+
+def empty_like(t: torch.Tensor) -> torch.Tensor:
+    """``empty(t.shape, t.dtype, t.device)`` for a contiguous ``t`` (cheaper on the host)."""
+    out = torch.empty_like(t, memory_format=torch.contiguous_format)
+    poison = _poison if _poison is not None else settings().poison
+    if poison and out.is_floating_point():
         out.fill_(float("nan"))
     return out

@@ -6,21 +6,61 @@ import fastnote
 from fastnote import backend, checks, testing
 
 
+@pytest.fixture(autouse=True)
+def _settings_restored():
+    """The environment is read once (``backend.refresh()`` reads it again): after each test, and
+    after monkeypatch has restored the environment, the settings follow it again."""
+    yield
+    backend.refresh()
+
+
+def _setenv(monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
+    backend.refresh()
+
+
 def test_switch(monkeypatch):
     cpu = torch.device("cpu")
-    monkeypatch.setenv("FASTNOTE_BACKEND", "reference")
+    _setenv(monkeypatch, "FASTNOTE_BACKEND", "reference")
     assert backend.use_triton(cpu) is False
-    monkeypatch.setenv("FASTNOTE_BACKEND", "auto")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    _setenv(monkeypatch, "FASTNOTE_BACKEND", "auto")
+    _setenv(monkeypatch, "TRITON_INTERPRET", "1")
     assert backend.use_triton(cpu) is True
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    _setenv(monkeypatch, "TRITON_INTERPRET", "0")
     assert backend.use_triton(cpu) is False
-    monkeypatch.setenv("FASTNOTE_BACKEND", "triton")
+    _setenv(monkeypatch, "FASTNOTE_BACKEND", "triton")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         backend.use_triton(cpu)
-    monkeypatch.setenv("FASTNOTE_BACKEND", "fast")
+    _setenv(monkeypatch, "FASTNOTE_BACKEND", "fast")
     with pytest.raises(ValueError, match="FASTNOTE_BACKEND"):
         backend.use_triton(cpu)
+
+
+def test_environment_read_once(monkeypatch):
+    cpu = torch.device("cpu")
+    _setenv(monkeypatch, "FASTNOTE_BACKEND", "reference")
+    monkeypatch.setenv("FASTNOTE_BACKEND", "auto")       # not read again until refresh()
+    assert backend.use_triton(cpu) is False and backend.requested() == "reference"
+    monkeypatch.setenv("FASTNOTE_POISON_ALLOC", "1")
+    backend.refresh()
+    monkeypatch.setenv("FASTNOTE_POISON_ALLOC", "0")
+    assert torch.isnan(backend.empty((2,), torch.float32, cpu)).all()
+    assert torch.isnan(backend.empty_like(torch.zeros(3))).all()
+    assert backend.refresh() == backend.settings() and backend.settings().choice == "auto"
+
+
+def test_use_triton_reads_no_environment(monkeypatch):
+    import os
+
+    backend.refresh()
+    backend.use_triton(torch.device("cpu"))
+    reads = []
+    real_get = type(os.environ).get
+    monkeypatch.setattr(type(os.environ), "get", lambda self, *a: reads.append(a[0]) or real_get(self, *a))
+    backend.use_triton(torch.device("cpu"))
+    backend.empty((2,), torch.float32, torch.device("cpu"))
+    fastnote.hard_swish(torch.randn(4))
+    assert reads == []
 
 
 def test_reference_backend_bypasses_kernels(monkeypatch):
@@ -30,19 +70,19 @@ def test_reference_backend_bypasses_kernels(monkeypatch):
     real = op_module._forward_op
     monkeypatch.setattr(op_module, "_forward_op", lambda *a: calls.append(a) or real(*a))
     x = torch.randn(10)
-    monkeypatch.setenv("FASTNOTE_BACKEND", "reference")
+    _setenv(monkeypatch, "FASTNOTE_BACKEND", "reference")
     fastnote.hard_swish(x)
     assert calls == []
     if backend.interpreter_on():
-        monkeypatch.setenv("FASTNOTE_BACKEND", "auto")
+        _setenv(monkeypatch, "FASTNOTE_BACKEND", "auto")
         fastnote.hard_swish(x)
         assert len(calls) == 1
 
 
 def test_poisoned_allocations(monkeypatch):
-    monkeypatch.setenv("FASTNOTE_POISON_ALLOC", "1")
+    _setenv(monkeypatch, "FASTNOTE_POISON_ALLOC", "1")
     assert torch.isnan(backend.empty((3, 4), torch.float16, torch.device("cpu"))).all()
-    monkeypatch.setenv("FASTNOTE_POISON_ALLOC", "0")
+    _setenv(monkeypatch, "FASTNOTE_POISON_ALLOC", "0")
     assert backend.empty((3, 4), torch.float32, torch.device("cpu")).shape == (3, 4)
 
 
@@ -90,7 +130,8 @@ def test_kernel_scratch_buffers_are_poisoned(device, monkeypatch):
     x = torch.randn(2, 16, 5, 5, device=device, requires_grad=True)
     w1, b1, w2, b2 = (torch.randn(*s, device=device, requires_grad=True) for s in ((8, 16), (8,), (16, 8), (16,)))
     fastnote.squeeze_excitation(x, w1, b1, w2, b2).sum().backward()
-    assert {((2, 8), torch.float32), ((2, 16), torch.float32)} <= set(made)
+    # the MLP's backward vectors, two [B, Cr] and two [B, C] in one buffer each
+    assert {((2, 2, 8), torch.float32), ((2, 2, 16), torch.float32)} <= set(made)
     made.clear()
     q, k, v = (torch.randn(4, 2, 9, 16, device=device, requires_grad=True) for _ in range(3))
     bias = torch.randn(2, 9, 9, device=device, requires_grad=True)

@@ -210,6 +210,7 @@ def test_reference_backend_switch(device, monkeypatch):
     inputs = _inputs(10, 8, device)
     got = fastnote.clip_loss(*inputs)
     monkeypatch.setenv("FASTNOTE_BACKEND", "reference")
+    fastnote.backend.refresh()
     assert_close(got, fastnote.clip_loss(*inputs), "reduction")
 
 
@@ -221,8 +222,9 @@ def _ddp_worker(rank, world_size, store_path, errors):
     import torch.distributed as dist
 
     try:
-        os.environ["TRITON_INTERPRET"] = "1"
-        os.environ["FASTNOTE_POISON_ALLOC"] = "1"
+        # TRITON_INTERPRET came with the environment (the parent's ``interpreted_children``): set
+        # here it would be too late, fastnote and triton being imported before this runs
+        assert os.environ.get("TRITON_INTERPRET") == "1", "TRITON_INTERPRET=1 was not inherited"
         torch.set_num_threads(1)
         dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size)
         n_local, d = 6, 12
@@ -257,6 +259,11 @@ def _ddp_worker(rank, world_size, store_path, errors):
             # every rank's contribution summed into its own rows (DDP's average undoes the factor)
             assert_close(g_img / world_size, e_img[rows], "reduction", msg=f"rank {rank} d_image {local_loss}")
             assert_close(g_txt / world_size, e_txt[rows], "reduction", msg=f"rank {rank} d_text {local_loss}")
+        from fastnote.triton_kernels import clip_loss as kernels
+        from triton.runtime.jit import JITFunction
+
+        compiled = [n for n, k in vars(kernels).items() if isinstance(k, JITFunction)]
+        assert not compiled, f"compiled (not interpreted) kernels on CPU tensors: {compiled}"
         dist.destroy_process_group()
     except Exception as e:  # reported to the parent
         errors.put(f"rank {rank}: {type(e).__name__}: {e}")
@@ -267,7 +274,7 @@ def _ddp_worker(rank, world_size, store_path, errors):
     os._exit(0)
 
 
-def test_two_processes_match_one(tmp_path):
+def test_two_processes_match_one(tmp_path, interpreted_children):
     import torch.multiprocessing as mp
 
     if not torch.distributed.is_available():
@@ -275,7 +282,8 @@ def test_two_processes_match_one(tmp_path):
     store_path = tmp_path / "clip_store"   # a file rendezvous: no port to race for
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
-    mp.spawn(_ddp_worker, args=(2, str(store_path), errors), nprocs=2, join=True)
+    with interpreted_children():   # the workers run the kernels on CPU tensors
+        mp.spawn(_ddp_worker, args=(2, str(store_path), errors), nprocs=2, join=True)
     reports = []
     while not errors.empty():
         reports.append(errors.get())

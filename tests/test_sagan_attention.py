@@ -273,6 +273,7 @@ def test_errors(device):
         fastnote.nn.SelfAttention(4)
 
 
+@pytest.mark.gpu
 def test_device_mix():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
@@ -342,6 +343,7 @@ def test_reference_backend_switch(device, monkeypatch):
     inputs = _inputs(2, 8, 16, 20, 12, device)
     got = fastnote.sagan_attention(*inputs)
     monkeypatch.setenv("FASTNOTE_BACKEND", "reference")
+    fastnote.backend.refresh()
     assert_close(got, fastnote.sagan_attention(*inputs), "two_matmul")
 
 

@@ -129,8 +129,10 @@ def test_opcheck(device):
         torch.library.opcheck(torch.ops.fastnote.squeeze_excitation.default,
                               (x, w1, b1, w2, b2, "relu", "hard_sigmoid", hswish))
         s = x.detach().float().mean((2, 3))
+        g = torch.sigmoid(torch.nn.functional.linear(torch.nn.functional.silu(
+            torch.nn.functional.linear(s, w1.detach(), b1.detach())), w2.detach(), b2.detach()))
         torch.library.opcheck(torch.ops.fastnote.squeeze_excitation_backward.default,
-                              (torch.randn_like(x), x.detach(), s, w1.detach(), b1.detach(), w2.detach(),
+                              (torch.randn_like(x), x.detach(), s, g, w1.detach(), b1.detach(), w2.detach(),
                                b2.detach(), "silu", "sigmoid", hswish))
 
 

@@ -16,11 +16,14 @@ pointer so no host sync) and the positive of row i at column i + offset:
               W_ij = [exp(L_ij - lse_x_i)] + [exp(L_ij - lse_y_j)] - (number of LSEs) [j = i + offset]
           and writes dx_i = c g s sum_j W_ij y_j for its BLOCK_D slice of channels (c the loss's
           1 / count, g the upstream gradient, read from memory), and, if asked, the per-row part
-          of the scale's gradient r_i = c g sum_j W_ij x_i . y_j (summed on the host side, a
-          fixed-order reduction). W lies in [-2, 2]; c g s is applied after the matmul, so small
+          of the scale's gradient from the row LSE alone, r_i = c g sum_j (p_ij - [j = i +
+          offset]) (x_i . y_j - x_i . y_{i+offset}) with p the row softmax (centred on the
+          positive, see the kernel; summed on the host side, a fixed-order reduction; needs the
+          row LSE). W lies in [-2, 2]; c g s is applied after the matmul, so small
           1/n factors never meet fp16.
           symmetric (X = image, Y = text, both LSEs): d_image by (X, Y), d_text by (Y, X), the
-          two passes of the default, deterministic path; r from the first.
+          two passes of the default, deterministic path; r from both (each its own row LSE:
+          the image-to-text and the text-to-image halves of the loss).
           one-sided (rows A vs all columns B, offset = rank * n_local): dA by (A, B) with lse_x,
           dB by (B, A) with lse_y and offset -offset.
           Every output element is written by one program: no atomics.
@@ -40,7 +43,7 @@ import triton
 import triton.language as tl
 
 from .contrastive import LN2, LOG2E, config, grid_d, load_rows, online_logsumexp, score_tile
-from .utils import dot
+from .utils import cdiv, dot
 
 
 @triton.jit
@@ -100,32 +103,43 @@ def _backward_kernel(x_ptr, y_ptr, scale_ptr, g_ptr, lse_x_ptr, lse_y_ptr, dx_pt
         log_lx = tl.load(lse_x_ptr + NX + rows, mask=row_ok, other=0.0)
     n_lse: tl.constexpr = HAS_LSE_X + HAS_LSE_Y
     acc = tl.zeros([BLOCK_X, BLOCK_D], tl.float32)
-    r = tl.zeros([BLOCK_X], tl.float32)
+    r = tl.zeros([BLOCK_X], tl.float32)       # sum_j w_ij raw_ij   (WITH_R: w from the row LSE only)
+    sw = tl.zeros([BLOCK_X], tl.float32)      # sum_j w_ij
+    diag = tl.zeros([BLOCK_X], tl.float32)    # raw_{i, i + offset}
     for start in range(0, NY, BLOCK_Y):
         cols = (start + tl.arange(0, BLOCK_Y)).to(tl.int64)
         col_ok = cols < NY
         raw = score_tile(x_ptr, y_ptr, rows, row_ok, cols, col_ok, D, xt,
                          BLOCK_X, BLOCK_Y, BLOCK_D, SINGLE_D, PRECISION, UPCAST)
         t = raw * scale2
-        w = tl.zeros([BLOCK_X, BLOCK_Y], tl.float32)
+        is_pos = cols[None, :] == rows[:, None] + offset
+        p_x = tl.zeros([BLOCK_X, BLOCK_Y], tl.float32)
         if HAS_LSE_X:
-            w += tl.exp2((t - m_x[:, None]) - log_lx[:, None])
+            p_x = tl.exp2((t - m_x[:, None]) - log_lx[:, None])
+        w = p_x
         if HAS_LSE_Y:
             m_y = tl.load(lse_y_ptr + cols, mask=col_ok, other=0.0)
             log_ly = tl.load(lse_y_ptr + NY + cols, mask=col_ok, other=0.0)
             w += tl.exp2((t - m_y[None, :]) - log_ly[None, :])
-        w = tl.where(cols[None, :] == rows[:, None] + offset, w - n_lse, w)
+        w = tl.where(is_pos, w - n_lse, w)
         w = tl.where(col_ok[None, :], w, 0.0)
         yc = load_rows(y_ptr, cols, col_ok, co, D)
         acc += dot(w.to(yc.dtype), yc, PRECISION, UPCAST)
         if WITH_R:
-            r += tl.sum(w * raw, 1)
+            w_r = tl.where(col_ok[None, :], tl.where(is_pos, p_x - 1.0, p_x), 0.0)
+            r += tl.sum(w_r * raw, 1)
+            sw += tl.sum(w_r, 1)
+            diag += tl.sum(tl.where(is_pos, raw, 0.0), 1)
     cg = coef * tl.load(g_ptr).to(tl.float32)
     tl.store(dx_ptr + rows[:, None] * D + co[None, :], (acc * (cg * scale)).to(dx_ptr.dtype.element_ty),
              mask=row_ok[:, None] & (co < D)[None, :])
     if WITH_R:
         if pid_d == 0:
-            tl.store(r_ptr + rows, r * cg, mask=row_ok)
+            # sum_j (p_ij - [j = i + offset]) (raw_ij - raw_{i,i+offset}): the same value (the
+            # weights sum to 0 over j), but when the positive dominates, p_ii - 1 carries the
+            # rounding of the recomputed scores (~1e-6), which times raw_ii (~1e3 and more at
+            # large norms) swamped the true gradient; centred, that rounding meets raw_ii - raw_ii = 0.
+            tl.store(r_ptr + rows, (r - diag * sw) * cg, mask=row_ok)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -141,7 +155,7 @@ def row_lse(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, offset: int, 
     if NX == 0:
         return
     cfg = config(x, NX, NY, backward=False)
-    _forward_kernel[(triton.cdiv(NX, cfg["BLOCK_X"]),)](x, y, scale, stats, ce, NX, NY, D, offset,
+    _forward_kernel[(cdiv(NX, cfg["BLOCK_X"]),)](x, y, scale, stats, ce, NX, NY, D, offset,
                                                         num_stages=2, **cfg)
 
 
@@ -153,8 +167,10 @@ def row_grad(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, grad: torch.
     NY = y.shape[0]
     if NX == 0 or D == 0:
         return
+    if r is not None and lse_x is None:
+        raise ValueError("the scale's gradient r is taken from the row LSE: lse_x is needed")
     cfg = config(x, NX, NY, backward=True)
-    grid = (triton.cdiv(NX, cfg["BLOCK_X"]), grid_d(cfg, D))
+    grid = (cdiv(NX, cfg["BLOCK_X"]), grid_d(cfg, D))
     dummy = scale
     _backward_kernel[grid](
         x, y, scale, grad, lse_x if lse_x is not None else dummy, lse_y if lse_y is not None else dummy,

@@ -13,11 +13,13 @@ exponentiated with ``exp2``; log-sum-exps are stored in natural units.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from .utils import dot, dot_switches, next_pow2
+from .utils import cdiv, dot, dot_switches, next_pow2
 
 LOG2E_F = 1.4426950408889634   # for the launchers (host floats)
 LOG2E = tl.constexpr(LOG2E_F)   # for the kernels
@@ -83,18 +85,23 @@ def config(x: torch.Tensor, n_rows: int, n_cols: int, backward: bool) -> dict:
     D = 256, 512, 1000; 128- or 256-wide channel chunks, or 64 x 64 score tiles in backward,
     spilled 140-990 bytes); not tuned by timing. The price of the narrow chunks is in backward, which
     recomputes the score tiles once per BLOCK_D slice of the gradient."""
-    D = x.shape[1]
+    return dict(_blocks(x.dtype == torch.float32, x.shape[1], n_rows, n_cols), **dot_switches(x.dtype, x.device))
+
+
+@functools.lru_cache(maxsize=1024)
+def _blocks(fp32: bool, D: int, n_rows: int, n_cols: int) -> tuple:
     # One configuration for forward and backward: backward recomputes the forward's score tiles
-    # with the same tiles and channel chunks, hence the same rounding (see patch_nce.py).
-    if x.dtype == torch.float32:
+    # with the same tiles and channel chunks, hence the same rounding (see patch_nce.py). Cached:
+    # the launchers' host time is paid on every call.
+    if fp32:
         block_x, block_y, max_d, warps = 64, 32, 32, 8
     else:
         block_x, block_y, max_d, warps = 64, 32, 64, 8
     block_d = _tile(D, max_d)
-    return dict(BLOCK_X=_tile(n_rows, block_x), BLOCK_Y=_tile(n_cols, block_y), BLOCK_D=block_d,
-                SINGLE_D=D <= block_d, num_warps=warps, **dot_switches(x.dtype, x.device))
+    return (("BLOCK_X", _tile(n_rows, block_x)), ("BLOCK_Y", _tile(n_cols, block_y)), ("BLOCK_D", block_d),
+            ("SINGLE_D", D <= block_d), ("num_warps", warps))
 
 
 def grid_d(cfg: dict, D: int) -> int:
     """Programs along the channel axis of a backward grid (one per BLOCK_D slice of the gradient)."""
-    return triton.cdiv(D, cfg["BLOCK_D"])
+    return cdiv(D, cfg["BLOCK_D"])

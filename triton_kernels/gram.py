@@ -67,11 +67,13 @@ relu1_2 at batch 16 against 134 MB of F).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from .utils import dot, dot_switches, next_pow2
+from .utils import cdiv, dot, dot_switches, next_pow2
 
 MIN_DOT = 16            # tl.dot needs every tile dimension >= 16
 DEFAULT_SMS = 132       # H100 / H200 SXM
@@ -321,13 +323,17 @@ def norm_value(normalize: str, C: int, K: int) -> float:
 
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
     return DEFAULT_SMS
 
 
-def _forward_config(f: torch.Tensor, style: bool) -> dict:
-    C = f.shape[1]
-    if f.dtype == torch.float32:
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _forward_config(fp32: bool, C: int, style: bool) -> dict:
+    if fp32:
         # fp32 operands take twice the registers and shared memory of half ones.
         block_m = min(max(next_pow2(C), MIN_DOT), 64)
         return dict(BLOCK_M=block_m, BLOCK_K=32, num_warps=4, num_stages=2)
@@ -343,8 +349,11 @@ def _forward_config(f: torch.Tensor, style: bool) -> dict:
 
 def _split(K: int, programs: int, block_k: int, device: torch.device) -> int:
     """K-splits so that ~PROGRAMS_PER_SM programs run per SM, each with >= MIN_K_STEPS steps."""
-    steps = triton.cdiv(K, block_k)
-    want = triton.cdiv(PROGRAMS_PER_SM * _sm_count(device), max(programs, 1))
+    return _split_for(cdiv(K, block_k), programs, _sm_count(device))
+
+
+def _split_for(steps: int, programs: int, sms: int) -> int:
+    want = cdiv(PROGRAMS_PER_SM * sms, max(programs, 1))
     return max(1, min(want, steps // MIN_K_STEPS))
 
 
@@ -356,6 +365,21 @@ def _reduce_rows(block_m: int, tiles: int, device: torch.device) -> int:
     return rows
 
 
+@functools.lru_cache(maxsize=1024)
+def _forward_plan(fp32: bool, style: bool, B: int, C: int, K: int, sms: int, split):
+    """(config, tiles per side, triangle tiles T, B*T, K-splits, K per split), per shape: computed
+    once, since the launchers' host time is paid on every call."""
+    cfg = _forward_config(fp32, C, style)
+    nt = cdiv(C, cfg["BLOCK_M"])
+    T = nt * (nt + 1) // 2
+    BT = B * T
+    steps = cdiv(K, cfg["BLOCK_K"])
+    n_split = split if split is not None else _split_for(steps, BT, sms)
+    n_split = max(1, min(n_split, steps))
+    k_chunk = cdiv(cdiv(K, n_split), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
+    return cfg, nt, T, BT, cdiv(K, k_chunk), k_chunk   # no empty split
+
+
 def gram_forward(f: torch.Tensor, normalize: str, out=None, target=None, diff=None, split=None):
     """f: [B, C, K] (any strides). gram mode (``out`` [B, C, C] contiguous, f's dtype): G = f f^T /
     norm. style mode (``target`` [Bt, C, C] with Bt in (1, B), any strides): returns the
@@ -363,15 +387,9 @@ def gram_forward(f: torch.Tensor, normalize: str, out=None, target=None, diff=No
     [B, C, C]) to ``diff`` when given. ``split`` forces the K-split (tests)."""
     B, C, K = f.shape
     style = target is not None
-    cfg = _forward_config(f, style)
+    cfg, nt, T, BT, n_split, k_chunk = _forward_plan(f.dtype == torch.float32, style, B, C, K,
+                                                     _sm_count(f.device), split)
     block_m = cfg["BLOCK_M"]
-    nt = triton.cdiv(C, block_m)
-    T = nt * (nt + 1) // 2
-    BT = B * T
-    n_split = split if split is not None else _split(K, BT, cfg["BLOCK_K"], f.device)
-    n_split = max(1, min(n_split, triton.cdiv(K, cfg["BLOCK_K"])))
-    k_chunk = triton.cdiv(triton.cdiv(K, n_split), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
-    n_split = triton.cdiv(K, k_chunk)   # no empty split
     norm = norm_value(normalize, C, K)
     from fastnote import backend
 
@@ -395,7 +413,7 @@ def gram_forward(f: torch.Tensor, normalize: str, out=None, target=None, diff=No
         SPLIT_K=n_split > 1, **common, **dot_switches(f.dtype, f.device), **cfg,
     )
     if n_split > 1:
-        rows = _reduce_rows(block_m, BT, f.device)
+        rows = _reduce_rows(block_m, BT, f.device)   # (cached with the plan's other numbers)
         programs = BT * (block_m // rows)
         if style:
             losses = backend.empty((programs,), torch.float32, f.device)
@@ -407,10 +425,10 @@ def gram_forward(f: torch.Tensor, normalize: str, out=None, target=None, diff=No
     return losses
 
 
-def _backward_config(f: torch.Tensor) -> dict:
-    C = f.shape[1]
-    block_m = min(max(next_pow2(C), MIN_DOT), 64 if f.dtype == torch.float32 else 128)
-    if f.dtype == torch.float32:
+@functools.lru_cache(maxsize=256)
+def _backward_config(fp32: bool, C: int) -> dict:
+    block_m = min(max(next_pow2(C), MIN_DOT), 64 if fp32 else 128)
+    if fp32:
         return dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_J=32, num_warps=8, num_stages=2)
     # The two strided loads of A (a [BLOCK_M, BLOCK_J] tile and its mirror) sit in registers
     # beside the accumulator: BLOCK_J 32 keeps them from spilling.
@@ -423,8 +441,8 @@ def gram_backward(a: torch.Tensor, f: torch.Tensor, df: torch.Tensor, pre: float
     and df [B, C, K] (any strides), coef None or a one-element tensor (the loss's upstream
     gradient, read on the device: no host sync)."""
     B, C, K = f.shape
-    cfg = _backward_config(f)
-    grid = (B * triton.cdiv(C, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_N"]),)
+    cfg = _backward_config(f.dtype == torch.float32, C)
+    grid = (B * cdiv(C, cfg["BLOCK_M"]) * cdiv(K, cfg["BLOCK_N"]),)
     _backward_kernel[grid](
         a, f, df, coef if coef is not None else a, C, K, pre, post,
         *a.stride(), *f.stride(), *df.stride(), HAS_COEF=coef is not None,
@@ -434,7 +452,7 @@ def gram_backward(a: torch.Tensor, f: torch.Tensor, df: torch.Tensor, pre: float
 
 def _tv_grid(y: torch.Tensor) -> int:
     B, C, H, W = y.shape
-    return B * C * triton.cdiv(H, TV_BLOCK_H) * triton.cdiv(W, TV_BLOCK_W)
+    return B * C * cdiv(H, TV_BLOCK_H) * cdiv(W, TV_BLOCK_W)
 
 
 def tv_forward(y: torch.Tensor) -> torch.Tensor:

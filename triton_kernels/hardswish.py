@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from .utils import (
+    cdiv,
     ELEMENTWISE_BLOCK,
     ELEMENTWISE_WARPS,
     hard_sigmoid_f32,
@@ -48,7 +49,7 @@ def _backward_kernel(g_ptr, x_ptr, dx_ptr, n, SWISH: tl.constexpr, BLOCK: tl.con
 
 
 def _grid(n):
-    return (triton.cdiv(n, ELEMENTWISE_BLOCK),)
+    return (cdiv(n, ELEMENTWISE_BLOCK),)
 
 
 def forward(x: torch.Tensor, kind: str, out: torch.Tensor) -> torch.Tensor:

@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from .contrastive import LN2, LOG2E_F, config, grid_d, load_rows, online_logsumexp, row_dot, score_tile
-from .utils import dot
+from .utils import cdiv, dot
 
 
 @triton.jit
@@ -173,7 +173,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, groups: int, nce_T: float, loss: t
         return
     M = R // groups
     cfg = config(q, M, M, backward=False)
-    tiles = triton.cdiv(M, cfg["BLOCK_X"])
+    tiles = cdiv(M, cfg["BLOCK_X"])
     _forward_kernel[(groups * tiles,)](q, k, loss, stats, R, M, D, tiles, LOG2E_F / nce_T, num_stages=2, **cfg)
 
 
@@ -191,8 +191,8 @@ def backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, loss: torch.T
     n_d = grid_d(cfg, D)
     args = (q, k, g, loss, stats, gmax)
     scalars = (R, M, D)
-    tiles = triton.cdiv(M, cfg["BLOCK_X"])
+    tiles = cdiv(M, cfg["BLOCK_X"])
     _dq_kernel[(groups * tiles, n_d)](*args, dq, *scalars, tiles, LOG2E_F / nce_T, 1.0 / nce_T, **cfg)
     if dk is not None:
-        tiles = triton.cdiv(M, cfg["BLOCK_Y"])
+        tiles = cdiv(M, cfg["BLOCK_Y"])
         _dk_kernel[(groups * tiles, n_d)](*args, dk, *scalars, tiles, LOG2E_F / nce_T, 1.0 / nce_T, **cfg)

@@ -40,11 +40,13 @@ beyond that. The batch is folded into grid axis 0 with the tiles, so it has no 6
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from .utils import dot, dot_switches, next_pow2
+from .utils import cdiv, dot, dot_switches, next_pow2
 
 # tl.dot needs every dimension >= 16: smaller d_qk, d_v and tiles are padded by masked loads.
 MIN_DOT = 16
@@ -293,8 +295,14 @@ def _config(q: torch.Tensor, N: int, NK: int, DV: int, backward: bool) -> dict:
     reports no register spills at SAGAN's (d_qk, d_v) = (8, 64) ... (64, 512), in fp16/bf16 and
     in fp32 with IEEE or TF32 dots (which hold more registers: smaller tiles). Not yet tuned by
     timing on a GPU."""
-    d_qk = q.shape[1]
-    if q.dtype == torch.float32:
+    return dict(_blocks(q.dtype == torch.float32, q.shape[1], N, NK, DV, backward),
+                **dot_switches(q.dtype, q.device))
+
+
+@functools.lru_cache(maxsize=1024)
+def _blocks(fp32: bool, d_qk: int, N: int, NK: int, DV: int, backward: bool) -> tuple:
+    # cached: the launchers' host time is paid on every call
+    if fp32:
         if backward:
             block_m, block_n, max_dv, warps = 64, 32, 32, 8
         else:
@@ -305,11 +313,8 @@ def _config(q: torch.Tensor, N: int, NK: int, DV: int, backward: bool) -> dict:
         max_dv = 64 if backward and DV > MAX_BLOCK_DV else MAX_BLOCK_DV
         if not backward and DV <= 64:
             warps = 4
-    return dict(
-        BLOCK_M=_tile(N, block_m), BLOCK_N=_tile(NK, block_n),
-        BLOCK_D=max(next_pow2(d_qk), MIN_DOT), BLOCK_DV=_tile(DV, max_dv),
-        num_warps=warps, **dot_switches(q.dtype, q.device),
-    )
+    return (("BLOCK_M", _tile(N, block_m)), ("BLOCK_N", _tile(NK, block_n)),
+            ("BLOCK_D", max(next_pow2(d_qk), MIN_DOT)), ("BLOCK_DV", _tile(DV, max_dv)), ("num_warps", warps))
 
 
 def check_sizes(q: torch.Tensor, v: torch.Tensor) -> None:
@@ -325,16 +330,18 @@ def check_sizes(q: torch.Tensor, v: torch.Tensor) -> None:
 def forward(q, k, v, x, gamma, out, o, lse) -> None:
     """out = gamma * v softmax(q^T k)^T + x (or the attention output alone when x is None); o =
     the attention output O in fp32, or None where backward can read O from ``out`` (fp32 inputs
-    without a residual); lse [B, N] fp32. q, k, v, x may be strided; out, o, lse are contiguous;
-    gamma a 1-element fp32 tensor, or None when x is None."""
+    without a residual); lse [B, N] fp32. q, k, v, x may be strided (a 4-D x [B, d_v, W, H] with
+    mergeable W, H); out ([B, d_v, N] or x's 4-D shape), o, lse are contiguous; gamma a one-element
+    tensor of any float dtype, or None when x is None."""
     B, _, N = q.shape
     DV, NK = v.shape[1], v.shape[2]
     if B == 0 or N == 0:
         return
     cfg = _config(q, N, NK, DV, backward=False)
     has_res = x is not None
-    xs = x.stride() if has_res else (0, 0, 0)
-    grid = (B * triton.cdiv(N, cfg["BLOCK_M"]), triton.cdiv(DV, cfg["BLOCK_DV"]))
+    # x [B, d_v, N], or [B, d_v, W, H] whose last two dimensions merge (stride(2) = H * stride(3))
+    xs = (x.stride() if x.dim() == 3 else (x.stride(0), x.stride(1), x.stride(3))) if has_res else (0, 0, 0)
+    grid = (B * cdiv(N, cfg["BLOCK_M"]), cdiv(DV, cfg["BLOCK_DV"]))
     _forward_kernel[grid](
         q, k, v, x if has_res else q, gamma if has_res else lse, out, o if o is not None else lse, lse,
         N, NK, q.shape[1], DV, *q.stride(), *k.stride(), *v.stride(), *xs,
@@ -352,24 +359,24 @@ def backward(grad, q, k, v, o, lse, gamma, dq, dk, dv, r) -> None:
     if B == 0:
         return
     if N:
-        _preprocess_kernel[(B * triton.cdiv(N, PREPROCESS_BLOCK_N),)](
+        _preprocess_kernel[(B * cdiv(N, PREPROCESS_BLOCK_N),)](
             grad, o, r, N, DV, *grad.stride(), BLOCK_N=PREPROCESS_BLOCK_N, BLOCK_C=PREPROCESS_BLOCK_C,
             num_warps=4,
         )
     if NK == 0:
         return
     cfg = _config(q, max(N, 1), NK, DV, backward=True)
-    n_dv = triton.cdiv(DV, cfg["BLOCK_DV"])
+    n_dv = cdiv(DV, cfg["BLOCK_DV"])
     has_gamma = gamma is not None
     args = (q, k, v, grad, lse, r, gamma if has_gamma else r, dk, dv, N, NK, DQK, DV,
             *q.stride(), *k.stride(), *v.stride(), *grad.stride())
     common = dict(HAS_GAMMA=has_gamma, SINGLE_DV=n_dv == 1, **cfg)
-    key_tiles = triton.cdiv(NK, cfg["BLOCK_N"])
+    key_tiles = cdiv(NK, cfg["BLOCK_N"])
     _dkdv_kernel[(B * key_tiles, 1)](*args, 0, WITH_DK=True, **common)
     if n_dv > 1:
         _dkdv_kernel[(B * key_tiles, n_dv - 1)](*args, 1, WITH_DK=False, **common)
     if N:
-        _dq_kernel[(B * triton.cdiv(N, cfg["BLOCK_M"]),)](
+        _dq_kernel[(B * cdiv(N, cfg["BLOCK_M"]),)](
             q, k, v, grad, lse, r, gamma if has_gamma else r, dq, N, NK, DQK, DV,
             *q.stride(), *k.stride(), *v.stride(), *grad.stride(), **common,
         )

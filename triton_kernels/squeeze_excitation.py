@@ -18,6 +18,8 @@ computed by division.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -25,6 +27,7 @@ import triton.language as tl
 from fastnote.backend import empty
 
 from .utils import (
+    cdiv,
     ELEMENTWISE_BLOCK,
     ELEMENTWISE_WARPS,
     hard_sigmoid_f32,
@@ -101,6 +104,7 @@ def _input_grad_kernel(grad_ptr, x_ptr, g_ptr, ds_ptr, dx_ptr, C, HW, inv_hw,
     tl.store(dx_ptr + offs, dy.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
+@functools.lru_cache(maxsize=256)
 def _reduce_blocks(C: int, HW: int):
     block_hw = min(next_pow2(HW), 256)
     block_c = max(1, min(next_pow2(C), 4096 // block_hw))
@@ -109,13 +113,13 @@ def _reduce_blocks(C: int, HW: int):
 
 def plane_reduce(x: torch.Tensor, grad, hswish: bool, scale: float) -> torch.Tensor:
     """fp32 [B, C]: ``scale * sum_hw((grad *) pre(x))`` for contiguous x (and grad) [B, C, H, W]."""
-    B, C = x.shape[0], x.shape[1]
-    HW = x[0, 0].numel() if x.numel() else 0
-    if x.numel() == 0:
+    B, C, H, W = x.shape
+    HW = H * W
+    if B * C * HW == 0:
         return torch.zeros((B, C), dtype=torch.float32, device=x.device)
     out = empty((B, C), torch.float32, x.device)   # every element written by one program
     block_c, block_hw = _reduce_blocks(C, HW)
-    grid = (B, triton.cdiv(C, block_c))
+    grid = (B, cdiv(C, block_c))
     _plane_reduce_kernel[grid](
         x, grad if grad is not None else x, out, C, HW, scale,
         HSWISH=hswish, HAS_GRAD=grad is not None, BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=4,
@@ -128,9 +132,15 @@ def _streaming_grid(x: torch.Tensor):
     about ELEMENTWISE_BLOCK elements, [BLOCK_C planes, BLOCK_HW positions]."""
     B, C = x.shape[0], x.shape[1]
     HW = x.numel() // (B * C)
+    return _streaming_config(B, C, HW)
+
+
+@functools.lru_cache(maxsize=256)
+def _streaming_config(B: int, C: int, HW: int):
+    # cached per shape, as the other launch configurations here: host time is per call
     block_hw = min(next_pow2(HW), 1024)
     block_c = max(1, min(next_pow2(C), ELEMENTWISE_BLOCK // block_hw))
-    grid = (B, triton.cdiv(C, block_c), triton.cdiv(HW, block_hw))
+    grid = (B, cdiv(C, block_c), cdiv(HW, block_hw))
     return grid, C, HW, dict(BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=ELEMENTWISE_WARPS)
 
 
@@ -253,6 +263,7 @@ def _mlp_backward_kernel(s_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, dg_ptr, a_ptr, d
         tl.store(ds_ptr + b * C + cs, tl.sum(w * dz1[:, None], axis=0), mask=c_mask)
 
 
+@functools.lru_cache(maxsize=256)
 def _mlp_blocks(C: int, CR: int):
     block_r = next_pow2(CR)
     return max(1, min(next_pow2(C), 8192 // block_r)), block_r
@@ -275,10 +286,8 @@ def mlp_backward(s, w1, b1, w2, b2, dg, activation: str, gate: str):
     B, C = s.shape
     CR = w1.shape[0]
     # NaN-poisoned under the tests, like every kernel output: a value the kernel fails to write shows
-    a = empty((B, CR), torch.float32, s.device)
-    dz1 = empty((B, CR), torch.float32, s.device)
-    dz2 = empty((B, C), torch.float32, s.device)
-    ds = empty((B, C), torch.float32, s.device)
+    a, dz1 = empty((2, B, CR), torch.float32, s.device).unbind(0)
+    dz2, ds = empty((2, B, C), torch.float32, s.device).unbind(0)
     if B:
         block_c, block_r = _mlp_blocks(C, CR)
         _mlp_backward_kernel[(B,)](s, w1, b1, w2, b2, dg, a, dz1, dz2, ds, C, CR,

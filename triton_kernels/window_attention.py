@@ -88,7 +88,7 @@ import triton.language as tl
 
 from fastnote.backend import empty
 
-from .utils import dot, dot_switches, next_pow2
+from .utils import cdiv, dot, dot_switches, next_pow2
 
 # Scores are kept in base-2 units (exp2). A global the kernels read must be a tl.constexpr instance.
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -413,7 +413,7 @@ def fused_geometry(B: int, H: int, W: int, C: int, window_size: int, shift: int,
     makes that choice when it builds the block (its ``shift_size`` is then 0), so in its order the
     shift is taken as given."""
     ws = window_size
-    Hp, Wp = triton.cdiv(H, ws) * ws, triton.cdiv(W, ws) * ws
+    Hp, Wp = cdiv(H, ws) * ws, cdiv(W, ws) * ws
     nW = (Hp // ws) * (Wp // ws)
     keep_h, keep_w = (True, True) if roll_first else (ws < Hp, ws < Wp)
     return Geometry(num_windows=B * nW, N=ws * ws, nW=nW, nWw=Wp // ws, H=H, W=W, Hp=Hp, Wp=Wp,
@@ -484,7 +484,7 @@ def _fwd(*, q, k, v, q_strides, k_strides, v_strides, out, out_strides, lse, bia
         return
     bm, bn, bd, single = blocks(g.N, d, q.dtype)
     group = forward_group(g.num_images, g.nW, heads, g.N)
-    grid = (triton.cdiv(g.num_images, group) * g.nW * heads, triton.cdiv(g.N, bm))
+    grid = (cdiv(g.num_images, group) * g.nW * heads, cdiv(g.N, bm))
     dummy = lse  # stands in for absent optional tensors (never read: their HAS_* flag is off)
     (sq_b, sq_h, sq_n), (sk_b, sk_h, sk_n), (sv_b, sv_h, sv_n), (so_b, so_h, so_n) = \
         q_strides, k_strides, v_strides, out_strides
@@ -511,7 +511,7 @@ def _bwd(*, q, k, v, q_strides, k_strides, v_strides, out, do, out_strides, lse,
     g = geometry
     bm, bn, bd, single = blocks(g.N, d, q.dtype)
     group = backward_group(g.num_images, g.nW, heads, g.N, d)
-    n_groups = triton.cdiv(g.num_images, group) * g.nW   # programs per head
+    n_groups = cdiv(g.num_images, group) * g.nW   # programs per head
     slots = dbias_slots(n_groups, g.num_windows * heads * g.N * d * q.element_size(), heads, g.N)
     if torch.are_deterministic_algorithms_enabled():
         slots = n_groups   # one slot per program: no atomics, a fixed summation order
@@ -552,13 +552,14 @@ def _bwd(*, q, k, v, q_strides, k_strides, v_strides, out, do, out_strides, lse,
 
 
 def _backward_warps(bm: int, bn: int, switches: dict) -> int:
-    """8 warps for 64 x 64 tiles (4 below), 16 for fp32-accurate dots at 64 x 64: built as the
+    """8 warps for 64 x 64 tiles (4 below), 16 for exact (IEEE) fp32 dots at 64 x 64: built as the
     JIT specialises Swin-T stage 1's core launch (GROUP 15), the IEEE fp32 backward got 32
     registers and 4.8 KB of stack per thread from ptxas at 8 warps (8.5 KB at 4), 440 bytes at 16;
-    the 3xTF32 one (split operands, three products) 632-992 bytes at 8 warps."""
+    the 3xTF32 one (split operands, three products) 632-992 bytes at 8 warps but 2128 at 16 (3224
+    with Triton 3.6), so it keeps 8."""
     if bm * bn < 64 * 64:
         return 4
-    return 16 if switches["PRECISION"] in ("ieee", "tf32x3") else 8
+    return 16 if switches["PRECISION"] == "ieee" else 8
 
 
 def forward(q, k, v, bias, mask, scale: float, out, lse):

@@ -2,12 +2,18 @@
 autograd registrations, and the functional entry point.
 
 Pattern (every Triton op follows it):
-- the functional entry checks its inputs, then asks ``backend.use_triton(device)``;
+- the functional entry checks its inputs, then asks ``backend.use_triton(device)``; the checks
+  accept the common case in a few comparisons and leave anything else to ``fastnote.checks``,
+  which raises the message (host time per call matters: see ``benchmarks/overhead.py``);
 - the reference path calls ``fastnote.reference`` directly (plain torch ops: autograd, AMP and
   torch.compile work natively);
 - the kernel path calls a ``fastnote::<op>`` custom op whose implementation launches the kernel;
   its backward is another custom op, wired with ``register_autograd``; both have
   ``register_fake`` so ``torch.compile(fullgraph=True)`` traces them and ``opcheck`` passes.
+  Both are declared with ``_fast.kernel_op`` instead of ``torch.library.custom_op``: in eager
+  mode the call skips the dispatcher and ``register_autograd``'s wrapper (an ``autograd.Function``
+  built from the same body, ``setup_context`` and backward; the plain body when no gradient is
+  wanted), with bitwise-identical results; while compiling or tracing it is the custom op.
 
 ``power_iteration`` differs because its kernels are C++/CUDA (``fastnote._C``), not Triton: its op
 is defined in C++ with ``TORCH_LIBRARY_FRAGMENT`` (only the fake is registered from Python), it

@@ -16,13 +16,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import backend, checks, reference
+from ._fast import kernel_op
 
 
 def _scale_vector(logit_scale: Tensor) -> Tensor:
     return logit_scale.reshape(1).float().contiguous()
 
 
-@torch.library.custom_op("fastnote::clip_loss", mutates_args=())
+@kernel_op("fastnote::clip_loss")
 def _forward_op(image: Tensor, text: Tensor, logit_scale: Tensor) -> List[Tensor]:
     """[loss (0-dim fp32), row and column statistics [2, n] fp32 each (max, log-sum; for backward)]."""
     from ..triton_kernels import clip_loss as kernels
@@ -30,11 +31,12 @@ def _forward_op(image: Tensor, text: Tensor, logit_scale: Tensor) -> List[Tensor
     image, text = checks.contiguous(image, text)
     scale = _scale_vector(logit_scale)
     n = image.shape[0]
-    lse_r, lse_c = (backend.empty((2, n), torch.float32, image.device) for _ in range(2))
-    ce_r, ce_c = (backend.empty((n,), torch.float32, image.device) for _ in range(2))
-    kernels.row_lse(image, text, scale, 0, lse_r, ce_r)
-    kernels.row_lse(text, image, scale, 0, lse_c, ce_c)
-    loss = (ce_r.sum() + ce_c.sum()) / (2 * n)
+    lse_r = backend.empty((2, n), torch.float32, image.device)
+    lse_c = backend.empty((2, n), torch.float32, image.device)
+    ce = backend.empty((2, n), torch.float32, image.device)   # both directions, one allocation
+    kernels.row_lse(image, text, scale, 0, lse_r, ce[0])
+    kernels.row_lse(text, image, scale, 0, lse_c, ce[1])
+    loss = ce.sum() / (2 * n)
     return [loss, lse_r, lse_c]
 
 
@@ -45,7 +47,7 @@ def _(image, text, logit_scale):
             image.new_empty((2, n), dtype=torch.float32)]
 
 
-@torch.library.custom_op("fastnote::clip_loss_backward", mutates_args=())
+@kernel_op("fastnote::clip_loss_backward")
 def _backward_op(grad: Tensor, image: Tensor, text: Tensor, logit_scale: Tensor, lse_r: Tensor,
                  lse_c: Tensor) -> List[Tensor]:
     """[d_image, d_text, d_logit_scale]."""
@@ -55,12 +57,12 @@ def _backward_op(grad: Tensor, image: Tensor, text: Tensor, logit_scale: Tensor,
     scale = _scale_vector(logit_scale)
     g = grad.reshape(1).float().contiguous()
     n = image.shape[0]
-    d_image = backend.empty(image.shape, image.dtype, image.device)
-    d_text = backend.empty(text.shape, text.dtype, text.device)
-    r = backend.empty((n,), torch.float32, image.device)
+    d_image = backend.empty_like(image)
+    d_text = backend.empty_like(text)
+    r = backend.empty((2, n), torch.float32, image.device)   # image-to-text, text-to-image halves
     coef = 1.0 / (2 * n) if n else 0.0
-    kernels.row_grad(image, text, scale, g, lse_r, lse_c, 0, coef, d_image, r)
-    kernels.row_grad(text, image, scale, g, lse_c, lse_r, 0, coef, d_text, None)
+    kernels.row_grad(image, text, scale, g, lse_r, lse_c, 0, coef, d_image, r[0])
+    kernels.row_grad(text, image, scale, g, lse_c, lse_r, 0, coef, d_text, r[1])
     d_scale = r.sum().to(logit_scale.dtype).reshape(logit_scale.shape)
     return [d_image, d_text, d_scale]
 
@@ -83,7 +85,7 @@ def _backward(ctx, grads):
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-@torch.library.custom_op("fastnote::clip_row_loss", mutates_args=())
+@kernel_op("fastnote::clip_row_loss")
 def _row_forward_op(a: Tensor, b: Tensor, logit_scale: Tensor, offset: int) -> List[Tensor]:
     """One-sided: mean_i CE(logit_scale * a_i . b^T, target i + offset). [loss (0-dim fp32),
     row statistics [2, n_a]]."""
@@ -102,7 +104,7 @@ def _(a, b, logit_scale, offset):
     return [a.new_empty((), dtype=torch.float32), a.new_empty((2, a.shape[0]), dtype=torch.float32)]
 
 
-@torch.library.custom_op("fastnote::clip_row_loss_backward", mutates_args=())
+@kernel_op("fastnote::clip_row_loss_backward")
 def _row_backward_op(grad: Tensor, a: Tensor, b: Tensor, logit_scale: Tensor, lse: Tensor,
                      offset: int) -> List[Tensor]:
     """[d_a, d_b, d_logit_scale]."""
@@ -112,8 +114,8 @@ def _row_backward_op(grad: Tensor, a: Tensor, b: Tensor, logit_scale: Tensor, ls
     scale = _scale_vector(logit_scale)
     g = grad.reshape(1).float().contiguous()
     n = a.shape[0]
-    d_a = backend.empty(a.shape, a.dtype, a.device)
-    d_b = backend.empty(b.shape, b.dtype, b.device)
+    d_a = backend.empty_like(a)
+    d_b = backend.empty_like(b)
     r = backend.empty((n,), torch.float32, a.device)
     coef = 1.0 / n if n else 0.0
     kernels.row_grad(a, b, scale, g, lse, None, offset, coef, d_a, r)
@@ -162,7 +164,17 @@ def _gather(t: Tensor, group) -> Tensor:
     return torch.cat(dist_fn.all_gather(t, group=group), dim=0)
 
 
+_TENSORS = (Tensor, torch.nn.Parameter)   # exact types the quick checks accept (others: full checks)
+
+
 def _check(image_emb, text_emb, logit_scale):
+    # The common case in a few comparisons; anything else goes through the checks, for the message.
+    if (type(image_emb) in _TENSORS and type(text_emb) in _TENSORS and type(logit_scale) in _TENSORS
+            and image_emb.dtype in checks.FLOAT_DTYPES and text_emb.dtype == image_emb.dtype
+            and logit_scale.dtype in checks.FLOAT_DTYPES and image_emb.dim() == 2
+            and text_emb.shape == image_emb.shape and image_emb.shape[1] and logit_scale.numel() == 1
+            and image_emb.device == text_emb.device == logit_scale.device):
+        return
     checks.tensor("image_emb", image_emb, ndim=2)
     checks.tensor("text_emb", text_emb, ndim=2)
     checks.shape("text_emb", text_emb, list(image_emb.shape))

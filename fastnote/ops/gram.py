@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .. import backend, checks, reference
+from ._fast import kernel_op
 
 NORMALIZE = ("chw", "hw", "none")
 
@@ -42,7 +43,7 @@ def grad_buffer(x: Tensor) -> Tensor:
     if _channels_last(x):
         B, C, H, W = x.shape
         return backend.empty((B, H, W, C), x.dtype, x.device).permute(0, 3, 1, 2)
-    return backend.empty(x.shape, x.dtype, x.device)
+    return backend.empty_like(x)
 
 
 def fake_grad_buffer(x: Tensor) -> Tensor:
@@ -55,7 +56,7 @@ def fake_grad_buffer(x: Tensor) -> Tensor:
 # gram
 # ------------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("fastnote::gram", mutates_args=())
+@kernel_op("fastnote::gram")
 def _gram_op(x: Tensor, normalize: str) -> Tensor:
     from ..triton_kernels import gram as kernels
 
@@ -70,7 +71,7 @@ def _(x, normalize):
     return x.new_empty((x.shape[0], x.shape[1], x.shape[1]))
 
 
-@torch.library.custom_op("fastnote::gram_backward", mutates_args=())
+@kernel_op("fastnote::gram_backward")
 def _gram_backward_op(grad: Tensor, x: Tensor, normalize: str) -> Tensor:
     """dx = (grad + grad^T) F / norm, computed as 2 sym(grad) F / norm."""
     from ..triton_kernels import gram as kernels
@@ -101,7 +102,14 @@ def _gram_backward(ctx, grad):
 _gram_op.register_autograd(_gram_backward, setup_context=_gram_setup)
 
 
+_TENSORS = (Tensor, torch.nn.Parameter)   # exact types the quick checks accept (others: full checks)
+
+
 def _check_x(x: Tensor, op: str) -> None:
+    if type(x) in _TENSORS and x.dtype in checks.FLOAT_DTYPES:
+        shape = x.shape
+        if (len(shape) == 4 and shape[1] and shape[2] and shape[3]) or (len(shape) == 3 and shape[1] and shape[2]):
+            return
     checks.tensor("x", x, ndim=(3, 4))
     if x.shape[1] == 0:
         raise ValueError(f"x must have at least one channel, got shape {list(x.shape)}")
@@ -134,7 +142,8 @@ def gram(x: Tensor, normalize: str = "chw") -> Tensor:
     True
     """
     _check_x(x, "gram")
-    checks.choice("normalize", normalize, NORMALIZE)
+    if normalize not in NORMALIZE:
+        checks.choice("normalize", normalize, NORMALIZE)
     x = _autocast(x)
     if x.shape[0] == 0:
         return x.new_zeros((0, x.shape[1], x.shape[1])) + x.sum() * 0   # keeps the graph
@@ -147,7 +156,7 @@ def gram(x: Tensor, normalize: str = "chw") -> Tensor:
 # style_loss
 # ------------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("fastnote::style_loss", mutates_args=())
+@kernel_op("fastnote::style_loss")
 def _style_op(x: Tensor, target: Tensor, normalize: str, save_diff: bool) -> List[Tensor]:
     """[loss (0-dim fp32), D = gram(x) - target in fp32 [B, C, C] (shape [0] without save_diff)]."""
     from ..triton_kernels import gram as kernels
@@ -166,7 +175,7 @@ def _(x, target, normalize, save_diff):
             x.new_empty((B, C, C) if save_diff else (0,), dtype=torch.float32)]
 
 
-@torch.library.custom_op("fastnote::style_loss_backward", mutates_args=())
+@kernel_op("fastnote::style_loss_backward")
 def _style_backward_op(grad: Tensor, x: Tensor, diff: Tensor, normalize: str) -> Tensor:
     """dx for loss = sum(D^2) / (C*K): dG = 2 grad D / (C*K), dx = (dG + dG^T) F / norm."""
     from ..triton_kernels import gram as kernels
@@ -214,6 +223,11 @@ _style_op.register_autograd(_style_backward, setup_context=_style_setup)
 
 
 def _check_target(x: Tensor, target: Tensor) -> None:
+    if type(target) in _TENSORS and target.dtype in (x.dtype, torch.float32) and target.device == x.device:
+        C = x.shape[1]
+        shape = target.shape
+        if shape == (C, C) or (len(shape) == 3 and shape[0] in (1, x.shape[0]) and shape[1] == C and shape[2] == C):
+            return
     checks.tensor("target_gram", target, ndim=(2, 3))
     B, C = x.shape[0], x.shape[1]
     if target.dim() == 2:
@@ -246,9 +260,12 @@ def style_loss(x: Tensor, target_gram: Tensor, normalize: str = "chw") -> Tensor
     (torch.float32, True)
     """
     _check_x(x, "style_loss")
-    checks.choice("normalize", normalize, NORMALIZE)
-    x = _autocast(x)
-    if checks.autocast_dtype(x.device) is not None and target_gram.dtype not in (x.dtype, torch.float32):
+    if normalize not in NORMALIZE:
+        checks.choice("normalize", normalize, NORMALIZE)
+    autocast = checks.autocast_dtype(x.device)
+    if autocast is not None and x.dtype != autocast:
+        x = x.to(autocast)
+    if autocast is not None and target_gram.dtype not in (x.dtype, torch.float32):
         target_gram = target_gram.float()
     _check_target(x, target_gram)
     if x.shape[0] == 0:  # no image: the sum is empty

@@ -6,16 +6,17 @@ import torch
 from torch import Tensor
 
 from .. import backend, checks, reference
+from ._fast import kernel_op
 
 _REFERENCE = {"hard_swish": reference.hard_swish, "hard_sigmoid": reference.hard_sigmoid}
 
 
-@torch.library.custom_op("fastnote::hard_activation", mutates_args=())
+@kernel_op("fastnote::hard_activation")
 def _forward_op(x: Tensor, kind: str) -> Tensor:
     from ..triton_kernels import hardswish as kernels
 
     x = x.contiguous()
-    return kernels.forward(x, kind, backend.empty(x.shape, x.dtype, x.device))
+    return kernels.forward(x, kind, backend.empty_like(x))
 
 
 @_forward_op.register_fake
@@ -23,13 +24,13 @@ def _(x, kind):
     return x.new_empty(x.shape)
 
 
-@torch.library.custom_op("fastnote::hard_activation_backward", mutates_args=())
+@kernel_op("fastnote::hard_activation_backward")
 def _backward_op(grad: Tensor, x: Tensor, kind: str) -> Tensor:
     from ..triton_kernels import hardswish as kernels
 
     x = x.contiguous()
     grad = grad.to(x.dtype).contiguous()
-    return kernels.backward(grad, x, kind, backend.empty(x.shape, x.dtype, x.device))
+    return kernels.backward(grad, x, kind, backend.empty_like(x))
 
 
 @_backward_op.register_fake

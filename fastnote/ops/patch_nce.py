@@ -7,17 +7,19 @@ backward; the gradient adds dq (and dk with ``detach_k=False``). Eager CUT mater
 """
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from .. import backend, checks, reference
+from ._fast import kernel_op
 
 _REDUCTIONS = ("none", "mean", "sum")
 
 
-@torch.library.custom_op("fastnote::patch_nce_loss", mutates_args=())
+@kernel_op("fastnote::patch_nce_loss")
 def _forward_op(q: Tensor, k: Tensor, groups: int, nce_T: float) -> List[Tensor]:
     """[loss fp32 [R], row statistics fp32 [2, R] (running max, log2 of the sum; for backward)]."""
     from ..triton_kernels import patch_nce as kernels
@@ -34,14 +36,14 @@ def _(q, k, groups, nce_T):
     return [q.new_empty((q.shape[0],), dtype=torch.float32), q.new_empty((2, q.shape[0]), dtype=torch.float32)]
 
 
-@torch.library.custom_op("fastnote::patch_nce_loss_backward", mutates_args=())
+@kernel_op("fastnote::patch_nce_loss_backward")
 def _backward_op(grad: Tensor, q: Tensor, k: Tensor, loss: Tensor, stats: Tensor, groups: int, nce_T: float,
                  with_dk: bool) -> List[Tensor]:
     """[dq, dk] in q's dtype; dk is empty ([0]) unless ``with_dk``."""
     from ..triton_kernels import patch_nce as kernels
 
     q, k, loss, stats = checks.contiguous(q, k, loss, stats)
-    dq = backend.empty(q.shape, q.dtype, q.device)
+    dq = backend.empty_like(q)
     dk = backend.empty(k.shape if with_dk else (0,), k.dtype, k.device)
     kernels.backward(grad.float(), q, k, loss, stats, groups, nce_T, dq, dk if with_dk else None)
     return [dq, dk]
@@ -72,8 +74,22 @@ def _backward(ctx, grads):
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+_TENSORS = (Tensor, torch.nn.Parameter)   # exact types the quick checks accept (others: full checks)
+
+
 def _check(feat_q, feat_k, batch_size, nce_T, include_all_negatives_from_minibatch) -> int:
     """Validates the inputs; returns the number of groups G."""
+    # The common case in a few comparisons; anything else goes through the checks, for the message.
+    if (type(feat_q) in _TENSORS and type(feat_k) in _TENSORS and feat_q.dtype in checks.FLOAT_DTYPES
+            and feat_k.dtype == feat_q.dtype and feat_q.dim() == 2 and feat_k.shape == feat_q.shape
+            and feat_q.shape[1] and feat_k.device == feat_q.device
+            and type(nce_T) in (float, int) and 0 < nce_T < math.inf
+            and type(batch_size) is int and batch_size >= 1
+            and type(include_all_negatives_from_minibatch) is bool):
+        if include_all_negatives_from_minibatch:
+            return 1
+        if feat_q.shape[0] % batch_size == 0:
+            return batch_size
     checks.tensor("feat_q", feat_q, ndim=2)
     checks.tensor("feat_k", feat_k, ndim=2)
     checks.shape("feat_k", feat_k, list(feat_q.shape))
@@ -129,7 +145,8 @@ def patch_nce_loss(feat_q: Tensor, feat_k: Tensor, batch_size: int, nce_T: float
     True
     """
     groups = _check(feat_q, feat_k, batch_size, nce_T, include_all_negatives_from_minibatch)
-    checks.choice("reduction", reduction, _REDUCTIONS)
+    if reduction not in _REDUCTIONS:
+        checks.choice("reduction", reduction, _REDUCTIONS)
     if not isinstance(detach_k, bool):
         raise TypeError(f"detach_k must be a bool, got {type(detach_k).__name__}")
     q, k = _cast(feat_q, feat_k)

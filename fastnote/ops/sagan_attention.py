@@ -17,11 +17,14 @@ import torch
 from torch import Tensor
 
 from .. import backend, checks, reference
+from ._fast import kernel_op
 
 
-@torch.library.custom_op("fastnote::sagan_attention", mutates_args=())
+@kernel_op("fastnote::sagan_attention")
 def _forward_op(q: Tensor, k: Tensor, v: Tensor, x: Optional[Tensor], gamma: Optional[Tensor]) -> List[Tensor]:
-    """[out, O in fp32 (empty when out is O in fp32 already), lse [B, N] fp32]."""
+    """[out, O in fp32 (empty when out is O in fp32 already), lse [B, N] fp32]. x: [B, d_v, N], or
+    [B, d_v, W, H] with W*H = N (then out has x's shape: no reshape outside the op, so none in the
+    autograd graph)."""
     from ..triton_kernels import sagan_attention as kernels
 
     kernels.check_sizes(q, v)
@@ -29,19 +32,22 @@ def _forward_op(q: Tensor, k: Tensor, v: Tensor, x: Optional[Tensor], gamma: Opt
     out = backend.empty(out_shape, q.dtype, q.device)
     o = backend.empty(o_shape, torch.float32, q.device)
     lse = backend.empty(lse_shape, torch.float32, q.device)
-    if x is not None:
-        gamma = gamma.reshape(1).float()
+    # gamma is read as one element of its own dtype; a 4-D x is read through its strides when its
+    # last two dimensions merge into one (else one copy), and out is written as [B, d_v, N]
+    if x is not None and x.dim() == 4 and x.stride(2) != x.shape[3] * x.stride(3):
+        x = x.reshape(o_shape)
     kernels.forward(q, k, v, x, gamma, out, o if o.dim() == 3 else None, lse)
     return [out, o, lse]
 
 
 def _shapes(q, v, x):
-    """out [B, d_v, N]; the saved O in fp32 [B, d_v, N], or [0] when it is ``out`` itself (fp32
-    without a residual); lse [B, N]."""
+    """out [B, d_v, N] (x's shape when x is given); the saved O in fp32 [B, d_v, N], or [0] when it
+    is ``out`` itself (fp32 without a residual); lse [B, N]."""
     B, _, N = q.shape
     shape = (B, v.shape[1], N)
-    o_separate = x is not None or q.dtype != torch.float32
-    return shape, shape if o_separate else (0,), (B, N)
+    if x is not None:
+        return tuple(x.shape), shape, (B, N)
+    return shape, shape if q.dtype != torch.float32 else (0,), (B, N)
 
 
 @_forward_op.register_fake
@@ -51,18 +57,17 @@ def _(q, k, v, x, gamma):
             q.new_empty(lse_shape, dtype=torch.float32)]
 
 
-@torch.library.custom_op("fastnote::sagan_attention_backward", mutates_args=())
+@kernel_op("fastnote::sagan_attention_backward")
 def _backward_op(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
                  gamma: Optional[Tensor]) -> List[Tensor]:
     """[dq, dk, dv, r] with r[b, n] = sum_c grad * O (fp32; gamma's gradient is sum(r))."""
     from ..triton_kernels import sagan_attention as kernels
 
-    grad = grad.to(q.dtype)
-    if gamma is not None:
-        gamma = gamma.reshape(1).float()
-    dq = backend.empty(q.shape, q.dtype, q.device)
-    dk = backend.empty(k.shape, k.dtype, k.device)
-    dv = backend.empty(v.shape, v.dtype, v.device)
+    if grad.dtype != q.dtype:
+        grad = grad.to(q.dtype)
+    dq = backend.empty_like(q)
+    dk = backend.empty_like(k)
+    dv = backend.empty_like(v)
     r = backend.empty((q.shape[0], q.shape[2]), torch.float32, q.device)
     kernels.backward(grad, q, k, v, o.contiguous(), lse.contiguous(), gamma, dq, dk, dv, r)
     return [dq, dk, dv, r]
@@ -85,11 +90,12 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grads):
     grad = grads[0]
     q, k, v, o, lse, gamma = ctx.saved_tensors
-    dq, dk, dv, r = _backward_op(grad, q, k, v, o, lse, gamma)
+    flat = grad if grad.dim() == 3 else grad.reshape(q.shape[0], v.shape[1], q.shape[2])
+    dq, dk, dv, r = _backward_op(flat, q, k, v, o, lse, gamma)
     if not ctx.has_residual:
         return dq, dk, dv, None, None
     dgamma = r.sum().to(gamma.dtype).reshape(gamma.shape)
-    return dq, dk, dv, grad.to(ctx.x_dtype), dgamma
+    return dq, dk, dv, grad if grad.dtype == ctx.x_dtype else grad.to(ctx.x_dtype), dgamma
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -102,7 +108,35 @@ def _attention_map(q: Tensor, k: Tensor) -> Tensor:
         return energy.softmax(dim=-1).to(q.dtype)
 
 
+_TENSORS = (Tensor, torch.nn.Parameter)   # exact types the quick checks accept (others: full checks)
+
+
+def _inputs_ok(q, k, v, x, gamma) -> bool:
+    """The common case of ``_check`` in a few comparisons (False: let the checks decide)."""
+    if not (type(q) in _TENSORS and type(k) in _TENSORS and type(v) in _TENSORS and q.dtype in checks.FLOAT_DTYPES
+            and k.dtype in checks.FLOAT_DTYPES and v.dtype in checks.FLOAT_DTYPES
+            and q.dim() == 3 and k.dim() == 3 and v.dim() == 3 and q.device == k.device == v.device):
+        return False
+    B, d_qk, N = q.shape
+    N_k = k.shape[2]
+    d_v = v.shape[1]
+    if not (k.shape[0] == B and k.shape[1] == d_qk and v.shape[0] == B and v.shape[2] == N_k and d_qk and d_v
+            and (N_k or not N)):
+        return False
+    if x is None:
+        return gamma is None
+    if not (type(x) in _TENSORS and type(gamma) in _TENSORS and x.dtype in checks.FLOAT_DTYPES
+            and gamma.dtype in checks.FLOAT_DTYPES and gamma.numel() == 1 and x.device == q.device
+            and gamma.device == q.device):
+        return False
+    shape = x.shape
+    return (len(shape) == 3 and shape == (B, d_v, N)) or (
+        len(shape) == 4 and shape[0] == B and shape[1] == d_v and shape[2] * shape[3] == N)
+
+
 def _check(q, k, v, x, gamma):
+    if _inputs_ok(q, k, v, x, gamma):
+        return
     q = checks.tensor("q", q, ndim=3)
     k = checks.tensor("k", k, ndim=3)
     v = checks.tensor("v", v, ndim=3)
@@ -160,13 +194,11 @@ def sagan_attention(q: Tensor, k: Tensor, v: Tensor, x: Optional[Tensor] = None,
         dtype = torch.get_autocast_dtype(q.device.type)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         x = x.to(dtype) if x is not None else None
-    checks.same_dtype(q=q, k=k, v=v, x=x)
+    if not (k.dtype == q.dtype and v.dtype == q.dtype and (x is None or x.dtype == q.dtype)):
+        checks.same_dtype(q=q, k=k, v=v, x=x)
     if not backend.use_triton(q.device):
         return reference.sagan_attention(q, k, v, x=x, gamma=gamma, return_attention=return_attention)
-    x3 = x.reshape(q.shape[0], v.shape[1], q.shape[2]) if x is not None else None
-    out = _forward_op(q, k, v, x3, gamma)[0]
-    if x is not None:
-        out = out.reshape(x.shape)
+    out = _forward_op(q, k, v, x, gamma)[0]
     if return_attention:
         return out, _attention_map(q, k)
     return out

@@ -9,61 +9,77 @@ import torch
 from torch import Tensor
 
 from .. import backend, checks, reference
+from ._fast import kernel_op
 
 ACTIVATIONS = ("relu", "silu", "hard_swish")
 GATES = ("hard_sigmoid", "sigmoid")
 # The excitation MLP runs one program per image holding the squeeze vector on chip; wider
 # squeezes (none in MobileNetV3/EfficientNet) take the reference path.
 MAX_SQUEEZE = 1024
+_TENSORS = (Tensor, torch.nn.Parameter)   # exact types the quick checks accept (others: full checks)
 
-@torch.library.custom_op("fastnote::squeeze_excitation", mutates_args=())
+@kernel_op("fastnote::squeeze_excitation")
 def _forward_op(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
                 activation: str, gate: str, hswish: bool) -> List[Tensor]:
     from ..triton_kernels import squeeze_excitation as kernels
 
     x = x.contiguous()
-    s = kernels.plane_reduce(x, None, hswish, 1.0 / max(x[0, 0].numel() if x.numel() else 1, 1))
-    g = kernels.mlp_forward(s, w1.contiguous(), b1, w2.contiguous(), b2, activation, gate)
-    out = kernels.apply(x, g, hswish, backend.empty(x.shape, x.dtype, x.device))
-    return [out, s]
+    s = kernels.plane_reduce(x, None, hswish, 1.0 / max(x.shape[2] * x.shape[3] if x.numel() else 1, 1))
+    g = kernels.mlp_forward(s, _matrix(w1), b1, _matrix(w2), b2, activation, gate)
+    out = kernels.apply(x, g, hswish, backend.empty_like(x))
+    return [out, s, g]     # s and g, [B, C] fp32 each, are kept for backward
+
+
+def _matrix(w: Tensor) -> Tensor:
+    """A weight [out, in] or conv-shaped [out, in, 1, 1] as a contiguous [out, in] matrix."""
+    return (w if w.dim() == 2 else w.reshape(w.shape[0], w.shape[1])).contiguous()
 
 
 @_forward_op.register_fake
 def _(x, w1, b1, w2, b2, activation, gate, hswish):
-    return [x.new_empty(x.shape), x.new_empty(x.shape[:2], dtype=torch.float32)]
+    return [x.new_empty(x.shape), x.new_empty(x.shape[:2], dtype=torch.float32),
+            x.new_empty(x.shape[:2], dtype=torch.float32)]
 
 
-@torch.library.custom_op("fastnote::squeeze_excitation_backward", mutates_args=())
-def _backward_op(grad: Tensor, x: Tensor, s: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
+@kernel_op("fastnote::squeeze_excitation_backward")
+def _backward_op(grad: Tensor, x: Tensor, s: Tensor, g: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
                  activation: str, gate: str, hswish: bool) -> List[Tensor]:
+    """g: the forward's gate values (saved: [B, C] fp32, cheaper than a launch to recompute)."""
     from ..triton_kernels import squeeze_excitation as kernels
 
     x = x.contiguous()
-    grad = grad.to(x.dtype).contiguous()
-    w1, w2 = w1.contiguous(), w2.contiguous()
-    g = kernels.mlp_forward(s, w1, b1, w2, b2, activation, gate)
+    grad = (grad if grad.dtype == x.dtype else grad.to(x.dtype)).contiguous()
+    m1, m2 = _matrix(w1), _matrix(w2)
     dg = kernels.plane_reduce(x, grad, hswish, 1.0)
-    ds, dw1, db1, dw2, db2 = kernels.mlp_backward(s, w1, b1, w2, b2, dg, activation, gate)
-    dx = kernels.input_grad(grad, x, g, ds, hswish, backend.empty(x.shape, x.dtype, x.device))
-    return [dx, dw1.to(w1.dtype), db1.to(b1.dtype), dw2.to(w2.dtype), db2.to(b2.dtype)]
+    ds, dw1, db1, dw2, db2 = kernels.mlp_backward(s, m1, b1, m2, b2, dg, activation, gate)
+    dx = kernels.input_grad(grad, x, g, ds, hswish, backend.empty_like(x))
+    return [dx, _like(dw1, w1), _like(db1, b1), _like(dw2, w2), _like(db2, b2)]
+
+
+def _like(grad: Tensor, param: Tensor) -> Tensor:
+    """The fp32 gradient in the parameter's dtype and shape (conv-shaped weights), without a call
+    where nothing changes."""
+    if grad.dtype != param.dtype:
+        grad = grad.to(param.dtype)
+    return grad if grad.dim() == param.dim() else grad.reshape(param.shape)
 
 
 @_backward_op.register_fake
-def _(grad, x, s, w1, b1, w2, b2, activation, gate, hswish):
+def _(grad, x, s, g, w1, b1, w2, b2, activation, gate, hswish):
     return [x.new_empty(x.shape), w1.new_empty(w1.shape), b1.new_empty(b1.shape),
             w2.new_empty(w2.shape), b2.new_empty(b2.shape)]
 
 
 def _setup_context(ctx, inputs, output):
     x, w1, b1, w2, b2, activation, gate, hswish = inputs
-    ctx.save_for_backward(x, output[1], w1, b1, w2, b2)
+    ctx.save_for_backward(x, output[1], output[2], w1, b1, w2, b2)
     ctx.config = (activation, gate, hswish)
 
 
 def _backward(ctx, grads):
     grad = grads[0]
-    x, s, w1, b1, w2, b2 = ctx.saved_tensors
-    dx, dw1, db1, dw2, db2 = _backward_op(grad, x, s, w1, b1, w2, b2, *ctx.config)
+    x, s, g, w1, b1, w2, b2 = ctx.saved_tensors
+    dx, dw1, db1, dw2, db2 = _backward_op(grad, x, s, g, w1, b1, w2, b2, *ctx.config)
     return dx, dw1, db1, dw2, db2, None, None, None
 
 
@@ -71,6 +87,21 @@ _forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _weights(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
+    """The weights as given (2-D or conv-shaped, the op takes both) and the biases (zeros for None)."""
+    w1, b1, w2, b2 = fc1_weight, fc1_bias, fc2_weight, fc2_bias
+    # The common case in a few comparisons; anything else goes through the checks, for the message.
+    if (type(w1) in _TENSORS and type(w2) in _TENSORS and type(b1) in _TENSORS and type(b2) in _TENSORS
+            and w1.dtype in checks.FLOAT_DTYPES and w2.dtype in checks.FLOAT_DTYPES
+            and b1.dtype in checks.FLOAT_DTYPES and b2.dtype in checks.FLOAT_DTYPES):
+        Cr, C = w1.shape[0], x.shape[1]
+        if (w1.shape in ((Cr, C), (Cr, C, 1, 1)) and w2.shape in ((C, Cr), (C, Cr, 1, 1))
+                and b1.shape == (Cr,) and b2.shape == (C,)
+                and x.device == w1.device == w2.device == b1.device == b2.device):
+            return w1, b1, w2, b2
+    return _checked_weights(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+
+
+def _checked_weights(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
     C = x.shape[1]
     w1 = checks.tensor("fc1_weight", fc1_weight, ndim=(2, 4))
     w2 = checks.tensor("fc2_weight", fc2_weight, ndim=(2, 4))
@@ -82,13 +113,16 @@ def _weights(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
     checks.shape("fc1_bias", b1, [Cr])
     checks.shape("fc2_bias", b2, [C])
     checks.same_device(x=x, fc1_weight=w1, fc1_bias=b1, fc2_weight=w2, fc2_bias=b2)
-    return w1.reshape(Cr, C), b1, w2.reshape(C, Cr), b2
+    return w1, b1, w2, b2
 
 
 def _se(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, gate, hswish):
-    checks.tensor("x", x, ndim=4)
-    checks.choice("activation", activation, ACTIVATIONS)
-    checks.choice("gate", gate, GATES)
+    if not (type(x) in _TENSORS and x.dtype in checks.FLOAT_DTYPES and x.dim() == 4):
+        checks.tensor("x", x, ndim=4)
+    if activation not in ACTIVATIONS:
+        checks.choice("activation", activation, ACTIVATIONS)
+    if gate not in GATES:
+        checks.choice("gate", gate, GATES)
     w1, b1, w2, b2 = _weights(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
     if not backend.use_triton(x.device) or w1.shape[0] > MAX_SQUEEZE:
         fn = reference.hswish_se if hswish else reference.squeeze_excitation

@@ -9,10 +9,11 @@ import torch
 from torch import Tensor
 
 from .. import backend, checks, reference
+from ._fast import kernel_op
 from .gram import fake_grad_buffer, grad_buffer
 
 
-@torch.library.custom_op("fastnote::tv_loss", mutates_args=())
+@kernel_op("fastnote::tv_loss")
 def _tv_op(y: Tensor) -> Tensor:
     from ..triton_kernels import gram as kernels
 
@@ -24,7 +25,7 @@ def _(y):
     return y.new_empty((), dtype=torch.float32)
 
 
-@torch.library.custom_op("fastnote::tv_loss_backward", mutates_args=())
+@kernel_op("fastnote::tv_loss_backward")
 def _tv_backward_op(grad: Tensor, y: Tensor) -> Tensor:
     from ..triton_kernels import gram as kernels
 

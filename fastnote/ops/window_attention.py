@@ -9,6 +9,7 @@ ignored. Dropout on the attention probabilities is not implemented (``WindowAtte
 """
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Sequence, Union
 
 import torch
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import backend, checks, reference
+from ._fast import kernel_op
 
 # One definition each, shared with the modules: Swin's mask value for pairs across regions, the
 # relative position index and the bias gathered from the table.
@@ -39,13 +41,13 @@ def _unit_last_stride(t: Tensor) -> Tensor:
 # Core op: q, k, v [B*nW, heads, N, d]
 # ----------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("fastnote::window_attention", mutates_args=())
+@kernel_op("fastnote::window_attention")
 def _forward_op(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Optional[Tensor],
                 scale: float) -> List[Tensor]:
     from ..triton_kernels import window_attention as kernels
 
     q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
-    out = backend.empty(q.shape, q.dtype, q.device)
+    out = backend.empty_like(q)
     lse = backend.empty(q.shape[:3], torch.float32, q.device)
     bias, mask = checks.contiguous(bias, mask)
     kernels.forward(q, k, v, bias, mask, scale, out, lse)
@@ -57,14 +59,14 @@ def _(q, k, v, bias, mask, scale):
     return [q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)]
 
 
-@torch.library.custom_op("fastnote::window_attention_backward", mutates_args=())
+@kernel_op("fastnote::window_attention_backward")
 def _backward_op(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                  bias: Optional[Tensor], mask: Optional[Tensor], scale: float, bias_grad: bool) -> List[Tensor]:
     from ..triton_kernels import window_attention as kernels
 
     q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
     grad = grad.to(q.dtype).contiguous()
-    dq, dk, dv = (backend.empty(q.shape, q.dtype, q.device) for _ in range(3))
+    dq, dk, dv = (backend.empty_like(q) for _ in range(3))
     out, lse, bias, mask = checks.contiguous(out, lse, bias, mask)
     dbias = kernels.backward(grad, q, k, v, out, lse, bias, bias_grad and bias is not None, mask, scale, dq, dk, dv)
     dbias = dbias.to(bias.dtype) if dbias is not None else q.new_empty(0)
@@ -119,6 +121,43 @@ def window_attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = N
     >>> fastnote.window_attention(q, k, v, bias=torch.zeros(3, 49, 49), mask=torch.zeros(2, 49, 49)).shape
     torch.Size([4, 3, 49, 32])
     """
+    if not _core_inputs_ok(q, k, v, bias, mask):
+        _check_core(q, k, v, bias, mask)
+    scale = checks.scale(scale, q.shape[3])
+    dtype = checks.autocast_dtype(q.device)
+    if dtype is not None:
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    if not backend.use_triton(q.device):
+        return reference.window_attention(q, k, v, bias=bias, mask=mask, scale=scale)
+    return _forward_op(q, k, v, bias, mask, scale)[0]
+
+
+_TENSORS = (Tensor, torch.nn.Parameter)   # exact types the quick checks accept (others: full checks)
+
+
+def _core_inputs_ok(q, k, v, bias, mask) -> bool:
+    """The common case of ``_check_core`` in a few comparisons (False: let the checks decide)."""
+    if not (type(q) in _TENSORS and type(k) in _TENSORS and type(v) in _TENSORS and q.dtype in checks.FLOAT_DTYPES
+            and k.dtype == q.dtype and v.dtype == q.dtype and q.dim() == 4 and k.shape == q.shape
+            and v.shape == q.shape and q.device == k.device == v.device):
+        return False
+    B_, heads, N, _ = q.shape
+    if bias is not None and not (type(bias) in _TENSORS and bias.dtype in (q.dtype, torch.float32)
+                                 and bias.shape == (heads, N, N) and bias.device == q.device):
+        return False
+    if mask is not None:
+        if not (type(mask) in _TENSORS and mask.dtype in checks.FLOAT_DTYPES and mask.dim() == 3):
+            return False
+        nW = mask.shape[0]
+        if not (mask.shape[1] == N and mask.shape[2] == N and nW and B_ % nW == 0 and not mask.requires_grad
+                and mask.device == q.device):
+            return False
+    return True
+
+
+def _check_core(q, k, v, bias, mask) -> None:
+    """``window_attention``'s checks, each failure with its message."""
     checks.tensor("q", q, ndim=4)
     checks.tensor("k", k, ndim=4)
     checks.tensor("v", v, ndim=4)
@@ -139,21 +178,13 @@ def window_attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = N
             raise ValueError("mask must not require grad: it is a constant (Swin's shift mask buffer) and "
                              "window_attention computes no gradient for it; pass mask.detach()")
     checks.same_device(q=q, k=k, v=v, bias=bias, mask=mask)
-    scale = checks.scale(scale, d)
-    dtype = checks.autocast_dtype(q.device)
-    if dtype is not None:
-        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
-    if not backend.use_triton(q.device):
-        return reference.window_attention(q, k, v, bias=bias, mask=mask, scale=scale)
-    return _forward_op(q, k, v, bias, mask, scale)[0]
 
 
 # ----------------------------------------------------------------------------------------------
 # Fused block path: qkv [B, H, W, 3C] -> attention output [B, H, W, C] (before proj)
 # ----------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("fastnote::swin_window_attention", mutates_args=())
+@kernel_op("fastnote::swin_window_attention")
 def _block_forward_op(qkv: Tensor, qkv_bias: Optional[Tensor], bias: Optional[Tensor], window_size: int,
                       num_heads: int, shift_size: int, scale: float, mask_value: float,
                       roll_first: bool) -> List[Tensor]:
@@ -183,7 +214,7 @@ def _(qkv, qkv_bias, bias, window_size, num_heads, shift_size, scale, mask_value
             qkv.new_empty(_lse_shape(qkv, window_size, num_heads), dtype=torch.float32)]
 
 
-@torch.library.custom_op("fastnote::swin_window_attention_backward", mutates_args=())
+@kernel_op("fastnote::swin_window_attention_backward")
 def _block_backward_op(grad: Tensor, qkv: Tensor, qkv_bias: Optional[Tensor], bias: Optional[Tensor],
                        out: Tensor, lse: Tensor, window_size: int, num_heads: int, shift_size: int,
                        scale: float, mask_value: float, roll_first: bool, bias_grad: bool) -> List[Tensor]:
@@ -191,7 +222,7 @@ def _block_backward_op(grad: Tensor, qkv: Tensor, qkv_bias: Optional[Tensor], bi
 
     qkv, qkv_bias, bias, out, lse = checks.contiguous(qkv, qkv_bias, bias, out, lse)
     grad = grad.to(qkv.dtype).contiguous()
-    dqkv = backend.empty(qkv.shape, qkv.dtype, qkv.device)
+    dqkv = backend.empty_like(qkv)
     dqkv_bias = torch.zeros(qkv.shape[-1], dtype=torch.float32, device=qkv.device)  # accumulated into
     bias_grad = bias_grad and bias is not None
     dbias = kernels.fused_backward(grad, qkv, qkv_bias, bias, bias_grad, out, lse, window_size, shift_size,
@@ -226,9 +257,36 @@ def _block_backward(ctx, grads):
 _block_forward_op.register_autograd(_block_backward, setup_context=_block_setup_context)
 
 
+def _block_inputs_ok(x, qkv_weight, qkv_bias, proj_weight, proj_bias, table, window_size, num_heads, shift_size,
+                     index, mask_value) -> bool:
+    """The common case of ``_check_block`` in a few comparisons (False: let the checks decide):
+    int window, heads and shift, one dtype and device for every tensor."""
+    if not (type(x) in _TENSORS and x.dtype in checks.FLOAT_DTYPES and x.dim() == 4
+            and type(window_size) is int and type(num_heads) is int and type(shift_size) is int
+            and window_size >= 1 and num_heads >= 1 and 0 <= shift_size < window_size
+            and type(mask_value) in (float, int) and -math.inf < mask_value < math.inf):
+        return False
+    C = x.shape[3]
+    if C % num_heads:
+        return False
+    dtype, device = x.dtype, x.device
+    for t, shape in ((qkv_weight, (3 * C, C)), (qkv_bias, (3 * C,)), (proj_weight, (C, C)), (proj_bias, (C,)),
+                     (table, ((2 * window_size - 1) ** 2, num_heads))):
+        if t is None and len(shape) == 1:
+            continue
+        if not (type(t) in _TENSORS and t.dtype == dtype and t.shape == shape and t.device == device):
+            return False
+    n = window_size * window_size
+    return index is None or (type(index) in _TENSORS and index.dtype in (torch.int64, torch.int32)
+                             and index.shape == (n, n) and index.device == device)
+
+
 def _check_block(x, qkv_weight, qkv_bias, proj_weight, proj_bias, table, window_size, num_heads, shift_size,
                  index, scale, mask_value):
     """Checks of ``swin_window_attention``; returns (window, heads, shift, scale)."""
+    if _block_inputs_ok(x, qkv_weight, qkv_bias, proj_weight, proj_bias, table, window_size, num_heads, shift_size,
+                        index, mask_value):
+        return window_size, num_heads, shift_size, checks.scale(scale, x.shape[3] // num_heads)
     checks.tensor("x", x, ndim=4)
     C = x.shape[-1]
     wh, ww = checks.window_pair("window_size", window_size)

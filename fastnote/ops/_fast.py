@@ -1,0 +1,156 @@
+"""One definition per kernel op, two ways to call it.
+
+Every Triton op is a ``torch.library`` custom op (``fastnote::<op>``) with a fake and an autograd
+registration, which is what ``torch.compile`` traces (there the op costs nothing per call) and what
+``torch.ops.fastnote.*`` users call. In eager mode that machinery costs more host time per call
+than the kernels themselves on small and medium tensors: the dispatcher (~20 us) and the autograd
+wrapper of ``register_autograd`` (~60 us on an H200 host, forward and backward). ``kernel_op``
+therefore gives, from the same Python pieces, a second way in:
+
+- ``op = kernel_op("fastnote::name")(body)`` registers ``body`` (the function that launches the
+  kernels) as the custom op, and ``op.register_fake`` / ``op.register_autograd(backward,
+  setup_context=...)`` register the fake and the autograd formula as ``torch.library`` does;
+- ``op(*args)`` is what the public functions call. In eager mode, with plain tensors, it runs
+  ``body`` directly when no gradient is wanted, and otherwise a ``torch.autograd.Function``
+  built from ``body``, ``setup_context`` and ``backward``; the backward ops are ``KernelOp`` too,
+  so the backward also calls its body without the dispatcher. While compiling or tracing (fake
+  tensors, a torch function or dispatch mode, functorch transforms), for tensor subclasses, under
+  ``create_graph`` for ops without autograd, or with ``FORCE_CUSTOM_OP`` set, it calls the custom
+  op instead.
+
+Both ways run the same body, ``setup_context`` and ``backward``, so they give bitwise-identical
+results (``tests/test_overhead.py`` checks it for every op). Outputs after the first
+``differentiable_outputs`` of a multi-output op are statistics saved for backward: both ways mark
+them non-differentiable and materialise no zero gradients for them (a ``None`` gradient of a
+differentiable output is still given as zeros, as ``torch.library``'s autograd does).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+# Module switch for tests: True sends every call through the custom op (the dispatcher path).
+FORCE_CUSTOM_OP = False
+
+_PLAIN_TYPES = (Tensor, torch.nn.Parameter)
+_is_compiling = torch.compiler.is_compiling
+_torch_function_mode = torch._C._is_torch_function_mode_enabled
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_functorch_active = torch._C._are_functorch_transforms_active
+_grad_enabled = torch.is_grad_enabled
+_any_requires_grad = torch._C._any_requires_grad
+# autograd.Function.apply without the Python wrapper of torch.autograd.Function.apply, which binds
+# default arguments through inspect.signature (setup_context style only) and unwraps functorch
+# wrappers (no transform is active where this is used).
+_function_apply = torch._C._FunctionBase.__dict__["apply"]
+
+
+def eager_call(args: Sequence) -> bool:
+    """True when ``args`` may go to the bodies directly: eager mode, plain tensors, no mode active."""
+    if FORCE_CUSTOM_OP or _is_compiling() or _torch_function_mode() or _dispatch_modes() or _functorch_active():
+        return False
+    for a in args:
+        if isinstance(a, Tensor) and type(a) not in _PLAIN_TYPES:
+            return False
+    return True
+
+
+class KernelOp:
+    """A custom op and its eager twin; see the module docstring."""
+
+    def __init__(self, qualname: str, body: Callable, mutates_args=()) -> None:
+        self.body = body
+        self.custom_op = torch.library.custom_op(qualname, body, mutates_args=mutates_args)
+        self.__name__ = getattr(body, "__name__", qualname)
+        self.__doc__ = body.__doc__
+        returns = self.custom_op._opoverload._schema.returns
+        self._list_output = len(returns) == 1 and isinstance(returns[0].type, torch._C.ListType)
+        self._autograd: Optional[Callable] = None
+
+    def __repr__(self) -> str:
+        return f"KernelOp({self.custom_op._qualname})"
+
+    def register_fake(self, fn: Callable) -> Callable:
+        self.custom_op.register_fake(fn)
+        return fn
+
+    def register_autograd(self, backward: Callable, *, setup_context: Callable,
+                          differentiable_outputs: int = 1) -> None:
+        """``torch.library``'s ``register_autograd`` for the custom op, and the eager
+        ``autograd.Function`` from the same ``backward`` and ``setup_context``. For a list output,
+        its first ``differentiable_outputs`` tensors carry gradients, the others are saved
+        statistics."""
+        if self._list_output:
+            setup_context, backward = _statistics_outputs(setup_context, backward, differentiable_outputs)
+        self.custom_op.register_autograd(backward, setup_context=setup_context)
+        function = _autograd_function(self.custom_op._name, self.body, backward, setup_context,
+                                      self._list_output)
+        self._autograd = _function_apply.__get__(None, function)
+
+    def __call__(self, *args):
+        if eager_call(args):
+            if not (_grad_enabled() and _any_requires_grad(*args)):
+                return self.body(*args)
+            if self._autograd is not None:
+                return self._autograd(*args)
+        return self.custom_op(*args)
+
+
+def kernel_op(qualname: str, *, mutates_args=()) -> Callable[[Callable], KernelOp]:
+    """Decorator: ``@kernel_op("fastnote::name")`` on the body, as ``torch.library.custom_op``."""
+    def wrap(body: Callable) -> KernelOp:
+        return KernelOp(qualname, body, mutates_args)
+    return wrap
+
+
+def _statistics_outputs(setup_context: Callable, backward: Callable, n_diff: int):
+    """``setup_context`` and ``backward`` for a list output whose tensors after the first ``n_diff``
+    are statistics saved for backward: marked non-differentiable, and no zero gradients made for
+    them (autograd would otherwise allocate one per statistic for every backward: SAGAN's saved
+    fp32 O, 128 MiB of a 418 MiB peak at B=8, C=256, 128x128). A missing gradient of a
+    differentiable output is still given as zeros, as ``torch.library``'s autograd gives it.
+    The same wrappers serve the custom op and the eager ``autograd.Function``."""
+    def setup(ctx, inputs, output):
+        setup_context(ctx, inputs, output)
+        if len(output) > n_diff:
+            ctx.mark_non_differentiable(*output[n_diff:])
+            ctx.set_materialize_grads(False)
+            ctx.differentiable_outputs = tuple((o.shape, o.dtype, o.device) for o in output[:n_diff])
+
+    def backward_(ctx, grads):
+        kept = getattr(ctx, "differentiable_outputs", None)
+        if kept is not None and any(g is None for g in grads[:n_diff]):
+            grads = tuple(torch.zeros(shape, dtype=dtype, device=device) if g is None else g
+                          for g, (shape, dtype, device) in zip(grads, kept)) + tuple(grads[n_diff:])
+        return backward(ctx, grads)
+
+    return setup, backward_
+
+
+def _autograd_function(name: str, body: Callable, backward: Callable, setup_context: Callable,
+                       list_output: bool) -> type:
+    """The ``torch.autograd.Function`` calling ``body`` forward and ``backward`` backward, with the
+    conventions of ``torch.library.register_autograd``: ``setup_context(ctx, inputs, output)``, and
+    ``backward(ctx, grad)`` for one output, ``backward(ctx, grads)`` for a list output (a tuple
+    here: an autograd.Function returns tuples)."""
+    if not list_output:
+        def forward(ctx, *args):
+            out = body(*args)
+            setup_context(ctx, args, out)
+            return out
+
+        def backward_(ctx, grad):
+            return backward(ctx, grad)
+    else:
+        def forward(ctx, *args):
+            out = tuple(body(*args))
+            setup_context(ctx, args, out)
+            return out
+
+        def backward_(ctx, *grads):
+            return backward(ctx, grads)
+
+    return type(name, (torch.autograd.Function,),
+                {"forward": staticmethod(forward), "backward": staticmethod(backward_)})
