@@ -286,37 +286,44 @@ def main(argv=None) -> int:
             return 2
         entries = [e for e in ENTRIES if e.name in wanted]
 
+    # Each row is printed, and appended to the CSV, as soon as it is measured: a run stopped
+    # from outside (a time limit) keeps every row it finished.
+    header = f"{'op':<20} {'dtype':<5} {'tensor':<18} {'max abs err':>12} {'tolerance':>22}  result"
+    print(header)
+    print("-" * len(header), flush=True)
+    writer = None
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        out_file = open(args.out, "w", newline="", encoding="utf-8")
+        fields = ["op", "dtype", "tensor", "max_abs_err", "atol", "rtol", "status", "note", "device", "backend"]
+        writer = csv.DictWriter(out_file, fieldnames=fields)
+        writer.writeheader()
+        out_file.flush()
     rows = []
     for entry in entries:
         for dtype in dtypes:
             if dtype not in entry.dtypes:
                 continue
             try:
-                rows += compare(entry, dtype, device)
+                new_rows = compare(entry, dtype, device)
             except Exception as exc:
-                rows.append({"op": entry.name, "dtype": DTYPE_NAMES[dtype], "tensor": "-",
+                new_rows = [{"op": entry.name, "dtype": DTYPE_NAMES[dtype], "tensor": "-",
                              "max_abs_err": float("nan"), "atol": float("nan"), "rtol": float("nan"),
-                             "status": "FAIL", "note": f"{type(exc).__name__}: {exc}"[:200]})
-
-    header = f"{'op':<20} {'dtype':<5} {'tensor':<18} {'max abs err':>12} {'tolerance':>22}  result"
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        tol = f"atol=rtol={r['atol']:.0e}" if r["atol"] == r["rtol"] else f"atol={r['atol']:.0e} rtol={r['rtol']:.0e}"
-        note = f"  {r['note']}" if r["note"] else ""
-        print(f"{r['op']:<20} {r['dtype']:<5} {r['tensor']:<18} {r['max_abs_err']:>12.3e} {tol:>22}  "
-              f"{r['status']}{note}")
+                             "status": "FAIL", "note": f"{type(exc).__name__}: {exc}"[:200]}]
+            for r in new_rows:
+                tol = (f"atol=rtol={r['atol']:.0e}" if r["atol"] == r["rtol"]
+                       else f"atol={r['atol']:.0e} rtol={r['rtol']:.0e}")
+                note = f"  {r['note']}" if r["note"] else ""
+                print(f"{r['op']:<20} {r['dtype']:<5} {r['tensor']:<18} {r['max_abs_err']:>12.3e} {tol:>22}  "
+                      f"{r['status']}{note}", flush=True)
+                if writer is not None:
+                    writer.writerow(dict(r, device=where, backend=kernels))
+                    out_file.flush()
+            rows += new_rows
     failed = sum(r["status"] == "FAIL" for r in rows)
     print(f"{len(rows) - failed} passed, {failed} failed")
-
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w", newline="", encoding="utf-8") as f:
-            fields = ["op", "dtype", "tensor", "max_abs_err", "atol", "rtol", "status", "note", "device", "backend"]
-            w = csv.DictWriter(f, fieldnames=fields)
-            w.writeheader()
-            for r in rows:
-                w.writerow(dict(r, device=where, backend=kernels))
+    if writer is not None:
+        out_file.close()
         print(f"wrote {args.out}")
     return 1 if failed else 0
 
