@@ -7,6 +7,10 @@ inputs; bf16 gets twice the fp16 figures.
 """
 from __future__ import annotations
 
+import contextlib
+import os
+from typing import Dict, Iterator
+
 import torch
 
 _FP32 = {"elementwise": 1e-5, "reduction": 2e-4, "two_matmul": 2e-4}
@@ -61,3 +65,20 @@ def rms_relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 def assert_rms_close(actual: torch.Tensor, expected: torch.Tensor, bound: float, msg: str = "") -> None:
     err = rms_relative_error(actual, expected)
     assert err <= bound, f"{msg + ': ' if msg else ''}RMS-relative error {err:.3g} > {bound:.3g}"
+
+
+@contextlib.contextmanager
+def environ(values: Dict[str, str]) -> Iterator[None]:
+    """``os.environ`` updated with ``values`` while inside, then each variable as it was (unset
+    again where it was unset). For settings child processes inherit, or that fastnote reads once
+    (call ``fastnote.backend.refresh()`` inside and after)."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -312,18 +312,10 @@ def no_tf32():
 CHILD_ENV = {"TRITON_INTERPRET": "1", "FASTNOTE_POISON_ALLOC": "1"}
 
 
-@contextlib.contextmanager
 def _interpreted_children():
-    saved = {k: os.environ.get(k) for k in CHILD_ENV}
-    os.environ.update(CHILD_ENV)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    from fastnote.testing import environ
+
+    return environ(CHILD_ENV)
 
 
 @pytest.fixture
