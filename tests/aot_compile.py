@@ -12,8 +12,9 @@ the compiler rejects (tl.dot on tiles under 16, some layouts), so this is what k
 CI honest about the GPU build.
 
 Prints one line per variant with ``--report``: registers per thread and stack (spill) bytes read
-from the sm_90 cubin with cuobjdump, shared memory per target, and the count of approximate fp32
-divisions in its PTX. Then "compiled <variants> variants of <kernels> kernels"; exits 1 after
+from the sm_90 cubin with cuobjdump, shared memory per target, the count of approximate fp32
+divisions in its PTX, its matrix instructions (Hopper's ``wgmma.mma_async`` against Ampere's
+``mma.sync``) and the warps it keeps resident per sm_90 SM out of 64. Then "compiled <variants> variants of <kernels> kernels"; exits 1 after
 listing any variant that needs more shared memory than a target has.
 """
 import os
@@ -56,6 +57,8 @@ def jit_source(fn, args, kwargs, target):
 
 
 APPROX_DIV = re.compile(r"\b(div\.full\.f32|div\.approx(\.ftz)?\.f32)\b")
+WGMMA = re.compile(r"\bwgmma\.mma_async\b")       # Hopper's warpgroup MMA
+MMA_SYNC = re.compile(r"\bmma\.sync\b")            # Ampere's warp MMA
 
 
 def variant_key(fn, args, kwargs):
@@ -93,16 +96,35 @@ def _report_line(fn, constexprs, signature, options, compiled, shared):
         out = subprocess.run([cuobjdump, "--dump-resource-usage", path], capture_output=True, text=True).stdout
     regs = re.search(r"REG:(\d+)", out)
     stack = re.search(r"STACK:(\d+)", out)
-    approx = len(APPROX_DIV.findall(compiled.asm["ptx"]))
+    ptx = compiled.asm["ptx"]
+    approx = len(APPROX_DIV.findall(ptx))
+    wgmma, mma_sync = len(WGMMA.findall(ptx)), len(MMA_SYNC.findall(ptx))
     names = [p.name for p in fn.params]
     consts = {names[k[0]] if isinstance(k, tuple) else k: v for k, v in constexprs.items()
               if v is not None and not isinstance(v, bool) and (names[k[0]] if isinstance(k, tuple) else k).isupper()}
     dtypes = sorted({t for t in signature.values()
                      if isinstance(t, str) and (t.startswith("*fp") or t.startswith("*bf"))})
     smem = ",".join(f"{t}:{b}" for t, b in shared.items())
+    warps = occupancy_warps(int(regs.group(1)) if regs else 255, shared.get(REPORT_TARGET, 0), options.num_warps)
     return (f"{fn.fn.__module__.rsplit('.', 1)[-1]}.{fn.fn.__qualname__:<28} {','.join(dtypes):<16} "
             f"warps={options.num_warps} regs={regs.group(1) if regs else '?':>3} "
-            f"stack={stack.group(1) if stack else '?':>5} approx_div={approx} smem={smem}  {consts}")
+            f"stack={stack.group(1) if stack else '?':>5} approx_div={approx} wgmma={wgmma} mma_sync={mma_sync} "
+            f"occupancy={warps}/{SM90_WARPS}{' LOW' if warps < SM90_WARPS // 4 else ''} smem={smem}  {consts}")
+
+
+# sm_90 per SM: 64K 32-bit registers (allocated per warp in units of 256), 228 KB of shared memory
+# (1 KB of it reserved per block), at most 64 warps and 32 blocks resident.
+SM90_REGS, SM90_SMEM, SM90_WARPS, SM90_BLOCKS = 65536, 233472, 64, 32
+
+
+def occupancy_warps(regs: int, shared: int, num_warps: int) -> int:
+    """Warps of one kernel resident per sm_90 SM, from its registers per thread, shared memory per
+    block and warps per block (the limits the CUDA occupancy calculator applies)."""
+    per_warp = -(-regs * 32 // 256) * 256
+    by_regs = (SM90_REGS // per_warp) // num_warps if per_warp else SM90_BLOCKS
+    by_smem = SM90_SMEM // (shared + 1024)
+    blocks = min(by_regs, by_smem, SM90_WARPS // num_warps, SM90_BLOCKS)
+    return blocks * num_warps
 
 
 def _grad(*tensors):

@@ -336,6 +336,9 @@ def test_harness_gpu_rows_with_a_stand_in_timer(tmp_path, monkeypatch):
     assert (gbps["p50"], gbps["p20"], gbps["p80"]) == pytest.approx((1000.0, 500.0, 2000.0))
     assert eager[("fwd", "throughput", "% of copy BW")]["p50"] == pytest.approx(50.0)
     assert eager[("fwd", "throughput", "% of peak BW")]["p50"] == pytest.approx(100 * 1000 / 3350)
+    # speed of light: 2 GB over the measured 2000 GB/s is 1 ms, so a 2 ms call is at 50% of it
+    assert eager[("fwd", "throughput", "speed-of-light ms")]["p50"] == pytest.approx(1.0)
+    assert eager[("fwd", "throughput", "% of speed of light")]["p50"] == pytest.approx(50.0)
     big = [r for r in rows if r["provider"] == "big"]
     assert big and all(math.isnan(r["p50"]) for r in big)
     assert all(json.loads(r["config"])["note"] == "OOM" for r in big)
@@ -414,6 +417,13 @@ def test_harness_tf32_peak_under_the_new_fp32_precision_api(monkeypatch):
     assert failures == 0
     (peak,) = [r for r in rows if r["unit"] == "% of peak TFLOP/s"]
     assert peak["p50"] == pytest.approx(100 * 1.0 / 494)
+    # 2 GFLOP at 494 TFLOP/s (no byte count here): the bound is the arithmetic's
+    (sol,) = [r for r in rows if r["unit"] == "speed-of-light ms"]
+    assert sol["p50"] == pytest.approx(2e9 / 494e12 * 1e3)
+    # exact fp32 asked for: the better of the FMA units (67) and 3xTF32 (494 / 3)
+    rows, _ = harness.run_benchmark(bench, run, bench.cases, ["fwd"], bench.providers, False)
+    (peak,) = [r for r in rows if r["unit"] == "% of peak TFLOP/s"]
+    assert peak["p50"] == pytest.approx(100 * 1.0 / (494 / 3))
 
 
 def test_merge_keeps_the_rows_a_second_run_does_not_measure(tmp_path):

@@ -32,8 +32,11 @@ def build_report():
 
 
 def _fields(line):
-    found = {k: int(v) for k, v in re.findall(r"(stack|approx_div)=\s*(\d+)", line)}
-    assert set(found) == {"stack", "approx_div"}, line
+    found = {k: int(v) for k, v in re.findall(r"(stack|approx_div|wgmma|mma_sync|occupancy)=\s*(\d+)", line)}
+    assert set(found) == {"stack", "approx_div", "wgmma", "mma_sync", "occupancy"}, line
+    found["low"] = " LOW " in line
+    found["tiles"] = [int(v) for v in re.findall(r"'BLOCK_[MNXY]': (\d+)", line)]
+    found["half"] = "*fp16" in line or "*bf16" in line
     return found
 
 
@@ -68,3 +71,42 @@ def test_hard_activations_divide_exactly(build_report):
     _, variants = build_report
     hard = {line: f["approx_div"] for line, f in variants.items() if line.startswith("hardswish.")}
     assert hard and all(n == 0 for n in hard.values()), hard
+
+
+def test_half_precision_dots_use_hopper_mma(build_report):
+    # On sm_90 a dot whose tiles are 64 or more on both sides can be Hopper's warpgroup MMA
+    # (wgmma.mma_async); Ampere's mma.sync there is a slower path the compiler falls back to (a
+    # layout or a warp count it cannot give wgmma). Tiles under 64 (window attention at 16 or 32
+    # tokens, PatchNCE's key-side tiles of 32) cannot use it.
+    _, variants = build_report
+    big = {line: f for line, f in variants.items() if f["half"] and f["tiles"] and min(f["tiles"]) >= 64}
+    assert big
+    fallen_back = [line for line, f in big.items() if f["mma_sync"]]
+    assert not fallen_back, fallen_back
+    assert any(f["wgmma"] for f in big.values())
+
+
+def test_occupancy_reported(build_report):
+    # resident warps per sm_90 SM from registers, shared memory and warps per block; flagged LOW
+    # under a quarter of the 64 (a variant to look at, not a failure: the report lists them)
+    _, variants = build_report
+    for line, f in variants.items():
+        assert 1 <= f["occupancy"] <= 64, line
+        assert f["low"] == (f["occupancy"] < 16), line
+
+
+def test_occupancy_arithmetic():
+    # aot_compile.py removes TRITON_INTERPRET from the environment when imported (it builds for
+    # the GPU): put it back for the rest of the suite
+    saved = os.environ.get("TRITON_INTERPRET")
+    sys.path.insert(0, HERE)
+    try:
+        from aot_compile import occupancy_warps
+    finally:
+        sys.path.remove(HERE)
+        if saved is not None:
+            os.environ["TRITON_INTERPRET"] = saved
+    assert occupancy_warps(255, 0, 8) == 8           # 32 x 256 registers a warp: 8 warps fit
+    assert occupancy_warps(128, 0, 4) == 16          # 16 warps by registers: 4 blocks of 4
+    assert occupancy_warps(32, 0, 4) == 64           # the warp limit
+    assert occupancy_warps(64, 100 * 1024, 4) == 8   # shared memory: two blocks of 100 KB

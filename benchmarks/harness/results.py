@@ -17,14 +17,40 @@ COLUMNS = ["op", "provider", "mode", "metric", "unit", "x_name", "x_value", "p50
            "config", "gpu", "torch", "triton", "fastnote_commit", "timestamp"]
 
 
+def _flops_peak(run, case):
+    """TFLOP/s the case's dtype can reach: --peak-tflops, else the GPU's nominal figure. fp32 with
+    TF32 allowed counts at TF32's rate; fp32 without it at the better of the FMA units and 3xTF32
+    (a third of TF32's rate), which is what fp32-accurate products can reach at all."""
+    if run.peak_tflops is not None or run.cpu_timing:
+        return run.peak_tflops
+    # Imported here, not at the top: it imports triton, which only the GPU path needs.
+    from fastnote.triton_kernels.utils import fp32_matmul_allows_tf32
+
+    peaks = nominal_peak(run.gpu)
+    name = case.config.get("dtype")
+    if name == "fp32":
+        if fp32_matmul_allows_tf32():
+            return peaks.get("tf32")
+        if "fp32" in peaks and "tf32" in peaks:
+            return max(peaks["fp32"], peaks["tf32"] / 3)
+    return peaks.get(name)
+
+
 def _throughput_rows(bench, run, case, mode, times):
-    """[(unit, p50, p20, p80)]: a shorter time is a higher throughput, so p20 comes from p80."""
+    """[(unit, p50, p20, p80)]: a shorter time is a higher throughput, so p20 comes from p80.
+
+    Speed of light: the op's minimum bytes (``bytes_moved``: each input read once, each output
+    written once) over the measured copy bandwidth (else the nominal one) and its useful FLOPs over
+    the dtype's peak give two times; the larger is the time no implementation can beat. Every
+    provider's row carries it and its own fraction of it, so eager's row says how much faster
+    than eager anything could be."""
     t50, t20, t80 = times
     rows = []
 
     def rate(amount, scale):
         return [amount / scale / (t * 1e-3) if t and t > 0 else float("nan") for t in (t50, t80, t20)]
 
+    bound_ms = []
     nbytes = bench.bytes_moved(case, mode) if bench.bytes_moved else None
     if nbytes:
         gbps = rate(nbytes, 1e9)
@@ -34,21 +60,22 @@ def _throughput_rows(bench, run, case, mode, times):
         peak = run.peak_gbps or (nominal_peak(run.gpu).get("gbps") if not run.cpu_timing else None)
         if peak:
             rows.append(("% of peak BW", *[100 * v / peak for v in gbps]))
+        bw = run.copy_gbps or peak
+        if bw:
+            bound_ms.append(nbytes / (bw * 1e6))
     nflops = bench.flops(case, mode) if bench.flops else None
     if nflops:
         tflops = rate(nflops, 1e12)
         rows.append(("TFLOP/s", *tflops))
-        peak = run.peak_tflops
-        if peak is None and not run.cpu_timing:
-            # Imported here, not at the top: it imports triton, which only the GPU path needs.
-            from fastnote.triton_kernels.utils import fp32_matmul_allows_tf32
-
-            name = case.config.get("dtype")
-            if name == "fp32" and fp32_matmul_allows_tf32():
-                name = "tf32"
-            peak = nominal_peak(run.gpu).get(name)
+        peak = _flops_peak(run, case)
         if peak:
             rows.append(("% of peak TFLOP/s", *[100 * v / peak for v in tflops]))
+            bound_ms.append(nflops / (peak * 1e9))
+    if bound_ms and t50 is not None and not math.isnan(t50):   # nothing for a provider that failed
+        bound = max(bound_ms)
+        rows.append(("speed-of-light ms", bound, bound, bound))
+        rows.append(("% of speed of light",
+                     *[100 * bound / t if t and t > 0 else float("nan") for t in (t50, t80, t20)]))
     return rows
 
 
