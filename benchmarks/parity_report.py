@@ -4,7 +4,7 @@ differentiable input, per dtype, on this machine's device.
 On a GPU the kernels run natively in fp32, fp16 and bf16. Without one the Triton interpreter is
 turned on (before triton is imported), so the Triton kernels themselves are compared, in fp32.
 The reference runs in fp32 on the same input values (low-precision inputs upcast) and with the
-same upstream gradient; tolerances come from ``fastnote.testing`` (DESIGN.md, "Numerics").
+same upstream gradient; tolerances come from ``fastnote.testing`` (docs/design.md section 3.1).
 
     python benchmarks/parity_report.py [--out parity.csv] [--ops hard_swish,hswish_se]
 

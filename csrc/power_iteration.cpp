@@ -1,4 +1,4 @@
-// fastnote::spectral_power_iteration_ (SPEC.md section 6): the op's schema, its CPU kernel and its
+// fastnote::spectral_power_iteration_ (docs/ops.md section 6.1): the op's schema, its CPU kernel and its
 // Autograd-key kernel, laid out as pytorch/extension-cpp lays out an op (schema and CPU kernel
 // here, the CUDA kernel in power_iteration_cuda.cu). The Python fast path built on the op,
 // fastnote._C.spectral_weight, is in spectral_weight.cpp: it is a pybind function with its own
@@ -326,7 +326,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> power_iteration_cpu(
   return {scalar_like(sigma, weight), copy_vector(u), copy_vector(v)};
 }
 
-// The iteration is a constant for autograd (u and v are not differentiated, SPEC.md): below
+// The iteration is a constant for autograd (u and v are not differentiated, docs/ops.md section 6.2): below
 // autograd run the backend kernel, then bump u's and v's version counters as any in-place op
 // does, so a graph that saved the buffers themselves notices the change.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> power_iteration_autograd(

@@ -1,6 +1,6 @@
 """``python -m fastnote report``: the environment fastnote runs in, and a short parity check of
 every op against ``fastnote.reference`` (forward and the gradient of every input, fp32, small
-shapes, DESIGN.md's tolerances). Exit status 1 if a check fails.
+shapes, the tolerances of docs/design.md section 3.1). Exit status 1 if a check fails.
 
 Without a GPU the Triton kernels can only run under the Triton interpreter, which must be turned on
 before triton is imported: unless ``--no-interpret`` is given (or TRITON_INTERPRET is already

@@ -1,4 +1,4 @@
-"""Plain-PyTorch versions of every fastnote op, written from SPEC.md.
+"""Plain-PyTorch versions of every fastnote op, written from docs/ops.md.
 
 This module is the parity oracle for the Triton / CUDA kernels and the CPU fallback. It is
 forward-only: autograd supplies the gradients. It stands alone (torch only) and does no
@@ -70,7 +70,7 @@ def _up(t):
 def hard_sigmoid(x):
     """relu6(x + 3) / 6, elementwise. Any shape; returns x's dtype.
 
-    Goes through ``F.hardsigmoid`` so the gradient at x = -3 and 3 is exactly torch's (SPEC 1).
+    Goes through ``F.hardsigmoid`` so the gradient at x = -3 and 3 is exactly torch's (docs/ops.md section 1.1).
     """
     return F.hardsigmoid(_up(x)).to(x.dtype)
 
@@ -78,7 +78,7 @@ def hard_sigmoid(x):
 def hard_swish(x):
     """x * relu6(x + 3) / 6, elementwise. Any shape; returns x's dtype.
 
-    Goes through ``F.hardswish`` so the gradient at x = -3 and 3 is exactly torch's (SPEC 1).
+    Goes through ``F.hardswish`` so the gradient at x = -3 and 3 is exactly torch's (docs/ops.md section 1.1).
     """
     return F.hardswish(_up(x)).to(x.dtype)
 

@@ -1,4 +1,4 @@
-"""Parity tolerances (DESIGN.md, "Numerics") and a comparison helper used by the tests and the
+"""Parity tolerances (docs/design.md section 3.1) and a comparison helper used by the tests and the
 parity report.
 
 kind: ``elementwise`` (activations, gates), ``reduction`` (sums, means, single matmuls),

@@ -58,7 +58,7 @@ def test_logit_scales(scale, device):
 
 
 def test_large_logits_fp32(device):
-    # Logits ~ 1e3 (norms 3, scale 100): compared with the float64 reference (DESIGN.md).
+    # Logits ~ 1e3 (norms 3, scale 100): compared with the float64 reference (docs/design.md section 3.4).
     _check(*_inputs(33, 24, device, scale=100.0, norm=3.0), oracle=torch.float64)
 
 

@@ -16,7 +16,7 @@ differences into parameter differences linearly, scaled by the learning rate; Ad
 here because its first step is ~lr * sign(g), which turns rounding noise on a gradient entry that
 is zero in exact arithmetic (the key conv's bias under the softmax) into a difference of 2 * lr.
 Two bounds, both RMS-relative:
-- ``BOUND`` = 2e-4 (DESIGN.md's fp32 tolerance for matmul-based ops) on each parameter tensor;
+- ``BOUND`` = 2e-4 (the fp32 tolerance for matmul-based ops, docs/design.md section 3.1) on each parameter tensor;
 - ``BOUND`` on the whole model's parameter update (all tensors, after minus before, concatenated):
   the parameters barely move in two small steps, so this is the check a wrong gradient (a rank's
   share dropped or counted twice: off by 0.5 or more) fails.

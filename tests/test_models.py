@@ -3,7 +3,7 @@ interpreter without a GPU): every attention / SE / h-swish module is replaced, l
 gradients match the unpatched model in eval and in training mode, the state_dict keys stay, and
 checkpoints and unpatch move between the two.
 
-How close is close enough for a whole model. One op is held to DESIGN's fp32 tolerances; a model
+How close is close enough for a whole model. One op is held to docs/design.md's fp32 tolerances; a model
 chains dozens of them, and every layer re-rounds and can amplify what came in (training-mode batch
 norm over a 2x2 map divides by a standard deviation of four numbers; a gradient that is a
 difference of nearly equal terms loses digits). A fixed model-level tolerance would be a guess.

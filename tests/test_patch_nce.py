@@ -23,7 +23,7 @@ def _feats(B, P, d, device, dtype=torch.float32, scale=1.0, noise=0.5):
 
 def _check(q, k, B, all_neg, nce_T=0.07, detach_k=True, reduction="none", oracle=torch.float32):
     """fastnote vs the reference on the same (upcast) values: loss and gradients. ``oracle``
-    float64 for ill-conditioned inputs, where the fp32 reference is itself off (DESIGN.md)."""
+    float64 for ill-conditioned inputs, where the fp32 reference is itself off (docs/design.md section 3.4)."""
     dtype = q.dtype
     loss = fastnote.patch_nce_loss(q, k, B, nce_T, all_neg, reduction=reduction, detach_k=detach_k)
     assert loss.dtype == torch.float32

@@ -3,7 +3,7 @@
 The seed code (SAGAN Self_Attn, the perceptual loss's gram / style / TV terms, CUT's
 PatchNCELoss), timm / Swin window attention, torchvision's SqueezeExcitation and torch's
 spectral_norm are written out below as their authors wrote them; reference.py was written from
-SPEC.md independently. Forward values and the gradient of every input that gets one are
+docs/ops.md independently. Forward values and the gradient of every input that gets one are
 compared in float64 (so only a difference in the maths can show), and gradcheck runs in float64.
 """
 

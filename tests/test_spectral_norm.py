@@ -1,4 +1,4 @@
-"""Spectral-norm power iteration (SPEC.md section 6): the C++ op, fastnote.power_iteration and the
+"""Spectral-norm power iteration (docs/ops.md section 6): the C++ op, fastnote.power_iteration and the
 three front ends, against fastnote.reference, torch's hook and parametrization versions and a
 SAGAN spectral.py twin written here from its semantics."""
 import copy

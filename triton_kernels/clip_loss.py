@@ -1,4 +1,4 @@
-"""CLIP's symmetric contrastive loss (SPEC.md section 3) and open_clip's one-sided local variant,
+"""CLIP's symmetric contrastive loss (docs/ops.md section 3.2) and open_clip's one-sided local variant,
 streaming: the [n_x, n_y] logits never reach memory.
 
 Two kernels serve every case. For rows x_i of X [n_x, D] against rows y_j of Y [n_y, D] with

@@ -1,4 +1,4 @@
-"""Gram matrix, style loss and total variation (SPEC.md section 2).
+"""Gram matrix, style loss and total variation (docs/ops.md section 2).
 
 F = x viewed as [B, C, K] (K = H*W); G = F F^T / norm with norm = C*K ("chw"), K ("hw") or 1.
 

@@ -1,4 +1,4 @@
-"""PatchNCE loss (CUT, SPEC.md section 3), streaming: the [G, M, M] negative logits never reach memory.
+"""PatchNCE loss (CUT, docs/ops.md section 3.1), streaming: the [G, M, M] negative logits never reach memory.
 
 q, k: contiguous [R, D], R = G * M rows in G groups of M (G = batch_size, M = patches per image;
 or G = 1, M = R with negatives from the whole minibatch). Row i = g * M + a of group g has the

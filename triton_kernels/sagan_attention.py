@@ -1,4 +1,4 @@
-"""SAGAN self-attention, flash style (SPEC.md section 5), in SAGAN's channels-first layout.
+"""SAGAN self-attention, flash style (docs/ops.md section 5.1), in SAGAN's channels-first layout.
 
 q [B, d_qk, N], k [B, d_qk, N_k], v [B, d_v, N_k]; P = softmax(q^T k) (no 1/sqrt(d) scaling),
 O = v P^T [B, d_v, N], out = gamma * O + x. Nothing of size N * N_k ever reaches memory.

@@ -1,4 +1,4 @@
-"""SAGAN's ``SpectralNorm`` wrapper module (SPEC.md section 6), with the power iteration in the
+"""SAGAN's ``SpectralNorm`` wrapper module (docs/ops.md section 6.3), with the power iteration in the
 fastnote kernel.
 
 Same parameters as SAGAN's spectral.py: the wrapped module gets ``<name>_u``, ``<name>_v``

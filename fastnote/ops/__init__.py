@@ -25,7 +25,7 @@ complex included), not ``fastnote.reference``, which upcasts, returns new vector
 the v-then-u order.
 
 Where a new op's pieces go:
-1. the maths (SPEC.md) as plain torch in ``fastnote/reference.py``;
+1. the maths (docs/ops.md) as plain torch in ``fastnote/reference.py``;
 2. the kernel in ``triton_kernels/<op>.py`` (or C++/CUDA in ``csrc/``);
 3. ``fastnote/ops/<op>.py``: checks (``fastnote.checks``), backend choice, custom op + fake +
    autograd, the functional entry;

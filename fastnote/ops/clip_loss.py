@@ -4,7 +4,7 @@ gather_with_grad=True, and its local_loss option).
 
 ``logit_scale`` is the multiplier itself, already exponentiated (``model.logit_scale.exp()``), as
 CLIP's and open_clip's training code pass it; ``fastnote.reference.clip_loss`` takes the
-log-temperature of SPEC.md by default, so this op is checked against
+log-temperature of docs/ops.md section 3.2 by default, so this op is checked against
 ``reference.clip_loss(image, text, logit_scale, exponentiated=True)``.
 """
 from __future__ import annotations
@@ -194,7 +194,7 @@ def clip_loss(image_emb: Tensor, text_emb: Tensor, logit_scale, *, group=None, l
 
     image_emb, text_emb: [n, d], one dtype (fp32, fp16, bf16; under autocast cast to its dtype),
     rows L2-normalised by the caller as in CLIP. ``logit_scale``: the multiplier itself, already
-    exponentiated (``model.logit_scale.exp()``, as CLIP and open_clip pass it; SPEC.md and
+    exponentiated (``model.logit_scale.exp()``, as CLIP and open_clip pass it; docs/ops.md section 3.2 and
     ``fastnote.reference.clip_loss`` take the log, ``exponentiated=True`` there matches this),
     a 0-dim or one-element tensor of any float dtype, or a Python float. Gradients reach both
     embeddings and logit_scale.

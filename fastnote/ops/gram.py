@@ -1,4 +1,4 @@
-"""gram(x) = F F^T / norm and style_loss(x, target) = sum((gram(x) - target)^2) / (C*H*W) (SPEC.md
+"""gram(x) = F F^T / norm and style_loss(x, target) = sum((gram(x) - target)^2) / (C*H*W) (docs/ops.md
 section 2), one kernel family (``triton_kernels/gram.py``): a triangular tile grid with split-K,
 the normalisation (and for the loss the difference, square and sum) fused into the epilogue.
 

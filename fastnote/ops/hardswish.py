@@ -1,4 +1,4 @@
-"""hard_swish(x) = x * relu6(x + 3) / 6 and hard_sigmoid(x) = relu6(x + 3) / 6 (SPEC.md section 1),
+"""hard_swish(x) = x * relu6(x + 3) / 6 and hard_sigmoid(x) = relu6(x + 3) / 6 (docs/ops.md section 1.1),
 with torch's exact gradients at the kinks x = -3 and x = 3."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""patch_nce_loss (CUT's PatchNCE, SPEC.md section 3) as a streaming kernel that never stores the
+"""patch_nce_loss (CUT's PatchNCE, docs/ops.md section 3.1) as a streaming kernel that never stores the
 [G, M, M] negative logits, its logits for users who want them, and CUT's patch sampling.
 
 Memory: the kernel path keeps q, k (the caller's) and three fp32 vectors [B*P] (loss, row max, row log-sum) for

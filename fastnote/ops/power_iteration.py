@@ -1,4 +1,4 @@
-"""Spectral-norm power iteration (SPEC.md section 6).
+"""Spectral-norm power iteration (docs/ops.md section 6).
 
 The iteration is the ``fastnote::spectral_power_iteration_`` op of the C++/CUDA extension
 ``fastnote._C`` (csrc/power_iteration.cpp, csrc/power_iteration_cuda.cu). It updates ``u`` and
@@ -256,7 +256,7 @@ def spectral_weight(weight: Tensor, u: Tensor, v: Tensor, dim: int, n_power_iter
 
 def power_iteration(weight_mat: Tensor, u: Tensor, v: Tensor, n_power_iterations: int = 1,
                     eps: float = 1e-12, rule: str = "max") -> Tuple[Tensor, Tensor, Tensor]:
-    """Power iteration for the largest singular value of ``weight_mat`` [h, w] (SPEC.md section 6).
+    """Power iteration for the largest singular value of ``weight_mat`` [h, w] (docs/ops.md section 6.1).
 
     Each iteration: ``v = normalize(W^T u)``, then ``u = normalize(W v)``; rule ``"max"`` is torch's
     ``a / max(||a||, eps)``, ``"add"`` SAGAN's ``a / (||a|| + eps)``. Returns ``(sigma, u, v)``:

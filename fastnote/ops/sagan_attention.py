@@ -1,4 +1,4 @@
-"""sagan_attention(q, k, v, x, gamma) = gamma * v softmax(q^T k)^T + x (SPEC.md section 5), the
+"""sagan_attention(q, k, v, x, gamma) = gamma * v softmax(q^T k)^T + x (docs/ops.md section 5.1), the
 unscaled SAGAN self-attention with its residual, flash style: O(N) memory instead of the [B, N, N_k]
 attention map. Backward recomputes the attention from q, k and the saved per-row log-sum-exp.
 

@@ -1,5 +1,5 @@
 """squeeze_excitation(x, ...) and the fused hswish_se(u, ...) = squeeze_excitation(hard_swish(u), ...)
-(SPEC.md section 1). Two streaming passes forward, two backward; the activated tensor
+(docs/ops.md section 1). Two streaming passes forward, two backward; the activated tensor
 ``hard_swish(u)`` is never written. Backward saves ``u`` and the pooled ``[B, C]`` means only."""
 from __future__ import annotations
 

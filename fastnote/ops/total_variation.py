@@ -1,4 +1,4 @@
-"""tv_loss(y): anisotropic total variation / (C*H*W) (SPEC.md section 2), the perceptual loss's
+"""tv_loss(y): anisotropic total variation / (C*H*W) (docs/ops.md section 2.3), the perceptual loss's
 ``L_tv``. Forward is one pass over y (per-program fp32 partial sums, added by torch in a fixed
 order); backward is one pass reading y and writing dy. Saved for backward: y itself (the signs of
 its differences are the whole gradient). Kernels: ``triton_kernels/gram.py``.

@@ -1,4 +1,4 @@
-"""Swin window attention (SPEC.md section 4): the core ``window_attention`` on partitioned windows
+"""Swin window attention (docs/ops.md section 4): the core ``window_attention`` on partitioned windows
 and the fused block path ``swin_window_attention`` on ``[B, H, W, C]``, forward and backward.
 
 Gradients reach q, k, v and ``bias`` (hence the relative-position table, through the one small

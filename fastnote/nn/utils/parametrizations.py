@@ -1,5 +1,5 @@
 """Drop-in for ``torch.nn.utils.parametrizations.spectral_norm`` with the power iteration in the
-fastnote kernel (SPEC.md section 6).
+fastnote kernel (docs/ops.md section 6.3).
 
 Same state-dict keys (``parametrizations.weight.original``, ``parametrizations.weight.0._u``,
 ``..._v``) and semantics as torch's: u then v with the ``max`` rule, 15 warm-up iterations at

@@ -1,5 +1,5 @@
 """Drop-in for ``torch.nn.utils.spectral_norm`` / ``remove_spectral_norm`` (the forward-pre-hook
-version), with the power iteration in the fastnote kernel (SPEC.md section 6).
+version), with the power iteration in the fastnote kernel (docs/ops.md section 6.3).
 
 Same parameters and buffers (``weight_orig``, ``weight_u``, ``weight_v``), the same
 ``spectral_norm`` version entry in the state-dict metadata and the same load-time conversion of
