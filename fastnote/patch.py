@@ -215,9 +215,10 @@ def _probe_close(actual, expected, dtype) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------
-# Converters: each returns (new module, note), a Left reason (str), or None (not a candidate)
+# Converters: each returns (new module, note), (class, note) to switch the module itself to (a
+# subclass of its own class), a Left reason (str), or None (not a candidate)
 # ------------------------------------------------------------------------------------------------
-Result = Union[None, str, Tuple[nn.Module, str]]
+Result = Union[None, str, Tuple[Union[nn.Module, type], str]]
 
 
 def _activation(old: nn.Module, new_cls) -> Result:
@@ -406,9 +407,10 @@ def _timm_swin_block(old: nn.Module) -> Result:
         return "timm Swin block whose attention width differs from the block's (head_dim set): fused path not used"
     if _dropout_p(attn, "attn_drop") > 0:
         return "timm Swin block with attention dropout: the fused path has none"
-    new = copy.copy(old)            # the same parameter, buffer and child dicts: one state, two classes
-    new.__class__ = fused_block_class(cls)
-    return new, "roll, pad, partition and their reverse fused into the attention (timm's order: roll, then pad)"
+    # a class, not a module: the block itself is switched to it in place (_Patcher.reclass), so
+    # what changes the block later (timm's set_input_size) changes what unpatch gives back
+    return fused_block_class(cls), ("roll, pad, partition and their reverse fused into the attention (timm's "
+                                    "order: roll, then pad)")
 
 
 def _self_attention(old: nn.Module) -> Result:
@@ -614,6 +616,20 @@ class _ChildSwap:
 
 
 @dataclasses.dataclass
+class _ClassSwap:
+    module: nn.Module
+    original: type
+    new: type
+    path: str
+
+    def undo(self) -> Optional[str]:
+        if type(self.module) is not self.new:
+            return None  # switched again since: leave it
+        self.module.__class__ = self.original   # the same object: its state and plain attributes as they are now
+        return f"{self.path}: {_display(self.new)} -> {self.original.__name__}"
+
+
+@dataclasses.dataclass
 class _HookSwap:
     module: nn.Module
     hook_id: int
@@ -701,6 +717,15 @@ class _Patcher:
         self.record(_ChildSwap(parent, name, old, new, path))
         self.replaced(Replaced(path, type(old).__name__, _display(type(new)), note))
 
+    def reclass(self, module: nn.Module, cls: type, path: str, note: str = "") -> nn.Module:
+        """Switch ``module``'s class to ``cls`` (a subclass of its own) in place: no copy, so
+        whatever changes the module later (timm's ``set_input_size``) changes what unpatch restores."""
+        old = type(module)
+        module.__class__ = cls
+        self.record(_ClassSwap(module, old, cls, path))
+        self.replaced(Replaced(path, old.__name__, _display(cls), note))
+        return module
+
     def fuse_hswish_se(self, parent: nn.Sequential, prefix: str) -> None:
         names = list(parent._modules)
         for a, b in zip(names, names[1:]):
@@ -727,6 +752,8 @@ class _Patcher:
                     return None
                 if result is not None:
                     new, note = result
+                    if isinstance(new, type):   # the same module, its class switched
+                        return self.reclass(child, new, path, note)
                     self.swap(parent, name, new, path, note)
                     if kind == "SqueezeExcitation" and "hswish_se" in self.wanted \
                             and not isinstance(parent, nn.Sequential) and _previous_sibling_hardswish(parent, name):

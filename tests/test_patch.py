@@ -469,6 +469,64 @@ def test_unpatch_adopts_buffers_replaced_since_patching():
     assert model[0].relative_position_index is index and model[0].qkv.weight.dtype == torch.float64
 
 
+def _timm_swin_blocks(model):
+    return [m for m in model.modules() if type(m).__name__ in ("SwinTransformerBlock", "FusedSwinTransformerBlock")]
+
+
+def test_timm_swin_unpatch_after_set_input_size(device, tmp_path):
+    """A timm Swin block is patched in place (its class switched, no copy), so timm's
+    set_input_size after patching changes the very block unpatch gives back: the restored model is
+    timm's own after the same set_input_size, plain attributes (resolution, window, shift) included."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    eager, patched = _twins(lambda: timm.create_model(
+        "swin_tiny_patch4_window7_224", pretrained=False, img_size=32, num_classes=4, embed_dim=16, depths=(2, 2),
+        num_heads=(1, 2)).eval(), device)
+    blocks = _timm_swin_blocks(patched)
+    timm_block = type(blocks[0])
+    assert len(blocks) == 4 and timm_block.__module__.startswith("timm.")
+    keys = list(patched.state_dict())
+    report = fastnote.patch(patched)
+    assert report.counts() == {"SwinTransformerBlock -> fastnote.nn.timm_swin.FusedSwinTransformerBlock": 4}
+    fused = _timm_swin_blocks(patched)
+    assert all(a is b for a, b in zip(fused, blocks)) and len(fused) == len(blocks)
+    assert all(type(b).__name__ == "FusedSwinTransformerBlock" and isinstance(b, timm_block) for b in blocks)
+    assert list(patched.state_dict()) == keys
+    for model in (eager, patched):
+        model.set_input_size(img_size=(48, 48), window_size=6)
+    x = torch.randn(1, 3, 48, 48, device=device)
+    with torch.no_grad():
+        want = eager(x)
+        assert_close(patched(x), want, "reduction")
+    # a patched model saves and loads whole (the fused class resolves by name), and unpatches there too
+    torch.save(patched, tmp_path / "patched.pt")
+    loaded = torch.load(tmp_path / "patched.pt", weights_only=False)
+    assert [type(b) for b in _timm_swin_blocks(loaded)] == [type(b) for b in blocks]
+    fastnote.unpatch(loaded)
+    assert all(type(b) is timm_block for b in _timm_swin_blocks(loaded))
+
+    restored = fastnote.unpatch(patched)
+    assert restored == [f"{p}: fastnote.nn.timm_swin.FusedSwinTransformerBlock -> SwinTransformerBlock"
+                        for p in ("layers.0.blocks.0", "layers.0.blocks.1", "layers.1.blocks.0", "layers.1.blocks.1")]
+    after = _timm_swin_blocks(patched)
+    assert len(after) == len(blocks) and all(a is b for a, b in zip(after, blocks))
+    assert all(type(b) is timm_block for b in blocks)
+    twins = _timm_swin_blocks(eager)
+    for i, (b, t) in enumerate(zip(blocks, twins)):
+        for attr in ("input_resolution", "window_size", "shift_size"):
+            assert getattr(b, attr) == getattr(t, attr), (i, attr)
+        plain = lambda m: {k: v for k, v in vars(m).items() if not k.startswith("_")}  # noqa: E731
+        assert plain(b) == plain(t), i
+        assert (b.attn_mask is None) == (t.attn_mask is None), i
+        if t.attn_mask is not None:
+            assert torch.equal(b.attn_mask, t.attn_mask), i
+    assert list(patched.state_dict()) == keys
+    with torch.no_grad():
+        torch.testing.assert_close(patched(x), want, rtol=0, atol=0)   # timm's own code on the same weights
+        torch.testing.assert_close(loaded(x), want, rtol=0, atol=0)
+    assert fastnote.unpatch(patched) == []
+
+
 def test_patched_model_compiles_fullgraph(device, compile_backend):
     model = nn.Sequential(nn.Sequential(nn.Conv2d(8, 16, 1), nn.Hardswish()),
                           SqueezeExcitation(16, 8, scale_activation=nn.Hardsigmoid), nn.Hardsigmoid()).to(device)

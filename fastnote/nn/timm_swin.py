@@ -9,7 +9,8 @@
   pad + partition + attention + reverse + roll-back path as ``fastnote.swin_window_attention`` in
   timm's order (``roll_first=True``: roll the map, then pad), on the block's own ``attn``
   parameters. Same submodules, parameters and state_dict; ``fastnote.patch`` switches a block's
-  class to it. The name resolves through this module (``fastnote.nn.timm_swin.FusedSwinTransformerBlock``),
+  class to it in place (the same object: a later ``set_input_size`` changes the block that
+  ``fastnote.unpatch`` switches back). The name resolves through this module (``fastnote.nn.timm_swin.FusedSwinTransformerBlock``),
   so a pickled patched model loads where timm and fastnote are installed.
 """
 from __future__ import annotations
