@@ -322,6 +322,6 @@ def _interpreted_children():
 def interpreted_children():
     """A context manager: processes started inside it run fastnote's kernels under the Triton
     interpreter (CHILD_ENV is in their environment from the start). Keep it around the start only:
-    on a GPU machine this process's own kernels are compiled, and fastnote reads TRITON_INTERPRET
-    on every call."""
+    on a GPU machine this process's own kernels are compiled, and a ``fastnote.backend.refresh()``
+    while it is set would take the interpreter's settings."""
     return _interpreted_children
