@@ -32,6 +32,8 @@ from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
+from occupancy import SM90_WARPS, occupancy_warps  # noqa: E402  (tests/occupancy.py)
+
 # (target, largest dynamic shared memory per block in bytes): sm_90 227 KB, sm_80 163 KB, sm_89 99 KB.
 TARGETS = {
     "sm_90": (GPUTarget("cuda", 90, 32), 232448),
@@ -112,19 +114,7 @@ def _report_line(fn, constexprs, signature, options, compiled, shared):
             f"occupancy={warps}/{SM90_WARPS}{' LOW' if warps < SM90_WARPS // 4 else ''} smem={smem}  {consts}")
 
 
-# sm_90 per SM: 64K 32-bit registers (allocated per warp in units of 256), 228 KB of shared memory
-# (1 KB of it reserved per block), at most 64 warps and 32 blocks resident.
-SM90_REGS, SM90_SMEM, SM90_WARPS, SM90_BLOCKS = 65536, 233472, 64, 32
 
-
-def occupancy_warps(regs: int, shared: int, num_warps: int) -> int:
-    """Warps of one kernel resident per sm_90 SM, from its registers per thread, shared memory per
-    block and warps per block (the limits the CUDA occupancy calculator applies)."""
-    per_warp = -(-regs * 32 // 256) * 256
-    by_regs = (SM90_REGS // per_warp) // num_warps if per_warp else SM90_BLOCKS
-    by_smem = SM90_SMEM // (shared + 1024)
-    blocks = min(by_regs, by_smem, SM90_WARPS // num_warps, SM90_BLOCKS)
-    return blocks * num_warps
 
 
 def _grad(*tensors):

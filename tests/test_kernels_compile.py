@@ -96,16 +96,8 @@ def test_occupancy_reported(build_report):
 
 
 def test_occupancy_arithmetic():
-    # aot_compile.py removes TRITON_INTERPRET from the environment when imported (it builds for
-    # the GPU): put it back for the rest of the suite
-    saved = os.environ.get("TRITON_INTERPRET")
-    sys.path.insert(0, HERE)
-    try:
-        from aot_compile import occupancy_warps
-    finally:
-        sys.path.remove(HERE)
-        if saved is not None:
-            os.environ["TRITON_INTERPRET"] = saved
+    from occupancy import occupancy_warps   # tests/occupancy.py, beside this file
+
     assert occupancy_warps(255, 0, 8) == 8           # 32 x 256 registers a warp: 8 warps fit
     assert occupancy_warps(128, 0, 4) == 16          # 16 warps by registers: 4 blocks of 4
     assert occupancy_warps(32, 0, 4) == 64           # the warp limit
