@@ -26,6 +26,7 @@ differentiable output is still given as zeros, as ``torch.library``'s autograd d
 """
 from __future__ import annotations
 
+import threading
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -90,6 +91,10 @@ class KernelOp:
         self._autograd = _function_apply.__get__(None, function)
 
     def __call__(self, *args):
+        if _backward_state.eager and not _grad_enabled():
+            # inside the eager autograd.Function's backward: known eager, plain tensors (the
+            # tensors it saved); skips eager_call's checks on the backward op's many arguments
+            return self.body(*args)
         if eager_call(args):
             if not (_grad_enabled() and _any_requires_grad(*args)):
                 return self.body(*args)
@@ -105,6 +110,24 @@ def kernel_op(qualname: str, *, mutates_args=()) -> Callable[[Callable], KernelO
     return wrap
 
 
+class _BackwardState(threading.local):
+    eager = False     # this thread runs the backward of an eager autograd.Function
+
+
+_backward_state = _BackwardState()
+
+
+def _eager_backward(backward: Callable, ctx, grads):
+    """``backward(ctx, grads)`` with the backward ops going straight to their bodies."""
+    if _backward_state.eager:
+        return backward(ctx, grads)
+    _backward_state.eager = True
+    try:
+        return backward(ctx, grads)
+    finally:
+        _backward_state.eager = False
+
+
 def _statistics_outputs(setup_context: Callable, backward: Callable, n_diff: int):
     """``setup_context`` and ``backward`` for a list output whose tensors after the first ``n_diff``
     are statistics saved for backward: marked non-differentiable, and no zero gradients made for
@@ -117,11 +140,15 @@ def _statistics_outputs(setup_context: Callable, backward: Callable, n_diff: int
         if len(output) > n_diff:
             ctx.mark_non_differentiable(*output[n_diff:])
             ctx.set_materialize_grads(False)
-            ctx.differentiable_outputs = tuple((o.shape, o.dtype, o.device) for o in output[:n_diff])
+            if n_diff == 1:   # the common case, without a generator: host time is per call
+                out = output[0]
+                ctx.differentiable_outputs = ((out.shape, out.dtype, out.device),)
+            else:
+                ctx.differentiable_outputs = tuple((o.shape, o.dtype, o.device) for o in output[:n_diff])
 
     def backward_(ctx, grads):
         kept = getattr(ctx, "differentiable_outputs", None)
-        if kept is not None and any(g is None for g in grads[:n_diff]):
+        if kept is not None and (grads[0] is None if n_diff == 1 else any(g is None for g in grads[:n_diff])):
             grads = tuple(torch.zeros(shape, dtype=dtype, device=device) if g is None else g
                           for g, (shape, dtype, device) in zip(grads, kept)) + tuple(grads[n_diff:])
         return backward(ctx, grads)
@@ -142,7 +169,7 @@ def _autograd_function(name: str, body: Callable, backward: Callable, setup_cont
             return out
 
         def backward_(ctx, grad):
-            return backward(ctx, grad)
+            return _eager_backward(backward, ctx, grad)
     else:
         def forward(ctx, *args):
             out = tuple(body(*args))
@@ -150,7 +177,7 @@ def _autograd_function(name: str, body: Callable, backward: Callable, setup_cont
             return out
 
         def backward_(ctx, *grads):
-            return backward(ctx, grads)
+            return _eager_backward(backward, ctx, grads)
 
     return type(name, (torch.autograd.Function,),
                 {"forward": staticmethod(forward), "backward": staticmethod(backward_)})

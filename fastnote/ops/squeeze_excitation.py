@@ -31,8 +31,10 @@ def _forward_op(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
 
 
 def _matrix(w: Tensor) -> Tensor:
-    """A weight [out, in] or conv-shaped [out, in, 1, 1] as a contiguous [out, in] matrix."""
-    return (w if w.dim() == 2 else w.reshape(w.shape[0], w.shape[1])).contiguous()
+    """A weight [out, in] or conv-shaped [out, in, 1, 1] whose memory is a row-major [out, in]
+    matrix: the kernels read it through its pointer and out = shape[0] alone, so a contiguous
+    weight of either shape goes as it is (no reshape on the hot path); others are copied."""
+    return w if w.is_contiguous() else w.reshape(w.shape[0], w.shape[1]).contiguous()
 
 
 @_forward_op.register_fake
