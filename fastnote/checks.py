@@ -13,6 +13,8 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The exact tensor types the ops' quick checks accept; others (subclasses) go through the full checks
+PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
 def dtype_name(dtype: torch.dtype) -> str:

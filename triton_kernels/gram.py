@@ -357,18 +357,18 @@ def _split_for(steps: int, programs: int, sms: int) -> int:
     return max(1, min(want, steps // MIN_K_STEPS))
 
 
-def _reduce_rows(block_m: int, tiles: int, device: torch.device) -> int:
+def _reduce_rows(block_m: int, tiles: int, sms: int) -> int:
     """Rows per reduce program: the fewest programs that still give every SM two."""
     rows = block_m
-    while rows > 1 and tiles * (block_m // rows) < 2 * _sm_count(device):
+    while rows > 1 and tiles * (block_m // rows) < 2 * sms:
         rows //= 2
     return rows
 
 
 @functools.lru_cache(maxsize=1024)
 def _forward_plan(fp32: bool, style: bool, B: int, C: int, K: int, sms: int, split):
-    """(config, tiles per side, triangle tiles T, B*T, K-splits, K per split), per shape: computed
-    once, since the launchers' host time is paid on every call."""
+    """(config, tiles per side, triangle tiles T, B*T, K-splits, K per split, rows per reduce
+    program), per shape: computed once, since the launchers' host time is paid on every call."""
     cfg = _forward_config(fp32, C, style)
     nt = cdiv(C, cfg["BLOCK_M"])
     T = nt * (nt + 1) // 2
@@ -377,7 +377,8 @@ def _forward_plan(fp32: bool, style: bool, B: int, C: int, K: int, sms: int, spl
     n_split = split if split is not None else _split_for(steps, BT, sms)
     n_split = max(1, min(n_split, steps))
     k_chunk = cdiv(cdiv(K, n_split), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
-    return cfg, nt, T, BT, cdiv(K, k_chunk), k_chunk   # no empty split
+    n_split = cdiv(K, k_chunk)   # no empty split
+    return cfg, nt, T, BT, n_split, k_chunk, _reduce_rows(cfg["BLOCK_M"], BT, sms) if n_split > 1 else 0
 
 
 def gram_forward(f: torch.Tensor, normalize: str, out=None, target=None, diff=None, split=None):
@@ -387,7 +388,7 @@ def gram_forward(f: torch.Tensor, normalize: str, out=None, target=None, diff=No
     [B, C, C]) to ``diff`` when given. ``split`` forces the K-split (tests)."""
     B, C, K = f.shape
     style = target is not None
-    cfg, nt, T, BT, n_split, k_chunk = _forward_plan(f.dtype == torch.float32, style, B, C, K,
+    cfg, nt, T, BT, n_split, k_chunk, rows = _forward_plan(f.dtype == torch.float32, style, B, C, K,
                                                      _sm_count(f.device), split)
     block_m = cfg["BLOCK_M"]
     norm = norm_value(normalize, C, K)
@@ -413,7 +414,6 @@ def gram_forward(f: torch.Tensor, normalize: str, out=None, target=None, diff=No
         SPLIT_K=n_split > 1, **common, **dot_switches(f.dtype, f.device), **cfg,
     )
     if n_split > 1:
-        rows = _reduce_rows(block_m, BT, f.device)   # (cached with the plan's other numbers)
         programs = BT * (block_m // rows)
         if style:
             losses = backend.empty((programs,), torch.float32, f.device)

@@ -32,10 +32,12 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
+from .. import checks
+
 # Module switch for tests: True sends every call through the custom op (the dispatcher path).
 FORCE_CUSTOM_OP = False
 
-_PLAIN_TYPES = (Tensor, torch.nn.Parameter)
+_PLAIN_TYPES = checks.PLAIN_TENSORS
 _is_compiling = torch.compiler.is_compiling
 _torch_function_mode = torch._C._is_torch_function_mode_enabled
 _dispatch_modes = torch._C._len_torch_dispatch_stack

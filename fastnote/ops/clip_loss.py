@@ -164,12 +164,11 @@ def _gather(t: Tensor, group) -> Tensor:
     return torch.cat(dist_fn.all_gather(t, group=group), dim=0)
 
 
-_TENSORS = (Tensor, torch.nn.Parameter)   # exact types the quick checks accept (others: full checks)
 
 
 def _check(image_emb, text_emb, logit_scale):
     # The common case in a few comparisons; anything else goes through the checks, for the message.
-    if (type(image_emb) in _TENSORS and type(text_emb) in _TENSORS and type(logit_scale) in _TENSORS
+    if (type(image_emb) in checks.PLAIN_TENSORS and type(text_emb) in checks.PLAIN_TENSORS and type(logit_scale) in checks.PLAIN_TENSORS
             and image_emb.dtype in checks.FLOAT_DTYPES and text_emb.dtype == image_emb.dtype
             and logit_scale.dtype in checks.FLOAT_DTYPES and image_emb.dim() == 2
             and text_emb.shape == image_emb.shape and image_emb.shape[1] and logit_scale.numel() == 1

@@ -102,11 +102,10 @@ def _gram_backward(ctx, grad):
 _gram_op.register_autograd(_gram_backward, setup_context=_gram_setup)
 
 
-_TENSORS = (Tensor, torch.nn.Parameter)   # exact types the quick checks accept (others: full checks)
 
 
 def _check_x(x: Tensor, op: str) -> None:
-    if type(x) in _TENSORS and x.dtype in checks.FLOAT_DTYPES:
+    if type(x) in checks.PLAIN_TENSORS and x.dtype in checks.FLOAT_DTYPES:
         shape = x.shape
         if (len(shape) == 4 and shape[1] and shape[2] and shape[3]) or (len(shape) == 3 and shape[1] and shape[2]):
             return
@@ -223,7 +222,7 @@ _style_op.register_autograd(_style_backward, setup_context=_style_setup)
 
 
 def _check_target(x: Tensor, target: Tensor) -> None:
-    if type(target) in _TENSORS and target.dtype in (x.dtype, torch.float32) and target.device == x.device:
+    if type(target) in checks.PLAIN_TENSORS and target.dtype in (x.dtype, torch.float32) and target.device == x.device:
         C = x.shape[1]
         shape = target.shape
         if shape == (C, C) or (len(shape) == 3 and shape[0] in (1, x.shape[0]) and shape[1] == C and shape[2] == C):

@@ -74,13 +74,12 @@ def _backward(ctx, grads):
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-_TENSORS = (Tensor, torch.nn.Parameter)   # exact types the quick checks accept (others: full checks)
 
 
 def _check(feat_q, feat_k, batch_size, nce_T, include_all_negatives_from_minibatch) -> int:
     """Validates the inputs; returns the number of groups G."""
     # The common case in a few comparisons; anything else goes through the checks, for the message.
-    if (type(feat_q) in _TENSORS and type(feat_k) in _TENSORS and feat_q.dtype in checks.FLOAT_DTYPES
+    if (type(feat_q) in checks.PLAIN_TENSORS and type(feat_k) in checks.PLAIN_TENSORS and feat_q.dtype in checks.FLOAT_DTYPES
             and feat_k.dtype == feat_q.dtype and feat_q.dim() == 2 and feat_k.shape == feat_q.shape
             and feat_q.shape[1] and feat_k.device == feat_q.device
             and type(nce_T) in (float, int) and 0 < nce_T < math.inf

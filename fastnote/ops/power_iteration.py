@@ -226,7 +226,7 @@ class _Sigma(torch.autograd.Function):
         return grad * torch.outer(u, v), None, None, None
 
 
-_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+_PLAIN_TYPES = checks.PLAIN_TENSORS
 _torch_function_mode_enabled = torch._C._is_torch_function_mode_enabled
 
 

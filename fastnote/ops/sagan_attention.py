@@ -108,12 +108,11 @@ def _attention_map(q: Tensor, k: Tensor) -> Tensor:
         return energy.softmax(dim=-1).to(q.dtype)
 
 
-_TENSORS = (Tensor, torch.nn.Parameter)   # exact types the quick checks accept (others: full checks)
 
 
 def _inputs_ok(q, k, v, x, gamma) -> bool:
     """The common case of ``_check`` in a few comparisons (False: let the checks decide)."""
-    if not (type(q) in _TENSORS and type(k) in _TENSORS and type(v) in _TENSORS and q.dtype in checks.FLOAT_DTYPES
+    if not (type(q) in checks.PLAIN_TENSORS and type(k) in checks.PLAIN_TENSORS and type(v) in checks.PLAIN_TENSORS and q.dtype in checks.FLOAT_DTYPES
             and k.dtype in checks.FLOAT_DTYPES and v.dtype in checks.FLOAT_DTYPES
             and q.dim() == 3 and k.dim() == 3 and v.dim() == 3 and q.device == k.device == v.device):
         return False
@@ -125,7 +124,7 @@ def _inputs_ok(q, k, v, x, gamma) -> bool:
         return False
     if x is None:
         return gamma is None
-    if not (type(x) in _TENSORS and type(gamma) in _TENSORS and x.dtype in checks.FLOAT_DTYPES
+    if not (type(x) in checks.PLAIN_TENSORS and type(gamma) in checks.PLAIN_TENSORS and x.dtype in checks.FLOAT_DTYPES
             and gamma.dtype in checks.FLOAT_DTYPES and gamma.numel() == 1 and x.device == q.device
             and gamma.device == q.device):
         return False

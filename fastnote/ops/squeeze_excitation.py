@@ -16,7 +16,6 @@ GATES = ("hard_sigmoid", "sigmoid")
 # The excitation MLP runs one program per image holding the squeeze vector on chip; wider
 # squeezes (none in MobileNetV3/EfficientNet) take the reference path.
 MAX_SQUEEZE = 1024
-_TENSORS = (Tensor, torch.nn.Parameter)   # exact types the quick checks accept (others: full checks)
 
 @kernel_op("fastnote::squeeze_excitation")
 def _forward_op(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
@@ -92,7 +91,7 @@ def _weights(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
     """The weights as given (2-D or conv-shaped, the op takes both) and the biases (zeros for None)."""
     w1, b1, w2, b2 = fc1_weight, fc1_bias, fc2_weight, fc2_bias
     # The common case in a few comparisons; anything else goes through the checks, for the message.
-    if (type(w1) in _TENSORS and type(w2) in _TENSORS and type(b1) in _TENSORS and type(b2) in _TENSORS
+    if (type(w1) in checks.PLAIN_TENSORS and type(w2) in checks.PLAIN_TENSORS and type(b1) in checks.PLAIN_TENSORS and type(b2) in checks.PLAIN_TENSORS
             and w1.dtype in checks.FLOAT_DTYPES and w2.dtype in checks.FLOAT_DTYPES
             and b1.dtype in checks.FLOAT_DTYPES and b2.dtype in checks.FLOAT_DTYPES):
         Cr, C = w1.shape[0], x.shape[1]
@@ -119,7 +118,7 @@ def _checked_weights(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
 
 
 def _se(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, gate, hswish):
-    if not (type(x) in _TENSORS and x.dtype in checks.FLOAT_DTYPES and x.dim() == 4):
+    if not (type(x) in checks.PLAIN_TENSORS and x.dtype in checks.FLOAT_DTYPES and x.dim() == 4):
         checks.tensor("x", x, ndim=4)
     if activation not in ACTIVATIONS:
         checks.choice("activation", activation, ACTIVATIONS)

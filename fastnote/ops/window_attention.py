@@ -133,21 +133,20 @@ def window_attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = N
     return _forward_op(q, k, v, bias, mask, scale)[0]
 
 
-_TENSORS = (Tensor, torch.nn.Parameter)   # exact types the quick checks accept (others: full checks)
 
 
 def _core_inputs_ok(q, k, v, bias, mask) -> bool:
     """The common case of ``_check_core`` in a few comparisons (False: let the checks decide)."""
-    if not (type(q) in _TENSORS and type(k) in _TENSORS and type(v) in _TENSORS and q.dtype in checks.FLOAT_DTYPES
+    if not (type(q) in checks.PLAIN_TENSORS and type(k) in checks.PLAIN_TENSORS and type(v) in checks.PLAIN_TENSORS and q.dtype in checks.FLOAT_DTYPES
             and k.dtype == q.dtype and v.dtype == q.dtype and q.dim() == 4 and k.shape == q.shape
             and v.shape == q.shape and q.device == k.device == v.device):
         return False
     B_, heads, N, _ = q.shape
-    if bias is not None and not (type(bias) in _TENSORS and bias.dtype in (q.dtype, torch.float32)
+    if bias is not None and not (type(bias) in checks.PLAIN_TENSORS and bias.dtype in (q.dtype, torch.float32)
                                  and bias.shape == (heads, N, N) and bias.device == q.device):
         return False
     if mask is not None:
-        if not (type(mask) in _TENSORS and mask.dtype in checks.FLOAT_DTYPES and mask.dim() == 3):
+        if not (type(mask) in checks.PLAIN_TENSORS and mask.dtype in checks.FLOAT_DTYPES and mask.dim() == 3):
             return False
         nW = mask.shape[0]
         if not (mask.shape[1] == N and mask.shape[2] == N and nW and B_ % nW == 0 and not mask.requires_grad
@@ -261,7 +260,7 @@ def _block_inputs_ok(x, qkv_weight, qkv_bias, proj_weight, proj_bias, table, win
                      index, mask_value) -> bool:
     """The common case of ``_check_block`` in a few comparisons (False: let the checks decide):
     int window, heads and shift, one dtype and device for every tensor."""
-    if not (type(x) in _TENSORS and x.dtype in checks.FLOAT_DTYPES and x.dim() == 4
+    if not (type(x) in checks.PLAIN_TENSORS and x.dtype in checks.FLOAT_DTYPES and x.dim() == 4
             and type(window_size) is int and type(num_heads) is int and type(shift_size) is int
             and window_size >= 1 and num_heads >= 1 and 0 <= shift_size < window_size
             and type(mask_value) in (float, int) and -math.inf < mask_value < math.inf):
@@ -274,10 +273,10 @@ def _block_inputs_ok(x, qkv_weight, qkv_bias, proj_weight, proj_bias, table, win
                      (table, ((2 * window_size - 1) ** 2, num_heads))):
         if t is None and len(shape) == 1:
             continue
-        if not (type(t) in _TENSORS and t.dtype == dtype and t.shape == shape and t.device == device):
+        if not (type(t) in checks.PLAIN_TENSORS and t.dtype == dtype and t.shape == shape and t.device == device):
             return False
     n = window_size * window_size
-    return index is None or (type(index) in _TENSORS and index.dtype in (torch.int64, torch.int32)
+    return index is None or (type(index) in checks.PLAIN_TENSORS and index.dtype in (torch.int64, torch.int32)
                              and index.shape == (n, n) and index.device == device)
 
 
