@@ -19,12 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import cdiv, dot, dot_switches, next_pow2
-
-LOG2E_F = 1.4426950408889634   # for the launchers (host floats)
-LOG2E = tl.constexpr(LOG2E_F)   # for the kernels
-LN2 = tl.constexpr(0.6931471805599453)
-MIN_DOT = 16   # tl.dot needs every tile dimension >= 16: smaller sizes are padded by masked loads
+from .utils import MIN_DOT, cdiv, dot, dot_switches, next_pow2
 
 
 @triton.jit

@@ -73,9 +73,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import cdiv, dot, dot_switches, next_pow2
+from .utils import MIN_DOT, cdiv, dot, dot_switches, next_pow2
 
-MIN_DOT = 16            # tl.dot needs every tile dimension >= 16
 DEFAULT_SMS = 132       # H100 / H200 SXM
 PROGRAMS_PER_SM = 3
 MIN_K_STEPS = 4         # BLOCK_K steps per split-K program, at least

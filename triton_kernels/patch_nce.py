@@ -42,8 +42,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .contrastive import LN2, LOG2E_F, config, grid_d, load_rows, online_logsumexp, row_dot, score_tile
-from .utils import cdiv, dot
+from .contrastive import config, grid_d, load_rows, online_logsumexp, row_dot, score_tile
+from .utils import LN2, LOG2E_F, cdiv, dot
 
 
 @triton.jit

@@ -46,10 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import cdiv, dot, dot_switches, next_pow2
-
-# tl.dot needs every dimension >= 16: smaller d_qk, d_v and tiles are padded by masked loads.
-MIN_DOT = 16
+from .utils import MIN_DOT, cdiv, dot, dot_switches, next_pow2
 MAX_BLOCK_DV = 128    # value channels per program, fp16/bf16 (tiles for each case: _config)
 PREPROCESS_BLOCK_N = 128
 PREPROCESS_BLOCK_C = 32

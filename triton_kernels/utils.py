@@ -12,6 +12,14 @@ import triton.language as tl
 ELEMENTWISE_BLOCK = 4096
 ELEMENTWISE_WARPS = 8
 
+# log2(e): softmax and logsigmoid kernels work in base-2 units (exp2/log2). A global the kernels
+# read must be a tl.constexpr instance; the launchers use the plain float.
+LOG2E_F = 1.4426950408889634
+LOG2E = tl.constexpr(LOG2E_F)
+LN2 = tl.constexpr(0.6931471805599453)
+# tl.dot needs every tile dimension >= 16: smaller sizes are padded by masked loads.
+MIN_DOT = 16
+
 
 def next_pow2(n: int) -> int:
     """The smallest power of two >= n (1 for n <= 1). Plain Python on purpose, as ``cdiv``."""
