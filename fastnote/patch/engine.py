@@ -68,11 +68,11 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Un
 import torch
 from torch import nn
 
-from . import nn as fnn
-from . import reference, testing
-from .nn.squeeze_excite import HardswishSqueezeExcitation, SqueezeExcite
-from .nn.timm_swin import TimmWindowAttention, fused_block_class
-from .nn.torchvision_swin import TorchvisionShiftedWindowAttention
+from .. import nn as fnn
+from .. import reference, testing
+from ..nn.squeeze_excite import HardswishSqueezeExcitation, SqueezeExcite
+from ..nn.timm_swin import TimmWindowAttention, fused_block_class
+from ..nn.torchvision_swin import TorchvisionShiftedWindowAttention
 
 __all__ = ["patch", "unpatch", "PatchReport", "Replaced", "Left", "KINDS"]
 
@@ -551,7 +551,7 @@ def _patch_spectral_norm_in(module: nn.Module, path: str, patcher: "_Patcher") -
         return
     from torch.nn.utils import parametrizations as tp
 
-    from .nn.utils import parametrizations as fp
+    from ..nn.utils import parametrizations as fp
 
     for tensor_name, plist in plists.items():
         for i, p in enumerate(list(plist)):
