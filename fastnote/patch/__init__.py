@@ -1,3 +1,76 @@
-"""fastnote.patch / unpatch (see ``engine``)."""
-from .engine import *  # noqa: F401,F403
-from .engine import KINDS, Left, PatchReport, Replaced, patch, unpatch  # noqa: F401
+"""Swap eager modules in an existing model for fastnote ones, in place, and back.
+
+>>> import torch, fastnote
+>>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Hardswish())
+>>> report = fastnote.patch(model)
+>>> list(report)
+['1: Hardswish -> fastnote.nn.Hardswish']
+>>> print(report)
+fastnote.patch: 1 replaced, 0 left
+  1 x Hardswish -> fastnote.nn.Hardswish  (1)
+>>> fastnote.unpatch(model)
+['1: fastnote.nn.Hardswish -> Hardswish']
+>>> type(model[1]).__name__
+'Hardswish'
+
+What is recognised, by structure rather than by class name (so copies of the published code are
+found too), with the family name ``include`` takes:
+
+- ``Hardswish``, ``Hardsigmoid``: ``nn.Hardswish`` / ``nn.Hardsigmoid``.
+- ``SqueezeExcitation``: a module made of two 1x1 convs (C -> Cr -> C), an activation, a gate and
+  at most an average pool, whose forward is ``x * gate(conv2(act(conv1(mean(x)))))`` (checked on a
+  small probe input): torchvision's ``SqueezeExcitation`` (``fc1``, ``fc2``), timm's
+  ``SqueezeExcite`` (``conv_reduce``, ``conv_expand``) and copies using either pair of names.
+- ``hswish_se``: in an ``nn.Sequential``, an ``nn.Hardswish`` (or a Sequential ending in one, as
+  torchvision's ``Conv2dNormActivation``) directly followed by such an SE: the h-swish becomes an
+  ``nn.Identity`` and the SE the fused ``hswish_se`` module. Where the order is not given by a
+  Sequential (timm's ``InvertedResidual``), the pair is reported as left, and each part is
+  replaced alone.
+- ``WindowAttention``: Swin's / timm's ``WindowAttention`` (``qkv``, ``proj``,
+  ``relative_position_bias_table``, an ``[N, N]`` ``relative_position_index``) -> the core op
+  module ``fastnote.nn.WindowAttention``, inside a block that keeps its own shift, pad and
+  partition code (the original Swin code's blocks; timm's where the fused path below is not used).
+- ``ShiftedWindowAttention``: the fused path (shift, pad, partition and their reverse done by the
+  attention kernel's index arithmetic). torchvision's ``ShiftedWindowAttention`` (flat ``[N*N]``
+  index, ``[B, H, W, C]`` input) -> fastnote's, in torchvision's order (pad, then roll) with its
+  shift rule; timm's ``SwinTransformerBlock`` -> the same block object's class switched to
+  ``fastnote.nn.timm_swin.FusedSwinTransformerBlock``, in timm's order (roll, then pad), its
+  ``attn`` left as it is (the fused ``_attn`` reads its parameters).
+- ``SelfAttention``: SAGAN-shaped attention (``query_conv``, ``key_conv``, ``value_conv``,
+  ``gamma``; query/key width C // 8) returning ``(out, attention)`` -> ``fastnote.nn.SelfAttention``
+  with ``return_attention=True``, the same return convention (set the module's
+  ``return_attention = False`` to get ``(out, None)`` and O(N) memory); and BigGAN's non-local
+  block (``theta``, ``phi``, ``g``, ``o``, ``gamma``; keys and values 2x2 max-pooled) ->
+  ``fastnote.nn.BigGANAttention``, its convs (spectral-norm ones included) kept as they are.
+- ``spectral_norm``: torch's hook (``torch.nn.utils.spectral_norm``) and parametrization
+  versions, and SAGAN's ``SpectralNorm`` wrapper (``module``, ``name``, ``power_iterations``,
+  ``<name>_u/_v/_bar``) -> fastnote's, on the same u and v tensors, so training continues exactly.
+
+A replacement reuses the original's parameter and buffer objects (an optimiser built before
+patching keeps working), and keeps device, dtype, train/eval mode and the state_dict keys, so
+checkpoints load before and after patching. ``fastnote.unpatch`` puts the originals back, with
+any parameter or buffer object the model holds now (``model.to`` replaces buffers). Nothing is
+drawn from the random generators.
+
+The report lists what was replaced, in the ``"<path>: Old -> New"`` form (``list(report)``,
+``len(report)``), and, in ``report.left``, what looked like a candidate but was left, with the
+reason: a patch that stops applying shows there instead of passing silently; ``expect`` turns a
+count mismatch into an error. A module that looks like attention (a relative position bias, or
+query/key/value projections with a softmax) but that no family recognises is listed there too,
+under the kind ``"attention"`` (the rule: ``fastnote.patch.attention_like``).
+
+The code: ``engine`` (the walk, the undo records, ``patch``, ``unpatch``), ``report``,
+``registry`` (the families, from which ``KINDS`` comes), ``probe`` (what the converters share),
+one module per family (``activation``, ``squeeze_excitation``, ``window_attention``,
+``self_attention``, ``spectral_norm``) and ``attention_like``. The family modules register
+themselves when imported, in the order below, which is the order of ``KINDS``.
+"""
+from . import registry
+from . import activation, squeeze_excitation, window_attention, self_attention, spectral_norm  # noqa: F401,I001
+from . import attention_like  # noqa: F401
+from .engine import patch, unpatch
+from .report import Left, PatchReport, Replaced
+
+KINDS = registry.kinds()
+
+__all__ = ["patch", "unpatch", "PatchReport", "Replaced", "Left", "KINDS"]

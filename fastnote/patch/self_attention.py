@@ -1,0 +1,105 @@
+"""Attention over the whole map: SAGAN's and BigGAN's.
+
+- SAGAN's ``Self_Attn`` shape (``query_conv``, ``key_conv``, ``value_conv``, ``gamma``;
+  query/key width C // 8) returning ``(out, attention)`` -> ``fastnote.nn.SelfAttention`` with
+  ``return_attention=True``, the same return convention.
+- BigGAN's non-local block (``theta``, ``phi``, ``g``, ``o``, ``gamma``; keys and values 2x2
+  max-pooled) -> ``fastnote.nn.BigGANAttention``, its convs (spectral-norm ones included) kept.
+
+Both are checked on a probe input, on a copy with ``gamma != 0`` (SAGAN starts at 0, where the
+output is the input whatever the attention computes).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .. import nn as fnn
+from .. import reference
+from .probe import _is_fastnote, _mode_of, _no_meta_left, _on_meta, _probe_close, _probe_input
+from .registry import Result, Site, register
+
+
+def _self_attention(old: nn.Module, site: Optional[Site] = None) -> Result:
+    convs = [getattr(old, n, None) for n in ("query_conv", "key_conv", "value_conv")]
+    gamma = getattr(old, "gamma", None)
+    if _is_fastnote(old) or not all(isinstance(c, nn.Conv2d) for c in convs) or not isinstance(gamma, nn.Parameter):
+        return None
+    q, k, v = convs
+    C = v.in_channels
+    if any(c.kernel_size != (1, 1) or c.stride != (1, 1) or c.padding != (0, 0) or c.groups != 1
+           or c.bias is None or c.in_channels != C for c in convs) or gamma.numel() != 1:
+        return "SAGAN-shaped, but query/key/value are not 1x1 convs with bias on one input, or gamma is not a scalar"
+    if q.out_channels != C // 8 or k.out_channels != C // 8 or v.out_channels != C or C < 8:
+        return (f"SAGAN-shaped, but query/key have {q.out_channels}/{k.out_channels} channels and value "
+                f"{v.out_channels} for in_dim {C}: fastnote.nn.SelfAttention has C // 8 and C")
+    extra = [n for n, _ in old.named_parameters() if n not in ("gamma",) and not n.split(".")[0].endswith("_conv")]
+    if extra:
+        return f"SAGAN-shaped, but it has other parameters ({', '.join(extra)})"
+    # The probe, on a copy with gamma != 0 (SAGAN starts at 0, where out == x says nothing).
+    probe = copy.deepcopy(old)
+    with torch.no_grad():
+        probe.gamma.fill_(0.5)
+        x = _probe_input((2, C, 3, 2), v.weight)
+        qq, kk, vv = (c(x).flatten(2) for c in (probe.query_conv, probe.key_conv, probe.value_conv))
+        want, want_attn = reference.sagan_attention(qq, kk, vv, x=x, gamma=probe.gamma, return_attention=True)
+        try:
+            got = probe(x)
+        except Exception as e:  # noqa: BLE001
+            return f"SAGAN-shaped, but its forward failed on a probe input ({type(e).__name__}: {e})"
+    if not (isinstance(got, tuple) and len(got) == 2):
+        return "SAGAN-shaped, but it does not return (out, attention) as SAGAN's Self_Attn does"
+    if not (_probe_close(got[0], want, v.weight.dtype) and _probe_close(got[1], want_attn, v.weight.dtype)):
+        return "SAGAN-shaped, but its forward is not SAGAN's gamma * (v @ softmax(q^T k)^T) + x"
+    new = _on_meta(lambda: fnn.SelfAttention(C, getattr(old, "activation", None), return_attention=True))
+    new.query_conv, new.key_conv, new.value_conv = q, k, v
+    new.gamma = gamma
+    return _mode_of(old, _no_meta_left(new, "SelfAttention")), "returns (out, attention) as the original"
+
+
+def _biggan_attention(old: nn.Module, site: Optional[Site] = None) -> Result:
+    convs = [getattr(old, n, None) for n in ("theta", "phi", "g", "o")]
+    gamma = getattr(old, "gamma", None)
+    if _is_fastnote(old) or not all(isinstance(c, nn.Conv2d) for c in convs) or not isinstance(gamma, nn.Parameter):
+        return None
+    theta, phi, g, o = convs
+    C = theta.in_channels
+    shapes = [(c.in_channels, c.out_channels) for c in convs]
+    if shapes != [(C, C // 8), (C, C // 8), (C, C // 2), (C // 2, C)] or C < 8:
+        return (f"BigGAN-shaped (theta, phi, g, o, gamma), but its convs map {shapes}: fastnote.nn.BigGANAttention "
+                f"has C -> C // 8, C // 8, C // 2 and C // 2 -> C")
+    if any(c.kernel_size != (1, 1) or c.stride != (1, 1) or c.padding != (0, 0) or c.groups != 1 or c.bias is not None
+           for c in convs) or gamma.numel() != 1:
+        return "BigGAN-shaped, but theta/phi/g/o are not bias-free 1x1 convs, or gamma is not a scalar"
+    names = {"theta", "phi", "g", "o"}
+    extra = [n for n, _ in old.named_parameters() if n != "gamma" and n.split(".")[0] not in names]
+    if extra:
+        return f"BigGAN-shaped, but it has other parameters ({', '.join(extra)})"
+    # The probe, on a copy in eval mode (a spectral-norm conv then leaves its vectors alone, so
+    # the two passes below see the same weights) with gamma != 0.
+    probe = copy.deepcopy(old).eval()
+    with torch.no_grad():
+        probe.gamma.fill_(0.5)
+        x = _probe_input((2, C, 4, 2), theta.weight)
+        pool = torch.nn.functional.max_pool2d
+        tt = probe.theta(x).flatten(2)
+        pp, gg = (pool(c(x), [2, 2]).flatten(2) for c in (probe.phi, probe.g))
+        want = probe.gamma * probe.o(reference.sagan_attention(tt, pp, gg).reshape(2, C // 2, 4, 2)) + x
+        try:
+            got = probe(x)
+        except Exception as e:  # noqa: BLE001
+            return f"BigGAN-shaped, but its forward failed on a probe input ({type(e).__name__}: {e})"
+    if not _probe_close(got, want, theta.weight.dtype):
+        return ("BigGAN-shaped, but its forward is not x + gamma * o(g' softmax(theta^T phi')^T) with 2x2-pooled "
+                "phi', g'")
+    new = _on_meta(lambda: fnn.BigGANAttention(C))
+    new.theta, new.phi, new.g, new.o = theta, phi, g, o
+    new.gamma = gamma
+    new.which_conv = getattr(old, "which_conv", nn.Conv2d)
+    return _mode_of(old, _no_meta_left(new, "BigGANAttention")), "pooled keys/values; the [B, N, N/4] map is not stored"
+
+
+register("SelfAttention", (_self_attention, _biggan_attention))

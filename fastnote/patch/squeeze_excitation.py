@@ -1,0 +1,151 @@
+"""Squeeze-excitation, and an h-swish feeding one (``hswish_se``).
+
+- ``SqueezeExcitation``: a module made of two 1x1 convs (C -> Cr -> C), an activation, a gate and
+  at most an average pool, whose forward is ``x * gate(conv2(act(conv1(mean(x)))))`` (checked on
+  a probe input), with torchvision's (``fc1``, ``fc2``) or timm's (``conv_reduce``,
+  ``conv_expand``) names -> ``fastnote.nn.SqueezeExcitation`` or fastnote's timm-layout
+  ``SqueezeExcite``.
+- ``hswish_se``: before the children of an ``nn.Sequential`` are visited, each ``nn.Hardswish``
+  (or Sequential ending in one) directly followed by such an SE becomes an ``nn.Identity`` and the
+  SE the fused module taking the h-swish's input. An SE replaced elsewhere whose previous sibling
+  ends in an h-swish is reported as a left ``hswish_se`` pair: the order of a ``forward`` is not
+  known from structure.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import nn as fnn
+from .. import reference
+from ..nn import squeeze_excite as _fused_se   # fastnote's timm-layout and h-swish-input SE modules
+from .probe import _is_fastnote, _join, _mode_of, _no_meta_left, _on_meta, _probe_close, _probe_input
+from .registry import Result, Site, register
+
+_POOLS = (nn.AdaptiveAvgPool2d, nn.Identity)
+_SE_NAMES = {("fc1", "fc2"): "torchvision", ("conv_reduce", "conv_expand"): "timm"}
+
+
+def _se_parts(m: nn.Module):
+    """(conv names, convs, act, gate) when ``m`` is shaped like an SE block, else None."""
+    if _is_fastnote(m) or m._buffers or m._parameters:
+        return None
+    convs, acts = [], []
+    for name, child in m.named_children():
+        if isinstance(child, nn.Conv2d):
+            convs.append((name, child))
+        elif isinstance(child, _POOLS):
+            if isinstance(child, nn.AdaptiveAvgPool2d) and child.output_size not in (1, (1, 1)):
+                return None
+        elif len(list(child.parameters())) == 0 and len(list(child.children())) == 0:
+            acts.append(child)
+        else:
+            return None
+    if len(convs) != 2 or len(acts) != 2:
+        return None
+    (n1, c1), (n2, c2) = convs
+    for c in (c1, c2):
+        if c.kernel_size != (1, 1) or c.stride != (1, 1) or c.padding != (0, 0) or c.groups != 1 \
+                or c.dilation != (1, 1) or c.padding_mode != "zeros":
+            return None
+    if c1.out_channels != c2.in_channels or c2.out_channels != c1.in_channels:
+        return None
+    return (n1, n2), (c1, c2), acts[0], acts[1]
+
+
+def _squeeze_excitation(old: nn.Module, hardswish_input: bool = False) -> Result:
+    parts = _se_parts(old)
+    if parts is None:
+        return None
+    (n1, n2), (c1, c2), act, gate = parts
+    layout = _SE_NAMES.get((n1, n2))
+    C, Cr = c1.in_channels, c1.out_channels
+    try:
+        if layout == "torchvision":
+            cls = _fused_se.HardswishSqueezeExcitation if hardswish_input else fnn.SqueezeExcitation
+            new = _on_meta(lambda: cls(C, Cr, activation=type(act), scale_activation=type(gate)))
+        elif layout == "timm":
+            new = _on_meta(lambda: _fused_se.SqueezeExcite(C, Cr, act_layer=type(act), gate_layer=type(gate),
+                                                           hardswish_input=hardswish_input))
+        else:
+            return (f"SE-shaped, but its convs are named {n1!r}, {n2!r}: fastnote's SE modules keep "
+                    "torchvision's (fc1, fc2) or timm's (conv_reduce, conv_expand) state_dict keys")
+    except ValueError as e:
+        return f"unsupported activation or gate: {e}"
+    # The probe: the module's own forward must be the SE formula.
+    w = c1.weight
+    x = _probe_input((2, C, 3, 2), w)
+    with torch.no_grad():
+        want = reference.squeeze_excitation(x, c1.weight, c1.bias, c2.weight, c2.bias,
+                                            activation=new.activation_name, gate=new.gate_name)
+        try:
+            got = old(x)
+        except Exception as e:  # noqa: BLE001 - any failure means "not this structure"
+            return f"SE-shaped, but its forward failed on a probe input ({type(e).__name__}: {e})"
+    if not _probe_close(got, want, w.dtype):
+        return "SE-shaped, but its forward is not x * gate(conv2(act(conv1(mean(x)))))"
+    setattr(new, "fc1" if layout == "torchvision" else "conv_reduce", c1)
+    setattr(new, "fc2" if layout == "torchvision" else "conv_expand", c2)
+    return _mode_of(old, _no_meta_left(new, "SqueezeExcitation")), ""
+
+
+# ------------------------------------------------------------------------------------------------
+# h-swish + SE
+# ------------------------------------------------------------------------------------------------
+
+def _last_hardswish(m: nn.Module, parent: nn.Module, name: str):
+    """(owner, name, relative path) of the ``nn.Hardswish`` producing ``m``'s output, if ``m`` is
+    one or a Sequential ending in one."""
+    rel = name
+    while isinstance(m, nn.Sequential) and len(m) > 0:
+        parent, name = m, list(m._modules)[-1]
+        m, rel = m._modules[name], f"{rel}.{name}"
+    return (parent, name, rel) if type(m) is nn.Hardswish else None
+
+
+def _previous_sibling_hardswish(parent: nn.Module, name: str) -> bool:
+    """Whether the sibling registered just before ``name`` (Identities skipped) ends in an h-swish."""
+    previous = None
+    for n, child in parent.named_children():
+        if n == name:
+            break
+        if not isinstance(child, nn.Identity):
+            previous = child
+    while previous is not None and len(previous._modules) > 0:
+        previous = list(previous._modules.values())[-1]
+    return isinstance(previous, (nn.Hardswish, fnn.Hardswish))
+
+
+def _convert_se(old: nn.Module, site: Site) -> Result:
+    result = _squeeze_excitation(old)
+    if isinstance(result, tuple) and site.wants("hswish_se") and not isinstance(site.parent, nn.Sequential) \
+            and _previous_sibling_hardswish(site.parent, site.name):
+        site.left("hswish_se",
+                  f"an h-swish feeds this SE inside {type(site.parent).__name__}.forward, not in a "
+                  "Sequential: the order is not known from structure, so the h-swish and the SE "
+                  "are replaced separately")
+    return result
+
+
+def _fuse_hswish_se(parent: nn.Module, prefix: str, patcher) -> None:
+    """In a Sequential, an h-swish (or a Sequential ending in one) followed by an SE: the h-swish
+    becomes an Identity and the SE the fused module taking the h-swish's input."""
+    if not isinstance(parent, nn.Sequential):
+        return
+    names = list(parent._modules)
+    for a, b in zip(names, names[1:]):
+        producer = _last_hardswish(parent._modules[a], parent, a)
+        se = parent._modules[b]
+        if producer is None or _is_fastnote(se) or _se_parts(se) is None:
+            continue
+        result = _squeeze_excitation(se, hardswish_input=True)
+        if not isinstance(result, tuple):
+            continue  # reported when the SE itself is visited
+        owner, hname, rel = producer
+        hpath, spath = _join(prefix, rel), _join(prefix, b)
+        patcher.swap(owner, hname, nn.Identity(), hpath, note="fused into the SE after it (hswish_se)")
+        patcher.swap(parent, b, result[0], spath, note="hswish_se: takes the h-swish's input")
+
+
+register("SqueezeExcitation", (_convert_se,))
+register("hswish_se", before_children=_fuse_hswish_se)
