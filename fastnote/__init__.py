@@ -10,6 +10,7 @@ from .ops.hardswish import hard_sigmoid, hard_swish
 from .ops.patch_nce import patch_nce_logits, patch_nce_loss, patch_sample
 from .ops.power_iteration import power_iteration
 from .ops.sagan_attention import sagan_attention
+from .ops.siglip_loss import siglip_loss
 from .ops.squeeze_excitation import hswish_se, squeeze_excitation
 from .ops.total_variation import tv_loss
 from .ops.window_attention import swin_window_attention, window_attention
@@ -28,6 +29,7 @@ __all__ = [
     "patch_sample",
     "power_iteration",
     "sagan_attention",
+    "siglip_loss",
     "squeeze_excitation",
     "style_loss",
     "swin_window_attention",

@@ -130,3 +130,11 @@ def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
     if torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
     return None
+
+
+def scalar(name: str, t) -> torch.Tensor:
+    """A float tensor holding one value (0-dim or one element), as a learnable scale or bias."""
+    tensor(name, t)
+    if t.numel() != 1:
+        raise ValueError(f"{name} must be a scalar tensor (0-dim or one element), got shape {list(t.shape)}")
+    return t

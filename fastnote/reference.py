@@ -38,6 +38,7 @@ __all__ = [
     "sagan_attention",
     "power_iteration",
     "spectral_norm_weight",
+    "siglip_loss",
 ]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -481,3 +482,25 @@ def spectral_norm_weight(weight, u, v, dim=0, n_power_iterations=1, eps=1e-12, r
     mat = mat.reshape(mat.shape[0], -1)
     sigma, u_new, v_new = power_iteration(mat, u, v, n_power_iterations, eps, rule)
     return (wf / sigma).to(weight.dtype), u_new, v_new
+
+
+# --------------------------------------------------------------------------------------------
+# 3.3 SigLIP sigmoid loss (appended after section 6; docs/ops.md section 3.3)
+# --------------------------------------------------------------------------------------------
+
+@_exact
+def siglip_loss(image_emb, text_emb, logit_scale, logit_bias):
+    """SigLIP's pairwise sigmoid loss (open_clip's ``SigLipLoss`` on one process); a 0-dim tensor.
+
+    image_emb, text_emb: [n, d]; logit_scale: the multiplier itself (already exponentiated, as
+    open_clip's ``get_logits`` takes it), logit_bias: the additive bias; both 0-dim or
+    one-element tensors. ``logits = logit_scale * image_emb @ text_emb^T + logit_bias`` [n, n],
+    labels +1 on the diagonal and -1 elsewhere, ``loss = -sum(logsigmoid(labels * logits)) / n``.
+    Gradients to all four inputs. Returned in the compute dtype (float32 for half inputs).
+    """
+    img = _up(image_emb)
+    txt = _up(text_emb)
+    logits = _up(logit_scale).reshape(()) * (img @ txt.t()) + _up(logit_bias).reshape(())
+    n = img.shape[0]
+    labels = 2 * torch.eye(n, device=img.device, dtype=logits.dtype) - 1
+    return -F.logsigmoid(labels * logits).sum() / n

@@ -5,9 +5,10 @@ from .perceptual_loss import PerceptualLoss, PerceptualLossTerms, StyleLoss, Tot
 from .self_attention import BigGANAttention, SelfAttention
 from . import utils
 from .sagan_spectral_norm import SpectralNorm
+from .siglip_loss import SigLipLoss
 from .squeeze_excitation import SqueezeExcitation
 from .window_attention import ShiftedWindowAttention, WindowAttention
 
 __all__ = ["utils", "Hardsigmoid", "Hardswish", "SelfAttention", "BigGANAttention", "SpectralNorm", "SqueezeExcitation",
            "ShiftedWindowAttention", "WindowAttention", "PerceptualLoss", "PerceptualLossTerms", "StyleLoss",
-           "TotalVariation", "ClipLoss", "PatchNCELoss"]
+           "TotalVariation", "ClipLoss", "PatchNCELoss", "SigLipLoss"]
