@@ -701,8 +701,9 @@ def squeeze_excitation_module(C: int, Cr: int):
     """torchvision's SqueezeExcitation with MobileNetV3's hard-sigmoid gate (its own class when
     torchvision imports here, else the transcription in tests/transcriptions.py)."""
     try:
-        common = _examples_common()
-        common._torchvision_op_schemas()
+        from fastnote.compat import torchvision_op_schemas
+
+        torchvision_op_schemas()
         from torchvision.ops.misc import SqueezeExcitation
     except Exception:
         SqueezeExcitation = transcriptions().TorchvisionSqueezeExcitation
@@ -716,13 +717,6 @@ def _cast(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
             if p is not None:
                 m._parameters[name] = torch.nn.Parameter(p.detach().to(dtype), requires_grad=p.requires_grad)
     return module
-
-
-def _examples_common():
-    name = "fastnote_examples_common"
-    if name in sys.modules:
-        return sys.modules[name]
-    return _load_by_path(name, os.path.join(ROOT, "examples", "_common.py"))
 
 
 def hswish_se_cases(batch=256, dtype="bf16") -> List[Case]:
