@@ -90,6 +90,14 @@ if ! installed timm && installed torchvision; then
   log "installing timm"
   pip_install timm || log "timm not installed: its model tests will skip"
 fi
+# open_clip, whose SigLipLoss the SigLIP tests and benchmark compare with: the package without its
+# dependencies (they would bring another torch), plus the two its import needs beyond timm's
+# (torchvision, timm, huggingface_hub, safetensors, tqdm). Best effort, as timm.
+if ! installed open_clip && installed timm; then
+  log "installing open_clip_torch (no dependencies), ftfy and regex"
+  { pip_install --no-deps open_clip_torch && pip_install ftfy regex; } \
+    || log "open_clip not installed: its comparisons will skip"
+fi
 for mod in torch triton pytest; do
   has "$mod" || { log "could not install $mod"; exit 1; }
 done

@@ -330,12 +330,16 @@ def _open_clip_in_worker():
 
     if importlib.util.find_spec("open_clip") is None:
         return None
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "_common.py")
-    spec = importlib.util.spec_from_file_location("fastnote_examples_common", path)
-    common = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = common
-    spec.loader.exec_module(common)
-    common._torchvision_op_schemas()
+    try:
+        from fastnote.compat import torchvision_op_schemas
+    except ImportError:   # the shim's older home: the examples' helper, loaded by path
+        path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "_common.py")
+        spec = importlib.util.spec_from_file_location("fastnote_examples_common", path)
+        common = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = common
+        spec.loader.exec_module(common)
+        torchvision_op_schemas = common._torchvision_op_schemas
+    torchvision_op_schemas()
     from open_clip.loss import SigLipLoss
     return SigLipLoss
 
