@@ -233,6 +233,9 @@ def test_block_errors(device):
         fastnote.swin_window_attention(x, w[:32], b, pw, pb, table, 4, 2)
     with pytest.raises(TypeError, match="dtype"):
         fastnote.swin_window_attention(x.double(), w, b, pw, pb, table, 4, 2)
+    # The module leaves the shift's range to the op: the same message, at the first call.
+    with pytest.raises(ValueError, match=r"shift_size must be in \[0, 4\) \(0 to window_size - 1\), got 4"):
+        fastnote.nn.ShiftedWindowAttention(32, 4, 2, shift_size=4).to(device)(x)
     m = fastnote.nn.WindowAttention(32, 4, 2).to(device)
     with pytest.raises(ValueError, match="x"):
         m(torch.randn(2, 15, 32, device=device))

@@ -86,12 +86,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastnote.backend import empty
-
-from .utils import cdiv, dot, dot_switches, next_pow2
-
-# Scores are kept in base-2 units (exp2). A global the kernels read must be a tl.constexpr instance.
-LOG2E = tl.constexpr(1.4426950408889634)
+from .utils import LOG2E, LOG2E_F, cdiv, dot, dot_switches, next_pow2
 
 # Largest padded N whose full score tile one program holds; beyond it, 64 x 64 tiles.
 SINGLE_TILE_MAX_N = 64
@@ -198,17 +193,41 @@ def _place_additive(bias_ptr, mask_ptr, h, j, rows, cols, N, nW, nWw, H, W, Rh, 
 
 
 @triton.jit
-def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, bias_ptr, mask_ptr, qkvb_ptr,
+def _unit_rows(x, eps):
+    """Cosine attention's normalisation, ``x / max(||x||, eps)`` per row as ``F.normalize``: the
+    norms in fp32, the rows back in x's dtype (the dot's operand). Also returns the fp32 factor
+    ``1 / max(||x||, eps)`` and whether the norm reached eps (else the clamp is active and the
+    backward has no projection term)."""
+    xf = x.to(tl.float32)
+    norm = tl.sqrt_rn(tl.sum(xf * xf, axis=1))
+    r = 1.0 / tl.maximum(norm, eps)
+    return (xf * r[:, None]).to(x.dtype), r, norm >= eps
+
+
+@triton.jit
+def _unit_rows_grad(x_hat, r, unclamped, g_hat):
+    """The gradient through ``_unit_rows``: for x^ = x / ||x||, ``dx = (dx^ - x^ (x^ . dx^)) / ||x||``;
+    where the norm was clamped at eps, x^ = x / eps and ``dx = dx^ / eps``. Linear in ``g_hat`` (so
+    it applies to each key tile's share of dq). Returns (dx, x^ . dx^ per row)."""
+    xf = x_hat.to(tl.float32)
+    proj = tl.sum(xf * g_hat, axis=1)
+    return r[:, None] * (g_hat - tl.where(unclamped, proj, 0.0)[:, None] * xf), proj
+
+
+@triton.jit
+def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, bias_ptr, mask_ptr, qkvb_ptr, hs_ptr,
                 sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n,
-                num_images, N, nW, nWw, H, W, Rh, Rw, shift_h, shift_w, C, qk_scale, mask_value,
+                num_images, N, nW, nWw, H, W, Rh, Rw, shift_h, shift_w, C, qk_scale, mask_value, eps,
                 HEADS: tl.constexpr, D: tl.constexpr, WS: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
                 HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, FUSED: tl.constexpr,
-                HAS_QKV_BIAS: tl.constexpr, SINGLE: tl.constexpr, PRECISION: tl.constexpr,
-                UPCAST: tl.constexpr):
+                HAS_QKV_BIAS: tl.constexpr, SINGLE: tl.constexpr, COSINE: tl.constexpr,
+                PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     # Program (head h, window place j, images first .. first + GROUP - 1, query block).
     pid = tl.program_id(0)
     h = pid % HEADS
+    if COSINE:  # Swin V2: unit q and k rows, the head's own scale exp(min(logit_scale, log 100))
+        qk_scale = tl.load(hs_ptr + h) * LOG2E
     rest = pid // HEADS
     j = rest % nW
     first = (rest // nW) * GROUP
@@ -228,6 +247,8 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, bias_ptr, mask_ptr, qkvb_pt
             q = _load_rows(q_ptr, w, h, tok_q, in_q, cols_d, d_ok, sq_b, sq_h, sq_n)
             if FUSED:
                 q = _with_pad_value(q, rows < N, in_q, qkvb_ptr, h * D, cols_d, d_ok, HAS_QKV_BIAS)
+            if COSINE:
+                q = _unit_rows(q, eps)[0]
             m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
             l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
             acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -237,6 +258,8 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, bias_ptr, mask_ptr, qkvb_pt
                                                     sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
                                                     N, nW, nWw, H, W, Rh, Rw, shift_h, shift_w, C,
                                                     D, WS, FUSED, HAS_QKV_BIAS)
+                if COSINE:
+                    k = _unit_rows(k, eps)[0]
                 if not SINGLE:
                     add = _additive(bias_ptr, mask_ptr, h, j, rows, cols, lab_q, lab_k, N, mask_value,
                                     HAS_BIAS, HAS_MASK, FUSED, BLOCK_M, BLOCK_N)
@@ -255,21 +278,27 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, bias_ptr, mask_ptr, qkvb_pt
 
 
 @triton.jit
-def _bwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, bias_ptr, mask_ptr, qkvb_ptr,
-                dq_ptr, dk_ptr, dv_ptr, dbias_ptr, dqkvb_ptr,
+def _bwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, bias_ptr, mask_ptr, qkvb_ptr, hs_ptr,
+                dq_ptr, dk_ptr, dv_ptr, dbias_ptr, dqkvb_ptr, dhs_ptr,
                 sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n,
                 sdq_b, sdq_h, sdq_n, sd_b, sd_h, sd_n,
-                num_images, N, nW, nWw, H, W, Rh, Rw, shift_h, shift_w, C, qk_scale, scale, mask_value, num_slots,
+                num_images, N, nW, nWw, H, W, Rh, Rw, shift_h, shift_w, C, qk_scale, scale, mask_value, eps,
+                num_slots,
                 HEADS: tl.constexpr, D: tl.constexpr, WS: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
                 HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, SHARED_SLOTS: tl.constexpr,
                 HAS_MASK: tl.constexpr,
-                FUSED: tl.constexpr, HAS_QKV_BIAS: tl.constexpr, SINGLE: tl.constexpr,
+                FUSED: tl.constexpr, HAS_QKV_BIAS: tl.constexpr, SINGLE: tl.constexpr, COSINE: tl.constexpr,
                 PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     # Program (head h, window place j, images first .. first + GROUP - 1); its dbias goes to partial
     # slot ``rest % num_slots`` (its own unless SHARED_SLOTS).
     pid = tl.program_id(0)
     h = pid % HEADS
+    if COSINE:
+        scale = tl.load(hs_ptr + h)
+        qk_scale = scale * LOG2E
+        # d scale_h = sum of dS * (q^ . k^) = sum over query rows of q^ . (dS @ k^), per row here
+        dhs_acc = tl.zeros([BLOCK_M], dtype=tl.float32)
     rest = pid // HEADS
     j = rest % nW
     first = (rest // nW) * GROUP
@@ -296,6 +325,8 @@ def _bwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, bias_ptr, mask_ptr,
                                                     sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
                                                     N, nW, nWw, H, W, Rh, Rw, shift_h, shift_w, C,
                                                     D, WS, FUSED, HAS_QKV_BIAS)
+                if COSINE:
+                    k, r_k, unclamped_k = _unit_rows(k, eps)
                 dk_acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
                 dv_acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
                 for m0 in range(0, N, BLOCK_M):
@@ -304,6 +335,8 @@ def _bwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, bias_ptr, mask_ptr,
                     q = _load_rows(q_ptr, w, h, tok_q, in_q, cols_d, d_ok, sq_b, sq_h, sq_n)
                     if FUSED:
                         q = _with_pad_value(q, rows < N, in_q, qkvb_ptr, h * D, cols_d, d_ok, HAS_QKV_BIAS)
+                    if COSINE:
+                        q, r_q, unclamped_q = _unit_rows(q, eps)
                     # Cropped (padded) query tokens have no output, so do = 0 there and they add nothing.
                     do = _load_rows(do_ptr, w, h, tok_q, in_q, cols_d, d_ok, so_b, so_h, so_n)
                     if not SINGLE:
@@ -325,7 +358,13 @@ def _bwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, bias_ptr, mask_ptr,
                         delta = tl.sum(p * dp, axis=1)
                     ds = p * (dp - delta[:, None])
                     dk_acc += dot(tl.trans(ds.to(q.dtype)), q, PRECISION, UPCAST)
-                    dq = dot(ds.to(k.dtype), k, PRECISION, UPCAST) * scale
+                    if COSINE:
+                        # this key tile's share of dq^ / scale, through the normalisation (linear)
+                        dq, proj = _unit_rows_grad(q, r_q, unclamped_q, dot(ds.to(k.dtype), k, PRECISION, UPCAST))
+                        dhs_acc += proj
+                        dq = dq * scale
+                    else:
+                        dq = dot(ds.to(k.dtype), k, PRECISION, UPCAST) * scale
                     dq_offs = _row_offsets(w, h, tok_q, cols_d, sdq_b, sdq_h, sdq_n)
                     q_ok = in_q[:, None] & d_ok[None, :]
                     if SINGLE:
@@ -337,6 +376,8 @@ def _bwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, bias_ptr, mask_ptr,
                         if BIAS_GRAD:
                             tl.atomic_add(dbias_ptr + db_base + rows[:, None] * N + cols[None, :], ds, mask=tile_ok)
                 dk_acc = dk_acc * scale
+                if COSINE:
+                    dk_acc = _unit_rows_grad(k, r_k, unclamped_k, dk_acc)[0]
                 d_offs = _row_offsets(w, h, tok_k, cols_d, sd_b, sd_h, sd_n)
                 k_ok = in_k[:, None] & d_ok[None, :]
                 tl.store(dk_ptr + d_offs, dk_acc.to(dk_ptr.dtype.element_ty), mask=k_ok)
@@ -346,6 +387,9 @@ def _bwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, bias_ptr, mask_ptr,
                         pad = ((cols < N) & ~in_k)[:, None]
                         pad_dk += tl.sum(tl.where(pad, dk_acc, 0.0), axis=0)
                         pad_dv += tl.sum(tl.where(pad, dv_acc, 0.0), axis=0)
+    if COSINE:
+        # this program's part of d scale_h, one slot per program: partial [rest, h], summed by the op
+        tl.store(dhs_ptr + rest.to(tl.int64) * HEADS + h, tl.sum(dhs_acc, axis=0))
     if FUSED:
         if HAS_QKV_BIAS:
             # this program's part of the padded tokens' k/v-bias gradient: partial [rest, h, 2, D]
@@ -365,8 +409,9 @@ def _bwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, bias_ptr, mask_ptr,
 
 
 # ------------------------------------------------------------------------------------------------
-# Launchers. Tensors arrive checked (fastnote.ops.window_attention); outputs are passed in or made
-# here. A layout is described by its ``Geometry``; strides are (window, head, token) triples.
+# Launchers. Tensors arrive checked (fastnote.ops.window_attention), and every buffer, outputs and
+# scratch alike, comes allocated from the op, which sizes the scratch with ``backward_plan``. A
+# layout is described by its ``Geometry``; strides are (window, head, token) triples.
 # ------------------------------------------------------------------------------------------------
 
 class Geometry(NamedTuple):
@@ -477,8 +522,60 @@ def dbias_slots(programs_per_head: int, tensor_bytes: int, heads: int, N: int) -
     return max(1, min(programs_per_head, cap))
 
 
+class BackwardPlan(NamedTuple):
+    """How a backward launch is split; the op allocates its scratch buffers from it."""
+    group: int        # images per program
+    programs: int     # programs per head
+    slots: int        # dbias partial slots (== programs unless shared through atomics)
+    single: bool      # one tile per window
+
+    @property
+    def shared(self) -> bool:
+        return self.slots < self.programs
+
+    @property
+    def accumulated(self) -> bool:
+        """Whether the dbias partials are added into (atomics: zero them first) rather than
+        written whole, once per slot."""
+        return self.shared or not self.single
+
+
+def backward_plan(g: Geometry, heads: int, d: int, dtype: torch.dtype, deterministic: bool) -> BackwardPlan:
+    """The backward's program split for geometry ``g``: pure, so the op (which allocates from it)
+    and the launcher (which launches from it) agree. ``deterministic``: one dbias slot per program
+    (``torch.are_deterministic_algorithms_enabled()``)."""
+    single = blocks(g.N, d, dtype)[3]
+    group = backward_group(g.num_images, g.nW, heads, g.N, d)
+    programs = cdiv(g.num_images, group) * g.nW
+    tensor_bytes = g.num_windows * heads * g.N * d * dtype.itemsize
+    slots = programs if deterministic else dbias_slots(programs, tensor_bytes, heads, g.N)
+    return BackwardPlan(group=group, programs=programs, slots=slots, single=single)
+
+
+def dbias_partial_shape(plan: BackwardPlan, heads: int, N: int):
+    """fp32 partials of the bias gradient, summed over dim 0 by the op (zeroed first where
+    ``plan.accumulated``)."""
+    return (plan.slots, heads, N, N)
+
+
+def scale_partial_shape(plan: BackwardPlan, heads: int):
+    """Cosine attention: fp32 per-program sums of ``dS * (q^ . k^)``, the gradient of each head's
+    scale; summed over dim 0 by the op (no atomics)."""
+    return (plan.programs, heads)
+
+
+def pad_partial_shape(plan: BackwardPlan, heads: int, d: int):
+    """Fused layout with a qkv bias: fp32 per-program sums of the zero-padded tokens' dk and dv,
+    written whole; summed over dim 0 by the op into the k and v parts of the qkv-bias gradient."""
+    return (plan.programs, heads, 2, d)
+
+
+# F.normalize's default: cosine attention divides each q and k row by max(||row||, EPS).
+EPS = 1e-12
+
+
 def _fwd(*, q, k, v, q_strides, k_strides, v_strides, out, out_strides, lse, bias, mask, qkv_bias,
-         geometry: Geometry, heads, d, scale, mask_value, fused, has_mask):
+         geometry: Geometry, heads, d, scale, mask_value, fused, has_mask, head_scale=None):
     g = geometry
     if g.num_windows == 0 or g.N == 0:
         return
@@ -491,64 +588,52 @@ def _fwd(*, q, k, v, q_strides, k_strides, v_strides, out, out_strides, lse, bia
     _fwd_kernel[grid](
         q_ptr=q, k_ptr=k, v_ptr=v, o_ptr=out, lse_ptr=lse,
         bias_ptr=bias if bias is not None else dummy, mask_ptr=mask if mask is not None else dummy,
-        qkvb_ptr=qkv_bias if qkv_bias is not None else dummy,
+        qkvb_ptr=qkv_bias if qkv_bias is not None else dummy, hs_ptr=head_scale if head_scale is not None else dummy,
         sq_b=sq_b, sq_h=sq_h, sq_n=sq_n, sk_b=sk_b, sk_h=sk_h, sk_n=sk_n,
         sv_b=sv_b, sv_h=sv_h, sv_n=sv_n, so_b=so_b, so_h=so_h, so_n=so_n,
-        **_geometry_args(g), qk_scale=scale * LOG2E.value, mask_value=mask_value,
+        **_geometry_args(g), qk_scale=scale * LOG2E_F, mask_value=mask_value, eps=EPS,
         HEADS=heads, D=d, WS=g.window_size, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, GROUP=group,
         HAS_BIAS=bias is not None, HAS_MASK=has_mask, FUSED=fused, HAS_QKV_BIAS=qkv_bias is not None,
-        SINGLE=single, **dot_switches(q.dtype, q.device),
+        SINGLE=single, COSINE=head_scale is not None, **dot_switches(q.dtype, q.device),
         num_warps=8 if bm * bn >= 64 * 64 else 4, num_stages=1,
     )
 
 
-def _bwd(*, q, k, v, q_strides, k_strides, v_strides, out, do, out_strides, lse, bias, bias_grad, mask,
-         qkv_bias, dq, dq_strides, dk, dv, dkv_strides, dqkv_bias, geometry: Geometry, heads, d, scale,
-         mask_value, fused, has_mask):
-    """Returns the fp32 partials of the bias gradient, [slots, heads, N, N], and (fused layout with
-    a qkv bias, ``dqkv_bias`` given as a flag) of the padded tokens' k/v-bias gradient,
-    [programs per head, heads, 2, d]; either may be None."""
+def _bwd(*, q, k, v, q_strides, k_strides, v_strides, out, do, out_strides, lse, bias, mask,
+         qkv_bias, dq, dq_strides, dk, dv, dkv_strides, dbias_partial, dpad_partial, geometry: Geometry, heads, d,
+         scale, mask_value, fused, has_mask, head_scale=None, dscale_partial=None):
+    """``dbias_partial``: None or fp32 ``dbias_partial_shape`` (zeroed where the plan accumulates);
+    ``dpad_partial``: None or fp32 ``pad_partial_shape`` (fused layout with a qkv bias). Cosine
+    attention (``head_scale`` fp32 [heads]): ``dscale_partial`` fp32 ``scale_partial_shape``, written
+    whole."""
     g = geometry
-    bm, bn, bd, single = blocks(g.N, d, q.dtype)
-    group = backward_group(g.num_images, g.nW, heads, g.N, d)
-    n_groups = cdiv(g.num_images, group) * g.nW   # programs per head
-    slots = dbias_slots(n_groups, g.num_windows * heads * g.N * d * q.element_size(), heads, g.N)
-    if torch.are_deterministic_algorithms_enabled():
-        slots = n_groups   # one slot per program: no atomics, a fixed summation order
-    shared = slots < n_groups
-    partial = None
-    if bias_grad:
-        shape = (slots, heads, g.N, g.N)
-        # accumulated into (atomics) unless each program writes its own slot whole
-        partial = torch.zeros(shape, dtype=torch.float32, device=q.device) if (shared or not single) \
-            else empty(shape, torch.float32, q.device)
-    pad_partial = None
-    if dqkv_bias is not None and qkv_bias is not None:
-        # written whole: every (program, head) writes its [2, d] slice once
-        pad_partial = empty((n_groups, heads, 2, d), torch.float32, q.device)
     if g.num_windows == 0 or g.N == 0:
-        return (partial.zero_() if partial is not None else None), None
+        return
+    bm, bn, bd, single = blocks(g.N, d, q.dtype)
+    plan = backward_plan(g, heads, d, q.dtype, torch.are_deterministic_algorithms_enabled())
+    slots = dbias_partial.shape[0] if dbias_partial is not None else plan.slots
     dummy = lse
     (sq_b, sq_h, sq_n), (sk_b, sk_h, sk_n), (sv_b, sv_h, sv_n), (so_b, so_h, so_n) = \
         q_strides, k_strides, v_strides, out_strides
     (sdq_b, sdq_h, sdq_n), (sd_b, sd_h, sd_n) = dq_strides, dkv_strides
     switches = dot_switches(q.dtype, q.device)
-    _bwd_kernel[(n_groups * heads,)](
+    _bwd_kernel[(plan.programs * heads,)](
         q_ptr=q, k_ptr=k, v_ptr=v, o_ptr=out, do_ptr=do, lse_ptr=lse,
         bias_ptr=bias if bias is not None else dummy, mask_ptr=mask if mask is not None else dummy,
         qkvb_ptr=qkv_bias if qkv_bias is not None else dummy,
-        dq_ptr=dq, dk_ptr=dk, dv_ptr=dv, dbias_ptr=partial if partial is not None else dummy,
-        dqkvb_ptr=pad_partial if pad_partial is not None else dummy,
+        dq_ptr=dq, dk_ptr=dk, dv_ptr=dv, dbias_ptr=dbias_partial if dbias_partial is not None else dummy,
+        dqkvb_ptr=dpad_partial if dpad_partial is not None else dummy,
+        hs_ptr=head_scale if head_scale is not None else dummy,
+        dhs_ptr=dscale_partial if dscale_partial is not None else dummy,
         sq_b=sq_b, sq_h=sq_h, sq_n=sq_n, sk_b=sk_b, sk_h=sk_h, sk_n=sk_n,
         sv_b=sv_b, sv_h=sv_h, sv_n=sv_n, so_b=so_b, so_h=so_h, so_n=so_n,
         sdq_b=sdq_b, sdq_h=sdq_h, sdq_n=sdq_n, sd_b=sd_b, sd_h=sd_h, sd_n=sd_n,
-        **_geometry_args(g), qk_scale=scale * LOG2E.value, scale=scale, mask_value=mask_value, num_slots=slots,
-        HEADS=heads, D=d, WS=g.window_size, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, GROUP=group,
-        HAS_BIAS=bias is not None, BIAS_GRAD=bias_grad, SHARED_SLOTS=shared, HAS_MASK=has_mask,
-        FUSED=fused, HAS_QKV_BIAS=qkv_bias is not None, SINGLE=single,
-        **switches, num_warps=_backward_warps(bm, bn, switches), num_stages=1,
+        **_geometry_args(g), qk_scale=scale * LOG2E_F, scale=scale, mask_value=mask_value, eps=EPS, num_slots=slots,
+        HEADS=heads, D=d, WS=g.window_size, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, GROUP=plan.group,
+        HAS_BIAS=bias is not None, BIAS_GRAD=dbias_partial is not None, SHARED_SLOTS=slots < plan.programs,
+        HAS_MASK=has_mask, FUSED=fused, HAS_QKV_BIAS=qkv_bias is not None and dpad_partial is not None,
+        SINGLE=single, COSINE=head_scale is not None, **switches, num_warps=_backward_warps(bm, bn, switches), num_stages=1,
     )
-    return partial, pad_partial
 
 
 def _backward_warps(bm: int, bn: int, switches: dict) -> int:
@@ -562,7 +647,9 @@ def _backward_warps(bm: int, bn: int, switches: dict) -> int:
     return 16 if switches["PRECISION"] == "ieee" else 8
 
 
-def forward(q, k, v, bias, mask, scale: float, out, lse):
+# Public launchers: keyword-only, the op's arguments in its order, then the buffers it allocated.
+
+def forward(*, q, k, v, bias, mask, scale: float, out, lse):
     """Core layout. q, k, v [B_, heads, N, d] with unit last stride; bias [heads, N, N] and mask
     [nW, N, N] contiguous or None; out [B_, heads, N, d] and lse [B_, heads, N] fp32, contiguous."""
     _, heads, N, d = q.shape
@@ -570,64 +657,105 @@ def forward(q, k, v, bias, mask, scale: float, out, lse):
          out=out, out_strides=_strides(out), lse=lse, bias=bias, mask=mask, qkv_bias=None,
          geometry=core_geometry(q, mask), heads=heads, d=d, scale=scale, mask_value=0.0,
          fused=False, has_mask=mask is not None)
-    return out, lse
 
 
-def backward(do, q, k, v, out, lse, bias, bias_grad: bool, mask, scale: float, dq, dk, dv):
-    """Core layout; do and out contiguous like ``out``; dq, dk, dv contiguous [B_, heads, N, d].
-    Returns the fp32 dbias [heads, N, N] (or None)."""
+def backward(*, do, q, k, v, out, lse, bias, mask, scale: float, dq, dk, dv, dbias_partial):
+    """Core layout; do and out contiguous like ``out``; dk, dv [B_, heads, N, d] (any strides with
+    a unit last one). dq: the output itself where the plan has one tile per window, else an fp32
+    zeroed buffer the key tiles add into. ``dbias_partial``: None (no bias gradient) or fp32
+    ``dbias_partial_shape``."""
     _, heads, N, d = q.shape
-    single = blocks(N, d, q.dtype)[3]
-    # with several query tiles per window dq is summed over key tiles (atomics into fp32)
-    dq_buf = dq if single else torch.zeros(dq.shape, dtype=torch.float32, device=dq.device)
-    partial, _ = _bwd(q=q, k=k, v=v, q_strides=_strides(q), k_strides=_strides(k), v_strides=_strides(v),
-                   out=out, do=do, out_strides=_strides(out), lse=lse, bias=bias, bias_grad=bias_grad,
-                   mask=mask, qkv_bias=None, dq=dq_buf, dq_strides=_strides(dq_buf), dk=dk, dv=dv,
-                   dkv_strides=_strides(dk), dqkv_bias=None, geometry=core_geometry(q, mask), heads=heads,
-                   d=d, scale=scale, mask_value=0.0, fused=False, has_mask=mask is not None)
-    if not single:
-        dq.copy_(dq_buf)
-    return partial.sum(0) if partial is not None else None
+    _bwd(q=q, k=k, v=v, q_strides=_strides(q), k_strides=_strides(k), v_strides=_strides(v),
+         out=out, do=do, out_strides=_strides(out), lse=lse, bias=bias, mask=mask, qkv_bias=None,
+         dq=dq, dq_strides=_strides(dq), dk=dk, dv=dv, dkv_strides=_strides(dk),
+         dbias_partial=dbias_partial, dpad_partial=None, geometry=core_geometry(q, mask), heads=heads,
+         d=d, scale=scale, mask_value=0.0, fused=False, has_mask=mask is not None)
 
 
-def fused_forward(qkv, qkv_bias, bias, window_size: int, shift: int, heads: int, scale: float,
-                  mask_value: float, out, lse, roll_first: bool = False):
+def fused_forward(*, qkv, qkv_bias, bias, window_size: int, num_heads: int, shift_size: int, scale: float,
+                  mask_value: float, roll_first: bool, out, lse):
     """Fused layout. qkv [B, H, W, 3C] contiguous, qkv_bias [3C] (q/k/v of padded tokens) or None,
     bias [heads, N, N] contiguous or None; out [B, H, W, C] and lse [B*nW, heads, N] fp32."""
     B, H, W, C3 = qkv.shape
-    g = fused_geometry(B, H, W, C3 // 3, window_size, shift, roll_first)
-    C, d = g.C, g.C // heads
+    g = fused_geometry(B, H, W, C3 // 3, window_size, shift_size, roll_first)
+    C, d = g.C, g.C // num_heads
     qkv_strides = (0, d, 3 * C)   # (window: the token index carries the image, head, token)
     _fwd(q=qkv, k=qkv[..., C:], v=qkv[..., 2 * C:], q_strides=qkv_strides, k_strides=qkv_strides,
          v_strides=qkv_strides, out=out, out_strides=(0, d, C), lse=lse, bias=bias, mask=None,
-         qkv_bias=qkv_bias, geometry=g, heads=heads, d=d, scale=scale, mask_value=mask_value,
+         qkv_bias=qkv_bias, geometry=g, heads=num_heads, d=d, scale=scale, mask_value=mask_value,
          fused=True, has_mask=g.masked)
-    return out, lse
 
 
-def fused_backward(do, qkv, qkv_bias, bias, bias_grad: bool, out, lse, window_size: int, shift: int,
-                   heads: int, scale: float, mask_value: float, dqkv, dqkv_bias, roll_first: bool = False):
-    """dqkv [B, H, W, 3C] (every element written); dqkv_bias fp32 [3C] zeros or None, receives the
-    padded tokens' part of the qkv-bias gradient (summed from per-program partials, no atomics).
-    Returns the fp32 dbias [heads, N, N] (or None)."""
+def fused_backward(*, do, qkv, qkv_bias, bias, out, lse, window_size: int, num_heads: int, shift_size: int,
+                   scale: float, mask_value: float, roll_first: bool, dqkv, dq, dbias_partial, dpad_partial):
+    """dqkv [B, H, W, 3C]: its k and v parts written whole, and its q part too when ``dq`` is None
+    (one tile per window); else ``dq`` is an fp32 zeroed [B, H, W, C] buffer the key tiles add
+    into. ``dbias_partial``: None or fp32 ``dbias_partial_shape``; ``dpad_partial``: None or fp32
+    ``pad_partial_shape`` (with a qkv bias: the padded tokens' dk, dv per program)."""
     B, H, W, C3 = qkv.shape
-    g = fused_geometry(B, H, W, C3 // 3, window_size, shift, roll_first)
-    C, d = g.C, g.C // heads
-    single = blocks(g.N, d, qkv.dtype)[3]
+    g = fused_geometry(B, H, W, C3 // 3, window_size, shift_size, roll_first)
+    C, d = g.C, g.C // num_heads
     qkv_strides = (0, d, 3 * C)
-    if single:
-        dq_buf, dq_strides = dqkv, qkv_strides
-    else:
-        dq_buf, dq_strides = torch.zeros(out.shape, dtype=torch.float32, device=out.device), (0, d, C)
-    partial, pad_partial = _bwd(q=qkv, k=qkv[..., C:], v=qkv[..., 2 * C:], q_strides=qkv_strides, k_strides=qkv_strides,
-                   v_strides=qkv_strides, out=out, do=do, out_strides=(0, d, C), lse=lse, bias=bias,
-                   bias_grad=bias_grad, mask=None, qkv_bias=qkv_bias, dq=dq_buf, dq_strides=dq_strides,
-                   dk=dqkv[..., C:], dv=dqkv[..., 2 * C:], dkv_strides=qkv_strides, dqkv_bias=dqkv_bias,
-                   geometry=g, heads=heads, d=d, scale=scale, mask_value=mask_value, fused=True,
-                   has_mask=g.masked)
-    if not single:
-        dqkv[..., :C].copy_(dq_buf)
-    if pad_partial is not None:
-        # [programs, heads, 2, d] -> [2, heads * d]: the k and v parts of the qkv bias
-        dqkv_bias[C:] += pad_partial.sum(0).transpose(0, 1).reshape(2 * C)
-    return partial.sum(0) if partial is not None else None
+    dq_buf, dq_strides = (dqkv, qkv_strides) if dq is None else (dq, (0, d, C))
+    _bwd(q=qkv, k=qkv[..., C:], v=qkv[..., 2 * C:], q_strides=qkv_strides, k_strides=qkv_strides,
+         v_strides=qkv_strides, out=out, do=do, out_strides=(0, d, C), lse=lse, bias=bias, mask=None,
+         qkv_bias=qkv_bias, dq=dq_buf, dq_strides=dq_strides, dk=dqkv[..., C:], dv=dqkv[..., 2 * C:],
+         dkv_strides=qkv_strides, dbias_partial=dbias_partial, dpad_partial=dpad_partial, geometry=g,
+         heads=num_heads, d=d, scale=scale, mask_value=mask_value, fused=True, has_mask=g.masked)
+
+
+# Swin V2 (cosine attention): the same kernels with COSINE on. ``head_scale`` is fp32 [heads],
+# exp(min(logit_scale, log 100)), read by the kernels (no host sync); the bias is the dense
+# [heads, N, N] 16 * sigmoid(cpb) the op gathered.
+
+def cosine_forward(*, q, k, v, head_scale, bias, mask, out, lse):
+    """``forward`` with cosine attention: softmax(q^ k^T * head_scale[h] + bias[h] + mask) @ v,
+    q^ and k^ the rows over max(||row||, 1e-12)."""
+    _, heads, N, d = q.shape
+    _fwd(q=q, k=k, v=v, q_strides=_strides(q), k_strides=_strides(k), v_strides=_strides(v),
+         out=out, out_strides=_strides(out), lse=lse, bias=bias, mask=mask, qkv_bias=None,
+         geometry=core_geometry(q, mask), heads=heads, d=d, scale=1.0, mask_value=0.0,
+         fused=False, has_mask=mask is not None, head_scale=head_scale)
+
+
+def cosine_backward(*, do, q, k, v, out, lse, head_scale, bias, mask, dq, dk, dv, dbias_partial, dscale_partial):
+    """``backward`` with cosine attention; ``dscale_partial`` fp32 ``scale_partial_shape``
+    receives the per-program parts of d head_scale."""
+    _, heads, N, d = q.shape
+    _bwd(q=q, k=k, v=v, q_strides=_strides(q), k_strides=_strides(k), v_strides=_strides(v),
+         out=out, do=do, out_strides=_strides(out), lse=lse, bias=bias, mask=mask, qkv_bias=None,
+         dq=dq, dq_strides=_strides(dq), dk=dk, dv=dv, dkv_strides=_strides(dk),
+         dbias_partial=dbias_partial, dpad_partial=None, geometry=core_geometry(q, mask), heads=heads,
+         d=d, scale=1.0, mask_value=0.0, fused=False, has_mask=mask is not None, head_scale=head_scale,
+         dscale_partial=dscale_partial)
+
+
+def fused_cosine_forward(*, qkv, qkv_bias, head_scale, bias, window_size: int, num_heads: int, shift_size: int,
+                         mask_value: float, roll_first: bool, out, lse):
+    """``fused_forward`` with cosine attention. ``qkv_bias`` [3C] as V2 holds it (q bias, zeros,
+    v bias) or None: the padded tokens' q/k/v."""
+    B, H, W, C3 = qkv.shape
+    g = fused_geometry(B, H, W, C3 // 3, window_size, shift_size, roll_first)
+    C, d = g.C, g.C // num_heads
+    qkv_strides = (0, d, 3 * C)
+    _fwd(q=qkv, k=qkv[..., C:], v=qkv[..., 2 * C:], q_strides=qkv_strides, k_strides=qkv_strides,
+         v_strides=qkv_strides, out=out, out_strides=(0, d, C), lse=lse, bias=bias, mask=None,
+         qkv_bias=qkv_bias, geometry=g, heads=num_heads, d=d, scale=1.0, mask_value=mask_value,
+         fused=True, has_mask=g.masked, head_scale=head_scale)
+
+
+def fused_cosine_backward(*, do, qkv, qkv_bias, head_scale, bias, out, lse, window_size: int, num_heads: int,
+                          shift_size: int, mask_value: float, roll_first: bool, dqkv, dq, dbias_partial,
+                          dpad_partial, dscale_partial):
+    """``fused_backward`` with cosine attention, ``dscale_partial`` as in ``cosine_backward``."""
+    B, H, W, C3 = qkv.shape
+    g = fused_geometry(B, H, W, C3 // 3, window_size, shift_size, roll_first)
+    C, d = g.C, g.C // num_heads
+    qkv_strides = (0, d, 3 * C)
+    dq_buf, dq_strides = (dqkv, qkv_strides) if dq is None else (dq, (0, d, C))
+    _bwd(q=qkv, k=qkv[..., C:], v=qkv[..., 2 * C:], q_strides=qkv_strides, k_strides=qkv_strides,
+         v_strides=qkv_strides, out=out, do=do, out_strides=(0, d, C), lse=lse, bias=bias, mask=None,
+         qkv_bias=qkv_bias, dq=dq_buf, dq_strides=dq_strides, dk=dqkv[..., C:], dv=dqkv[..., 2 * C:],
+         dkv_strides=qkv_strides, dbias_partial=dbias_partial, dpad_partial=dpad_partial, geometry=g,
+         heads=num_heads, d=d, scale=1.0, mask_value=mask_value, fused=True, has_mask=g.masked,
+         head_scale=head_scale, dscale_partial=dscale_partial)

@@ -105,8 +105,6 @@ class ShiftedWindowAttention(WindowAttention):
                          attn_drop=attn_drop, proj_drop=proj_drop)
         if self.window_size[0] != self.window_size[1]:
             raise ValueError(f"window_size must be square for ShiftedWindowAttention, got {window_size!r}")
-        if not 0 <= shift_size < self.window_size[0]:
-            raise ValueError(f"shift_size must be in [0, window_size), got {shift_size}")
         self.shift_size = shift_size
         self.mask_value = mask_value
 

@@ -9,6 +9,7 @@ ignored. Dropout on the attention probabilities is not implemented (``WindowAtte
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import List, Optional, Sequence, Union
 
@@ -50,7 +51,7 @@ def _forward_op(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: O
     out = backend.empty_like(q)
     lse = backend.empty(q.shape[:3], torch.float32, q.device)
     bias, mask = checks.contiguous(bias, mask)
-    kernels.forward(q, k, v, bias, mask, scale, out, lse)
+    kernels.forward(q=q, k=k, v=v, bias=bias, mask=mask, scale=scale, out=out, lse=lse)
     return [out, lse]
 
 
@@ -66,11 +67,41 @@ def _backward_op(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
 
     q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
     grad = grad.to(q.dtype).contiguous()
-    dq, dk, dv = (backend.empty_like(q) for _ in range(3))
     out, lse, bias, mask = checks.contiguous(out, lse, bias, mask)
-    dbias = kernels.backward(grad, q, k, v, out, lse, bias, bias_grad and bias is not None, mask, scale, dq, dk, dv)
-    dbias = dbias.to(bias.dtype) if dbias is not None else q.new_empty(0)
+    g = kernels.core_geometry(q, mask)
+    plan = kernels.backward_plan(g, q.shape[1], q.shape[3], q.dtype, torch.are_deterministic_algorithms_enabled())
+    dq, dk, dv = (backend.empty_like(q) for _ in range(3))
+    dq_acc = _dq_accumulator(plan, dq.shape, q.device)
+    dbias_partial, _ = _backward_scratch(plan, g, q.shape[1], q.shape[3], q.device,
+                                         bias_grad=bias_grad and bias is not None, pad=False)
+    kernels.backward(do=grad, q=q, k=k, v=v, out=out, lse=lse, bias=bias, mask=mask, scale=scale,
+                     dq=dq if dq_acc is None else dq_acc, dk=dk, dv=dv, dbias_partial=dbias_partial)
+    if dq_acc is not None:
+        dq.copy_(dq_acc)
+    dbias = dbias_partial.sum(0).to(bias.dtype) if dbias_partial is not None else q.new_empty(0)
     return [dq, dk, dv, dbias]
+
+
+def _dq_accumulator(plan, shape, device) -> Optional[Tensor]:
+    """Where the windows span several query tiles, dq sums over key tiles: an fp32 zeroed buffer
+    the kernel adds into (None: the kernel writes dq itself)."""
+    return None if plan.single else torch.zeros(shape, dtype=torch.float32, device=device)
+
+
+def _backward_scratch(plan, g, heads: int, d: int, device, *, bias_grad: bool, pad: bool):
+    """The backward's fp32 partials, sized by the kernels' ``plan``: (bias-gradient partials or
+    None, the fused layout's padded-token k/v partials or None). The bias partials are zeroed
+    where the kernel adds into them (and for an empty batch, where no program runs)."""
+    from ..triton_kernels import window_attention as kernels
+
+    dbias_partial = dpad_partial = None
+    if bias_grad:
+        shape = kernels.dbias_partial_shape(plan, heads, g.N)
+        dbias_partial = torch.zeros(shape, dtype=torch.float32, device=device) \
+            if plan.accumulated or g.num_windows == 0 else backend.empty(shape, torch.float32, device)
+    if pad:
+        dpad_partial = backend.empty(kernels.pad_partial_shape(plan, heads, d), torch.float32, device)
+    return dbias_partial, dpad_partial
 
 
 @_backward_op.register_fake
@@ -193,8 +224,9 @@ def _block_forward_op(qkv: Tensor, qkv_bias: Optional[Tensor], bias: Optional[Te
     B, H, W, C3 = qkv.shape
     out = backend.empty((B, H, W, C3 // 3), qkv.dtype, qkv.device)
     lse = backend.empty(_lse_shape(qkv, window_size, num_heads), torch.float32, qkv.device)
-    kernels.fused_forward(qkv, qkv_bias, bias, window_size, shift_size, num_heads, scale, mask_value, out, lse,
-                          roll_first)
+    kernels.fused_forward(qkv=qkv, qkv_bias=qkv_bias, bias=bias, window_size=window_size, num_heads=num_heads,
+                          shift_size=shift_size, scale=scale, mask_value=mask_value, roll_first=roll_first,
+                          out=out, lse=lse)
     return [out, lse]
 
 
@@ -221,14 +253,40 @@ def _block_backward_op(grad: Tensor, qkv: Tensor, qkv_bias: Optional[Tensor], bi
 
     qkv, qkv_bias, bias, out, lse = checks.contiguous(qkv, qkv_bias, bias, out, lse)
     grad = grad.to(qkv.dtype).contiguous()
-    dqkv = backend.empty_like(qkv)
-    dqkv_bias = torch.zeros(qkv.shape[-1], dtype=torch.float32, device=qkv.device)  # accumulated into
-    bias_grad = bias_grad and bias is not None
-    dbias = kernels.fused_backward(grad, qkv, qkv_bias, bias, bias_grad, out, lse, window_size, shift_size,
-                                   num_heads, scale, mask_value, dqkv, dqkv_bias, roll_first)
+    dqkv, dqkv_bias, dbias_partial = _block_backward_launch(
+        grad, qkv, qkv_bias, bias, out, lse, window_size, num_heads, shift_size, mask_value, roll_first,
+        bias_grad and bias is not None, functools.partial(kernels.fused_backward, scale=scale))
     return [dqkv,
             dqkv_bias.to(qkv_bias.dtype) if qkv_bias is not None else qkv.new_empty(0),
-            dbias.to(bias.dtype) if dbias is not None else qkv.new_empty(0)]
+            dbias_partial.sum(0).to(bias.dtype) if dbias_partial is not None else qkv.new_empty(0)]
+
+
+def _block_backward_launch(grad, qkv, qkv_bias, bias, out, lse, window_size, num_heads, shift_size,
+                           mask_value, roll_first, bias_grad, launcher):
+    """The fused layout's backward buffers, the launch through ``launcher`` (a fused-backward
+    launcher with its own arguments bound), and the qkv-bias gradient (the linear part comes from autograd; this is the
+    zero-padded tokens' part: their q/k/v are the bias itself): (dqkv, dqkv_bias fp32 [3C],
+    dbias partials or None)."""
+    from ..triton_kernels import window_attention as kernels
+
+    B, H, W, C3 = qkv.shape
+    C, d = C3 // 3, C3 // 3 // num_heads
+    g = kernels.fused_geometry(B, H, W, C, window_size, shift_size, roll_first)
+    plan = kernels.backward_plan(g, num_heads, d, qkv.dtype, torch.are_deterministic_algorithms_enabled())
+    dqkv = backend.empty_like(qkv)
+    dq_acc = _dq_accumulator(plan, out.shape, qkv.device)
+    dbias_partial, dpad_partial = _backward_scratch(plan, g, num_heads, d, qkv.device, bias_grad=bias_grad,
+                                                    pad=qkv_bias is not None)
+    launcher(do=grad, qkv=qkv, qkv_bias=qkv_bias, bias=bias, out=out, lse=lse, window_size=window_size,
+             num_heads=num_heads, shift_size=shift_size, mask_value=mask_value, roll_first=roll_first,
+             dqkv=dqkv, dq=dq_acc, dbias_partial=dbias_partial, dpad_partial=dpad_partial)
+    if dq_acc is not None:
+        dqkv[..., :C].copy_(dq_acc)
+    dqkv_bias = torch.zeros(C3, dtype=torch.float32, device=qkv.device)
+    if dpad_partial is not None:
+        # [programs, heads, 2, d] -> [2, heads * d]: the k and v parts of the qkv bias
+        dqkv_bias[C:] = dpad_partial.sum(0).transpose(0, 1).reshape(2 * C)
+    return dqkv, dqkv_bias, dbias_partial
 
 
 @_block_backward_op.register_fake
@@ -257,7 +315,7 @@ _block_forward_op.register_autograd(_block_backward, setup_context=_block_setup_
 
 
 def _block_inputs_ok(x, qkv_weight, qkv_bias, proj_weight, proj_bias, table, window_size, num_heads, shift_size,
-                     index, mask_value) -> bool:
+                     index, mask_value, table_required=True) -> bool:
     """The common case of ``_check_block`` in a few comparisons (False: let the checks decide):
     int window, heads and shift, one dtype and device for every tensor."""
     if not (type(x) in checks.PLAIN_TENSORS and x.dtype in checks.FLOAT_DTYPES and x.dim() == 4
@@ -271,7 +329,7 @@ def _block_inputs_ok(x, qkv_weight, qkv_bias, proj_weight, proj_bias, table, win
     dtype, device = x.dtype, x.device
     for t, shape in ((qkv_weight, (3 * C, C)), (qkv_bias, (3 * C,)), (proj_weight, (C, C)), (proj_bias, (C,)),
                      (table, ((2 * window_size - 1) ** 2, num_heads))):
-        if t is None and len(shape) == 1:
+        if t is None and (len(shape) == 1 or not table_required):
             continue
         if not (type(t) in checks.PLAIN_TENSORS and t.dtype == dtype and t.shape == shape and t.device == device):
             return False
@@ -281,10 +339,11 @@ def _block_inputs_ok(x, qkv_weight, qkv_bias, proj_weight, proj_bias, table, win
 
 
 def _check_block(x, qkv_weight, qkv_bias, proj_weight, proj_bias, table, window_size, num_heads, shift_size,
-                 index, scale, mask_value):
-    """Checks of ``swin_window_attention``; returns (window, heads, shift, scale)."""
+                 index, scale, mask_value, table_required=True):
+    """Checks of ``swin_window_attention`` (and of ``swin_window_attention_v2``, whose position bias
+    may come dense, without a table: ``table_required=False``); returns (window, heads, shift, scale)."""
     if _block_inputs_ok(x, qkv_weight, qkv_bias, proj_weight, proj_bias, table, window_size, num_heads, shift_size,
-                        index, mask_value):
+                        index, mask_value, table_required):
         return window_size, num_heads, shift_size, checks.scale(scale, x.shape[3] // num_heads)
     checks.tensor("x", x, ndim=4)
     C = x.shape[-1]
@@ -298,7 +357,7 @@ def _check_block(x, qkv_weight, qkv_bias, proj_weight, proj_bias, table, window_
     for name, t, shape in (("qkv_weight", qkv_weight, [3 * C, C]), ("qkv_bias", qkv_bias, [3 * C]),
                            ("proj_weight", proj_weight, [C, C]), ("proj_bias", proj_bias, [C]),
                            ("relative_position_bias_table", table, [(2 * wh - 1) ** 2, num_heads])):
-        if t is not None or name.endswith("weight") or name.endswith("table"):
+        if t is not None or name.endswith("weight") or (name.endswith("table") and table_required):
             checks.tensor(name, t, ndim=len(shape))
             checks.shape(name, t, shape)
     if index is not None:
