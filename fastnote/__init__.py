@@ -14,6 +14,7 @@ from .ops.siglip_loss import siglip_loss
 from .ops.squeeze_excitation import hswish_se, squeeze_excitation
 from .ops.total_variation import tv_loss
 from .ops.window_attention import swin_window_attention, window_attention
+from .ops.window_attention_v2 import swin_window_attention_v2, window_attention_v2
 from .patch import patch, unpatch
 
 __version__ = "0.1.0"
@@ -33,8 +34,10 @@ __all__ = [
     "squeeze_excitation",
     "style_loss",
     "swin_window_attention",
+    "swin_window_attention_v2",
     "tv_loss",
     "window_attention",
+    "window_attention_v2",
     "nn",
     "patch",
     "unpatch",

@@ -35,6 +35,8 @@ __all__ = [
     "window_reverse",
     "window_attention",
     "swin_block_attention",
+    "window_attention_v2",
+    "swin_block_attention_v2",
     "sagan_attention",
     "power_iteration",
     "spectral_norm_weight",
@@ -504,3 +506,77 @@ def siglip_loss(image_emb, text_emb, logit_scale, logit_bias):
     n = img.shape[0]
     labels = 2 * torch.eye(n, device=img.device, dtype=logits.dtype) - 1
     return -F.logsigmoid(labels * logits).sum() / n
+
+
+# --------------------------------------------------------------------------------------------
+# 4.4 Swin V2 window attention: cosine attention (appended; docs/ops.md section 4.4)
+# --------------------------------------------------------------------------------------------
+
+# Swin V2 clamps each head's logit scale at log(1 / 0.01) before exponentiating it.
+LOGIT_SCALE_MAX = math.log(1.0 / 0.01)
+
+
+def window_attention_v2(q, k, v, logit_scale, bias=None, mask=None):
+    """Swin V2's ``softmax(q^ @ k^^T * exp(min(logit_scale, log 100)) + bias + mask) @ v``, q^ and
+    k^ the rows of q and k over max(||row||_2, 1e-12) (``F.normalize``).
+
+    q, k, v: [B*nW, heads, N, d]; logit_scale: [heads, 1, 1]; bias (the dense
+    ``16 * sigmoid(cpb)`` gathered to [heads, N, N]) and mask as ``window_attention``.
+    Returns [B*nW, heads, N, d] in q's dtype. The head's scale is folded into q^ and the rest is
+    ``window_attention`` with scale 1.
+    """
+    with torch.autocast(q.device.type, enabled=False):
+        scale = torch.clamp(_up(logit_scale), max=LOGIT_SCALE_MAX).exp()
+        qn = F.normalize(_up(q), dim=-1) * scale
+        kn = F.normalize(_up(k), dim=-1)
+    return window_attention(qn, kn, v, bias=bias, mask=mask, scale=1.0).to(q.dtype)
+
+
+@_exact
+def swin_block_attention_v2(x, qkv_weight, q_bias, v_bias, proj_weight, proj_bias, logit_scale,
+                            position_bias, window_size, num_heads, shift_size=0, index=None,
+                            mask_value=MASK_VALUE, roll_first=False):
+    """The W-MSA / SW-MSA path of one Swin V2 block: ``swin_block_attention``'s pad, roll,
+    partition (and its two orders, ``roll_first``), with qkv bias ``cat(q_bias, 0, v_bias)`` (or
+    none) and ``window_attention_v2`` as the core. ``position_bias``: the dense
+    ``[heads, N, N]`` additive bias, or a table ``[(2Ws-1)^2, heads]`` gathered with ``index``
+    (Swin's by default).
+    """
+    B, H, W, C = x.shape
+    ws = window_size
+    head_dim = C // num_heads
+    xf = _up(x)
+    pad_b = (ws - H % ws) % ws
+    pad_r = (ws - W % ws) % ws
+    Hp, Wp = H + pad_b, W + pad_r
+    if roll_first:
+        shifts = (shift_size, shift_size)
+        xf = torch.roll(xf, shifts=(-shifts[0], -shifts[1]), dims=(1, 2)) if any(shifts) else xf
+        xf = F.pad(xf, (0, 0, 0, pad_r, 0, pad_b))
+    else:
+        xf = F.pad(xf, (0, 0, 0, pad_r, 0, pad_b))
+        shifts = (shift_size if ws < Hp else 0, shift_size if ws < Wp else 0)
+        xf = torch.roll(xf, shifts=(-shifts[0], -shifts[1]), dims=(1, 2)) if any(shifts) else xf
+    mask = shift_mask(Hp, Wp, ws, shifts, device=x.device, mask_value=mask_value) if any(shifts) else None
+
+    windows = window_partition(xf, ws)                                   # [B_, N, C]
+    b_, n, _ = windows.shape
+    qkv_bias = None
+    if q_bias is not None:
+        qkv_bias = torch.cat((_up(q_bias), torch.zeros_like(_up(q_bias)), _up(v_bias)))
+    qkv = F.linear(windows, _up(qkv_weight), qkv_bias)
+    qkv = qkv.reshape(b_, n, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4)
+    bias = _up(position_bias)
+    if bias.dim() == 2:
+        bias = relative_position_bias(bias, index if index is not None else
+                                      relative_position_index(ws, device=x.device), num_heads)
+    out = window_attention_v2(qkv[0], qkv[1], qkv[2], logit_scale, bias=bias, mask=mask)
+    out = F.linear(out.transpose(1, 2).reshape(b_, n, C), _up(proj_weight), _up(proj_bias))
+
+    out = window_reverse(out, ws, Hp, Wp)                                # [B, Hp, Wp, C]
+    if roll_first:
+        out = out[:, :H, :W, :]
+        out = torch.roll(out, shifts=shifts, dims=(1, 2)) if any(shifts) else out
+        return out.contiguous().to(x.dtype)
+    out = torch.roll(out, shifts=shifts, dims=(1, 2)) if any(shifts) else out
+    return out[:, :H, :W, :].contiguous().to(x.dtype)

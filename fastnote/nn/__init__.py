@@ -8,7 +8,9 @@ from .sagan_spectral_norm import SpectralNorm
 from .siglip_loss import SigLipLoss
 from .squeeze_excitation import SqueezeExcitation
 from .window_attention import ShiftedWindowAttention, WindowAttention
+from .window_attention_v2 import ShiftedWindowAttentionV2, WindowAttentionV2
 
 __all__ = ["utils", "Hardsigmoid", "Hardswish", "SelfAttention", "BigGANAttention", "SpectralNorm", "SqueezeExcitation",
-           "ShiftedWindowAttention", "WindowAttention", "PerceptualLoss", "PerceptualLossTerms", "StyleLoss",
+           "ShiftedWindowAttention", "WindowAttention",
+           "ShiftedWindowAttentionV2", "WindowAttentionV2", "PerceptualLoss", "PerceptualLossTerms", "StyleLoss",
            "TotalVariation", "ClipLoss", "PatchNCELoss", "SigLipLoss"]
