@@ -1,11 +1,14 @@
-"""PatchNCE (CUT) and CLIP contrastive losses, forward and backward: eager vs torch.compile vs fastnote.
+"""PatchNCE (CUT), CLIP and SigLIP contrastive losses, forward and backward: eager vs torch.compile vs
+fastnote (and open_clip's SigLipLoss for SigLIP).
 
 Providers, on the same L2-normalised features:
   eager          fastnote.reference (CUT's PatchNCELoss maths: bmm, masked_fill, cat, /T,
                  cross-entropy; CLIP's two cross-entropies over the [n, n] logits), materialising
                  the [G, M, M] / [n, n] logits
   torch.compile  of that eager function
-  fastnote       fastnote.patch_nce_loss / fastnote.clip_loss (streaming; O(rows * d) memory)
+  open_clip      open_clip's SigLipLoss (SigLIP only; left out where open_clip does not import):
+                 the same maths as eager, with its [n, n] label matrix besides the logits
+  fastnote       fastnote.patch_nce_loss / clip_loss / siglip_loss (streaming; O(rows * d) memory)
 
 Cases (x = M, the negatives per row for PatchNCE; n, the batch, for CLIP):
   patch_nce  CUT's default: B = 1, P = 256, d = 256, its 5 NCE layers summed (each a layer mean),
@@ -14,12 +17,18 @@ Cases (x = M, the negatives per row for PatchNCE; n, the batch, for CLIP):
              reach 17 GB at 65536 (and autograd keeps more of that size: expected to run out of
              memory there). bf16 and fp32.
   clip_loss  n = 8192 ... 65536, d = 512, logit_scale 100 (open_clip's clamp); bf16 and fp32.
+  siglip_loss n = 8192 ... 32768, d = 768 (SigLIP ViT-B/16's embedding), logit_scale 10 and
+             logit_bias -10 (SigLIP's initial values); bf16 and fp32. Eager and open_clip hold
+             the [n, n] logits and labels (8 GB in fp32 at 32768, and autograd keeps more).
 
 FLOP model (matmuls, the minimum: no recomputation counted; R rows, M negatives per row):
   patch_nce  fwd 2 R M d; bwd 4 R M d (the scores again, then P K); both the sum (x layers)
   clip_loss  fwd 2 n^2 d; bwd 2 * 2 n^2 d (scores, d_image and d_text); both the sum
-Bytes model (minimum HBM traffic, itemsize b): patch_nce fwd 2 R d b, bwd 3 R d b; clip_loss fwd
-2 n d b, bwd 4 n d b (inputs read, gradients written once). Both ops are compute-bound at these
+  siglip_loss as clip_loss: fwd 2 n^2 d; bwd 2 * 2 n^2 d (d_image and d_text); both the sum (the
+             kernels also recompute the scores in backward, once per channel slice: see
+             triton_kernels/siglip_loss.py; that work is not counted as useful)
+Bytes model (minimum HBM traffic, itemsize b): patch_nce fwd 2 R d b, bwd 3 R d b; clip_loss and
+siglip_loss fwd 2 n d b, bwd 4 n d b (inputs read, gradients written once). Both ops are compute-bound at these
 sizes except CUT's default, which is launch-bound; the memory rows show what streaming saves.
 
     python benchmarks/contrastive.py [--smoke] [--out DIR] [--modes fwd,bwd,both] [--dtypes bf16,fp32]
@@ -46,6 +55,10 @@ NCE_SMOKE = [("smoke", 2, 16, 32, False, 2), ("smoke all", 2, 12, 16, True, 1)]
 CLIP_SIZES = [8192, 16384, 32768, 65536]
 CLIP_D = 512
 CLIP_SMOKE = [(24, 16), (40, 32)]
+SIGLIP_SIZES = [8192, 16384, 32768]
+SIGLIP_D = 768
+SIGLIP_SCALE, SIGLIP_BIAS = 10.0, -10.0
+SIGLIP_SMOKE = [(24, 16), (37, 24)]
 
 
 def _nce_cases(cases, dtypes):
@@ -131,6 +144,46 @@ def _clip_bytes(case, mode):
     return {"fwd": 2, "bwd": 4, "both": 6}[mode] * n * d * case.itemsize
 
 
+def _siglip_inputs(case, device):
+    inputs = _clip_inputs(case, device)
+    inputs["scale"] = torch.tensor(SIGLIP_SCALE, device=device, requires_grad=True)
+    inputs["bias"] = torch.tensor(SIGLIP_BIAS, device=device, requires_grad=True)
+    return inputs
+
+
+def _eager_siglip(inputs, case):
+    return lambda: reference.siglip_loss(inputs["img"], inputs["txt"], inputs["scale"], inputs["bias"])
+
+
+def _fastnote_siglip(inputs, case):
+    return lambda: fastnote.siglip_loss(inputs["img"], inputs["txt"], inputs["scale"], inputs["bias"])
+
+
+def _open_clip_siglip():
+    """open_clip's SigLipLoss class, or None where open_clip is not installed or does not import."""
+    try:
+        from fastnote.compat import torchvision_op_schemas   # torchvision beside a CPU torch
+        torchvision_op_schemas()
+    except ImportError:
+        pass
+    try:
+        from open_clip.loss import SigLipLoss
+    except Exception:   # absent, or its own imports fail: the provider is left out
+        return None
+    return SigLipLoss
+
+
+def _siglip_providers():
+    providers = [Provider("eager", _eager_siglip), Provider("torch.compile", _eager_siglip, compile=True)]
+    open_clip_loss = _open_clip_siglip()
+    if open_clip_loss is not None:
+        def open_clip_provider(inputs, case):
+            loss = open_clip_loss()
+            return lambda: loss(inputs["img"], inputs["txt"], inputs["scale"], inputs["bias"])
+        providers.append(Provider("open_clip", open_clip_provider))
+    return providers + [Provider("fastnote", _fastnote_siglip)]
+
+
 BENCHMARKS = [
     Benchmark(
         op="patch_nce",
@@ -152,6 +205,15 @@ BENCHMARKS = [
         cases=_clip_cases([(n, CLIP_D) for n in CLIP_SIZES], ["bf16", "fp32"]),
         smoke_cases=_clip_cases(CLIP_SMOKE, ["fp32"]),
         bytes_moved=_clip_bytes,
+        flops=_clip_flops,
+    ),
+    Benchmark(
+        op="siglip_loss",
+        make_inputs=_siglip_inputs,
+        providers=_siglip_providers(),
+        cases=_clip_cases([(n, SIGLIP_D) for n in SIGLIP_SIZES], ["bf16", "fp32"]),
+        smoke_cases=_clip_cases(SIGLIP_SMOKE, ["fp32"]),
+        bytes_moved=_clip_bytes,   # the same model: inputs read and gradients written once
         flops=_clip_flops,
     ),
 ]

@@ -527,6 +527,44 @@ def clip_cases(ns=tuple(2 ** p for p in range(13, 21)), d=512, dtypes=("fp32", "
     return cases
 
 
+# --- SigLIP ---------------------------------------------------------------------------------------
+
+def siglip_eager(img, txt, scale, bias):
+    """open_clip's SigLipLoss on one device: logits = s * img @ txt^T + b, an [n, n] label matrix
+    (2 eye - 1, in the features' dtype), -sum(logsigmoid(labels * logits)) / n."""
+    logits = scale * img @ txt.T + bias
+    n = logits.shape[0]
+    labels = 2 * torch.eye(n, device=img.device, dtype=img.dtype) - torch.ones((n, n), device=img.device,
+                                                                                 dtype=img.dtype)
+    return -F.logsigmoid(labels * logits).sum() / n
+
+
+def siglip_cases(ns=tuple(2 ** p for p in range(13, 21)), d=768, dtypes=("fp32", "bf16")) -> List[Case]:
+    import fastnote
+
+    cases = []
+    for dtype in dtypes:
+        dt = DTYPES[dtype]
+        for n in ns:
+            def make(n=n, dt=dt):
+                return dict(img=_leaf(n, d, dtype=dt), txt=_leaf(n, d, dtype=dt),
+                            scale=torch.full((), 10.0).requires_grad_(), bias=torch.full((), -10.0).requires_grad_())
+
+            def wrt(i):
+                return [i["img"], i["txt"], i["scale"], i["bias"]]
+
+            steps = {
+                "eager": lambda i: backward_through(siglip_eager(i["img"], i["txt"], i["scale"], i["bias"]), None,
+                                                    wrt(i)),
+                "reference": lambda i: backward_through(
+                    fastnote.reference.siglip_loss(i["img"], i["txt"], i["scale"], i["bias"]), None, wrt(i)),
+                "fastnote": lambda i: backward_through(
+                    fastnote.siglip_loss(i["img"], i["txt"], i["scale"], i["bias"]), None, wrt(i)),
+            }
+            cases.append(Case("siglip_loss", f"n={n} d={d}", n, dtype, make, steps))
+    return cases
+
+
 # --- PatchNCE -------------------------------------------------------------------------------------
 
 class _Opt:
@@ -997,6 +1035,11 @@ FAMILIES = {
     "window": window_cases,
     "hswish_se": hswish_se_cases,
 }
+# Measured by main() beside FAMILIES; joins FAMILIES (which tests/test_memory.py holds to a ceiling
+# per case) once its ceilings are there. Its small cases are in small_cases() already.
+NEW_FAMILIES = {
+    "siglip": siglip_cases,
+}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1008,7 +1051,7 @@ def small_cases() -> List[Case]:
     512-byte rounding)."""
     return (sagan_cases(sides=(8, 13), B=2, C=32) + clip_cases(ns=(48, 200), d=24)
             + patch_nce_cases(ms=(40, 130), d=16) + style_cases(batch=2, image=32)
-            + window_cases(batch=2) + hswish_se_cases(batch=2))
+            + window_cases(batch=2) + hswish_se_cases(batch=2) + siglip_cases(ns=(48, 200), d=24))
 
 
 # What each op's launchers allocate beside their outputs and free before returning (the difference
@@ -1017,6 +1060,9 @@ SCRATCH = {
     "fastnote.clip_loss.default": "the per-row cross-entropies of both directions (2 x [n] fp32), summed "
                                   "into the loss",
     "fastnote.clip_loss_backward.default": "r = the per-row terms of d logit_scale ([n] fp32), summed",
+    "fastnote.siglip_loss.default": "each image row's sum of loss terms ([n] fp32), summed into the loss",
+    "fastnote.siglip_loss_backward.default": "each image row's shares of d logit_scale and d logit_bias "
+                                             "([2, n] fp32), summed",
     "fastnote.patch_nce_loss_backward.default": "the upstream gradient divided by its largest magnitude "
                                                 "([R] fp32) and that maximum",
     "fastnote.style_loss.default": "split-K partial Gram tiles ([splits, B*T, BLOCK, BLOCK] fp32, T tiles on "
@@ -1279,7 +1325,8 @@ def markdown(rows: Sequence[Row], steps: Sequence[StepMeasurement] = ()) -> str:
 PLOTTED = (("sagan_attention", "fp32", "SAGAN attention, B=8 C=256", "tokens N = H*W"),
            ("clip_loss", "fp32", "CLIP loss, d=512, fp32", "pairs n"),
            ("clip_loss", "bf16", "CLIP loss, d=512, bf16", "pairs n"),
-           ("patch_nce", "fp32", "PatchNCE, all negatives, d=256", "patches M"))
+           ("patch_nce", "fp32", "PatchNCE, all negatives, d=256", "patches M"),
+           ("siglip_loss", "bf16", "SigLIP loss, d=768, bf16", "pairs n"))
 
 
 def plot(rows: Sequence[Row], path: str) -> Optional[str]:
@@ -1328,10 +1375,11 @@ def plot(rows: Sequence[Row], path: str) -> Optional[str]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", help="comma list of: " + ", ".join(list(FAMILIES) + ["steps", "launchers"]))
+    families = {**FAMILIES, **NEW_FAMILIES}
+    p.add_argument("--only", help="comma list of: " + ", ".join(list(families) + ["steps", "launchers"]))
     p.add_argument("--out", default=RESULTS, help="folder for the CSVs and memory.png (default %(default)s)")
     args = p.parse_args(argv)
-    known = list(FAMILIES) + ["steps", "launchers"]
+    known = list(families) + ["steps", "launchers"]
     names = known if not args.only else [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = [n for n in names if n not in known]
     if unknown:
@@ -1339,8 +1387,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     start = time.perf_counter()
     rows: List[Row] = []
     for name in names:
-        if name in FAMILIES:
-            rows += run_cases(FAMILIES[name]())
+        if name in families:
+            rows += run_cases(families[name]())
     written = []
     if rows:
         written.append(os.path.join(args.out, "memory.csv"))

@@ -41,8 +41,9 @@ Bytes and FLOPs (n = n_x = n_y, itemsize b; Y blocks re-read from L2, counted on
   bwd  read X, Y twice, write dX, dY: 6 n D b + 8 n              FLOPs 2 n^2 D (2 + 2 n_slices)
        (each of the two passes recomputes the scores once per BLOCK_D slice of the gradient and
        multiplies h by the other side: 2 n^2 D for the products, n_slices * 2 n^2 D for scores)
-  the useful work, the speed-of-light measure: fwd 2 n^2 D, bwd 3 * 2 n^2 D (scores once, two
-  gradient products).
+  the minimum, which benchmarks/contrastive.py states results against (as CLIP's): fwd 2 n^2 D
+  FLOPs and 2 n D b bytes, bwd 2 * 2 n^2 D FLOPs (the two gradient products, no recomputation) and
+  4 n D b bytes (inputs read once, gradients written once).
 n_slices = ceil(D / BLOCK_D): 12 at D = 768 in fp16/bf16 (BLOCK_D 64), 24 in fp32 (BLOCK_D 32).
 """
 from __future__ import annotations
