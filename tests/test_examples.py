@@ -40,7 +40,8 @@ from fastnote.testing import assert_rms_close
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES_DIR = os.path.join(ROOT, "examples")
-EXAMPLES = ["sagan", "cut_patchnce", "style_transfer", "swin_classifier", "mobilenetv3", "clip_step"]
+EXAMPLES = ["sagan", "cut_patchnce", "style_transfer", "swin_classifier", "mobilenetv3", "clip_step",
+            "siglip_step"]
 NEEDS = {"swin_classifier": "timm", "mobilenetv3": "torchvision"}
 BOUND = 2e-4
 NULL = 1e-4     # fp32; see null()
