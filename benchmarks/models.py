@@ -25,19 +25,13 @@ Swin-T, with lower peak memory everywhere.
 """
 from __future__ import annotations
 
-import importlib
 import importlib.util
-import os
-import sys
 
 import torch
 
 import harness
+from fastnote.testing import load_example
 from harness import Benchmark, Case, Provider
-
-EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
-if EXAMPLES not in sys.path:
-    sys.path.insert(0, EXAMPLES)
 
 AMP = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # model label -> (example module, keyword arguments of its training(), the package it needs)
@@ -62,7 +56,7 @@ def _available(model: str) -> bool:
 
 def _case(model: str, dtype: str, full: bool) -> Case:
     example, kwargs, _ = MODELS[model]
-    module = importlib.import_module(example)
+    module = load_example(example)
     sizes = module.FULL if full else module.SMOKE
     label = model if full else " ".join([example, kwargs.get("source", ""), "smoke"]).replace("  ", " ")
     return Case("batch", sizes["batch"], {"model": label, "dtype": dtype,
@@ -76,7 +70,7 @@ def make_inputs(case: Case, device: torch.device):
 def _provider(use_fastnote: bool, compiled: bool):
     def setup(inputs, case):
         cfg = dict(case.config)
-        module = importlib.import_module(cfg.pop("example"))
+        module = load_example(cfg.pop("example"))
         kwargs = {k: v for k, v in cfg.items() if k not in ("model", "dtype", "full", "note")}
         training = module.training(use_fastnote, full=cfg["full"], device=inputs["device"], amp=AMP[cfg["dtype"]],
                                    **kwargs)

@@ -1,5 +1,5 @@
-"""What the examples share: the command line, seeding, the progress line, and importing timm
-beside a CPU-only torch.
+"""What the examples share: the command line, seeding, the progress line, and (from
+``fastnote.compat``) importing timm and torchvision beside a CPU-only torch.
 
 Every example has ``build(use_fastnote, ...)`` (the eager model, or the same model with fastnote's
 modules and ops: same seed, same initial weights), ``training(use_fastnote, ...)`` (a ``Training``:
@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
-import os
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
+
+from fastnote.compat import import_timm, import_torchvision_models  # noqa: F401 (the examples call _common.import_timm)
 
 
 @dataclasses.dataclass
@@ -135,54 +135,6 @@ class Progress:
             shown = "  ".join(f"{k}={vals[-1]:.5f}" for k, vals in self.losses.items())
             print(f"{self.name} step {i + 1}/{self.steps}  {shown}  ({time.perf_counter() - self.start:.1f} s)",
                   flush=True)
-
-
-def _torchvision_op_schemas() -> None:
-    # torchvision's wheel beside a CPU-only torch: its C extension cannot load, and importing
-    # torchvision (which timm does) then fails on fake registrations for two ops that extension
-    # defines. Defining the two schemas (no kernels: these models never call them) lets it import.
-    spec = importlib.util.find_spec("torchvision")
-    if spec is None or spec.origin is None:
-        return
-    folder = os.path.dirname(spec.origin)
-    for name in os.listdir(folder):
-        if name.startswith("_C") and name.endswith((".so", ".pyd")):
-            try:
-                torch.ops.load_library(os.path.join(folder, name))
-            except (OSError, RuntimeError):
-                pass
-    try:
-        torch.ops.torchvision.nms.default
-        return
-    except (AttributeError, RuntimeError):
-        pass
-    lib = torch.library.Library("torchvision", "DEF")
-    lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    lib.define("qnms(Tensor qdets, Tensor qscores, float iou_threshold) -> Tensor")
-    _LIBRARIES.append(lib)
-
-
-_LIBRARIES: list = []
-
-
-def import_timm():
-    """``timm``, importable beside a CPU-only torch; ImportError when it is not installed."""
-    if importlib.util.find_spec("timm") is None:
-        raise ImportError("this example needs timm: pip install timm")
-    _torchvision_op_schemas()
-    import timm
-
-    return timm
-
-
-def import_torchvision_models():
-    """``torchvision.models``, importable beside a CPU-only torch; ImportError when absent."""
-    if importlib.util.find_spec("torchvision") is None:
-        raise ImportError("this example needs torchvision")
-    _torchvision_op_schemas()
-    import torchvision.models
-
-    return torchvision.models
 
 
 def classifier_training(name: str, model, opt, sizes: dict, device, seed: int,

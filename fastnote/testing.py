@@ -1,5 +1,5 @@
 """Parity tolerances (docs/design.md section 3.1) and a comparison helper used by the tests and the
-parity report.
+parity report; ``load_example`` for the tests and benchmarks that run the example programs.
 
 kind: ``elementwise`` (activations, gates), ``reduction`` (sums, means, single matmuls),
 ``two_matmul`` (ops that chain two matmuls: attention). The reference runs in fp32 on the same
@@ -8,7 +8,10 @@ inputs; bf16 gets twice the fp16 figures.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
+import sys
+from types import ModuleType
 from typing import Dict, Iterator
 
 import torch
@@ -82,3 +85,29 @@ def environ(values: Dict[str, str]) -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+
+
+def load_example(name: str) -> ModuleType:
+    """The example program ``examples/<name>.py`` as the module ``name``, loaded once (later calls
+    return the same module). It is registered in ``sys.modules`` under that name before it runs:
+    its dataclasses look their module up there. The examples are programs in fastnote's source
+    tree, not part of the package; each one puts its own folder on ``sys.path`` for ``_common``."""
+    path = os.path.join(EXAMPLES, f"{name}.py")
+    module = sys.modules.get(name)
+    if module is not None and os.path.abspath(getattr(module, "__file__", None) or "") == path:
+        return module
+    if not os.path.isfile(path):
+        raise ModuleNotFoundError(f"no example {name!r}: {path} does not exist (the examples are in the source tree)",
+                                  name=name)
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module

@@ -28,23 +28,11 @@ os.environ.setdefault("FASTNOTE_POISON_ALLOC", "1")
 
 import torch  # noqa: E402
 
+from fastnote.compat import torchvision_op_schemas  # noqa: E402
 
-def _torchvision_op_schemas() -> None:
-    """torchvision beside a CPU torch: its CUDA-built extension cannot load and ``import
-    torchvision`` fails on two missing op schemas, which the examples' helper defines (written once
-    there, since the examples run without the tests). Loaded by path: examples/ is no package."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("fastnote_examples_common",
-                                                  os.path.join(os.path.dirname(os.path.dirname(
-                                                      os.path.abspath(__file__))), "examples", "_common.py"))
-    common = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = common      # its dataclasses look their module up there
-    spec.loader.exec_module(common)
-    common._torchvision_op_schemas()
-
-
-_torchvision_op_schemas()
+# torchvision beside a CPU torch: its CUDA-built extension cannot load and ``import torchvision``
+# fails on two missing op schemas; fastnote.compat defines them (the examples use it too).
+torchvision_op_schemas()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -32,10 +32,8 @@ import torch
 import torch.nn.functional as F
 
 import fastnote
-from fastnote.testing import assert_rms_close, rms_relative_error
+from fastnote.testing import assert_rms_close, load_example, rms_relative_error
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXAMPLES_DIR = os.path.join(ROOT, "examples")
 WORLD = 2
 STEPS = 2
 BOUND = 2e-4
@@ -44,12 +42,7 @@ LOCAL_BATCH = {"sagan": 2, "swin": 1}
 
 
 def _examples():
-    if EXAMPLES_DIR not in sys.path:
-        sys.path.insert(0, EXAMPLES_DIR)
-    import sagan
-    import swin_classifier
-
-    return sagan, swin_classifier
+    return load_example("sagan"), load_example("swin_classifier")
 
 
 def _need_timm():

@@ -28,18 +28,14 @@ the bound above 1: every gradient would count as zero.
 The fp32 comparisons run with TF32 off (the ``no_tf32`` fixture): on a GPU, cuDNN's convolutions
 would otherwise round eager's inputs to 10 bits.
 """
-import importlib
 import math
-import os
-import sys
 
 import pytest
 import torch
 
-from fastnote.testing import assert_rms_close
+from fastnote.compat import import_timm, import_torchvision_models
+from fastnote.testing import assert_rms_close, load_example
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXAMPLES_DIR = os.path.join(ROOT, "examples")
 EXAMPLES = ["sagan", "cut_patchnce", "style_transfer", "swin_classifier", "mobilenetv3", "clip_step",
             "siglip_step"]
 NEEDS = {"swin_classifier": "timm", "mobilenetv3": "torchvision"}
@@ -59,12 +55,10 @@ def null(dtype):
 
 
 def _example(name):
-    if EXAMPLES_DIR not in sys.path:
-        sys.path.insert(0, EXAMPLES_DIR)
-    module = importlib.import_module(name)
+    module = load_example(name)
     if name in NEEDS:
         try:
-            module._common.import_timm() if NEEDS[name] == "timm" else module._common.import_torchvision_models()
+            import_timm() if NEEDS[name] == "timm" else import_torchvision_models()
         except ImportError as e:
             pytest.skip(f"{name} needs {NEEDS[name]}: {e}")
     return module
