@@ -1,6 +1,7 @@
 """``python -m fastnote report``: the environment fastnote runs in, and a short parity check of
-every op against ``fastnote.reference`` (forward and the gradient of every input, fp32, small
-shapes, the tolerances of docs/design.md section 3.1). Exit status 1 if a check fails.
+every op against ``fastnote.reference``: the cases of ``fastnote.cases`` in fp32, forward and the
+gradient of every input, the tolerances of docs/design.md section 3.1 (the comparison of
+``benchmarks/parity_report.py``, which runs every dtype). Exit status 1 if a check fails.
 
 Without a GPU the Triton kernels can only run under the Triton interpreter, which must be turned on
 before triton is imported: unless ``--no-interpret`` is given (or TRITON_INTERPRET is already
@@ -12,7 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Dict, Sequence, Tuple
 
 
 def _prepare_interpreter(enable: bool) -> str:
@@ -31,140 +32,17 @@ def _prepare_interpreter(enable: bool) -> str:
     return ""
 
 
-# ------------------------------------------------------------------------------------------------
-# The checks: (name, make inputs, fastnote function, reference function, tolerance kind)
-# ------------------------------------------------------------------------------------------------
+def check(case, device) -> Tuple[bool, str]:
+    """One op of ``fastnote.cases`` in fp32: (passed, the worst error or the first failure)."""
+    from fastnote import cases
 
-def _checks():
-    import torch
-    import torch.nn.functional as F
-
-    import fastnote
-    from fastnote import reference
-
-    def leaf(*shape, scale=1.0, device):
-        return (torch.randn(*shape, device=device) * scale).requires_grad_()
-
-    def act(device):
-        x = torch.randn(2, 8, 5, 7, device=device) * 4
-        x.view(-1)[:2] = torch.tensor([-3.0, 3.0])
-        return {"x": x.requires_grad_()}
-
-    def se(device):
-        return {"x": leaf(2, 24, 5, 5, device=device), "fc1_weight": leaf(8, 24, scale=0.2, device=device),
-                "fc1_bias": leaf(8, scale=0.1, device=device), "fc2_weight": leaf(24, 8, scale=0.3, device=device),
-                "fc2_bias": leaf(24, scale=0.1, device=device)}
-
-    def window(device):
-        q, k, v = (leaf(2, 2, 16, 16, device=device) for _ in range(3))
-        mask = torch.where(torch.rand(1, 16, 16, device=device) < 0.3, -100.0, 0.0)
-        return {"q": q, "k": k, "v": v, "bias": leaf(2, 16, 16, device=device), "mask": mask}
-
-    def block(device):
-        C, heads, ws = 32, 2, 4
-        return {"x": leaf(1, 6, 5, C, device=device), "qkv_weight": leaf(3 * C, C, scale=C ** -0.5, device=device),
-                "qkv_bias": leaf(3 * C, scale=0.1, device=device),
-                "proj_weight": leaf(C, C, scale=C ** -0.5, device=device),
-                "proj_bias": leaf(C, scale=0.1, device=device),
-                "relative_position_bias_table": leaf((2 * ws - 1) ** 2, heads, scale=0.5, device=device),
-                "window_size": ws, "num_heads": heads, "shift_size": 2}
-
-    def sagan(device):
-        return {"q": leaf(2, 4, 20, device=device), "k": leaf(2, 4, 20, device=device),
-                "v": leaf(2, 32, 20, device=device),
-                "x": leaf(2, 32, 20, device=device), "gamma": torch.full((1,), 0.7, device=device, requires_grad=True)}
-
-    def power(device):
-        return {"weight_mat": leaf(24, 40, device=device), "u": F.normalize(torch.randn(24, device=device), dim=0),
-                "v": F.normalize(torch.randn(40, device=device), dim=0), "n_power_iterations": 2}
-
-    def gram(device):
-        return {"x": leaf(2, 20, 5, 5, device=device)}
-
-    def style(device):
-        t = torch.randn(20, 30, device=device)
-        return {"x": leaf(2, 20, 5, 6, device=device), "target_gram": (t @ t.t() / 600).requires_grad_()}
-
-    def tv(device):
-        return {"y": leaf(2, 3, 9, 11, device=device)}
-
-    def nce(device):
-        q = F.normalize(torch.randn(2 * 16, 32, device=device), dim=1)
-        k = F.normalize(q + 0.5 * torch.randn_like(q), dim=1)
-        return {"feat_q": q.requires_grad_(), "feat_k": k, "batch_size": 2}
-
-    def clip(device):
-        img = F.normalize(torch.randn(20, 16, device=device), dim=1)
-        txt = F.normalize(img + torch.randn_like(img), dim=1)
-        return {"image_emb": img.requires_grad_(), "text_emb": txt.requires_grad_(),
-                "logit_scale": torch.tensor(10.0, device=device, requires_grad=True)}
-
-    return [
-        ("hard_swish", act, fastnote.hard_swish, reference.hard_swish, "elementwise"),
-        ("hard_sigmoid", act, fastnote.hard_sigmoid, reference.hard_sigmoid, "elementwise"),
-        ("squeeze_excitation", se, fastnote.squeeze_excitation, reference.squeeze_excitation, "reduction"),
-        ("hswish_se", se, lambda x, **kw: fastnote.hswish_se(x, **kw), lambda x, **kw: reference.hswish_se(x, **kw),
-         "reduction"),
-        ("window_attention", window, fastnote.window_attention, reference.window_attention, "two_matmul"),
-        ("swin_window_attention", block, fastnote.swin_window_attention, reference.swin_block_attention,
-         "two_matmul"),
-        ("sagan_attention", sagan, fastnote.sagan_attention, reference.sagan_attention, "two_matmul"),
-        ("power_iteration", power, fastnote.power_iteration, reference.power_iteration, "reduction"),
-        ("gram", gram, fastnote.gram, reference.gram, "reduction"),
-        ("style_loss", style, fastnote.style_loss, reference.style_loss, "reduction"),
-        ("tv_loss", tv, fastnote.tv_loss, reference.total_variation, "reduction"),
-        ("patch_nce_loss", nce, fastnote.patch_nce_loss,
-         lambda feat_q, feat_k, batch_size: reference.patch_nce_loss(feat_q, feat_k, batch_size=batch_size),
-         "reduction"),
-        ("clip_loss", clip, fastnote.clip_loss,
-         lambda image_emb, text_emb, logit_scale: reference.clip_loss(image_emb, text_emb, logit_scale,
-                                                                      exponentiated=True),
-         "reduction"),
-    ]
-
-
-def _tensors(out) -> List:
-    import torch
-
-    return [out] if isinstance(out, torch.Tensor) else [t for t in out if isinstance(t, torch.Tensor)]
-
-
-def check(name: str, make: Callable, ours: Callable, ref: Callable, kind: str, device) -> Tuple[bool, str]:
-    """One op: forward outputs and the gradient of every input that requires one."""
-    import torch
-
-    from fastnote import testing
-
-    torch.manual_seed(0)
-    inputs = make(device)
-
-    def fresh():
-        return {k: (v.detach().clone().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v)
-                for k, v in inputs.items()}
-
-    a_in, b_in = fresh(), fresh()
-    got, want = _tensors(ours(**a_in)), _tensors(ref(**b_in))
-    worst = 0.0
-    try:
-        for g, w in zip(got, want):
-            testing.assert_close(g, w, kind)
-            worst = max(worst, testing.max_error(g, w))
-        pairs = [(g, w) for g, w in zip(got, want) if g.requires_grad and w.requires_grad]
-        leaves = [k for k, v in a_in.items() if isinstance(v, torch.Tensor) and v.requires_grad]
-        if pairs and leaves:
-            cot = [torch.randn(g.shape, device=g.device, dtype=g.dtype) for g, _ in pairs]
-            ga = torch.autograd.grad([g for g, _ in pairs], [a_in[k] for k in leaves], cot, allow_unused=True)
-            gb = torch.autograd.grad([w for _, w in pairs], [b_in[k] for k in leaves], cot, allow_unused=True)
-            for k, x, y in zip(leaves, ga, gb):
-                if x is None and y is None:
-                    continue
-                if x is None or y is None:
-                    raise AssertionError(f"gradient of {k}: one side has none")
-                testing.assert_close(x, y, kind, msg=f"gradient of {k}")
-                worst = max(worst, testing.max_error(x, y))
-    except AssertionError as e:
-        return False, str(e).strip().splitlines()[0]
-    return True, f"max abs err {worst:.1e}"
+    rows = cases.compare_safely(case, cases.FP32, device)
+    bad = [r for r in rows if r["status"] != "PASS"]
+    if bad:
+        r = bad[0]
+        return False, r["note"] or (f"{r['tensor']}: max abs err {r['max_abs_err']:.1e} > "
+                                    f"atol {r['atol']:.0e} + rtol {r['rtol']:.0e}")
+    return True, f"max abs err {max(r['max_abs_err'] for r in rows):.1e}"
 
 
 def environment() -> Dict[str, str]:
@@ -221,11 +99,12 @@ def report(ops: Sequence[str] = (), out=None) -> int:
     for k, v in env.items():
         print(f"{k:<{width}}  {v}", file=out)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    checks = _checks()
-    known = [c[0] for c in checks]
-    unknown = [o for o in ops if o not in known]
-    if unknown:
-        print(f"unknown op(s) {unknown}; known: {known}", file=out)
+    from fastnote import cases
+
+    try:
+        selected = cases.by_name(ops)
+    except ValueError as e:
+        print(e, file=out)
         return 2
     if not backend.use_triton(device):
         print(f"parity: the Triton kernels do not run on {device.type} here, so only power_iteration "
@@ -233,18 +112,14 @@ def report(ops: Sequence[str] = (), out=None) -> int:
               file=out)
     print(f"parity on {device.type}, fp32, vs fastnote.reference:", file=out)
     failed = 0
-    for name, make, ours, ref, kind in checks:
-        if ops and name not in ops:
+    for case in selected:
+        if not backend.use_triton(device) and case.name != "power_iteration":
+            print(f"  {case.name:<22} skipped (reference backend: it would compare the reference with itself)",
+                  file=out)
             continue
-        if not backend.use_triton(device) and name != "power_iteration":
-            print(f"  {name:<22} skipped (reference backend: it would compare the reference with itself)", file=out)
-            continue
-        try:
-            ok, detail = check(name, make, ours, ref, kind, device)
-        except Exception as e:  # noqa: BLE001 - a crash is a failure to report, not to hide
-            ok, detail = False, f"{type(e).__name__}: {e}"
+        ok, detail = check(case, device)
         failed += not ok
-        print(f"  {name:<22} {'PASS' if ok else 'FAIL'}  {detail}", file=out)
+        print(f"  {case.name:<22} {'PASS' if ok else 'FAIL'}  {detail}", file=out)
     print("parity: " + ("all passed" if not failed else f"{failed} failed"), file=out)
     return 1 if failed else 0
 

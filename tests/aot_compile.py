@@ -117,51 +117,15 @@ def _report_line(fn, constexprs, signature, options, compiled, shared):
 
 
 
-def _grad(*tensors):
-    return [t.detach().requires_grad_() for t in tensors]
-
-
 def run_ops(dtype):
-    import fastnote
+    """Every launch of every case's build inputs (``fastnote.cases``), forward and backward."""
+    from fastnote import cases
 
-    x, = _grad(torch.randn(4, 72, 28, 28, dtype=dtype))
-    fastnote.hard_swish(x).sum().backward()
-    fastnote.hard_sigmoid(x).sum().backward()
-    w1, b1, w2, b2 = _grad(torch.randn(24, 72), torch.randn(24), torch.randn(72, 24), torch.randn(72))
-    for act, gate in (("relu", "hard_sigmoid"), ("silu", "sigmoid"), ("hard_swish", "hard_sigmoid")):
-        fastnote.hswish_se(x, w1, b1, w2, b2, act, gate).float().sum().backward()
-    fastnote.squeeze_excitation(x, w1, b1, w2, b2).float().sum().backward()
-    # Swin: windows 7 (one tile per window), 12 (tiled), 3, 8; heads 3, head_dim 32, 16, 64, 128
-    # 40 images of Swin-T stage 1 already give the backward its full GROUP (15) at N = 49
-    for n, d, nW, imgs in ((49, 32, 64, 40), (144, 32, 16, 2), (9, 16, 4, 2), (49, 64, 16, 2), (64, 128, 4, 2)):
-        q, k, v, bias = _grad(*(torch.randn(imgs * nW, 3, n, d, dtype=dtype) for _ in range(3)),
-                              torch.randn(3, n, n, dtype=dtype))
-        fastnote.window_attention(q, k, v, bias, torch.zeros(nW, n, n, dtype=dtype)).float().sum().backward()
-    block = fastnote.nn.ShiftedWindowAttention(96, 7, 3, shift_size=3).to(dtype)
-    block(*_grad(torch.randn(40, 56, 56, 96, dtype=dtype))).float().sum().backward()
-    # SAGAN: generator 64x64 (d_qk 8, d_v 64), discriminator 16x16 (64, 512), pooled keys
-    for d_qk, d_v, n, n_k in ((8, 64, 4096, 4096), (64, 512, 4096, 1024), (32, 256, 1024, 256)):
-        q, k, v, xr, gamma = _grad(torch.randn(1, d_qk, n, dtype=dtype), torch.randn(1, d_qk, n_k, dtype=dtype),
-                                   torch.randn(1, d_v, n_k, dtype=dtype), torch.randn(1, d_v, n, dtype=dtype),
-                                   torch.zeros(1))
-        fastnote.sagan_attention(q, k, v, x=xr, gamma=gamma).float().sum().backward()
-    # Gram / style loss at VGG-16 relu1_2 (C 64, one tile, split-K) and relu4_3 (C 512, triangular
-    # grid, split-K), and C 512 on a 4x4 map (K too short to split); TV of a 256x256 image
-    for c, hw in ((64, 256), (512, 32), (512, 4)):
-        f, = _grad(torch.randn(1, c, hw, hw, dtype=dtype))
-        fastnote.gram(f).float().sum().backward()
-        target, = _grad(torch.randn(c, c))
-        fastnote.style_loss(f, target).backward()
-    fastnote.tv_loss(*_grad(torch.randn(2, 3, 256, 256, dtype=dtype))).backward()
-    # PatchNCE at CUT's d 256 (per image, P 256; whole minibatch with dk), d 1000 (channel chunks);
-    # CLIP at d 512 (global) and its one-sided local loss (no process group needed: the ops directly)
-    for rows, d, batch, all_neg in ((2 * 256, 256, 2, False), (1024, 256, 1, True), (64, 1000, 1, False)):
-        q, k = _grad(torch.randn(rows, d, dtype=dtype), torch.randn(rows, d, dtype=dtype))
-        fastnote.patch_nce_loss(q, k, batch, 0.07, all_neg, reduction="mean", detach_k=not all_neg).backward()
-    img, txt, scale = _grad(torch.randn(512, 512, dtype=dtype), torch.randn(512, 512, dtype=dtype),
-                            torch.tensor(14.3))
-    fastnote.clip_loss(img, txt, scale).backward()
-    torch.ops.fastnote.clip_row_loss(img[:128], txt, scale, 128)[0].backward()
+    for case in cases.all_cases():
+        for inputs in case.build(dtype, torch.device("cpu")):
+            out = case.ours(**inputs)
+            outs = [out] if isinstance(out, torch.Tensor) else list(out)
+            sum(o.float().sum() for o in outs if o.requires_grad).backward()
 
 
 def main():

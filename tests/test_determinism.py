@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import fastnote
+from fastnote import cases
 from fastnote.triton_kernels import window_attention as wa_kernels
 
 
@@ -79,58 +80,32 @@ def test_shared_slots_for_few_large_windows(windows, heads, N, shared):
 # On a GPU: each backward twice, compared bit for bit
 # ------------------------------------------------------------------------------------------------
 
-def _twice(fn, *inputs):
+def _twice(fn, inputs):
     results = []
     for _ in range(2):
-        leaves = [t.detach().clone().requires_grad_() if t.is_floating_point() else t for t in inputs]
-        out = fn(*leaves)
-        grads = torch.autograd.grad(out, [t for t in leaves if t.requires_grad], torch.ones_like(out))
+        leaves = {k: t.detach().clone().requires_grad_() if isinstance(t, torch.Tensor) and t.is_floating_point()
+                  else t for k, t in inputs.items()}
+        out = fn(**leaves)
+        grads = torch.autograd.grad(out, [t for t in leaves.values() if isinstance(t, torch.Tensor) and t.requires_grad],
+                                    torch.ones_like(out))
         results.append((out.detach(),) + tuple(grads))
     for a, b in zip(*results):
         assert torch.equal(a, b)
 
 
-DETERMINISTIC_MODE_CASES = {"window_attention N=144"}
-
-
-def _cases(device):
-    r = lambda *s, dtype=torch.bfloat16: torch.randn(*s, device=device, dtype=dtype)  # noqa: E731
-    return {
-        "window_attention N=49": (lambda q, k, v, b: fastnote.window_attention(q, k, v, bias=b),
-                                  r(512, 3, 49, 32), r(512, 3, 49, 32), r(512, 3, 49, 32), r(3, 49, 49)),
-        # 64 windows of 144 tokens: over 10 programs per shared dbias slot by default (see
-        # test_shared_slots_for_few_large_windows), so compared in the deterministic mode
-        "window_attention N=144": (lambda q, k, v, b: fastnote.window_attention(q, k, v, bias=b),
-                                   r(64, 4, 144, 32), r(64, 4, 144, 32), r(64, 4, 144, 32), r(4, 144, 144)),
-        "swin block, padded": (lambda x, w, b, pw, pb, t: fastnote.swin_window_attention(x, w, b, pw, pb, t, 7, 3, 3),
-                               r(8, 30, 33, 96), r(288, 96) * 0.1, r(288), r(96, 96) * 0.1, r(96), r(169, 3)),
-        "sagan_attention": (lambda q, k, v, x, g: fastnote.sagan_attention(q, k, v, x, g),
-                            r(4, 64, 4096), r(4, 64, 1024), r(4, 512, 1024), r(4, 512, 4096),
-                            torch.full((1,), 0.5, device=device)),
-        "hswish_se": (lambda x, w1, b1, w2, b2: fastnote.hswish_se(x, w1, b1, w2, b2),
-                      r(64, 240, 14, 14), r(64, 240, dtype=torch.float32), r(64, dtype=torch.float32),
-                      r(240, 64, dtype=torch.float32), r(240, dtype=torch.float32)),
-        "hard_swish": (fastnote.hard_swish, r(128, 72, 56, 56)),
-        "style_loss": (lambda x, t: fastnote.style_loss(x, t), r(4, 256, 64, 64), r(256, 256, dtype=torch.float32)),
-        "tv_loss": (fastnote.tv_loss, r(8, 3, 256, 256)),
-        # k not detached (CUT detaches it by default), so the key-side kernel is compared too
-        "patch_nce_loss": (lambda q, k: fastnote.patch_nce_loss(q, k, 4, reduction="mean", detach_k=False,
-                                                                include_all_negatives_from_minibatch=True),
-                           r(1024, 256), r(1024, 256)),
-        "clip_loss": (lambda a, b, s: fastnote.clip_loss(a, b, s), r(8192, 512), r(8192, 512),
-                      torch.tensor(14.3, device=device)),
-    }
+# label -> (case, inputs maker): the repeat inputs of every case of fastnote.cases
+REPEAT = {label: (case, make) for case in cases.all_cases() for label, make in case.repeat.items()}
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", list(_cases("cpu").keys()) if torch.cuda.is_available() else ["all"])
+@pytest.mark.parametrize("name", list(REPEAT) if torch.cuda.is_available() else ["all"])
 def test_backward_is_bitwise_repeatable_gpu(device, name):
-    fn, *inputs = _cases(device)[name]
+    case, make = REPEAT[name]
     previous = torch.are_deterministic_algorithms_enabled()
     # the mode is read when the backward runs, so it spans forward and backward
-    torch.use_deterministic_algorithms(previous or name in DETERMINISTIC_MODE_CASES)
+    torch.use_deterministic_algorithms(previous or name in case.deterministic_mode)
     try:
-        _twice(fn, *inputs)
+        _twice(case.ours, make(device))
     finally:
         torch.use_deterministic_algorithms(previous)
 
@@ -140,4 +115,4 @@ def test_deterministic_mode_shared_slots_repeatable_gpu(device, deterministic):
     # Swin-B 384, stage 4: few windows per head, where shared slots would otherwise be used.
     q, k, v = (torch.randn(4, 32, 144, 32, device=device, dtype=torch.bfloat16) for _ in range(3))
     bias = torch.randn(32, 144, 144, device=device, dtype=torch.bfloat16)
-    _twice(lambda q, k, v, b: fastnote.window_attention(q, k, v, bias=b), q, k, v, bias)
+    _twice(lambda q, k, v, b: fastnote.window_attention(q, k, v, bias=b), {"q": q, "k": k, "v": v, "b": bias})

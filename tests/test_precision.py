@@ -5,8 +5,7 @@ new APIs"), which used to make every fp32 attention call fail."""
 import pytest
 import torch
 
-import fastnote
-from fastnote import reference
+from fastnote import cases
 from fastnote.testing import assert_close
 from fastnote.triton_kernels.utils import dot_precision
 
@@ -55,33 +54,9 @@ def restore_precision():
     assert torch.get_float32_matmul_precision() == "highest"
 
 
-def _ops(device):
-    r = lambda *s: torch.randn(*s, device=device, requires_grad=True)  # noqa: E731
-    q, k, v, bias = r(4, 2, 9, 16), r(4, 2, 9, 16), r(4, 2, 9, 16), r(2, 9, 9)
-    sq, sk, sv, sx, gamma = r(2, 8, 20), r(2, 8, 12), r(2, 16, 12), r(2, 16, 20), torch.full((1,), 0.5, device=device)
-    x = r(1, 6, 7, 16)
-    w, b, pw, pb, table = r(48, 16), r(48), r(16, 16), r(16), r(49, 2)
-    f, t = r(2, 5, 9), torch.randn(5, 5, device=device)
-    nq, nk = r(12, 16), r(12, 16)
-    img, txt = r(10, 16), r(10, 16)
-    scale = torch.tensor(3.0, device=device)
-    return {
-        "window_attention": (lambda: fastnote.window_attention(q, k, v, bias=bias),
-                             lambda: reference.window_attention(q, k, v, bias=bias)),
-        "swin_window_attention": (lambda: fastnote.swin_window_attention(x, w, b, pw, pb, table, 4, 2, 2),
-                                  lambda: reference.swin_block_attention(x, w, b, pw, pb, table, 4, 2, 2)),
-        "sagan_attention": (lambda: fastnote.sagan_attention(sq, sk, sv, sx, gamma),
-                            lambda: reference.sagan_attention(sq, sk, sv, sx, gamma)),
-        "gram": (lambda: fastnote.gram(f), lambda: reference.gram(f)),
-        "style_loss": (lambda: fastnote.style_loss(f, t), lambda: reference.style_loss(f, t)),
-        "patch_nce_loss": (lambda: fastnote.patch_nce_loss(nq, nk, 2),
-                           lambda: reference.patch_nce_loss(nq, nk, batch_size=2)),
-        "clip_loss": (lambda: fastnote.clip_loss(img, txt, scale),
-                      lambda: reference.clip_loss(img, txt, scale, exponentiated=True)),
-    }
-
-
-OPS = list(_ops("cpu"))
+# the ops with an fp32 tl.dot: the cases of fastnote.cases that have precision inputs
+CASES = {c.name: c for c in cases.all_cases() if c.precision is not None}
+OPS = list(CASES)
 
 
 @pytest.mark.parametrize("setting,expected", SETTINGS)
@@ -93,14 +68,15 @@ def test_dot_precision_follows_either_api(setting, expected, restore_precision):
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("setting,expected", SETTINGS)
 def test_fp32_ops_run_under_every_setting(device, op, setting, expected, restore_precision, launches):
-    fn, ref = _ops(device)[op]
+    case = CASES[op]
+    inputs = case.precision(device)
     setting()
-    got = fn()
+    got = case.ours(**inputs)
     assert launches, "the kernel path did not run"
     if expected == "ieee" or device.type == "cpu":
         # exact fp32 dots (the interpreter computes TF32 requests in fp32 too)
-        assert_close(got, ref(), "two_matmul")
+        assert_close(got, case.reference(**inputs), "two_matmul")
     else:
         # TF32 rounds the operands to 10 mantissa bits: the fp16 row of the table applies
-        assert_close(got, ref(), "two_matmul", dtype=torch.float16)
+        assert_close(got, case.reference(**inputs), "two_matmul", dtype=torch.float16)
     got.sum().backward()
