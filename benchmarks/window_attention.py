@@ -26,6 +26,26 @@ Block, X = B*H*W*C*itemsize (the unfused parts are GEMMs that each read and writ
   both                                                                                      28X
 FLOPs (core): fwd 4 * B*nW*heads*N^2*d, bwd 10 * B*nW*heads*N^2*d (the scores are recomputed).
 
+Swin V2 (``window_attention_v2``, ``swin_window_attention_v2``: cosine attention, per-head logit
+scale, continuous position bias) on the same kernels with COSINE on. Minimum bytes are V1's: the
+row norms of q and k are computed from the tiles the kernels load anyway (forward and backward,
+nothing saved), the per-head scale is ``heads * 4`` bytes, and the backward's d(logit scale)
+partials are ``programs * heads * 4`` bytes (tiny next to T):
+  core   fwd 4T, bwd 7T (8T for N > 64: O is read for delta), both 11T
+  block  fwd 10X, bwd 18X, both 28X (the continuous-position-bias MLP runs on the
+         ``[(2Ws-1)^2, 2]`` coordinates: negligible)
+FLOPs (core): V1's plus the normalisation, ``3 * B*nW*heads*N*d`` per pass over q and over k in
+the forward (squares, sum, scale), and in the backward the recomputed norms and the projection
+``dx = (dx^ - x^ (x^ . dx^)) / ||x||`` (``~7 * B*nW*heads*N*d`` for each of q, k), all O(N d)
+against the O(N^2 d) products, so 4 and 10 * B*nW*heads*N^2*d still describe it.
+Shapes: Swin V2-T at 256x256 (x axis = stage 1..4: 64x64 C=96 3 heads ... 8x8 C=768 24 heads),
+window 8 (shift 4) and window 16 (shift 8; the 8x8 last stage is one window there, and its
+window shrinks to 8 as timm and torchvision build it), batch 64. Providers: eager (timm's
+WindowAttention maths on q, k, v for the core; torchvision's ShiftedWindowAttentionV2 module for
+the block, and timm's SwinTransformerV2Block._attn, which rolls before padding), SDPA (normalised
+q scaled per head, the bias + mask as ``attn_mask``, ``scale=1``), torch.compile of eager, and
+fastnote (``fastnote.nn.ShiftedWindowAttentionV2.from_torchvision`` on the same module).
+
     python benchmarks/window_attention.py [--smoke] [--out DIR] [--modes fwd,bwd,both] [--dtypes bf16,fp16]
 """
 import torch
@@ -190,6 +210,109 @@ def block_bytes(case, mode):
 CASES = _cases([SWIN_T, SWIN_B_384], ["bf16", "fp16"])
 SMOKE_CASES = _cases([SMOKE], ["fp32"])
 
+
+# ------------------------------------------------------------------------------------------------
+# Swin V2: cosine attention, per-head logit scale, continuous position bias
+# ------------------------------------------------------------------------------------------------
+
+SWIN_V2_T = [(64, 64, 96, 3), (32, 32, 192, 6), (16, 16, 384, 12), (8, 8, 768, 24)]
+SWIN_V2_T_W8 = ("swinv2_t_256_w8", 64, SWIN_V2_T, 8, 4)
+SWIN_V2_T_W16 = ("swinv2_t_256_w16", 64, SWIN_V2_T, 16, 8)
+SMOKE_V2 = ("smoke_v2", 1, [(16, 16, 32, 2), (8, 8, 64, 4)], 8, 4)
+
+
+def _v2_cases(models, dtypes):
+    cases = []
+    for model, batch, stages, ws, shift in models:
+        for dtype in dtypes:
+            for i, (H, W, C, heads) in enumerate(stages, start=1):
+                w = min(ws, H, W)                       # the window shrinks to a smaller map
+                s = shift if min(H, W) > w else 0       # and a map of one window is not shifted
+                cases.append(Case("stage", i, {"dtype": dtype, "model": model, "B": batch, "H": H, "W": W,
+                                               "C": C, "heads": heads, "window": w, "shift": s}))
+    return cases
+
+
+def core_v2_inputs(case, device):
+    inputs = core_inputs(case, device)
+    heads = case.config["heads"]
+    inputs["logit_scale"] = torch.full((heads, 1, 1), 2.3, device=device).requires_grad_()
+    with torch.no_grad():
+        inputs["bias"].copy_(16 * torch.sigmoid(inputs["bias"].float()))
+    return inputs
+
+
+def eager_core_v2(q, k, v, logit_scale, bias, mask):
+    """timm's WindowAttention (swin_transformer_v2) after the qkv projection."""
+    B_, heads, N, d = q.shape
+    attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+    attn = attn * torch.clamp(logit_scale, max=4.605170185988092).exp().to(q.dtype) + bias.unsqueeze(0)
+    if mask is not None:
+        nW = mask.shape[0]
+        attn = (attn.view(B_ // nW, nW, heads, N, N) + mask.unsqueeze(1).unsqueeze(0)).view(-1, heads, N, N)
+    return attn.softmax(dim=-1) @ v
+
+
+def sdpa_core_v2(q, k, v, logit_scale, bias, mask):
+    scale = torch.clamp(logit_scale, max=4.605170185988092).exp().to(q.dtype)
+    qn, kn = F.normalize(q, dim=-1) * scale, F.normalize(k, dim=-1)
+    B_, heads, N, d = q.shape
+    nW = mask.shape[0] if mask is not None else 1
+    add = bias.unsqueeze(0) if mask is None else bias.unsqueeze(0) + mask.unsqueeze(1)
+    fold = lambda t: t.reshape(B_ // nW, nW * heads, N, d)  # noqa: E731
+    out = F.scaled_dot_product_attention(fold(qn), fold(kn), fold(v), attn_mask=add.reshape(1, nW * heads, N, N),
+                                         scale=1.0)
+    return out.reshape(B_, heads, N, d)
+
+
+def _torchvision_swin():
+    try:
+        from fastnote.compat import torchvision_op_schemas
+
+        torchvision_op_schemas()
+    except ImportError:
+        pass
+    from torchvision.models import swin_transformer
+
+    return swin_transformer
+
+
+def block_v2_inputs(case, device):
+    """x and torchvision's ShiftedWindowAttentionV2 for the stage (its parameters are the leaves),
+    with timm's V2 block around a copy of the same attention parameters."""
+    cfg = case.config
+    C, heads, ws, shift = cfg["C"], cfg["heads"], cfg["window"], cfg["shift"]
+    tv = _torchvision_swin().ShiftedWindowAttentionV2(C, [ws, ws], [shift, shift], heads).to(device, case.dtype)
+    x = torch.randn(cfg["B"], cfg["H"], cfg["W"], C, device=device, dtype=case.dtype).requires_grad_()
+    return {"x": x, "module": tv}
+
+
+def _block_v2_provider(kind):
+    def setup(inputs, case):
+        x, tv = inputs["x"], inputs["module"]
+        if kind == "torchvision":
+            return lambda: tv(x)
+        if kind == "fastnote":
+            ours = fastnote.nn.ShiftedWindowAttentionV2.from_torchvision(tv)
+            return lambda: ours(x)
+        # timm's block (roll, then pad) around torchvision's attention parameters
+        from timm.models.swin_transformer_v2 import SwinTransformerV2Block
+
+        cfg = case.config
+        block = SwinTransformerV2Block(cfg["C"], (cfg["H"], cfg["W"]), cfg["heads"], window_size=cfg["window"],
+                                       shift_size=cfg["shift"], always_partition=True).to(x.device, x.dtype)
+        a = block.attn
+        C = cfg["C"]
+        a.qkv.weight, a.proj, a.cpb_mlp, a.logit_scale = tv.qkv.weight, tv.proj, tv.cpb_mlp, tv.logit_scale
+        a.q_bias = torch.nn.Parameter(tv.qkv.bias.detach()[:C].clone())
+        a.v_bias = torch.nn.Parameter(tv.qkv.bias.detach()[2 * C:].clone())
+        return lambda: block._attn(x)
+    return setup
+
+
+CASES_V2 = _v2_cases([SWIN_V2_T_W8, SWIN_V2_T_W16], ["bf16", "fp16"])
+SMOKE_CASES_V2 = _v2_cases([SMOKE_V2], ["fp32"])
+
 BENCHMARKS = [
     Benchmark(
         op="window_attention",
@@ -217,6 +340,35 @@ BENCHMARKS = [
         ],
         cases=CASES,
         smoke_cases=SMOKE_CASES,
+        bytes_moved=block_bytes,
+        plot_by=("dtype", "model"),
+    ),
+    Benchmark(
+        op="window_attention_v2",
+        make_inputs=core_v2_inputs,
+        providers=[
+            Provider("eager", _core_provider(eager_core_v2)),
+            Provider("sdpa", _core_provider(sdpa_core_v2)),
+            Provider("torch.compile", _core_provider(eager_core_v2), compile=True),
+            Provider("fastnote", _core_provider(fastnote.window_attention_v2)),
+        ],
+        cases=CASES_V2,
+        smoke_cases=SMOKE_CASES_V2,
+        bytes_moved=core_bytes,
+        flops=core_flops,
+        plot_by=("dtype", "model"),
+    ),
+    Benchmark(
+        op="swin_window_attention_v2",
+        make_inputs=block_v2_inputs,
+        providers=[
+            Provider("eager", _block_v2_provider("torchvision")),
+            Provider("timm", _block_v2_provider("timm")),
+            Provider("torch.compile", _block_v2_provider("torchvision"), compile=True),
+            Provider("fastnote", _block_v2_provider("fastnote")),
+        ],
+        cases=CASES_V2,
+        smoke_cases=SMOKE_CASES_V2,
         bytes_moved=block_bytes,
         plot_by=("dtype", "model"),
     ),

@@ -40,6 +40,8 @@ CORE_CASES = [
     pytest.param(2, 3, 64, 32, 1, False, id="window8-h3-d32-nomask"),
     pytest.param(2, 2, 144, 16, 2, True, id="window12-h2-d16-mask"),
     pytest.param(2, 3, 144, 32, 1, False, id="window12-h3-d32-nomask"),
+    pytest.param(2, 1, 256, 16, 2, True, id="window16-h1-d16-mask"),
+    pytest.param(2, 1, 576, 16, 1, False, id="window24-h1-d16-nomask"),
 ]
 
 
