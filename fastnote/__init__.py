@@ -12,7 +12,7 @@ from .ops.power_iteration import power_iteration
 from .ops.sagan_attention import sagan_attention
 from .ops.siglip_loss import siglip_loss
 from .ops.squeeze_excitation import hswish_se, squeeze_excitation
-from .ops.total_variation import tv_loss
+from .ops.tv_loss import tv_loss
 from .ops.window_attention import swin_window_attention, window_attention
 from .ops.window_attention_v2 import swin_window_attention_v2, window_attention_v2
 from .patch import patch, unpatch

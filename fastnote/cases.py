@@ -426,7 +426,7 @@ def _cases() -> List[OpCase]:
                repeat={"style_loss": lambda device: {"x": _bf16(device)(4, 256, 64, 64),
                                                      "target_gram": _bf16(device)(256, 256, dtype=FP32)}},
                build=_style_build),
-        OpCase("tv_loss", fastnote.tv_loss, reference.total_variation, "reduction", _tv_inputs,
+        OpCase("tv_loss", fastnote.tv_loss, reference.tv_loss, "reduction", _tv_inputs,
                repeat={"tv_loss": lambda device: {"y": _bf16(device)(8, 3, 256, 256)}},
                build=lambda dtype, device: [{"y": _leaf(2, 3, 256, 256, dtype=dtype, device=device)}]),
         OpCase("patch_nce", _patch_nce, _patch_nce_reference, "reduction", _patch_nce_inputs(2, 64, 256, False, False),

@@ -7,7 +7,7 @@ input validation; the ops in ``fastnote.ops`` check their inputs before calling 
 Numerics: fp16 and bf16 inputs are upcast to float32, all maths is done in float32, and the
 result is cast back to the input dtype. float32 and float64 inputs are computed in their own
 dtype (float64 is what ``torch.autograd.gradcheck`` needs). The scalar losses (``style_loss``,
-``total_variation``, ``patch_nce_loss``, ``clip_loss``) stay in the compute dtype, i.e. float32
+``tv_loss``, ``patch_nce_loss``, ``clip_loss``) stay in the compute dtype, i.e. float32
 for half inputs. Each docstring says which applies.
 """
 
@@ -24,7 +24,7 @@ __all__ = [
     "hswish_se",
     "gram",
     "style_loss",
-    "total_variation",
+    "tv_loss",
     "patch_nce_logits",
     "patch_nce_loss",
     "clip_loss",
@@ -157,7 +157,7 @@ def style_loss(x, target_gram, normalize="chw"):
     return diff.pow(2).sum() / (C * n)
 
 
-def total_variation(y):
+def tv_loss(y):
     """Anisotropic total variation of y: [B, C, H, W]; a 0-dim tensor.
 
     ``(sum|y[..., :, 1:] - y[..., :, :-1]| + sum|y[..., 1:, :] - y[..., :-1, :]|) / (C*H*W)``

@@ -278,8 +278,8 @@ def test_style_loss_normalize_hw():
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 6, 5), (1, 1, 2, 9)])
-def test_total_variation_matches_seed(shape):
-    compare_with_grads(ref.total_variation, seed_tv, [torch.randn(shape)])
+def test_tv_loss_matches_seed(shape):
+    compare_with_grads(ref.tv_loss, seed_tv, [torch.randn(shape)])
 
 
 def test_gram_style_tv_gradcheck():
@@ -287,7 +287,7 @@ def test_gram_style_tv_gradcheck():
     gradcheck(ref.gram, x)
     gradcheck(lambda x: ref.gram(x, "none"), torch.randn(2, 3, 5))
     gradcheck(ref.style_loss, x, torch.randn(3, 3))
-    gradcheck(ref.total_variation, x)
+    gradcheck(ref.tv_loss, x)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -299,7 +299,7 @@ def test_gram_and_losses_low_precision(dtype):
     loss = ref.style_loss(x.to(dtype), torch.zeros(4, 4, dtype=dtype))
     assert loss.dtype == torch.float32
     close(loss, ref.style_loss(x.to(dtype).float(), torch.zeros(4, 4)))
-    assert ref.total_variation(x.to(dtype)).dtype == torch.float32
+    assert ref.tv_loss(x.to(dtype)).dtype == torch.float32
 
 
 # ============================================================================================

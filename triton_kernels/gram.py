@@ -1,4 +1,4 @@
-"""Gram matrix, style loss and total variation (docs/ops.md section 2).
+"""Gram matrix and style loss (docs/ops.md section 2).
 
 F = x viewed as [B, C, K] (K = H*W); G = F F^T / norm with norm = C*K ("chw"), K ("hw") or 1.
 
@@ -48,26 +48,19 @@ Gram / style backward
     the activations squared whatever ``normalize`` is; it is rounded to x's dtype for the tensor
     cores and the remaining (tiny: ~1e-13 for relu1_2) factor is applied to the fp32 accumulator,
     so nothing underflows fp16.
-Total variation
-    ``_tv_forward_kernel``, grid (B*C * tiles per plane): a [BLOCK_H, BLOCK_W] tile of one plane
-    (any strides) adds |y[h, w+1] - y[h, w]| and |y[h+1, w] - y[h, w]| for its positions to a
-    per-program fp32 partial (summed by torch). ``_tv_backward_kernel``, same grid: dy = g/(CHW) *
-    (sgn(y - left) - sgn(right - y) + sgn(y - up) - sgn(down - y)), sgn(0) = 0 as torch's abs
-    backward. The neighbour loads overlap the centre tile (cache hits): one pass over y each way.
-
 BYTES MODEL (minimum HBM traffic, per call; s = itemsize of x, E = B*C*K)
     gram fwd        read F, write G:              E*s + B*C^2*s;   useful FLOPs B*C*(C+1)*K
                     (triangle + diagonal; eager bmm does 2*B*C^2*K)
     style fwd       read F and T (+ write D fp32 when grad is needed):
                     E*s + C^2*4 (or B*C^2*4) [+ B*C^2*4];           FLOPs B*C*(C+1)*K
     style/gram bwd  read F, D (or dG), write dF:  2*E*s + B*C^2*4;  FLOPs 2*B*C^2*K
-    tv fwd          read y:                        E*s;              tv bwd  read y, write dy: 2*E*s
 The split-K scratch adds SPLIT * B*T * BLOCK_M^2 * 8 bytes (written and read once; 6.5 MB for
 relu1_2 at batch 16 against 134 MB of F).
 """
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -78,9 +71,6 @@ from .utils import MIN_DOT, cdiv, dot, dot_switches, next_pow2
 DEFAULT_SMS = 132       # H100 / H200 SXM
 PROGRAMS_PER_SM = 3
 MIN_K_STEPS = 4         # BLOCK_K steps per split-K program, at least
-NORM_MODES = ("chw", "hw", "none")
-TV_BLOCK_H = 16
-TV_BLOCK_W = 64
 
 
 # ------------------------------------------------------------------------------------------------
@@ -249,76 +239,9 @@ def _backward_kernel(a_ptr, f_ptr, df_ptr, coef_ptr, C, K, pre, post,
              (acc * scale).to(df_ptr.dtype.element_ty), mask=row_ok[:, None] & k_ok[None, :])
 
 
-@triton.jit
-def _tv_tile(pid, H, W, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
-    n_h = tl.cdiv(H, BLOCK_H)
-    n_w = tl.cdiv(W, BLOCK_W)
-    plane = pid // (n_h * n_w)
-    rest = pid % (n_h * n_w)
-    hs = (rest // n_w) * BLOCK_H + tl.arange(0, BLOCK_H)
-    ws = (rest % n_w) * BLOCK_W + tl.arange(0, BLOCK_W)
-    return plane, hs, ws
-
-
-@triton.jit
-def _tv_forward_kernel(y_ptr, part_ptr, C, H, W, sy_b, sy_c, sy_h, sy_w, inv_chw,
-                       BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
-    pid = tl.program_id(0)
-    plane, hs, ws = _tv_tile(pid, H, W, BLOCK_H, BLOCK_W)
-    base = y_ptr + (plane // C).to(tl.int64) * sy_b + (plane % C).to(tl.int64) * sy_c
-    h_off = hs.to(tl.int64)[:, None] * sy_h
-    w_off = ws.to(tl.int64)[None, :] * sy_w
-    inside = (hs < H)[:, None] & (ws < W)[None, :]
-    right_ok = inside & (ws + 1 < W)[None, :]
-    down_ok = inside & (hs + 1 < H)[:, None]
-    y = tl.load(base + h_off + w_off, mask=inside, other=0.0).to(tl.float32)
-    right = tl.load(base + h_off + w_off + sy_w, mask=right_ok, other=0.0).to(tl.float32)
-    down = tl.load(base + h_off + w_off + sy_h, mask=down_ok, other=0.0).to(tl.float32)
-    acc = tl.where(right_ok, tl.abs(right - y), 0.0) + tl.where(down_ok, tl.abs(down - y), 0.0)
-    tl.store(part_ptr + pid, tl.sum(tl.sum(acc, 1), 0) * inv_chw)
-
-
-@triton.jit
-def _sgn(d):
-    return tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
-
-
-@triton.jit
-def _tv_backward_kernel(y_ptr, grad_ptr, dy_ptr, C, H, W, sy_b, sy_c, sy_h, sy_w,
-                        sd_b, sd_c, sd_h, sd_w, inv_chw,
-                        BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
-    pid = tl.program_id(0)
-    plane, hs, ws = _tv_tile(pid, H, W, BLOCK_H, BLOCK_W)
-    bi = (plane // C).to(tl.int64)
-    ci = (plane % C).to(tl.int64)
-    base = y_ptr + bi * sy_b + ci * sy_c
-    h64 = hs.to(tl.int64)[:, None]
-    w64 = ws.to(tl.int64)[None, :]
-    offs = h64 * sy_h + w64 * sy_w
-    inside = (hs < H)[:, None] & (ws < W)[None, :]
-    left_ok = inside & (ws >= 1)[None, :]
-    right_ok = inside & (ws + 1 < W)[None, :]
-    up_ok = inside & (hs >= 1)[:, None]
-    down_ok = inside & (hs + 1 < H)[:, None]
-    y = tl.load(base + offs, mask=inside, other=0.0).to(tl.float32)
-    left = tl.load(base + offs - sy_w, mask=left_ok, other=0.0).to(tl.float32)
-    right = tl.load(base + offs + sy_w, mask=right_ok, other=0.0).to(tl.float32)
-    up = tl.load(base + offs - sy_h, mask=up_ok, other=0.0).to(tl.float32)
-    down = tl.load(base + offs + sy_h, mask=down_ok, other=0.0).to(tl.float32)
-    d = tl.where(left_ok, _sgn(y - left), 0.0) - tl.where(right_ok, _sgn(right - y), 0.0) \
-        + tl.where(up_ok, _sgn(y - up), 0.0) - tl.where(down_ok, _sgn(down - y), 0.0)
-    g = tl.load(grad_ptr).to(tl.float32) * inv_chw
-    tl.store(dy_ptr + bi * sd_b + ci * sd_c + h64 * sd_h + w64 * sd_w, (d * g).to(dy_ptr.dtype.element_ty),
-             mask=inside)
-
-
 # ------------------------------------------------------------------------------------------------
 # Launchers
 # ------------------------------------------------------------------------------------------------
-
-def norm_value(normalize: str, C: int, K: int) -> float:
-    return {"chw": float(C * K), "hw": float(K), "none": 1.0}[normalize]
-
 
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
@@ -364,10 +287,33 @@ def _reduce_rows(block_m: int, tiles: int, sms: int) -> int:
     return rows
 
 
+class ForwardPlan(NamedTuple):
+    """A forward launch per shape: the tile config, tiles per side ``nt``, triangle tiles ``T``,
+    ``BT = B*T``, the K-splits and K per split, and rows per reduce program (0 without a split)."""
+    cfg: dict
+    nt: int
+    T: int
+    BT: int
+    n_split: int
+    k_chunk: int
+    rows: int
+
+    @property
+    def part_shape(self) -> Optional[Tuple[int, int, int, int]]:
+        """The fp32 split-K scratch the caller passes as ``part`` (None: no split)."""
+        if self.n_split == 1:
+            return None
+        return (self.n_split, self.BT, self.cfg["BLOCK_M"], self.cfg["BLOCK_M"])
+
+    @property
+    def loss_programs(self) -> int:
+        """Length of the style loss's fp32 per-program partials (``losses``)."""
+        return self.BT * (self.cfg["BLOCK_M"] // self.rows) if self.n_split > 1 else self.BT
+
+
 @functools.lru_cache(maxsize=1024)
-def _forward_plan(fp32: bool, style: bool, B: int, C: int, K: int, sms: int, split):
-    """(config, tiles per side, triangle tiles T, B*T, K-splits, K per split, rows per reduce
-    program), per shape: computed once, since the launchers' host time is paid on every call."""
+def _forward_plan(fp32: bool, style: bool, B: int, C: int, K: int, sms: int, split) -> ForwardPlan:
+    # per shape: computed once, since the launchers' host time is paid on every call
     cfg = _forward_config(fp32, C, style)
     nt = cdiv(C, cfg["BLOCK_M"])
     T = nt * (nt + 1) // 2
@@ -377,51 +323,48 @@ def _forward_plan(fp32: bool, style: bool, B: int, C: int, K: int, sms: int, spl
     n_split = max(1, min(n_split, steps))
     k_chunk = cdiv(cdiv(K, n_split), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
     n_split = cdiv(K, k_chunk)   # no empty split
-    return cfg, nt, T, BT, n_split, k_chunk, _reduce_rows(cfg["BLOCK_M"], BT, sms) if n_split > 1 else 0
+    return ForwardPlan(cfg, nt, T, BT, n_split, k_chunk,
+                       _reduce_rows(cfg["BLOCK_M"], BT, sms) if n_split > 1 else 0)
 
 
-def gram_forward(f: torch.Tensor, normalize: str, out=None, target=None, diff=None, split=None):
-    """f: [B, C, K] (any strides). gram mode (``out`` [B, C, C] contiguous, f's dtype): G = f f^T /
-    norm. style mode (``target`` [Bt, C, C] with Bt in (1, B), any strides): returns the
-    per-program partial losses (fp32, to be summed), writing D = G - target (fp32 contiguous
-    [B, C, C]) to ``diff`` when given. ``split`` forces the K-split (tests)."""
+def forward_plan(f: torch.Tensor, style: bool, split: Optional[int] = None) -> ForwardPlan:
+    """The plan of ``forward`` for f [B, C, K]; ``split`` forces the K-split (tests)."""
+    B, C, K = f.shape
+    return _forward_plan(f.dtype == torch.float32, style, B, C, K, _sm_count(f.device), split)
+
+
+def forward(*, f: torch.Tensor, inv_norm: float, plan: ForwardPlan, out=None, target=None, diff=None,
+            part=None, losses=None) -> None:
+    """f: [B, C, K] (any strides); ``plan`` from ``forward_plan``, ``part`` its ``part_shape``
+    scratch (fp32) when it splits K. gram mode (``out`` [B, C, C] contiguous, f's dtype):
+    G = f f^T * inv_norm. style mode (``target`` [Bt, C, C] with Bt in (1, B), any strides):
+    writes the per-program partial losses to ``losses`` (fp32 [plan.loss_programs], to be summed),
+    and D = G - target (fp32 contiguous [B, C, C]) to ``diff`` when given."""
     B, C, K = f.shape
     style = target is not None
-    cfg, nt, T, BT, n_split, k_chunk, rows = _forward_plan(f.dtype == torch.float32, style, B, C, K,
-                                                     _sm_count(f.device), split)
+    cfg, nt, T, BT, n_split, k_chunk, rows = plan
     block_m = cfg["BLOCK_M"]
-    norm = norm_value(normalize, C, K)
-    from fastnote import backend
-
     if style:
         st = (0 if target.shape[0] == 1 else target.stride(0), target.stride(1), target.stride(2))
     else:
         st = (0, 0, 0)
-    losses = None
     dummy = out if out is not None else f
     common = dict(STYLE=style, SAVE_DIFF=diff is not None, SINGLE_TILE=nt == 1)
     inv_ck = 1.0 / (C * K)
-    part = None
-    if n_split > 1:
-        part = backend.empty((n_split, BT, block_m, block_m), torch.float32, f.device)
-    elif style:
-        losses = backend.empty((BT,), torch.float32, f.device)
+    split = n_split > 1
     _forward_kernel[(BT, n_split)](
-        f, dummy, part if part is not None else dummy, target if style else dummy,
-        diff if diff is not None else dummy, losses if losses is not None else dummy,
-        C, K, T, k_chunk, *f.stride(), *st, 1.0 / norm, inv_ck,
-        SPLIT_K=n_split > 1, **common, **dot_switches(f.dtype, f.device), **cfg,
+        f, dummy, part if split else dummy, target if style else dummy,
+        diff if diff is not None else dummy, losses if style and not split else dummy,
+        C, K, T, k_chunk, *f.stride(), *st, inv_norm, inv_ck,
+        SPLIT_K=split, **common, **dot_switches(f.dtype, f.device), **cfg,
     )
-    if n_split > 1:
+    if split:
         programs = BT * (block_m // rows)
-        if style:
-            losses = backend.empty((programs,), torch.float32, f.device)
         _reduce_kernel[(programs,)](
             part, dummy, target if style else dummy, diff if diff is not None else dummy,
-            losses if losses is not None else dummy, C, T, BT, n_split, *st, 1.0 / norm, inv_ck,
+            losses if style else dummy, C, T, BT, n_split, *st, inv_norm, inv_ck,
             BLOCK_M=block_m, BLOCK_R=rows, num_warps=4, **common,
         )
-    return losses
 
 
 @functools.lru_cache(maxsize=256)
@@ -435,7 +378,7 @@ def _backward_config(fp32: bool, C: int) -> dict:
                 num_warps=8, num_stages=3)
 
 
-def gram_backward(a: torch.Tensor, f: torch.Tensor, df: torch.Tensor, pre: float, post: float, coef=None) -> None:
+def backward(*, a: torch.Tensor, f: torch.Tensor, df: torch.Tensor, pre: float, post: float, coef=None) -> None:
     """df = post (* coef) * cast(pre * (a + a^T)) f: a [B, C, C] (any strides, stride 0 included), f
     and df [B, C, K] (any strides), coef None or a one-element tensor (the loss's upstream
     gradient, read on the device: no host sync)."""
@@ -447,27 +390,3 @@ def gram_backward(a: torch.Tensor, f: torch.Tensor, df: torch.Tensor, pre: float
         *a.stride(), *f.stride(), *df.stride(), HAS_COEF=coef is not None,
         **dot_switches(f.dtype, f.device), **cfg,
     )
-
-
-def _tv_grid(y: torch.Tensor) -> int:
-    B, C, H, W = y.shape
-    return B * C * cdiv(H, TV_BLOCK_H) * cdiv(W, TV_BLOCK_W)
-
-
-def tv_forward(y: torch.Tensor) -> torch.Tensor:
-    """Per-program partial sums of the anisotropic TV / (C*H*W), fp32 (to be summed)."""
-    from fastnote import backend
-
-    B, C, H, W = y.shape
-    n = _tv_grid(y)
-    part = backend.empty((n,), torch.float32, y.device)
-    _tv_forward_kernel[(n,)](y, part, C, H, W, *y.stride(), 1.0 / (C * H * W),
-                             BLOCK_H=TV_BLOCK_H, BLOCK_W=TV_BLOCK_W, num_warps=4)
-    return part
-
-
-def tv_backward(y: torch.Tensor, grad: torch.Tensor, dy: torch.Tensor) -> None:
-    """dy = d tv / dy * grad (grad a one-element tensor), any strides for y and dy."""
-    B, C, H, W = y.shape
-    _tv_backward_kernel[(_tv_grid(y),)](y, grad, dy, C, H, W, *y.stride(), *dy.stride(), 1.0 / (C * H * W),
-                                        BLOCK_H=TV_BLOCK_H, BLOCK_W=TV_BLOCK_W, num_warps=4)

@@ -24,8 +24,6 @@ import torch
 import triton
 import triton.language as tl
 
-from fastnote.backend import empty
-
 from .utils import (
     cdiv,
     ELEMENTWISE_BLOCK,
@@ -111,13 +109,12 @@ def _reduce_blocks(C: int, HW: int):
     return block_c, block_hw
 
 
-def plane_reduce(x: torch.Tensor, grad, hswish: bool, scale: float) -> torch.Tensor:
-    """fp32 [B, C]: ``scale * sum_hw((grad *) pre(x))`` for contiguous x (and grad) [B, C, H, W]."""
+def plane_reduce(*, x: torch.Tensor, grad, hswish: bool, scale: float, out: torch.Tensor) -> torch.Tensor:
+    """out, fp32 [B, C] = ``scale * sum_hw((grad *) pre(x))`` for contiguous x (and grad) [B, C, H, W]."""
     B, C, H, W = x.shape
     HW = H * W
     if B * C * HW == 0:
-        return torch.zeros((B, C), dtype=torch.float32, device=x.device)
-    out = empty((B, C), torch.float32, x.device)   # every element written by one program
+        return out.zero_()
     block_c, block_hw = _reduce_blocks(C, HW)
     grid = (B, cdiv(C, block_c))
     _plane_reduce_kernel[grid](
@@ -144,7 +141,7 @@ def _streaming_config(B: int, C: int, HW: int):
     return grid, C, HW, dict(BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=ELEMENTWISE_WARPS)
 
 
-def apply(x: torch.Tensor, g: torch.Tensor, hswish: bool, out: torch.Tensor) -> torch.Tensor:
+def apply(*, x: torch.Tensor, g: torch.Tensor, hswish: bool, out: torch.Tensor) -> torch.Tensor:
     """out = pre(x) * g[b, c]; g fp32 contiguous [B, C]."""
     if x.numel():
         grid, C, HW, blocks = _streaming_grid(x)
@@ -152,7 +149,7 @@ def apply(x: torch.Tensor, g: torch.Tensor, hswish: bool, out: torch.Tensor) -> 
     return out
 
 
-def input_grad(grad, x, g, ds, hswish: bool, out: torch.Tensor) -> torch.Tensor:
+def input_grad(*, grad, x, g, ds, hswish: bool, out: torch.Tensor) -> torch.Tensor:
     """dx = (grad * g + ds / HW) * pre'(x); g, ds fp32 contiguous [B, C] (ds = dL/d mean)."""
     if x.numel():
         grid, C, HW, blocks = _streaming_grid(x)
@@ -269,11 +266,10 @@ def _mlp_blocks(C: int, CR: int):
     return max(1, min(next_pow2(C), 8192 // block_r)), block_r
 
 
-def mlp_forward(s, w1, b1, w2, b2, activation: str, gate: str) -> torch.Tensor:
-    """g = gate(fc2(act(fc1(s)))) in fp32 [B, C]; weights contiguous [CR, C], [C, CR]."""
+def mlp_forward(*, s, w1, b1, w2, b2, activation: str, gate: str, g: torch.Tensor) -> torch.Tensor:
+    """g, fp32 [B, C] = gate(fc2(act(fc1(s)))); weights contiguous [CR, C], [C, CR]."""
     B, C = s.shape
     CR = w1.shape[0]
-    g = empty((B, C), torch.float32, s.device)
     if B:
         block_c, block_r = _mlp_blocks(C, CR)
         _mlp_forward_kernel[(B,)](s, w1, b1, w2, b2, g, C, CR, ACT=ACTIVATION_CODES[activation],
@@ -281,13 +277,11 @@ def mlp_forward(s, w1, b1, w2, b2, activation: str, gate: str) -> torch.Tensor:
     return g
 
 
-def mlp_backward(s, w1, b1, w2, b2, dg, activation: str, gate: str):
-    """Returns (ds, dw1, db1, dw2, db2) in fp32 for dg = dL/dg [B, C]."""
+def mlp_backward(*, s, w1, b1, w2, b2, dg, activation: str, gate: str, a, dz1, dz2, ds):
+    """(ds, dw1, db1, dw2, db2) in fp32 for dg = dL/dg [B, C]; a, dz1 [B, CR] and dz2, ds [B, C]
+    are fp32 buffers for the hidden activation and the pre-activation gradients."""
     B, C = s.shape
     CR = w1.shape[0]
-    # NaN-poisoned under the tests, like every kernel output: a value the kernel fails to write shows
-    a, dz1 = empty((2, B, CR), torch.float32, s.device).unbind(0)
-    dz2, ds = empty((2, B, C), torch.float32, s.device).unbind(0)
     if B:
         block_c, block_r = _mlp_blocks(C, CR)
         _mlp_backward_kernel[(B,)](s, w1, b1, w2, b2, dg, a, dz1, dz2, ds, C, CR,

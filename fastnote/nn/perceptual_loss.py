@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from .. import checks
 from ..ops.gram import NORMALIZE, gram, style_loss
-from ..ops.total_variation import tv_loss
+from ..ops.tv_loss import tv_loss
 
 TERMS = ("content", "style", "pixel", "tv")
 

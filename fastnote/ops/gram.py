@@ -19,7 +19,11 @@ from torch import Tensor
 from .. import backend, checks, reference
 from ._fast import kernel_op
 
-NORMALIZE = ("chw", "hw", "none")
+NORMALIZE = ("chw", "hw", "none")   # G = F F^T / norm with norm = C*K, K or 1
+
+
+def _norm(normalize: str, C: int, K: int) -> float:
+    return {"chw": float(C * K), "hw": float(K), "none": 1.0}[normalize]
 
 
 def _dims(x: Tensor):
@@ -60,10 +64,17 @@ def fake_grad_buffer(x: Tensor) -> Tensor:
 def _gram_op(x: Tensor, normalize: str) -> Tensor:
     from ..triton_kernels import gram as kernels
 
-    B, C, _ = _dims(x)
+    B, C, K = _dims(x)
+    f = _flat(x)
+    plan = kernels.forward_plan(f, style=False)
     out = backend.empty((B, C, C), x.dtype, x.device)
-    kernels.gram_forward(_flat(x), normalize, out=out)
+    kernels.forward(f=f, inv_norm=1.0 / _norm(normalize, C, K), plan=plan, out=out, part=_part(plan, x.device))
     return out
+
+
+def _part(plan, device) -> Optional[Tensor]:
+    shape = plan.part_shape
+    return None if shape is None else backend.empty(shape, torch.float32, device)
 
 
 @_gram_op.register_fake
@@ -78,8 +89,7 @@ def _gram_backward_op(grad: Tensor, x: Tensor, normalize: str) -> Tensor:
 
     B, C, K = _dims(x)
     dx = grad_buffer(x)
-    norm = kernels.norm_value(normalize, C, K)
-    kernels.gram_backward(grad, _flat(x), dx.reshape(B, C, K), pre=0.5, post=2.0 / norm)
+    kernels.backward(a=grad, f=_flat(x), df=dx.reshape(B, C, K), pre=0.5, post=2.0 / _norm(normalize, C, K))
     return dx
 
 
@@ -160,10 +170,13 @@ def _style_op(x: Tensor, target: Tensor, normalize: str, save_diff: bool) -> Lis
     """[loss (0-dim fp32), D = gram(x) - target in fp32 [B, C, C] (shape [0] without save_diff)]."""
     from ..triton_kernels import gram as kernels
 
-    B, C, _ = _dims(x)
+    B, C, K = _dims(x)
+    f = _flat(x)
+    plan = kernels.forward_plan(f, style=True)
     diff = backend.empty((B, C, C) if save_diff else (0,), torch.float32, x.device)
-    target3 = target.reshape(-1, C, C)
-    losses = kernels.gram_forward(_flat(x), normalize, target=target3, diff=diff if save_diff else None)
+    losses = backend.empty((plan.loss_programs,), torch.float32, x.device)
+    kernels.forward(f=f, inv_norm=1.0 / _norm(normalize, C, K), plan=plan, target=target.reshape(-1, C, C),
+                    diff=diff if save_diff else None, part=_part(plan, x.device), losses=losses)
     return [losses.sum(), diff]
 
 
@@ -181,10 +194,10 @@ def _style_backward_op(grad: Tensor, x: Tensor, diff: Tensor, normalize: str) ->
 
     B, C, K = _dims(x)
     dx = grad_buffer(x)
-    norm = kernels.norm_value(normalize, C, K)
+    norm = _norm(normalize, C, K)
     # sym(D) is rescaled to a per-position mean (norm / K) before it is rounded to x's dtype.
-    kernels.gram_backward(diff, _flat(x), dx.reshape(B, C, K), pre=0.5 * norm / K,
-                          post=4.0 / (C * norm * norm), coef=grad.reshape(1))
+    kernels.backward(a=diff, f=_flat(x), df=dx.reshape(B, C, K), pre=0.5 * norm / K,
+                     post=4.0 / (C * norm * norm), coef=grad.reshape(1))
     return dx
 
 

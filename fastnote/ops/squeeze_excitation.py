@@ -23,9 +23,11 @@ def _forward_op(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
     from ..triton_kernels import squeeze_excitation as kernels
 
     x = x.contiguous()
-    s = kernels.plane_reduce(x, None, hswish, 1.0 / max(x.shape[2] * x.shape[3] if x.numel() else 1, 1))
-    g = kernels.mlp_forward(s, _matrix(w1), b1, _matrix(w2), b2, activation, gate)
-    out = kernels.apply(x, g, hswish, backend.empty_like(x))
+    s = backend.empty(x.shape[:2], torch.float32, x.device)   # s and g are outputs: no shared storage
+    g = backend.empty(x.shape[:2], torch.float32, x.device)
+    kernels.plane_reduce(x=x, grad=None, hswish=hswish, scale=1.0 / max(x.shape[2] * x.shape[3], 1), out=s)
+    kernels.mlp_forward(s=s, w1=_matrix(w1), b1=b1, w2=_matrix(w2), b2=b2, activation=activation, gate=gate, g=g)
+    out = kernels.apply(x=x, g=g, hswish=hswish, out=backend.empty_like(x))
     return [out, s, g]     # s and g, [B, C] fp32 each, are kept for backward
 
 
@@ -51,9 +53,15 @@ def _backward_op(grad: Tensor, x: Tensor, s: Tensor, g: Tensor, w1: Tensor, b1: 
     x = x.contiguous()
     grad = (grad if grad.dtype == x.dtype else grad.to(x.dtype)).contiguous()
     m1, m2 = _matrix(w1), _matrix(w2)
-    dg = kernels.plane_reduce(x, grad, hswish, 1.0)
-    ds, dw1, db1, dw2, db2 = kernels.mlp_backward(s, m1, b1, m2, b2, dg, activation, gate)
-    dx = kernels.input_grad(grad, x, g, ds, hswish, backend.empty_like(x))
+    B, C = s.shape
+    CR = m1.shape[0]
+    # NaN-poisoned under the tests, like every kernel output: a value a kernel fails to write shows
+    dg, dz2, ds = backend.empty((3, B, C), torch.float32, x.device).unbind(0)
+    a, dz1 = backend.empty((2, B, CR), torch.float32, x.device).unbind(0)
+    kernels.plane_reduce(x=x, grad=grad, hswish=hswish, scale=1.0, out=dg)
+    ds, dw1, db1, dw2, db2 = kernels.mlp_backward(s=s, w1=m1, b1=b1, w2=m2, b2=b2, dg=dg, activation=activation,
+                                                  gate=gate, a=a, dz1=dz1, dz2=dz2, ds=ds)
+    dx = kernels.input_grad(grad=grad, x=x, g=g, ds=ds, hswish=hswish, out=backend.empty_like(x))
     return [dx, _like(dw1, w1), _like(db1, b1), _like(dw2, w2), _like(db2, b2)]
 
 

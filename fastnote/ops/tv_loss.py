@@ -1,7 +1,7 @@
 """tv_loss(y): anisotropic total variation / (C*H*W) (docs/ops.md section 2.3), the perceptual loss's
 ``L_tv``. Forward is one pass over y (per-program fp32 partial sums, added by torch in a fixed
 order); backward is one pass reading y and writing dy. Saved for backward: y itself (the signs of
-its differences are the whole gradient). Kernels: ``triton_kernels/gram.py``.
+its differences are the whole gradient). Kernels: ``triton_kernels/tv_loss.py``.
 """
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from .gram import fake_grad_buffer, grad_buffer
 
 @kernel_op("fastnote::tv_loss")
 def _tv_op(y: Tensor) -> Tensor:
-    from ..triton_kernels import gram as kernels
+    from ..triton_kernels import tv_loss as kernels
 
-    return kernels.tv_forward(y).sum()
+    return kernels.forward(y=y, part=backend.empty((kernels.programs(y),), torch.float32, y.device)).sum()
 
 
 @_tv_op.register_fake
@@ -27,10 +27,10 @@ def _(y):
 
 @kernel_op("fastnote::tv_loss_backward")
 def _tv_backward_op(grad: Tensor, y: Tensor) -> Tensor:
-    from ..triton_kernels import gram as kernels
+    from ..triton_kernels import tv_loss as kernels
 
     dy = grad_buffer(y)
-    kernels.tv_backward(y, grad.reshape(1), dy)
+    kernels.backward(y=y, grad=grad.reshape(1), dy=dy)
     return dy
 
 
@@ -68,5 +68,5 @@ def tv_loss(y: Tensor) -> Tensor:
     if y.shape[0] == 0:
         return y.float().sum() * 0.0
     if not backend.use_triton(y.device):
-        return reference.total_variation(y)
+        return reference.tv_loss(y)
     return _tv_op(y)
