@@ -76,7 +76,7 @@ def test_dominant_positive_never_negative(offset, device):
                    F.normalize(x + 0.01 * torch.randn(n, d, device=device), dim=1) * 30])
     stats = torch.empty(2, n, device=device)
     ce = torch.empty(n, device=device)
-    kernels.row_lse(x, y, torch.tensor([100.0], device=device), offset, stats, ce)
+    kernels.row_lse(x=x, y=y, scale=torch.tensor([100.0], device=device), offset=offset, stats=stats, ce=ce)
     want = F.cross_entropy(100.0 * x.double() @ y.double().t(), torch.arange(n, device=device) + offset,
                            reduction="none")
     assert ce.min().item() >= -1e-6

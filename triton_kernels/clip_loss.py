@@ -145,7 +145,7 @@ def _backward_kernel(x_ptr, y_ptr, scale_ptr, g_ptr, lse_x_ptr, lse_y_ptr, dx_pt
 # ------------------------------------------------------------------------------------------------
 # launchers
 
-def row_lse(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, offset: int, stats: torch.Tensor,
+def row_lse(*, x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, offset: int, stats: torch.Tensor,
             ce: torch.Tensor) -> None:
     """stats: contiguous fp32 [2, n_x], each row's running max and log2 of its sum (base-2 units
     of the logits: lse = (max + log2 sum) ln 2); ce: contiguous fp32 [n_x]; x [n_x, D], y [n_y, D]
@@ -159,7 +159,7 @@ def row_lse(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, offset: int, 
                                                         num_stages=2, **cfg)
 
 
-def row_grad(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, grad: torch.Tensor, lse_x, lse_y,
+def row_grad(*, grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, lse_x, lse_y,
              offset: int, coef: float, dx: torch.Tensor, r) -> None:
     """dx [n_x, D] (x's dtype) and, unless None, r [n_x] fp32: see ``_backward_kernel``.
     grad: the upstream gradient of the loss, a 1-element tensor."""

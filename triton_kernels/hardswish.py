@@ -52,7 +52,7 @@ def _grid(n):
     return (cdiv(n, ELEMENTWISE_BLOCK),)
 
 
-def forward(x: torch.Tensor, kind: str, out: torch.Tensor) -> torch.Tensor:
+def forward(*, x: torch.Tensor, kind: str, out: torch.Tensor) -> torch.Tensor:
     """y = act(x) into ``out`` (both contiguous, same shape and dtype)."""
     n = x.numel()
     if n:
@@ -62,7 +62,7 @@ def forward(x: torch.Tensor, kind: str, out: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def backward(grad: torch.Tensor, x: torch.Tensor, kind: str, out: torch.Tensor) -> torch.Tensor:
+def backward(*, grad: torch.Tensor, x: torch.Tensor, kind: str, out: torch.Tensor) -> torch.Tensor:
     """dx = grad * act'(x) into ``out`` (all contiguous, same shape and dtype)."""
     n = x.numel()
     if n:

@@ -164,7 +164,7 @@ def _dk_kernel(q_ptr, k_ptr, g_ptr, loss_ptr, stats_ptr, gmax_ptr, dk_ptr, R, M,
 # ------------------------------------------------------------------------------------------------
 # launchers
 
-def forward(q: torch.Tensor, k: torch.Tensor, groups: int, nce_T: float, loss: torch.Tensor,
+def forward(*, q: torch.Tensor, k: torch.Tensor, groups: int, nce_T: float, loss: torch.Tensor,
             stats: torch.Tensor) -> None:
     """loss: contiguous fp32 [R]; stats: contiguous fp32 [2, R], the running max and log2 of the
     sum of each row (base-2 units of the scaled logits); q, k contiguous [R, D], R = groups * M."""
@@ -177,8 +177,8 @@ def forward(q: torch.Tensor, k: torch.Tensor, groups: int, nce_T: float, loss: t
     _forward_kernel[(groups * tiles,)](q, k, loss, stats, R, M, D, tiles, LOG2E_F / nce_T, num_stages=2, **cfg)
 
 
-def backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, loss: torch.Tensor, stats: torch.Tensor,
-             groups: int, nce_T: float, dq: torch.Tensor, dk) -> None:
+def backward(*, grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, groups: int, nce_T: float, loss: torch.Tensor,
+             stats: torch.Tensor, dq: torch.Tensor, dk) -> None:
     """dq (and dk unless None): contiguous [R, D] in q's dtype, for upstream ``grad`` [R] of loss."""
     R, D = q.shape
     if R == 0:

@@ -324,7 +324,7 @@ def check_sizes(q: torch.Tensor, v: torch.Tensor) -> None:
                          f"image (the kernels' in-tile offsets are 32-bit), got N = {N:,}, N_k = {NK:,}")
 
 
-def forward(q, k, v, x, gamma, out, o, lse) -> None:
+def forward(*, q, k, v, x, gamma, out, o, lse) -> None:
     """out = gamma * v softmax(q^T k)^T + x (or the attention output alone when x is None); o =
     the attention output O in fp32, or None where backward can read O from ``out`` (fp32 inputs
     without a residual); lse [B, N] fp32. q, k, v, x may be strided (a 4-D x [B, d_v, W, H] with
@@ -346,7 +346,7 @@ def forward(q, k, v, x, gamma, out, o, lse) -> None:
     )
 
 
-def backward(grad, q, k, v, o, lse, gamma, dq, dk, dv, r) -> None:
+def backward(*, grad, q, k, v, o, lse, gamma, dq, dk, dv, r) -> None:
     """Gradients of out = gamma * O (+ x) for upstream ``grad`` [B, DV, N] (any strides): dq, dk,
     dv (contiguous, input dtype) and r[b, n] = sum_c grad * O (contiguous fp32 [B, N]; gamma's
     gradient is its sum). o: O, contiguous [B, DV, N] (fp32, or the fp32 output itself); gamma

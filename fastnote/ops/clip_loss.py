@@ -34,8 +34,8 @@ def _forward_op(image: Tensor, text: Tensor, logit_scale: Tensor) -> List[Tensor
     lse_r = backend.empty((2, n), torch.float32, image.device)
     lse_c = backend.empty((2, n), torch.float32, image.device)
     ce = backend.empty((2, n), torch.float32, image.device)   # both directions, one allocation
-    kernels.row_lse(image, text, scale, 0, lse_r, ce[0])
-    kernels.row_lse(text, image, scale, 0, lse_c, ce[1])
+    kernels.row_lse(x=image, y=text, scale=scale, offset=0, stats=lse_r, ce=ce[0])
+    kernels.row_lse(x=text, y=image, scale=scale, offset=0, stats=lse_c, ce=ce[1])
     loss = ce.sum() / (2 * n)
     return [loss, lse_r, lse_c]
 
@@ -61,8 +61,10 @@ def _backward_op(grad: Tensor, image: Tensor, text: Tensor, logit_scale: Tensor,
     d_text = backend.empty_like(text)
     r = backend.empty((2, n), torch.float32, image.device)   # image-to-text, text-to-image halves
     coef = 1.0 / (2 * n) if n else 0.0
-    kernels.row_grad(image, text, scale, g, lse_r, lse_c, 0, coef, d_image, r[0])
-    kernels.row_grad(text, image, scale, g, lse_c, lse_r, 0, coef, d_text, r[1])
+    kernels.row_grad(grad=g, x=image, y=text, scale=scale, lse_x=lse_r, lse_y=lse_c, offset=0, coef=coef,
+                     dx=d_image, r=r[0])
+    kernels.row_grad(grad=g, x=text, y=image, scale=scale, lse_x=lse_c, lse_y=lse_r, offset=0, coef=coef,
+                     dx=d_text, r=r[1])
     d_scale = r.sum().to(logit_scale.dtype).reshape(logit_scale.shape)
     return [d_image, d_text, d_scale]
 
@@ -95,7 +97,7 @@ def _row_forward_op(a: Tensor, b: Tensor, logit_scale: Tensor, offset: int) -> L
     n = a.shape[0]
     lse = backend.empty((2, n), torch.float32, a.device)
     ce = backend.empty((n,), torch.float32, a.device)
-    kernels.row_lse(a, b, _scale_vector(logit_scale), offset, lse, ce)
+    kernels.row_lse(x=a, y=b, scale=_scale_vector(logit_scale), offset=offset, stats=lse, ce=ce)
     return [ce.sum() / n, lse]
 
 
@@ -118,9 +120,10 @@ def _row_backward_op(grad: Tensor, a: Tensor, b: Tensor, logit_scale: Tensor, ls
     d_b = backend.empty_like(b)
     r = backend.empty((n,), torch.float32, a.device)
     coef = 1.0 / n if n else 0.0
-    kernels.row_grad(a, b, scale, g, lse, None, offset, coef, d_a, r)
+    kernels.row_grad(grad=g, x=a, y=b, scale=scale, lse_x=lse, lse_y=None, offset=offset, coef=coef, dx=d_a, r=r)
     if n:
-        kernels.row_grad(b, a, scale, g, None, lse, -offset, coef, d_b, None)
+        kernels.row_grad(grad=g, x=b, y=a, scale=scale, lse_x=None, lse_y=lse, offset=-offset, coef=coef, dx=d_b,
+                         r=None)
     else:
         d_b.zero_()
     d_scale = r.sum().to(logit_scale.dtype).reshape(logit_scale.shape)

@@ -16,7 +16,7 @@ def _forward_op(x: Tensor, kind: str) -> Tensor:
     from ..triton_kernels import hardswish as kernels
 
     x = x.contiguous()
-    return kernels.forward(x, kind, backend.empty_like(x))
+    return kernels.forward(x=x, kind=kind, out=backend.empty_like(x))
 
 
 @_forward_op.register_fake
@@ -30,7 +30,7 @@ def _backward_op(grad: Tensor, x: Tensor, kind: str) -> Tensor:
 
     x = x.contiguous()
     grad = grad.to(x.dtype).contiguous()
-    return kernels.backward(grad, x, kind, backend.empty_like(x))
+    return kernels.backward(grad=grad, x=x, kind=kind, out=backend.empty_like(x))
 
 
 @_backward_op.register_fake

@@ -27,7 +27,7 @@ def _forward_op(q: Tensor, k: Tensor, groups: int, nce_T: float) -> List[Tensor]
     q, k = checks.contiguous(q, k)
     loss = backend.empty((q.shape[0],), torch.float32, q.device)
     stats = backend.empty((2, q.shape[0]), torch.float32, q.device)
-    kernels.forward(q, k, groups, nce_T, loss, stats)
+    kernels.forward(q=q, k=k, groups=groups, nce_T=nce_T, loss=loss, stats=stats)
     return [loss, stats]
 
 
@@ -45,7 +45,8 @@ def _backward_op(grad: Tensor, q: Tensor, k: Tensor, loss: Tensor, stats: Tensor
     q, k, loss, stats = checks.contiguous(q, k, loss, stats)
     dq = backend.empty_like(q)
     dk = backend.empty(k.shape if with_dk else (0,), k.dtype, k.device)
-    kernels.backward(grad.float(), q, k, loss, stats, groups, nce_T, dq, dk if with_dk else None)
+    kernels.backward(grad=grad.float(), q=q, k=k, groups=groups, nce_T=nce_T, loss=loss, stats=stats, dq=dq,
+                     dk=dk if with_dk else None)
     return [dq, dk]
 
 

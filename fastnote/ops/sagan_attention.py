@@ -36,7 +36,7 @@ def _forward_op(q: Tensor, k: Tensor, v: Tensor, x: Optional[Tensor], gamma: Opt
     # last two dimensions merge into one (else one copy), and out is written as [B, d_v, N]
     if x is not None and x.dim() == 4 and x.stride(2) != x.shape[3] * x.stride(3):
         x = x.reshape(o_shape)
-    kernels.forward(q, k, v, x, gamma, out, o if o.dim() == 3 else None, lse)
+    kernels.forward(q=q, k=k, v=v, x=x, gamma=gamma, out=out, o=o if o.dim() == 3 else None, lse=lse)
     return [out, o, lse]
 
 
@@ -69,7 +69,8 @@ def _backward_op(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: 
     dk = backend.empty_like(k)
     dv = backend.empty_like(v)
     r = backend.empty((q.shape[0], q.shape[2]), torch.float32, q.device)
-    kernels.backward(grad, q, k, v, o.contiguous(), lse.contiguous(), gamma, dq, dk, dv, r)
+    kernels.backward(grad=grad, q=q, k=k, v=v, o=o.contiguous(), lse=lse.contiguous(), gamma=gamma,
+                     dq=dq, dk=dk, dv=dv, r=r)
     return [dq, dk, dv, r]
 
 
