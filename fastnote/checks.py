@@ -138,3 +138,56 @@ def scalar(name: str, t) -> torch.Tensor:
     if t.numel() != 1:
         raise ValueError(f"{name} must be a scalar tensor (0-dim or one element), got shape {list(t.shape)}")
     return t
+
+
+def boolean(name: str, value) -> bool:
+    """A real bool (not 0/1, not a tensor): flags that pick a code path."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def has_channels(name: str, t: torch.Tensor, dim: int = 1, what: str = "") -> None:
+    """At least one channel along ``dim`` (``what`` names it, e.g. "d_qk >= 1")."""
+    if t.shape[dim] == 0:
+        note = f" ({what})" if what else ""
+        raise ValueError(f"{name} must have at least one channel{note}, got shape {list(t.shape)}")
+
+
+def module(name: str, m) -> torch.nn.Module:
+    if not isinstance(m, torch.nn.Module):
+        raise TypeError(f"{name} must be a torch.nn.Module, got {type(m).__name__}")
+    return m
+
+
+def autocast(*tensors: Optional[torch.Tensor]):
+    """Each tensor in the autocast dtype when autocast is on for the first one's device (as
+    torch.bmm would cast it); None stays None. One tensor in, one out; several in, a tuple out."""
+    dtype = autocast_dtype(tensors[0].device)
+    if dtype is not None:
+        tensors = tuple(t.to(dtype) if t is not None and t.dtype != dtype else t for t in tensors)
+    return tensors[0] if len(tensors) == 1 else tuple(tensors)
+
+
+def embedding_pair(image_emb, text_emb, logit_scale, logit_bias=None) -> None:
+    """The contrastive losses' inputs: two [n, d] embeddings of one dtype, d >= 1, and one-value
+    tensors ``logit_scale`` (and ``logit_bias`` where the loss has one), all on one device. The
+    common case passes in a few comparisons (host time per call); anything else goes through the
+    checks, for the message."""
+    if (type(image_emb) in PLAIN_TENSORS and type(text_emb) in PLAIN_TENSORS and type(logit_scale) in PLAIN_TENSORS
+            and image_emb.dtype in FLOAT_DTYPES and text_emb.dtype == image_emb.dtype
+            and logit_scale.dtype in FLOAT_DTYPES and image_emb.dim() == 2
+            and text_emb.shape == image_emb.shape and image_emb.shape[1] and logit_scale.numel() == 1
+            and image_emb.device == text_emb.device == logit_scale.device
+            and (logit_bias is None or (type(logit_bias) in PLAIN_TENSORS and logit_bias.dtype in FLOAT_DTYPES
+                                        and logit_bias.numel() == 1 and logit_bias.device == image_emb.device))):
+        return
+    tensor("image_emb", image_emb, ndim=2)
+    tensor("text_emb", text_emb, ndim=2)
+    shape("text_emb", text_emb, list(image_emb.shape))
+    has_channels("image_emb", image_emb)
+    scalar("logit_scale", logit_scale)
+    if logit_bias is not None:
+        scalar("logit_bias", logit_bias)
+    same_device(image_emb=image_emb, text_emb=text_emb, logit_scale=logit_scale, logit_bias=logit_bias)
+    same_dtype(image_emb=image_emb, text_emb=text_emb)

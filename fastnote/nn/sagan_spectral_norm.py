@@ -35,8 +35,7 @@ def _l2normalize(a: torch.Tensor, eps: float = _EPS) -> torch.Tensor:
 class SpectralNorm(nn.Module):
     def __init__(self, module: nn.Module, name: str = "weight", power_iterations: int = 1) -> None:
         super().__init__()
-        if not isinstance(module, nn.Module):
-            raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+        checks.module("module", module)
         if not isinstance(name, str):
             raise TypeError(f"name must be a str, got {type(name).__name__}")
         self.module = module

@@ -169,27 +169,6 @@ def _gather(t: Tensor, group) -> Tensor:
 
 
 
-def _check(image_emb, text_emb, logit_scale):
-    # The common case in a few comparisons; anything else goes through the checks, for the message.
-    if (type(image_emb) in checks.PLAIN_TENSORS and type(text_emb) in checks.PLAIN_TENSORS and type(logit_scale) in checks.PLAIN_TENSORS
-            and image_emb.dtype in checks.FLOAT_DTYPES and text_emb.dtype == image_emb.dtype
-            and logit_scale.dtype in checks.FLOAT_DTYPES and image_emb.dim() == 2
-            and text_emb.shape == image_emb.shape and image_emb.shape[1] and logit_scale.numel() == 1
-            and image_emb.device == text_emb.device == logit_scale.device):
-        return
-    checks.tensor("image_emb", image_emb, ndim=2)
-    checks.tensor("text_emb", text_emb, ndim=2)
-    checks.shape("text_emb", text_emb, list(image_emb.shape))
-    if image_emb.shape[1] == 0:
-        raise ValueError(f"image_emb must have at least one channel, got shape {list(image_emb.shape)}")
-    checks.tensor("logit_scale", logit_scale)
-    if logit_scale.numel() != 1:
-        raise ValueError(f"logit_scale must be a scalar tensor (0-dim or one element), got shape "
-                         f"{list(logit_scale.shape)}")
-    checks.same_device(image_emb=image_emb, text_emb=text_emb, logit_scale=logit_scale)
-    checks.same_dtype(image_emb=image_emb, text_emb=text_emb)
-
-
 def clip_loss(image_emb: Tensor, text_emb: Tensor, logit_scale, *, group=None, local_loss: bool = False) -> Tensor:
     """CLIP's symmetric contrastive loss: ``logits = logit_scale * image_emb @ text_emb^T``,
     ``(CE(logits, arange(n)) + CE(logits^T, arange(n))) / 2``; a 0-dim float32 tensor.
@@ -230,14 +209,12 @@ def clip_loss(image_emb: Tensor, text_emb: Tensor, logit_scale, *, group=None, l
         checks.real("logit_scale", logit_scale)
         device = image_emb.device if isinstance(image_emb, torch.Tensor) else None
         logit_scale = torch.tensor(float(logit_scale), device=device)
-    _check(image_emb, text_emb, logit_scale)
-    if not isinstance(local_loss, bool):
-        raise TypeError(f"local_loss must be a bool, got {type(local_loss).__name__}")
-    dtype = checks.autocast_dtype(image_emb.device)
-    img, txt = (image_emb.to(dtype), text_emb.to(dtype)) if dtype is not None else (image_emb, text_emb)
+    checks.embedding_pair(image_emb, text_emb, logit_scale)
+    checks.boolean("local_loss", local_loss)
+    img, txt = checks.autocast(image_emb, text_emb)
     if group is None and local_loss:
         raise ValueError("local_loss=True needs a process group (group=...): without one every row is local")
-    triton = backend.use_triton(img.device)
+    use_kernels = backend.use_triton(img.device)
     if group is not None:
         import torch.distributed as dist
 
@@ -245,7 +222,7 @@ def clip_loss(image_emb: Tensor, text_emb: Tensor, logit_scale, *, group=None, l
         all_img, all_txt = _gather(img, group), _gather(txt, group)
         if local_loss:
             offset = rank * img.shape[0]
-            if triton:
+            if use_kernels:
                 li = _row_forward_op(img, all_txt, logit_scale, offset)[0]
                 lt = _row_forward_op(txt, all_img, logit_scale, offset)[0]
             else:
@@ -253,6 +230,6 @@ def clip_loss(image_emb: Tensor, text_emb: Tensor, logit_scale, *, group=None, l
                 lt = _row_loss_reference(txt, all_img, logit_scale, offset)
             return (li + lt) / 2
         img, txt = all_img, all_txt
-    if not triton:
+    if not use_kernels:
         return reference.clip_loss(img, txt, logit_scale, exponentiated=True)
     return _forward_op(img, txt, logit_scale)[0]

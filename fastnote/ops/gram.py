@@ -120,16 +120,9 @@ def _check_x(x: Tensor, op: str) -> None:
         if (len(shape) == 4 and shape[1] and shape[2] and shape[3]) or (len(shape) == 3 and shape[1] and shape[2]):
             return
     checks.tensor("x", x, ndim=(3, 4))
-    if x.shape[1] == 0:
-        raise ValueError(f"x must have at least one channel, got shape {list(x.shape)}")
+    checks.has_channels("x", x)
     if math.prod(x.shape[2:]) == 0:
         raise ValueError(f"x must have at least one position (H*W >= 1) for {op}, got shape {list(x.shape)}")
-
-
-def _autocast(x: Tensor) -> Tensor:
-    """x in the autocast dtype when autocast is on for its device (as torch.bmm would be)."""
-    dtype = checks.autocast_dtype(x.device)
-    return x.to(dtype) if dtype is not None and x.dtype != dtype else x
 
 
 def gram(x: Tensor, normalize: str = "chw") -> Tensor:
@@ -153,7 +146,7 @@ def gram(x: Tensor, normalize: str = "chw") -> Tensor:
     _check_x(x, "gram")
     if normalize not in NORMALIZE:
         checks.choice("normalize", normalize, NORMALIZE)
-    x = _autocast(x)
+    x = checks.autocast(x)
     if x.shape[0] == 0:
         return x.new_zeros((0, x.shape[1], x.shape[1])) + x.sum() * 0   # keeps the graph
     if not backend.use_triton(x.device):
@@ -275,8 +268,7 @@ def style_loss(x: Tensor, target_gram: Tensor, normalize: str = "chw") -> Tensor
     if normalize not in NORMALIZE:
         checks.choice("normalize", normalize, NORMALIZE)
     autocast = checks.autocast_dtype(x.device)
-    if autocast is not None and x.dtype != autocast:
-        x = x.to(autocast)
+    x = checks.autocast(x)
     if autocast is not None and target_gram.dtype not in (x.dtype, torch.float32):
         target_gram = target_gram.float()
     _check_target(x, target_gram)

@@ -95,13 +95,10 @@ def _check(feat_q, feat_k, batch_size, nce_T, include_all_negatives_from_minibat
     checks.shape("feat_k", feat_k, list(feat_q.shape))
     checks.same_device(feat_q=feat_q, feat_k=feat_k)
     checks.same_dtype(feat_q=feat_q, feat_k=feat_k)
-    if feat_q.shape[1] == 0:
-        raise ValueError(f"feat_q must have at least one channel, got shape {list(feat_q.shape)}")
+    checks.has_channels("feat_q", feat_q)
     checks.real("nce_T", nce_T, positive=True)
     batch_size = checks.integer("batch_size", batch_size, minimum=1)
-    if not isinstance(include_all_negatives_from_minibatch, bool):
-        raise TypeError("include_all_negatives_from_minibatch must be a bool, got "
-                        f"{type(include_all_negatives_from_minibatch).__name__}")
+    checks.boolean("include_all_negatives_from_minibatch", include_all_negatives_from_minibatch)
     if include_all_negatives_from_minibatch:
         return 1
     rows = feat_q.shape[0]
@@ -109,13 +106,6 @@ def _check(feat_q, feat_k, batch_size, nce_T, include_all_negatives_from_minibat
         raise ValueError(f"batch_size must divide the rows of feat_q (B*P patches in B groups), got batch_size "
                          f"{batch_size} for {rows} rows")
     return batch_size
-
-
-def _cast(feat_q, feat_k):
-    dtype = checks.autocast_dtype(feat_q.device)
-    if dtype is not None:
-        return feat_q.to(dtype), feat_k.to(dtype)
-    return feat_q, feat_k
 
 
 def patch_nce_loss(feat_q: Tensor, feat_k: Tensor, batch_size: int, nce_T: float = 0.07,
@@ -147,9 +137,8 @@ def patch_nce_loss(feat_q: Tensor, feat_k: Tensor, batch_size: int, nce_T: float
     groups = _check(feat_q, feat_k, batch_size, nce_T, include_all_negatives_from_minibatch)
     if reduction not in _REDUCTIONS:
         checks.choice("reduction", reduction, _REDUCTIONS)
-    if not isinstance(detach_k, bool):
-        raise TypeError(f"detach_k must be a bool, got {type(detach_k).__name__}")
-    q, k = _cast(feat_q, feat_k)
+    checks.boolean("detach_k", detach_k)
+    q, k = checks.autocast(feat_q, feat_k)
     if detach_k:
         k = k.detach()
     if not backend.use_triton(q.device):
@@ -177,7 +166,7 @@ def patch_nce_logits(feat_q: Tensor, feat_k: Tensor, batch_size: int, nce_T: flo
     torch.Size([6, 4])
     """
     groups = _check(feat_q, feat_k, batch_size, nce_T, include_all_negatives_from_minibatch)
-    q, k = _cast(feat_q, feat_k)
+    q, k = checks.autocast(feat_q, feat_k)
     return reference.patch_nce_logits(q, k, nce_T=float(nce_T), batch_size=groups,
                                       include_all_negatives_from_minibatch=groups == 1, detach_k=detach_k)
 

@@ -145,10 +145,8 @@ def _check(q, k, v, x, gamma):
     N_k = k.shape[2]
     checks.shape("v", v, [B, None, N_k])
     d_v = v.shape[1]
-    if d_qk == 0:
-        raise ValueError(f"q must have at least one channel (d_qk >= 1), got shape {list(q.shape)}")
-    if d_v == 0:
-        raise ValueError(f"v must have at least one channel (d_v >= 1), got shape {list(v.shape)}")
+    checks.has_channels("q", q, what="d_qk >= 1")
+    checks.has_channels("v", v, what="d_v >= 1")
     if N_k == 0 and N > 0:
         raise ValueError(f"k must have at least one position to attend to, got shape {list(k.shape)}")
     if (x is None) != (gamma is None):
@@ -162,9 +160,7 @@ def _check(q, k, v, x, gamma):
         elif list(x.shape[:2]) != [B, d_v] or x.shape[2] * x.shape[3] != N:
             raise ValueError(f"x must have shape [{B}, {d_v}, {N}] or [{B}, {d_v}, W, H] with W*H = {N}, "
                              f"got {list(x.shape)}")
-        checks.tensor("gamma", gamma)
-        if gamma.numel() != 1:
-            raise ValueError(f"gamma must be a scalar tensor (0-dim or one element), got shape {list(gamma.shape)}")
+        checks.scalar("gamma", gamma)
     checks.same_device(q=q, k=k, v=v, x=x, gamma=gamma)
 
 
@@ -190,10 +186,7 @@ def sagan_attention(q: Tensor, k: Tensor, v: Tensor, x: Optional[Tensor] = None,
     torch.Size([2, 64, 4, 4])
     """
     _check(q, k, v, x, gamma)
-    if torch.is_autocast_enabled(q.device.type):
-        dtype = torch.get_autocast_dtype(q.device.type)
-        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-        x = x.to(dtype) if x is not None else None
+    q, k, v, x = checks.autocast(q, k, v, x)
     if not (k.dtype == q.dtype and v.dtype == q.dtype and (x is None or x.dtype == q.dtype)):
         checks.same_dtype(q=q, k=k, v=v, x=x)
     if not backend.use_triton(q.device):

@@ -108,15 +108,15 @@ def _chunk_reference(image, text, logit_scale, logit_bias, has_diag: bool) -> Te
         return -F.logsigmoid(-logits).sum() / image.shape[0]
 
 
-def _chunk_loss(image, text, logit_scale, logit_bias, has_diag: bool, triton: bool) -> Tensor:
-    if triton:
+def _chunk_loss(image, text, logit_scale, logit_bias, has_diag: bool, use_kernels: bool) -> Tensor:
+    if use_kernels:
         return _forward_op(image, text, logit_scale, logit_bias, 0, has_diag)
     return _chunk_reference(image, text, logit_scale, logit_bias, has_diag)
 
 
-def _chunk_grads(grad, image, text, logit_scale, logit_bias, has_diag: bool, triton: bool):
+def _chunk_grads(grad, image, text, logit_scale, logit_bias, has_diag: bool, use_kernels: bool):
     """(d_image, d_text, d_logit_scale, d_logit_bias) of one chunk's loss times ``grad``."""
-    if triton:
+    if use_kernels:
         return _backward_op(grad, image, text, logit_scale, logit_bias, 0, has_diag)
     leaves = [t.detach().requires_grad_() for t in (image, text, logit_scale, logit_bias)]
     with torch.enable_grad():
@@ -166,28 +166,28 @@ class _RingSigLip(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, image, text, logit_scale, logit_bias, group, bidir, triton):
+    def forward(ctx, image, text, logit_scale, logit_bias, group, bidir, use_kernels):
         import torch.distributed as dist
 
         world, rank = dist.get_world_size(group), dist.get_rank(group)
-        ctx.ring = (group, bidir, triton, world, rank)
+        ctx.ring = (group, bidir, use_kernels, world, rank)
         ctx.save_for_backward(image, text, logit_scale, logit_bias)
-        loss = _chunk_loss(image, text, logit_scale, logit_bias, True, triton)
+        loss = _chunk_loss(image, text, logit_scale, logit_bias, True, use_kernels)
         held = {"L": text, "R": text}
         for moving in _streams(world, bidir):
             got = _exchange([(held[d], _to(d, rank, world)) for d in moving],
                             [(held[d], _from(d, rank, world)) for d in moving], group)
             for d, chunk in zip(moving, got):
                 held[d] = chunk
-                loss = loss + _chunk_loss(image, chunk, logit_scale, logit_bias, False, triton)
+                loss = loss + _chunk_loss(image, chunk, logit_scale, logit_bias, False, use_kernels)
         return loss
 
     @staticmethod
     def backward(ctx, grad):
-        group, bidir, triton, world, rank = ctx.ring
+        group, bidir, use_kernels, world, rank = ctx.ring
         image, text, logit_scale, logit_bias = ctx.saved_tensors
         g = grad.detach()
-        d_image, d_text, d_scale, d_bias = _chunk_grads(g, image, text, logit_scale, logit_bias, True, triton)
+        d_image, d_text, d_scale, d_bias = _chunk_grads(g, image, text, logit_scale, logit_bias, True, use_kernels)
         # direction -> the chunk held and the running sum of its gradient, stacked [2, n, d]; the
         # first move of each direction carries the chunk alone ([1, n, d]): no share is in it yet
         held = {d: text[None] for d in ("L", "R")}
@@ -198,7 +198,7 @@ class _RingSigLip(torch.autograd.Function):
             for d, pair in zip(moving, got):
                 steps[d] += 1
                 chunk = pair[0]
-                di, dt, ds, db = _chunk_grads(g, image, chunk, logit_scale, logit_bias, False, triton)
+                di, dt, ds, db = _chunk_grads(g, image, chunk, logit_scale, logit_bias, False, use_kernels)
                 d_image = d_image + di
                 d_scale = d_scale + ds
                 d_bias = d_bias + db
@@ -231,7 +231,7 @@ def _owner_of_mine(direction: str, steps: int, rank: int, world: int) -> int:
     return (rank + steps) % world if direction == "R" else (rank - steps) % world
 
 
-def _collective_loss(image, text, logit_scale, logit_bias, group, dist_impl: str, triton: bool) -> Tensor:
+def _collective_loss(image, text, logit_scale, logit_bias, group, dist_impl: str, use_kernels: bool) -> Tensor:
     """open_clip's "reduce" and "gather" schemes: every rank's text chunk comes through all_reduce
     (one rank's chunk at a time, the others adding zeros) or all_gather, and their gradients go
     back through the collectives' own backward; each chunk still goes through the streaming kernel.
@@ -246,35 +246,14 @@ def _collective_loss(image, text, logit_scale, logit_bias, group, dist_impl: str
         chunks = dist_fn.all_gather(text, group=group)
     else:
         chunks = [dist_fn.all_reduce(text * (rank == i), op=dist.ReduceOp.SUM, group=group) for i in range(world)]
-    loss = _chunk_loss(image, chunks[rank], logit_scale, logit_bias, True, triton)
+    loss = _chunk_loss(image, chunks[rank], logit_scale, logit_bias, True, use_kernels)
     for i, chunk in enumerate(chunks):
         if i != rank:
-            loss = loss + _chunk_loss(image, chunk, logit_scale, logit_bias, False, triton)
+            loss = loss + _chunk_loss(image, chunk, logit_scale, logit_bias, False, use_kernels)
     return loss
 
 
 # ------------------------------------------------------------------------------------------------
-
-def _check(image_emb, text_emb, logit_scale, logit_bias):
-    # The common case in a few comparisons; anything else goes through the checks, for the message.
-    P = checks.PLAIN_TENSORS
-    if (type(image_emb) in P and type(text_emb) in P and type(logit_scale) in P and type(logit_bias) in P
-            and image_emb.dtype in checks.FLOAT_DTYPES and text_emb.dtype == image_emb.dtype
-            and logit_scale.dtype in checks.FLOAT_DTYPES and logit_bias.dtype in checks.FLOAT_DTYPES
-            and image_emb.dim() == 2 and text_emb.shape == image_emb.shape and image_emb.shape[1]
-            and logit_scale.numel() == 1 and logit_bias.numel() == 1
-            and image_emb.device == text_emb.device == logit_scale.device == logit_bias.device):
-        return
-    checks.tensor("image_emb", image_emb, ndim=2)
-    checks.tensor("text_emb", text_emb, ndim=2)
-    checks.shape("text_emb", text_emb, list(image_emb.shape))
-    if image_emb.shape[1] == 0:
-        raise ValueError(f"image_emb must have at least one channel, got shape {list(image_emb.shape)}")
-    checks.scalar("logit_scale", logit_scale)
-    checks.scalar("logit_bias", logit_bias)
-    checks.same_device(image_emb=image_emb, text_emb=text_emb, logit_scale=logit_scale, logit_bias=logit_bias)
-    checks.same_dtype(image_emb=image_emb, text_emb=text_emb)
-
 
 def _as_tensor(name: str, value, like) -> Tensor:
     if isinstance(value, torch.Tensor):
@@ -322,18 +301,17 @@ def siglip_loss(image_emb: Tensor, text_emb: Tensor, logit_scale, logit_bias, *,
     """
     logit_scale = _as_tensor("logit_scale", logit_scale, image_emb)
     logit_bias = _as_tensor("logit_bias", logit_bias, image_emb)
-    _check(image_emb, text_emb, logit_scale, logit_bias)
+    checks.embedding_pair(image_emb, text_emb, logit_scale, logit_bias)
     checks.choice("dist_impl", dist_impl, DIST_IMPLS)
-    dtype = checks.autocast_dtype(image_emb.device)
-    img, txt = (image_emb.to(dtype), text_emb.to(dtype)) if dtype is not None else (image_emb, text_emb)
-    triton = backend.use_triton(img.device)
+    img, txt = checks.autocast(image_emb, text_emb)
+    use_kernels = backend.use_triton(img.device)
     if group is not None:
         import torch.distributed as dist
 
         if dist.get_world_size(group) > 1:
             if dist_impl in ("bidir", "shift"):
-                return _RingSigLip.apply(img, txt, logit_scale, logit_bias, group, dist_impl == "bidir", triton)
-            return _collective_loss(img, txt, logit_scale, logit_bias, group, dist_impl, triton)
-    if not triton:
+                return _RingSigLip.apply(img, txt, logit_scale, logit_bias, group, dist_impl == "bidir", use_kernels)
+            return _collective_loss(img, txt, logit_scale, logit_bias, group, dist_impl, use_kernels)
+    if not use_kernels:
         return reference.siglip_loss(img, txt, logit_scale, logit_bias)
     return _forward_op(img, txt, logit_scale, logit_bias, 0, True)

@@ -155,10 +155,7 @@ def window_attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = N
     if not _core_inputs_ok(q, k, v, bias, mask):
         _check_core(q, k, v, bias, mask)
     scale = checks.scale(scale, q.shape[3])
-    dtype = checks.autocast_dtype(q.device)
-    if dtype is not None:
-        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
+    q, k, v, bias = checks.autocast(q, k, v, bias)
     if not backend.use_triton(q.device):
         return reference.window_attention(q, k, v, bias=bias, mask=mask, scale=scale)
     return _forward_op(q, k, v, bias, mask, scale)[0]
@@ -407,8 +404,6 @@ def swin_window_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tens
                                                     shift_size, relative_position_index, scale, mask_value)
     if relative_position_index is None:
         relative_position_index = reference.relative_position_index(ws, device=x.device)
-    autocast = checks.autocast_dtype(x.device)
-
     if not backend.use_triton(x.device):
         return reference.swin_block_attention(x, qkv_weight, qkv_bias, proj_weight, proj_bias,
                                               relative_position_bias_table, ws, num_heads, shift_size,
@@ -419,8 +414,7 @@ def swin_window_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tens
     # One tiny gather ([heads, N, N]); its backward scatters dbias into the table.
     bias = relative_position_bias(relative_position_bias_table, relative_position_index, num_heads)
     pad_bias = qkv_bias.to(qkv.dtype) if qkv_bias is not None else None
-    if autocast is not None:
-        bias = bias.to(autocast)
+    bias = checks.autocast(bias)
     out = _block_forward_op(qkv, pad_bias, bias, ws, num_heads, shift_size, scale, float(mask_value),
                             bool(roll_first))[0]
     return F.linear(out, proj_weight, proj_bias)

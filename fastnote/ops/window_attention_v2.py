@@ -151,10 +151,7 @@ def window_attention_v2(q: Tensor, k: Tensor, v: Tensor, logit_scale: Tensor, bi
         _check_core(q, k, v, bias, mask)
         _check_logit_scale(logit_scale, q.shape[1])
         checks.same_device(q=q, logit_scale=logit_scale)
-    dtype = checks.autocast_dtype(q.device)
-    if dtype is not None:
-        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
+    q, k, v, bias = checks.autocast(q, k, v, bias)
     if not backend.use_triton(q.device):
         return reference.window_attention_v2(q, k, v, logit_scale, bias=bias, mask=mask)
     return _forward_op(q, k, v, logit_scale, bias, mask)[0]
@@ -304,9 +301,7 @@ def swin_window_attention_v2(x: Tensor, qkv_weight: Tensor, q_bias: Optional[Ten
         index = relative_position_index if relative_position_index is not None \
             else reference.relative_position_index(ws, device=x.device)
         bias = _gather(bias, index, num_heads)
-    autocast = checks.autocast_dtype(x.device)
-    if autocast is not None:
-        bias = bias.to(autocast)
+    bias = checks.autocast(bias)
     pad_bias = qkv_bias.to(qkv.dtype) if qkv_bias is not None else None
     out = _block_forward_op(qkv, pad_bias, logit_scale, bias, ws, num_heads, shift_size, float(mask_value),
                             bool(roll_first))[0]

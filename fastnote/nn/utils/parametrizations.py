@@ -72,8 +72,7 @@ def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: i
     >>> m.parametrizations.weight[0]._u.shape
     torch.Size([40])
     """
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+    checks.module("module", module)
     weight = getattr(module, name, None)
     if not isinstance(weight, Tensor):
         raise ValueError(f"module {type(module).__name__} has no parameter or buffer named {name!r}")

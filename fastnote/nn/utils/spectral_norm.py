@@ -108,8 +108,7 @@ def spectral_norm(module: T_module, name: str = "weight", n_power_iterations: in
     >>> sorted(k for k, _ in m.named_buffers())
     ['weight_u', 'weight_v']
     """
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+    checks.module("module", module)
     if not isinstance(name, str):
         raise TypeError(f"name must be a str, got {type(name).__name__}")
     checks.integer("n_power_iterations", n_power_iterations, minimum=1)
