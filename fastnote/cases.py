@@ -23,6 +23,7 @@ Adding an op adds one ``OpCase`` to ``CASES``; nothing else lists the ops.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, Dict, FrozenSet, List, Mapping, Optional, Sequence
 
 import torch
@@ -199,6 +200,86 @@ def _swin_block_repeat(device):
 
 def _window(fn):
     return lambda q, k, v, bias=None, mask=None: fn(q, k, v, bias=bias, mask=mask)
+
+
+# ------------------------------------------------------------------------------------------------
+# Swin V2 window attention (cosine attention, per-head logit scale)
+# ------------------------------------------------------------------------------------------------
+
+def _logit_scale(heads, device):
+    # around log(10), Swin V2's initialisation (scales 5 to 20); the clamp at log(100) has its own
+    # tests in tests/test_window_attention_v2.py
+    return (math.log(10) + 0.3 * torch.randn(heads, 1, 1, device=device)).requires_grad_()
+
+
+def _window_v2_inputs(dtype, device):
+    # Swin V2-T stage 1 per window (window 8: N = 64, head_dim 32), 2 images x 2 windows, shift mask
+    q, k, v = (_leaf(4, 3, 64, 32, dtype=dtype, device=device) for _ in range(3))
+    bias = (16 * torch.sigmoid(torch.randn(3, 64, 64, device=device))).to(dtype).requires_grad_()
+    mask = torch.where(torch.rand(2, 64, 64, device=device) < 0.3, -100.0, 0.0)
+    return {"q": q, "k": k, "v": v, "logit_scale": _logit_scale(3, device), "bias": bias, "mask": mask}
+
+
+def _window_v2_precision(device):
+    q, k, v = (_leaf(4, 2, 9, 16, device=device) for _ in range(3))
+    return {"q": q, "k": k, "v": v, "logit_scale": _logit_scale(2, device), "bias": _leaf(2, 9, 9, device=device)}
+
+
+def _window_v2_build(dtype, device):
+    # windows 8 (one 64x64 tile per window; 40 images of stage 1 give full groups), 12 (tiled), 16
+    cases = []
+    for n, heads, nW, imgs in ((64, 3, 64, 40), (144, 4, 16, 2), (256, 3, 16, 2)):
+        q, k, v = (_leaf(imgs * nW, heads, n, 32, dtype=dtype, device=device) for _ in range(3))
+        cases.append({"q": q, "k": k, "v": v, "logit_scale": _logit_scale(heads, device),
+                      "bias": _leaf(heads, n, n, dtype=dtype, device=device),
+                      "mask": torch.zeros(nW, n, n, dtype=dtype, device=device)})
+    return cases
+
+
+def _window_v2_repeat(device):
+    r = _bf16(device)
+    return {"q": r(512, 3, 64, 32), "k": r(512, 3, 64, 32), "v": r(512, 3, 64, 32),
+            "logit_scale": torch.full((3, 1, 1), math.log(10), device=device), "bias": r(3, 64, 64)}
+
+
+def _window_v2(fn):
+    return lambda q, k, v, logit_scale, bias=None, mask=None: fn(q, k, v, logit_scale, bias=bias, mask=mask)
+
+
+def _swin_v2_block(C, heads, ws, shape, shift, dtype, device, roll_first=False):
+    w_std = C ** -0.5
+    return {"x": _leaf(*shape, C, dtype=dtype, device=device),
+            "qkv_weight": _leaf(3 * C, C, std=w_std, dtype=dtype, device=device),
+            "q_bias": _leaf(C, std=0.1, dtype=dtype, device=device),
+            "v_bias": _leaf(C, std=0.1, dtype=dtype, device=device),
+            "proj_weight": _leaf(C, C, std=w_std, dtype=dtype, device=device),
+            "proj_bias": _leaf(C, std=0.1, dtype=dtype, device=device),
+            "logit_scale": _logit_scale(heads, device),
+            # the continuous position bias table after its 16 * sigmoid, [(2W-1)^2, heads]
+            "relative_position_bias": (16 * torch.sigmoid(torch.randn((2 * ws - 1) ** 2, heads, device=device)))
+            .to(dtype).requires_grad_(),
+            "window_size": ws, "num_heads": heads, "shift_size": shift, "roll_first": roll_first}
+
+
+def _swin_v2_block_inputs(dtype, device):
+    # 10x13 is not a multiple of the window 8 (padding), shifted, timm's order (roll, then pad)
+    return _swin_v2_block(64, 2, 8, (2, 10, 13), 4, dtype, device, roll_first=True)
+
+
+def _swin_v2_block_precision(device):
+    return _swin_v2_block(16, 2, 4, (1, 6, 7), 2, FP32, device)
+
+
+def _swin_v2_block_build(dtype, device):
+    # Swin V2-T 256 stage 1 (C 96, 3 heads, 64x64 map): windows 8 and 16, shifted
+    return [_swin_v2_block(96, 3, ws, (2, 64, 64), ws // 2, dtype, device) for ws in (8, 16)]
+
+
+def _swin_v2_block_reference(x, qkv_weight, q_bias, v_bias, proj_weight, proj_bias, logit_scale,
+                             relative_position_bias, window_size, num_heads, shift_size=0, roll_first=False):
+    return reference.swin_block_attention_v2(x, qkv_weight, q_bias, v_bias, proj_weight, proj_bias, logit_scale,
+                                             relative_position_bias, window_size, num_heads, shift_size,
+                                             roll_first=roll_first)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -388,6 +469,43 @@ def _clip_row_reference(a, b, logit_scale, offset):
     return _row_loss_reference(a, b, logit_scale, offset)
 
 
+def _siglip_inputs(dtype, device):
+    # 100 pairs (a partial last tile), d 64, SigLIP's initial scale 10 and bias -10
+    img, txt = _normalized_pair(100, 64, dtype, device)
+    return {"image_emb": img, "text_emb": txt, "logit_scale": torch.tensor(10.0, device=device, requires_grad=True),
+            "logit_bias": torch.tensor(-10.0, device=device, requires_grad=True)}
+
+
+def _siglip_precision(device):
+    return {"image_emb": _leaf(10, 16, device=device), "text_emb": _leaf(10, 16, device=device),
+            "logit_scale": torch.tensor(3.0, device=device), "logit_bias": torch.tensor(-1.0, device=device)}
+
+
+def _siglip_build(dtype, device):
+    # d 768 (SigLIP's width: channel chunks) and d 64 half (all channels in one block)
+    shapes = ((512, 768), (1000, 64)) if dtype != FP32 else ((512, 768),)
+    return [{"image_emb": _leaf(n, d, dtype=dtype, device=device), "text_emb": _leaf(n, d, dtype=dtype, device=device),
+             "logit_scale": torch.tensor(10.0, device=device, requires_grad=True),
+             "logit_bias": torch.tensor(-10.0, device=device, requires_grad=True)} for n, d in shapes]
+
+
+def _siglip_repeat(device):
+    r = _bf16(device)
+    return {"image_emb": r(8192, 768), "text_emb": r(8192, 768), "logit_scale": torch.tensor(10.0, device=device),
+            "logit_bias": torch.tensor(-10.0, device=device)}
+
+
+def _siglip_chunk(image_emb, text_emb, logit_scale, logit_bias):
+    # another rank's text chunk (no matching pairs: no diagonal), the op itself, no group needed
+    return torch.ops.fastnote.siglip_loss(image_emb, text_emb, logit_scale, logit_bias, 0, False)
+
+
+def _siglip_chunk_reference(image_emb, text_emb, logit_scale, logit_bias):
+    from .ops.siglip_loss import _chunk_reference
+
+    return _chunk_reference(image_emb, text_emb, logit_scale, logit_bias, False)
+
+
 # ------------------------------------------------------------------------------------------------
 # The table
 # ------------------------------------------------------------------------------------------------
@@ -436,6 +554,15 @@ def _cases() -> List[OpCase]:
         OpCase("clip_loss", fastnote.clip_loss, _clip_reference, "reduction", _clip_inputs, precision=_clip_precision,
                repeat={"clip_loss": _clip_repeat}, build=_clip_build),
         OpCase("clip_row_loss", _clip_row, _clip_row_reference, "reduction", _clip_row_inputs, build=_clip_row_build),
+        OpCase("siglip_loss", fastnote.siglip_loss, reference.siglip_loss, "reduction", _siglip_inputs,
+               precision=_siglip_precision, repeat={"siglip_loss": _siglip_repeat}, build=_siglip_build),
+        OpCase("siglip_chunk_loss", _siglip_chunk, _siglip_chunk_reference, "reduction", _siglip_inputs,
+               build=_siglip_build),
+        OpCase("window_attention_v2", _window_v2(fastnote.window_attention_v2), _window_v2(reference.window_attention_v2),
+               "two_matmul", _window_v2_inputs, precision=_window_v2_precision,
+               repeat={"window_attention_v2 N=64": _window_v2_repeat}, build=_window_v2_build),
+        OpCase("swin_window_attention_v2", fastnote.swin_window_attention_v2, _swin_v2_block_reference, "two_matmul",
+               _swin_v2_block_inputs, precision=_swin_v2_block_precision, build=_swin_v2_block_build),
     ]
 
 
