@@ -502,29 +502,32 @@ def clip_eager(img, txt, scale):
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
 
-def clip_cases(ns=tuple(2 ** p for p in range(13, 21)), d=512, dtypes=("fp32", "bf16")) -> List[Case]:
-    import fastnote
-
+def _contrastive_cases(op, eager, ours, ref, scalars, ns, d, dtypes) -> List[Case]:
+    """A contrastive loss on n pairs of [n, d] embeddings and its one-value ``scalars`` (name ->
+    value), forward and backward to every input, for each n and dtype."""
     cases = []
     for dtype in dtypes:
         dt = DTYPES[dtype]
         for n in ns:
             def make(n=n, dt=dt):
                 return dict(img=_leaf(n, d, dtype=dt), txt=_leaf(n, d, dtype=dt),
-                            scale=torch.full((), 14.3).requires_grad_())
+                            **{k: torch.full((), v).requires_grad_() for k, v in scalars.items()})
 
-            def wrt(i):
-                return [i["img"], i["txt"], i["scale"]]
+            def args(i):
+                return [i["img"], i["txt"]] + [i[k] for k in scalars]
 
-            steps = {
-                "eager": lambda i: backward_through(clip_eager(i["img"], i["txt"], i["scale"]), None, wrt(i)),
-                "reference": lambda i: backward_through(
-                    fastnote.reference.clip_loss(i["img"], i["txt"], i["scale"], exponentiated=True), None, wrt(i)),
-                "fastnote": lambda i: backward_through(
-                    fastnote.clip_loss(i["img"], i["txt"], i["scale"]), None, wrt(i)),
-            }
-            cases.append(Case("clip_loss", f"n={n} d={d}", n, dtype, make, steps))
+            steps = {name: (lambda i, fn=fn: backward_through(fn(*args(i)), None, args(i)))
+                     for name, fn in (("eager", eager), ("reference", ref), ("fastnote", ours))}
+            cases.append(Case(op, f"n={n} d={d}", n, dtype, make, steps))
     return cases
+
+
+def clip_cases(ns=tuple(2 ** p for p in range(13, 21)), d=512, dtypes=("fp32", "bf16")) -> List[Case]:
+    import fastnote
+
+    return _contrastive_cases("clip_loss", clip_eager, fastnote.clip_loss,
+                              lambda a, b, s: fastnote.reference.clip_loss(a, b, s, exponentiated=True),
+                              {"scale": 14.3}, ns, d, dtypes)
 
 
 # --- SigLIP ---------------------------------------------------------------------------------------
@@ -542,27 +545,8 @@ def siglip_eager(img, txt, scale, bias):
 def siglip_cases(ns=tuple(2 ** p for p in range(13, 21)), d=768, dtypes=("fp32", "bf16")) -> List[Case]:
     import fastnote
 
-    cases = []
-    for dtype in dtypes:
-        dt = DTYPES[dtype]
-        for n in ns:
-            def make(n=n, dt=dt):
-                return dict(img=_leaf(n, d, dtype=dt), txt=_leaf(n, d, dtype=dt),
-                            scale=torch.full((), 10.0).requires_grad_(), bias=torch.full((), -10.0).requires_grad_())
-
-            def wrt(i):
-                return [i["img"], i["txt"], i["scale"], i["bias"]]
-
-            steps = {
-                "eager": lambda i: backward_through(siglip_eager(i["img"], i["txt"], i["scale"], i["bias"]), None,
-                                                    wrt(i)),
-                "reference": lambda i: backward_through(
-                    fastnote.reference.siglip_loss(i["img"], i["txt"], i["scale"], i["bias"]), None, wrt(i)),
-                "fastnote": lambda i: backward_through(
-                    fastnote.siglip_loss(i["img"], i["txt"], i["scale"], i["bias"]), None, wrt(i)),
-            }
-            cases.append(Case("siglip_loss", f"n={n} d={d}", n, dtype, make, steps))
-    return cases
+    return _contrastive_cases("siglip_loss", siglip_eager, fastnote.siglip_loss, fastnote.reference.siglip_loss,
+                              {"scale": 10.0, "bias": -10.0}, ns, d, dtypes)
 
 
 # --- PatchNCE -------------------------------------------------------------------------------------
@@ -1034,10 +1018,6 @@ FAMILIES = {
     "style": style_cases,
     "window": window_cases,
     "hswish_se": hswish_se_cases,
-}
-# Measured by main() beside FAMILIES; joins FAMILIES (which tests/test_memory.py holds to a ceiling
-# per case) once its ceilings are there. Its small cases are in small_cases() already.
-NEW_FAMILIES = {
     "siglip": siglip_cases,
 }
 
@@ -1375,7 +1355,7 @@ def plot(rows: Sequence[Row], path: str) -> Optional[str]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    families = {**FAMILIES, **NEW_FAMILIES}
+    families = FAMILIES
     p.add_argument("--only", help="comma list of: " + ", ".join(list(families) + ["steps", "launchers"]))
     p.add_argument("--out", default=RESULTS, help="folder for the CSVs and memory.png (default %(default)s)")
     args = p.parse_args(argv)

@@ -56,11 +56,13 @@ def _backward_op(grad: Tensor, x: Tensor, s: Tensor, g: Tensor, w1: Tensor, b1: 
     B, C = s.shape
     CR = m1.shape[0]
     # NaN-poisoned under the tests, like every kernel output: a value a kernel fails to write shows
-    dg, dz2, ds = backend.empty((3, B, C), torch.float32, x.device).unbind(0)
-    a, dz1 = backend.empty((2, B, CR), torch.float32, x.device).unbind(0)
+    dg = backend.empty((B, C), torch.float32, x.device)
     kernels.plane_reduce(x=x, grad=grad, hswish=hswish, scale=1.0, out=dg)
+    a, dz1 = backend.empty((2, B, CR), torch.float32, x.device).unbind(0)
+    dz2, ds = backend.empty((2, B, C), torch.float32, x.device).unbind(0)
     ds, dw1, db1, dw2, db2 = kernels.mlp_backward(s=s, w1=m1, b1=b1, w2=m2, b2=b2, dg=dg, activation=activation,
                                                   gate=gate, a=a, dz1=dz1, dz2=dz2, ds=ds)
+    del dg, a, dz1   # freed before dx is allocated (the backward's peak)
     dx = kernels.input_grad(grad=grad, x=x, g=g, ds=ds, hswish=hswish, out=backend.empty_like(x))
     return [dx, _like(dw1, w1), _like(db1, b1), _like(dw2, w2), _like(db2, b2)]
 
