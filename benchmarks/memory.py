@@ -304,7 +304,7 @@ def aux_outputs_nondifferentiable():
 
 if os.path.dirname(os.path.abspath(__file__)) not in sys.path:   # loaded by path (tests/test_memory.py)
     sys.path.append(os.path.dirname(os.path.abspath(__file__)))
-from overhead import stubbed_launches  # noqa: E402  (benchmarks/overhead.py: the launchers run, their kernels do not)
+from overhead import eager_clip, eager_siglip, stubbed_launches  # noqa: E402  (benchmarks/overhead.py: the launchers run, their kernels do not)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -495,13 +495,6 @@ def sagan_cases(sides=(32, 64, 128, 256), B=8, C=256, dtype="fp32") -> List[Case
 
 # --- CLIP -----------------------------------------------------------------------------------------
 
-def clip_eager(img, txt, scale):
-    """logits = s * img @ txt^T, symmetric cross-entropy (open_clip's ClipLoss on one device)."""
-    logits = scale * img @ txt.T
-    labels = torch.arange(logits.shape[0], device=logits.device)
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-
-
 def _contrastive_cases(op, eager, ours, ref, scalars, ns, d, dtypes) -> List[Case]:
     """A contrastive loss on n pairs of [n, d] embeddings and its one-value ``scalars`` (name ->
     value), forward and backward to every input, for each n and dtype."""
@@ -525,27 +518,17 @@ def _contrastive_cases(op, eager, ours, ref, scalars, ns, d, dtypes) -> List[Cas
 def clip_cases(ns=tuple(2 ** p for p in range(13, 21)), d=512, dtypes=("fp32", "bf16")) -> List[Case]:
     import fastnote
 
-    return _contrastive_cases("clip_loss", clip_eager, fastnote.clip_loss,
+    return _contrastive_cases("clip_loss", eager_clip, fastnote.clip_loss,
                               lambda a, b, s: fastnote.reference.clip_loss(a, b, s, exponentiated=True),
                               {"scale": 14.3}, ns, d, dtypes)
 
 
 # --- SigLIP ---------------------------------------------------------------------------------------
 
-def siglip_eager(img, txt, scale, bias):
-    """open_clip's SigLipLoss on one device: logits = s * img @ txt^T + b, an [n, n] label matrix
-    (2 eye - 1, in the features' dtype), -sum(logsigmoid(labels * logits)) / n."""
-    logits = scale * img @ txt.T + bias
-    n = logits.shape[0]
-    labels = 2 * torch.eye(n, device=img.device, dtype=img.dtype) - torch.ones((n, n), device=img.device,
-                                                                                 dtype=img.dtype)
-    return -F.logsigmoid(labels * logits).sum() / n
-
-
 def siglip_cases(ns=tuple(2 ** p for p in range(13, 21)), d=768, dtypes=("fp32", "bf16")) -> List[Case]:
     import fastnote
 
-    return _contrastive_cases("siglip_loss", siglip_eager, fastnote.siglip_loss, fastnote.reference.siglip_loss,
+    return _contrastive_cases("siglip_loss", eager_siglip, fastnote.siglip_loss, fastnote.reference.siglip_loss,
                               {"scale": 10.0, "bias": -10.0}, ns, d, dtypes)
 
 

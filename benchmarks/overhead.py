@@ -63,7 +63,7 @@ from gram import eager_gram, eager_style, eager_tv  # noqa: E402
 from harness.timing import _quantiles  # noqa: E402
 from sagan_attention import _eager as eager_sagan  # noqa: E402
 from squeeze_excitation import eager_hswish_se  # noqa: E402
-from window_attention import eager_block, eager_core  # noqa: E402
+from window_attention import eager_block, eager_core, eager_core_v2  # noqa: E402
 
 MODES = ("nograd", "fwd", "both")
 PROVIDERS = ("eager", "fastnote")
@@ -105,6 +105,15 @@ def eager_clip(image, text, logit_scale):
     logits = logit_scale * image @ text.t()
     labels = torch.arange(logits.shape[0], device=logits.device)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+
+
+def eager_siglip(image, text, logit_scale, logit_bias):
+    """open_clip's SigLipLoss on one device: logits = s * img @ txt^T + b, an [n, n] label matrix
+    (2 eye - 1, in the features' dtype), -sum(logsigmoid(labels * logits)) / n."""
+    logits = logit_scale * image @ text.t() + logit_bias
+    n = logits.shape[0]
+    labels = 2 * torch.eye(n, device=image.device, dtype=image.dtype) - 1
+    return -F.logsigmoid(labels * logits).sum() / n
 
 
 # ------------------------------------------------------------------------------------------------
@@ -165,14 +174,28 @@ def _clip_inputs(device, dtype, realistic):
             "scale": torch.tensor(14.3, device=device, requires_grad=True)}
 
 
-def _window_inputs(device, dtype, realistic):
-    B, nW, heads, ws, d = (32, 64, 3, 7, 32) if realistic else (2, 2, 2, 4, 8)   # Swin-T stage 1
+def _siglip_inputs(device, dtype, realistic):
+    inputs = _clip_inputs(device, dtype, realistic)
+    inputs["scale"] = torch.tensor(10.0, device=device, requires_grad=True)
+    inputs["bias"] = torch.tensor(-10.0, device=device, requires_grad=True)
+    return inputs
+
+
+def _window_inputs(device, dtype, realistic, ws=7):
+    B, nW, heads, d = (32, 64, 3, 32) if realistic else (2, 2, 2, 8)   # Swin-T stage 1 (window 7)
+    ws = ws if realistic else 4
     N = ws * ws
     p = dict(device=device, dtype=dtype)
     q, k, v = (_leaf(B * nW, heads, N, d, **p) for _ in range(3))
     side = int(nW ** 0.5)
     mask = reference.shift_mask(side * ws, nW // side * ws, ws, ws // 2, device=device).to(dtype)
     return {"q": q, "k": k, "v": v, "bias": _leaf(heads, N, N, scale=0.5, **p), "mask": mask}
+
+
+def _window_v2_inputs(device, dtype, realistic):
+    inputs = _window_inputs(device, dtype, realistic, ws=8)   # Swin V2-T 256 stage 1 (window 8)
+    inputs["logit_scale"] = torch.full((inputs["q"].shape[1], 1, 1), 2.3, device=device, requires_grad=True)
+    return inputs
 
 
 def _swin_inputs(device, dtype, realistic):
@@ -226,6 +249,12 @@ OPS: List[Op] = [
        lambda i: fastnote.patch_nce_loss(i["q"], i["k"], i["B"])),
     Op("clip_loss", _clip_inputs, lambda i: eager_clip(i["img"], i["txt"], i["scale"]),
        lambda i: fastnote.clip_loss(i["img"], i["txt"], i["scale"])),
+    Op("siglip_loss", _siglip_inputs, lambda i: eager_siglip(i["img"], i["txt"], i["scale"], i["bias"]),
+       lambda i: fastnote.siglip_loss(i["img"], i["txt"], i["scale"], i["bias"])),
+    Op("window_attention_v2", _window_v2_inputs,
+       lambda i: eager_core_v2(i["q"], i["k"], i["v"], i["logit_scale"], i["bias"], i["mask"]),
+       lambda i: fastnote.window_attention_v2(i["q"], i["k"], i["v"], i["logit_scale"], bias=i["bias"],
+                                              mask=i["mask"])),
     Op("window_attention", _window_inputs, lambda i: eager_core(i["q"], i["k"], i["v"], i["bias"], i["mask"]),
        lambda i: fastnote.window_attention(i["q"], i["k"], i["v"], bias=i["bias"], mask=i["mask"])),
     Op("swin_window_attention", _swin_inputs, _swin_eager, _swin_fastnote),

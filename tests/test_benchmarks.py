@@ -31,6 +31,7 @@ EXPECTED = {
     "tv_loss": ({"eager", "fastnote"}, ALL_MODES),
     "patch_nce": ({"eager", "fastnote"}, ALL_MODES),
     "clip_loss": ({"eager", "fastnote"}, ALL_MODES),
+    "siglip_loss": ({"eager", "fastnote"}, ALL_MODES),
     "models": ({"eager", "fastnote"}, {"step"}),
 }
 PARITY_OPS = [c.name for c in cases.all_cases()]   # every case of fastnote.cases

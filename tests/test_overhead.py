@@ -237,6 +237,7 @@ def test_missing_output_gradient(device, monkeypatch, deterministic):
 def test_kernel_ops_keep_their_custom_ops():
     names = {op.custom_op._qualname for op in _kernel_ops()}
     for name in ("hard_activation", "squeeze_excitation", "gram", "style_loss", "tv_loss", "patch_nce_loss",
-                 "clip_loss", "clip_row_loss", "window_attention", "swin_window_attention", "sagan_attention"):
+                 "clip_loss", "clip_row_loss", "siglip_loss", "window_attention", "swin_window_attention",
+                 "window_attention_v2", "swin_window_attention_v2", "sagan_attention"):
         assert f"fastnote::{name}" in names and f"fastnote::{name}_backward" in names
         assert hasattr(torch.ops.fastnote, name)

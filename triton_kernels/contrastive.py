@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import MIN_DOT, cdiv, dot, dot_switches, next_pow2
+from .utils import MIN_DOT, _switches, cdiv, dot, dot_key, next_pow2
 
 
 @triton.jit
@@ -80,7 +80,13 @@ def config(x: torch.Tensor, n_rows: int, n_cols: int, backward: bool) -> dict:
     D = 256, 512, 1000; 128- or 256-wide channel chunks, or 64 x 64 score tiles in backward,
     spilled 140-990 bytes); not tuned by timing. The price of the narrow chunks is in backward, which
     recomputes the score tiles once per BLOCK_D slice of the gradient."""
-    return dict(_blocks(x.dtype == torch.float32, x.shape[1], n_rows, n_cols), **dot_switches(x.dtype, x.device))
+    return _config(dot_key(x.dtype, x.device), x.shape[1], n_rows, n_cols)
+
+
+@functools.lru_cache(maxsize=1024)
+def _config(key: tuple, D: int, n_rows: int, n_cols: int) -> dict:
+    # one dict per shape and dot setting, shared (passed on as keyword arguments, never changed)
+    return dict(_blocks(key[0] == torch.float32, D, n_rows, n_cols), **_switches(*key))
 
 
 @functools.lru_cache(maxsize=1024)

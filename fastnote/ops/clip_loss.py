@@ -20,7 +20,9 @@ from ._fast import kernel_op
 
 
 def _scale_vector(logit_scale: Tensor) -> Tensor:
-    return logit_scale.reshape(1).float().contiguous()
+    """The one-value scale as fp32 for the kernels, which read its first element (a 0-dim or
+    one-element fp32 tensor goes as it is)."""
+    return logit_scale if logit_scale.dtype == torch.float32 else logit_scale.float()
 
 
 @kernel_op("fastnote::clip_loss")
@@ -36,7 +38,7 @@ def _forward_op(image: Tensor, text: Tensor, logit_scale: Tensor) -> List[Tensor
     ce = backend.empty((2, n), torch.float32, image.device)   # both directions, one allocation
     kernels.row_lse(x=image, y=text, scale=scale, offset=0, stats=lse_r, ce=ce[0])
     kernels.row_lse(x=text, y=image, scale=scale, offset=0, stats=lse_c, ce=ce[1])
-    loss = ce.sum() / (2 * n)
+    loss = ce.mean()   # sum over both directions / (2 n)
     return [loss, lse_r, lse_c]
 
 
