@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .contrastive import config, grid_d, load_rows, online_logsumexp, score_tile
+from .contrastive_tiles import config, grid_d, load_rows, online_logsumexp, score_tile
 from .utils import LN2, LOG2E, cdiv, dot
 
 

@@ -34,7 +34,7 @@ Bytes model (minimum HBM traffic, itemsize s; the streamed key blocks are re-rea
   bwd   read q, k, g, loss, stats; write dq: 3 R D s + 16 R          FLOPs 2 R M D (1 + n_slices)
         with dk: read q, k again, write dk: + 3 R D s                 FLOPs doubled
 n_slices = ceil(D / BLOCK_D): 4 at CUT's D = 256 in fp16/bf16 (BLOCK_D 64), 8 in fp32 (32); the
-tiles are the largest ptxas compiles for sm_90 without spilling (``contrastive.config``).
+tiles are the largest ptxas compiles for sm_90 without spilling (``contrastive_tiles.config``).
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .contrastive import config, grid_d, load_rows, online_logsumexp, row_dot, score_tile
+from .contrastive_tiles import config, grid_d, load_rows, online_logsumexp, row_dot, score_tile
 from .utils import LN2, LOG2E_F, cdiv, dot
 
 

@@ -1,6 +1,7 @@
 """Drop-in nn.Modules built on fastnote.ops, with the parameter names existing checkpoints use."""
 from .activation import Hardsigmoid, Hardswish
-from .contrastive import ClipLoss, PatchNCELoss
+from .clip_loss import ClipLoss
+from .patch_nce import PatchNCELoss
 from .perceptual_loss import PerceptualLoss, PerceptualLossTerms, StyleLoss, TotalVariation
 from .self_attention import BigGANAttention, SelfAttention
 from . import utils

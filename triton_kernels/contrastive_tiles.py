@@ -1,4 +1,4 @@
-"""Pieces shared by the contrastive-loss kernels (``patch_nce.py``, ``clip_loss.py``): the score
+"""Pieces shared by the contrastive-loss kernels (``patch_nce.py``, ``clip_loss.py``, ``siglip_loss.py``): the score
 tile x_i . y_j over all channels, and the tile configuration.
 
 Both losses are a softmax cross-entropy over rows of a similarity matrix X Y^T that is never
