@@ -53,8 +53,8 @@ def _timm_model(name, **kwargs):
 # name -> (constructor, input shape, {"Old -> New": count} the report must show)
 HSWISH, SE = "Hardswish -> fastnote.nn.Hardswish", "SqueezeExcitation -> fastnote.nn.SqueezeExcitation"
 FUSED_HS = "Hardswish -> torch.nn.Identity"
-FUSED_SE = "SqueezeExcitation -> fastnote.nn.squeeze_excite.HardswishSqueezeExcitation"
-TIMM_SE = "SqueezeExcite -> fastnote.nn.squeeze_excite.SqueezeExcite"
+FUSED_SE = "SqueezeExcitation -> fastnote.nn.HardswishSqueezeExcitation"
+TIMM_SE = "SqueezeExcite -> fastnote.nn.SqueezeExcite"
 TV_SWA = "ShiftedWindowAttention -> fastnote.nn.torchvision_swin.TorchvisionShiftedWindowAttention"
 TIMM_BLOCK = "SwinTransformerBlock -> fastnote.nn.timm_swin.FusedSwinTransformerBlock"
 MODELS = {

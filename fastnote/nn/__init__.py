@@ -7,11 +7,11 @@ from .self_attention import BigGANAttention, SelfAttention
 from . import utils
 from .sagan_spectral_norm import SpectralNorm
 from .siglip_loss import SigLipLoss
-from .squeeze_excitation import SqueezeExcitation
+from .squeeze_excitation import HardswishSqueezeExcitation, SqueezeExcitation, SqueezeExcite
 from .window_attention import ShiftedWindowAttention, WindowAttention
 from .window_attention_v2 import ShiftedWindowAttentionV2, WindowAttentionV2
 
 __all__ = ["utils", "Hardsigmoid", "Hardswish", "SelfAttention", "BigGANAttention", "SpectralNorm", "SqueezeExcitation",
            "ShiftedWindowAttention", "WindowAttention",
-           "ShiftedWindowAttentionV2", "WindowAttentionV2", "PerceptualLoss", "PerceptualLossTerms", "StyleLoss",
+           "ShiftedWindowAttentionV2", "WindowAttentionV2", "SqueezeExcite", "HardswishSqueezeExcitation", "PerceptualLoss", "PerceptualLossTerms", "StyleLoss",
            "TotalVariation", "ClipLoss", "PatchNCELoss", "SigLipLoss"]

@@ -1,9 +1,12 @@
-"""Drop-in for torchvision.ops.SqueezeExcitation (same state_dict keys: fc1.*, fc2.*)."""
+"""Squeeze-excitation drop-ins, each with its library's state_dict keys: torchvision's
+``SqueezeExcitation`` (``fc1.*``, ``fc2.*``), timm's ``SqueezeExcite`` (``conv_reduce.*``,
+``conv_expand.*``), and the fused h-swish + SE block (``fastnote.hswish_se``) under either layout,
+for an SE whose input is ``hard_swish(u)``: it takes ``u`` and never writes ``hard_swish(u)``."""
 from __future__ import annotations
 
 from torch import nn
 
-from ..ops.squeeze_excitation import squeeze_excitation
+from ..ops.squeeze_excitation import hswish_se, squeeze_excitation
 from .activation import Hardsigmoid, Hardswish
 
 _ACTIVATIONS = {nn.ReLU: "relu", nn.SiLU: "silu", nn.Hardswish: "hard_swish", Hardswish: "hard_swish"}
@@ -42,3 +45,60 @@ class SqueezeExcitation(nn.Module):
 
     def extra_repr(self) -> str:
         return f"activation={self.activation_name}, gate={self.gate_name}"
+
+
+class SqueezeExcite(nn.Module):
+    """``x * gate(conv_expand(act1(conv_reduce(mean_hw(x)))))`` with timm's names, so a timm
+    ``SqueezeExcite`` state_dict loads as it is. ``act_layer`` / ``gate_layer``: a class or an
+    instance among ReLU, SiLU, Hardswish / Hardsigmoid, Sigmoid (timm's default gate is Sigmoid,
+    MobileNetV3's Hardsigmoid). ``hardswish_input=True``: the module receives the pre-activation
+    ``u`` and computes ``SE(hard_swish(u))`` fused.
+
+    >>> import torch, fastnote
+    >>> from fastnote.nn import SqueezeExcite
+    >>> se = SqueezeExcite(16, 8, gate_layer=torch.nn.Hardsigmoid)
+    >>> sorted(se.state_dict())
+    ['conv_expand.bias', 'conv_expand.weight', 'conv_reduce.bias', 'conv_reduce.weight']
+    >>> se(torch.randn(2, 16, 5, 5)).shape
+    torch.Size([2, 16, 5, 5])
+    """
+
+    def __init__(self, in_chs: int, rd_channels: int, act_layer=nn.ReLU, gate_layer=nn.Sigmoid, *,
+                 hardswish_input: bool = False):
+        super().__init__()
+        self.conv_reduce = nn.Conv2d(in_chs, rd_channels, 1)
+        self.conv_expand = nn.Conv2d(rd_channels, in_chs, 1)
+        self.activation_name = _name("act_layer", act_layer, _ACTIVATIONS)
+        self.gate_name = _name("gate_layer", gate_layer, _GATES)
+        self.hardswish_input = bool(hardswish_input)
+
+    def forward(self, x):
+        fn = hswish_se if self.hardswish_input else squeeze_excitation
+        return fn(x, self.conv_reduce.weight, self.conv_reduce.bias, self.conv_expand.weight,
+                  self.conv_expand.bias, activation=self.activation_name, gate=self.gate_name)
+
+    def extra_repr(self) -> str:
+        return (f"activation={self.activation_name}, gate={self.gate_name}"
+                + (", hardswish_input=True" if self.hardswish_input else ""))
+
+
+class HardswishSqueezeExcitation(SqueezeExcitation):
+    """``SqueezeExcitation(hard_swish(u))`` on the pre-activation ``u``, fused
+    (``fastnote.hswish_se``), with torchvision's names ``fc1``, ``fc2``: what a MobileNetV3 block's
+    depthwise h-swish followed by its SE computes, in one module.
+
+    >>> import torch, fastnote
+    >>> from fastnote.nn import HardswishSqueezeExcitation
+    >>> se = HardswishSqueezeExcitation(16, 8)
+    >>> u = torch.randn(2, 16, 5, 5)
+    >>> torch.allclose(se(u), fastnote.nn.SqueezeExcitation.forward(se, torch.nn.functional.hardswish(u)),
+    ...                atol=1e-5)
+    True
+    """
+
+    def forward(self, u):
+        return hswish_se(u, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
+                         activation=self.activation_name, gate=self.gate_name)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", hardswish_input=True"

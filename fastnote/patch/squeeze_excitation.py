@@ -18,7 +18,6 @@ from torch import nn
 
 from .. import nn as fnn
 from .. import reference
-from ..nn import squeeze_excite as _fused_se   # fastnote's timm-layout and h-swish-input SE modules
 from .probe import _is_fastnote, _join, _mode_of, _no_meta_left, _on_meta, _probe_close, _probe_input
 from .registry import Result, Site, register
 
@@ -62,10 +61,10 @@ def _squeeze_excitation(old: nn.Module, hardswish_input: bool = False) -> Result
     C, Cr = c1.in_channels, c1.out_channels
     try:
         if layout == "torchvision":
-            cls = _fused_se.HardswishSqueezeExcitation if hardswish_input else fnn.SqueezeExcitation
+            cls = fnn.HardswishSqueezeExcitation if hardswish_input else fnn.SqueezeExcitation
             new = _on_meta(lambda: cls(C, Cr, activation=type(act), scale_activation=type(gate)))
         elif layout == "timm":
-            new = _on_meta(lambda: _fused_se.SqueezeExcite(C, Cr, act_layer=type(act), gate_layer=type(gate),
+            new = _on_meta(lambda: fnn.SqueezeExcite(C, Cr, act_layer=type(act), gate_layer=type(gate),
                                                            hardswish_input=hardswish_input))
         else:
             return (f"SE-shaped, but its convs are named {n1!r}, {n2!r}: fastnote's SE modules keep "
