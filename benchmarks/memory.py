@@ -856,12 +856,9 @@ class StepMeasurement:
 
 
 def _examples(name: str):
-    folder = os.path.join(ROOT, "examples")
-    if folder not in sys.path:
-        sys.path.insert(0, folder)
-    import importlib
+    from fastnote.testing import load_example
 
-    return importlib.import_module(name)
+    return load_example(name)
 
 
 class _Fakeify:

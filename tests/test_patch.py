@@ -1,7 +1,7 @@
 """fastnote.patch / unpatch on small models built from the published code of each family (SE,
 h-swish + SE, Swin and timm window attention, torchvision's ShiftedWindowAttention, SAGAN
 attention, the three spectral norms): what is replaced or left and why, that outputs, gradients
-and training state stay the same, and ``python -m fastnote report``. Real timm / torchvision
+and training state stay the same. Real timm / torchvision
 models: tests/test_models.py."""
 import copy
 

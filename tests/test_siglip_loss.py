@@ -326,19 +326,11 @@ def _open_clip_in_worker():
     """open_clip's SigLipLoss in a spawned worker, or None. open_clip imports torchvision, which
     beside a CPU torch needs the two op schemas that tests/conftest.py defines in the parent."""
     import importlib.util
-    import sys
+
+    from fastnote.compat import torchvision_op_schemas
 
     if importlib.util.find_spec("open_clip") is None:
         return None
-    try:
-        from fastnote.compat import torchvision_op_schemas
-    except ImportError:   # the shim's older home: the examples' helper, loaded by path
-        path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "_common.py")
-        spec = importlib.util.spec_from_file_location("fastnote_examples_common", path)
-        common = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = common
-        spec.loader.exec_module(common)
-        torchvision_op_schemas = common._torchvision_op_schemas
     torchvision_op_schemas()
     from open_clip.loss import SigLipLoss
     return SigLipLoss

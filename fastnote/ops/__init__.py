@@ -24,12 +24,7 @@ fallback is the op's own semantics as torch ops (in place, either order, the wei
 complex included), not ``fastnote.reference``, which upcasts, returns new vectors and knows only
 the v-then-u order.
 
-Where a new op's pieces go:
-1. the maths (docs/ops.md) as plain torch in ``fastnote/reference.py``;
-2. the kernel in ``triton_kernels/<op>.py`` (or C++/CUDA in ``csrc/``);
-3. ``fastnote/ops/<op>.py``: checks (``fastnote.checks``), backend choice, custom op + fake +
-   autograd, the functional entry;
-4. the module in ``fastnote/nn/<module>.py``;
-5. ``tests/test_<op>.py`` and ``benchmarks/<op>.py``, plus its launches in the sm_90 build check
-   ``tests/aot_compile.py`` and a ``ParityEntry`` in ``benchmarks/parity_report.py``.
+Where a new op's pieces go: the six places of the README's "Adding an op" (docs/design.md,
+section 2): the maths and ``fastnote/reference.py``, the kernel, this layer's file, the module,
+one ``OpCase`` in ``fastnote/cases.py``, tests and benchmarks.
 """
