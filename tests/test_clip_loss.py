@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import fastnote
 from fastnote import reference
-from fastnote.testing import assert_close
+from fastnote.testing import assert_close, run_gloo_ranks
 
 
 def _inputs(n, d, device, dtype=torch.float32, scale=14.3, norm=1.0):
@@ -218,76 +218,49 @@ def test_reference_backend_switch(device, monkeypatch):
 # Two processes over gloo against one process on the concatenated batch
 # ------------------------------------------------------------------------------------------------
 
-def _ddp_worker(rank, world_size, store_path, errors):
+def _ddp_body(rank, world_size):
     import torch.distributed as dist
 
-    try:
-        # TRITON_INTERPRET came with the environment (the parent's ``interpreted_children``): set
-        # here it would be too late, fastnote and triton being imported before this runs
-        assert os.environ.get("TRITON_INTERPRET") == "1", "TRITON_INTERPRET=1 was not inherited"
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size)
-        n_local, d = 6, 12
-        gen = torch.Generator().manual_seed(0)
-        img_all = F.normalize(torch.randn(world_size * n_local, d, generator=gen), dim=1)
-        txt_all = F.normalize(torch.randn(world_size * n_local, d, generator=gen), dim=1)
-        rows = slice(rank * n_local, (rank + 1) * n_local)
-        for local_loss in (False, True):
-            img = img_all[rows].clone().requires_grad_()
-            txt = txt_all[rows].clone().requires_grad_()
-            scale = torch.tensor(10.0, requires_grad=True)
-            loss = fastnote.nn.ClipLoss(group=dist.group.WORLD, local_loss=local_loss)(img, txt, scale)
-            g_img, g_txt, g_scale = torch.autograd.grad(loss, (img, txt, scale))
-            # one process, the whole batch
-            ri, rt, rs = (t.clone().requires_grad_() for t in (img_all, txt_all, torch.tensor(10.0)))
-            full = reference.clip_loss(ri, rt, rs, exponentiated=True)
-            e_img, e_txt, e_scale = torch.autograd.grad(full, (ri, rt, rs))
-            if local_loss:
-                s = rs.detach()
-                labels = torch.arange(n_local) + rank * n_local
-                mine = (F.cross_entropy(s * img_all[rows] @ txt_all.t(), labels)
-                        + F.cross_entropy(s * txt_all[rows] @ img_all.t(), labels)) / 2
-                assert_close(loss, mine, "reduction", msg=f"rank {rank} local loss")
-                mean = loss.detach().clone()
-                dist.all_reduce(mean)
-                assert_close(mean / world_size, full, "reduction", msg="mean of the local losses")
-                dist.all_reduce(g_scale)
-                assert_close(g_scale / world_size, e_scale, "reduction", msg="mean logit_scale gradient")
-            else:
-                assert_close(loss, full, "reduction", msg=f"rank {rank} loss")
-                assert_close(g_scale, e_scale, "reduction", msg=f"rank {rank} logit_scale gradient")
-            # every rank's contribution summed into its own rows (DDP's average undoes the factor)
-            assert_close(g_img / world_size, e_img[rows], "reduction", msg=f"rank {rank} d_image {local_loss}")
-            assert_close(g_txt / world_size, e_txt[rows], "reduction", msg=f"rank {rank} d_text {local_loss}")
-        from fastnote.triton_kernels import clip_loss as kernels
-        from triton.runtime.jit import JITFunction
-
-        compiled = [n for n, k in vars(kernels).items() if isinstance(k, JITFunction)]
-        assert not compiled, f"compiled (not interpreted) kernels on CPU tensors: {compiled}"
-        dist.destroy_process_group()
-    except Exception as e:  # reported to the parent
-        errors.put(f"rank {rank}: {type(e).__name__}: {e}")
-        raise
-    errors.put(f"rank {rank}: ok")
-    # Leave without running C++ static destructors: gloo's teardown at interpreter exit sometimes
-    # aborts after all the work is done and checked; the parent checks every rank's report.
-    os._exit(0)
+    n_local, d = 6, 12
+    gen = torch.Generator().manual_seed(0)
+    img_all = F.normalize(torch.randn(world_size * n_local, d, generator=gen), dim=1)
+    txt_all = F.normalize(torch.randn(world_size * n_local, d, generator=gen), dim=1)
+    rows = slice(rank * n_local, (rank + 1) * n_local)
+    for local_loss in (False, True):
+        img = img_all[rows].clone().requires_grad_()
+        txt = txt_all[rows].clone().requires_grad_()
+        scale = torch.tensor(10.0, requires_grad=True)
+        loss = fastnote.nn.ClipLoss(group=dist.group.WORLD, local_loss=local_loss)(img, txt, scale)
+        g_img, g_txt, g_scale = torch.autograd.grad(loss, (img, txt, scale))
+        # one process, the whole batch
+        ri, rt, rs = (t.clone().requires_grad_() for t in (img_all, txt_all, torch.tensor(10.0)))
+        full = reference.clip_loss(ri, rt, rs, exponentiated=True)
+        e_img, e_txt, e_scale = torch.autograd.grad(full, (ri, rt, rs))
+        if local_loss:
+            s = rs.detach()
+            labels = torch.arange(n_local) + rank * n_local
+            mine = (F.cross_entropy(s * img_all[rows] @ txt_all.t(), labels)
+                    + F.cross_entropy(s * txt_all[rows] @ img_all.t(), labels)) / 2
+            assert_close(loss, mine, "reduction", msg=f"rank {rank} local loss")
+            mean = loss.detach().clone()
+            dist.all_reduce(mean)
+            assert_close(mean / world_size, full, "reduction", msg="mean of the local losses")
+            dist.all_reduce(g_scale)
+            assert_close(g_scale / world_size, e_scale, "reduction", msg="mean logit_scale gradient")
+        else:
+            assert_close(loss, full, "reduction", msg=f"rank {rank} loss")
+            assert_close(g_scale, e_scale, "reduction", msg=f"rank {rank} logit_scale gradient")
+        # every rank's contribution summed into its own rows (DDP's average undoes the factor)
+        assert_close(g_img / world_size, e_img[rows], "reduction", msg=f"rank {rank} d_image {local_loss}")
+        assert_close(g_txt / world_size, e_txt[rows], "reduction", msg=f"rank {rank} d_text {local_loss}")
 
 
 def test_two_processes_match_one(tmp_path, interpreted_children):
-    import torch.multiprocessing as mp
-
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed is not available")
-    store_path = tmp_path / "clip_store"   # a file rendezvous: no port to race for
-    ctx = mp.get_context("spawn")
-    errors = ctx.SimpleQueue()
     with interpreted_children():   # the workers run the kernels on CPU tensors
-        mp.spawn(_ddp_worker, args=(2, str(store_path), errors), nprocs=2, join=True)
-    reports = []
-    while not errors.empty():
-        reports.append(errors.get())
-    assert sorted(reports) == ["rank 0: ok", "rank 1: ok"], reports
+        reports = run_gloo_ranks(_ddp_body, 2, tmp_path / "clip_store", "fastnote.triton_kernels.clip_loss")
+    assert reports == ["rank 0: ok", "rank 1: ok"], reports
 
 
 # ------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import fastnote
 from fastnote import reference
-from fastnote.testing import assert_close
+from fastnote.testing import assert_close, run_gloo_ranks
 
 DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
 
@@ -336,89 +336,63 @@ def _open_clip_in_worker():
     return SigLipLoss
 
 
-def _ddp_worker(rank, world_size, store_path, errors):
+def _ddp_body(rank, world_size):
     import torch.distributed as dist
 
-    try:
-        # TRITON_INTERPRET came with the environment (the parent's ``interpreted_children``)
-        assert os.environ.get("TRITON_INTERPRET") == "1", "TRITON_INTERPRET=1 was not inherited"
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size)
-        OpenClipSigLip = _open_clip_in_worker()
-        n_local, d = 5, 12
-        gen = torch.Generator().manual_seed(0)
-        img_all = F.normalize(torch.randn(world_size * n_local, d, generator=gen), dim=1)
-        txt_all = F.normalize(img_all + torch.randn(world_size * n_local, d, generator=gen), dim=1)
-        rows = slice(rank * n_local, (rank + 1) * n_local)
-        ri, rt, rs, rb = (t.clone().requires_grad_() for t in (img_all, txt_all, torch.tensor(5.0),
-                                                                torch.tensor(-2.0)))
-        full = reference.siglip_loss(ri, rt, rs, rb)
-        e_img, e_txt, e_scale, e_bias = torch.autograd.grad(full, (ri, rt, rs, rb))
-        from fastnote import backend
+    OpenClipSigLip = _open_clip_in_worker()
+    n_local, d = 5, 12
+    gen = torch.Generator().manual_seed(0)
+    img_all = F.normalize(torch.randn(world_size * n_local, d, generator=gen), dim=1)
+    txt_all = F.normalize(img_all + torch.randn(world_size * n_local, d, generator=gen), dim=1)
+    rows = slice(rank * n_local, (rank + 1) * n_local)
+    ri, rt, rs, rb = (t.clone().requires_grad_() for t in (img_all, txt_all, torch.tensor(5.0),
+                                                            torch.tensor(-2.0)))
+    full = reference.siglip_loss(ri, rt, rs, rb)
+    e_img, e_txt, e_scale, e_bias = torch.autograd.grad(full, (ri, rt, rs, rb))
+    from fastnote import backend
 
-        for backend_name, impls in (("auto", DIST_IMPLS), ("reference", ("bidir", "gather"))):
-            os.environ["FASTNOTE_BACKEND"] = backend_name
-            backend.refresh()
-            for impl in impls:
-                what = f"rank {rank} {impl} ({backend_name})"
-                leaves = [img_all[rows].clone().requires_grad_(), txt_all[rows].clone().requires_grad_(),
-                          torch.tensor(5.0, requires_grad=True), torch.tensor(-2.0, requires_grad=True)]
-                loss = fastnote.nn.SigLipLoss(rank=rank, world_size=world_size, dist_impl=impl)(*leaves)
-                grads = torch.autograd.grad(loss, leaves)
-                if OpenClipSigLip is not None:
-                    oc = [t.detach().clone().requires_grad_() for t in leaves]
-                    want = OpenClipSigLip(rank=rank, world_size=world_size, dist_impl=impl)(*oc)
-                    assert_close(loss, want, "reduction", msg=f"{what}: loss vs open_clip")
-                    for name, g, e in zip(NAMES, grads, torch.autograd.grad(want, oc)):
-                        assert_close(g, e, "reduction", msg=f"{what}: d {name} vs open_clip")
-                # one process on the whole batch: the mean of the ranks' losses and scalar gradients;
-                # each rank's rows get world_size times the single-process gradient
-                g_img, g_txt, g_scale, g_bias = grads
-                summed = torch.stack([loss.detach(), g_scale, g_bias])
-                dist.all_reduce(summed)
-                assert_close(summed[0] / world_size, full, "reduction", msg=f"{what}: mean loss")
-                assert_close(summed[1] / world_size, e_scale, "reduction", msg=f"{what}: mean d logit_scale")
-                assert_close(summed[2] / world_size, e_bias, "reduction", msg=f"{what}: mean d logit_bias")
-                assert_close(g_img / world_size, e_img[rows], "reduction", msg=f"{what}: d image")
-                assert_close(g_txt / world_size, e_txt[rows], "reduction", msg=f"{what}: d text")
-        img, txt = img_all[rows], txt_all[rows]
-        for kwargs, message in (({"rank": rank, "world_size": 3}, "world_size=3, but its process group has 2"),
-                                ({"rank": 1 - rank, "world_size": 2}, f"this process is rank {rank}")):
-            try:
-                fastnote.nn.SigLipLoss(**kwargs)(img, txt, torch.tensor(5.0), torch.tensor(-2.0))
-            except ValueError as e:
-                assert message in str(e), str(e)
-            else:
-                raise AssertionError(f"no error for {kwargs}")
-        from fastnote.triton_kernels import siglip_loss as kernels
-        from triton.runtime.jit import JITFunction
-
-        compiled = [k for k, v in vars(kernels).items() if isinstance(v, JITFunction)]
-        assert not compiled, f"compiled (not interpreted) kernels on CPU tensors: {compiled}"
-        dist.destroy_process_group()
-    except Exception as e:  # reported to the parent
-        errors.put(f"rank {rank}: {type(e).__name__}: {e}")
-        raise
-    errors.put(f"rank {rank}: ok")
-    # Leave without running C++ static destructors (gloo's teardown at exit sometimes aborts after
-    # all the work is done and checked); the parent checks every rank's report.
-    os._exit(0)
+    for backend_name, impls in (("auto", DIST_IMPLS), ("reference", ("bidir", "gather"))):
+        os.environ["FASTNOTE_BACKEND"] = backend_name
+        backend.refresh()
+        for impl in impls:
+            what = f"rank {rank} {impl} ({backend_name})"
+            leaves = [img_all[rows].clone().requires_grad_(), txt_all[rows].clone().requires_grad_(),
+                      torch.tensor(5.0, requires_grad=True), torch.tensor(-2.0, requires_grad=True)]
+            loss = fastnote.nn.SigLipLoss(rank=rank, world_size=world_size, dist_impl=impl)(*leaves)
+            grads = torch.autograd.grad(loss, leaves)
+            if OpenClipSigLip is not None:
+                oc = [t.detach().clone().requires_grad_() for t in leaves]
+                want = OpenClipSigLip(rank=rank, world_size=world_size, dist_impl=impl)(*oc)
+                assert_close(loss, want, "reduction", msg=f"{what}: loss vs open_clip")
+                for name, g, e in zip(NAMES, grads, torch.autograd.grad(want, oc)):
+                    assert_close(g, e, "reduction", msg=f"{what}: d {name} vs open_clip")
+            # one process on the whole batch: the mean of the ranks' losses and scalar gradients;
+            # each rank's rows get world_size times the single-process gradient
+            g_img, g_txt, g_scale, g_bias = grads
+            summed = torch.stack([loss.detach(), g_scale, g_bias])
+            dist.all_reduce(summed)
+            assert_close(summed[0] / world_size, full, "reduction", msg=f"{what}: mean loss")
+            assert_close(summed[1] / world_size, e_scale, "reduction", msg=f"{what}: mean d logit_scale")
+            assert_close(summed[2] / world_size, e_bias, "reduction", msg=f"{what}: mean d logit_bias")
+            assert_close(g_img / world_size, e_img[rows], "reduction", msg=f"{what}: d image")
+            assert_close(g_txt / world_size, e_txt[rows], "reduction", msg=f"{what}: d text")
+    img, txt = img_all[rows], txt_all[rows]
+    for kwargs, message in (({"rank": rank, "world_size": 3}, "world_size=3, but its process group has 2"),
+                            ({"rank": 1 - rank, "world_size": 2}, f"this process is rank {rank}")):
+        try:
+            fastnote.nn.SigLipLoss(**kwargs)(img, txt, torch.tensor(5.0), torch.tensor(-2.0))
+        except ValueError as e:
+            assert message in str(e), str(e)
+        else:
+            raise AssertionError(f"no error for {kwargs}")
 
 
 def test_two_processes_match_one(tmp_path, interpreted_children):
-    import torch.multiprocessing as mp
-
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed is not available")
-    store_path = tmp_path / "siglip_store"   # a file rendezvous: no port to race for
-    ctx = mp.get_context("spawn")
-    errors = ctx.SimpleQueue()
     with interpreted_children():   # the workers run the kernels on CPU tensors
-        mp.spawn(_ddp_worker, args=(2, str(store_path), errors), nprocs=2, join=True)
-    reports = []
-    while not errors.empty():
-        reports.append(errors.get())
-    assert sorted(reports) == ["rank 0: ok", "rank 1: ok"], reports
+        reports = run_gloo_ranks(_ddp_body, 2, tmp_path / "siglip_store", "fastnote.triton_kernels.siglip_loss")
+    assert reports == ["rank 0: ok", "rank 1: ok"], reports
 
 
 # ------------------------------------------------------------------------------------------------
