@@ -364,47 +364,45 @@ def swin_block_attention(x, qkv_weight, qkv_bias, proj_weight, proj_bias,
     mask_value to -100.0.
     Returns [B, H, W, C] in x's dtype.
     """
+    head_dim = x.shape[3] // num_heads
+
+    def attend(windows, mask):
+        b_, n, C = windows.shape
+        qkv = F.linear(windows, _up(qkv_weight), _up(qkv_bias))
+        qkv = qkv.reshape(b_, n, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]                                 # [B_, heads, N, d]
+        bias = relative_position_bias(_up(relative_position_bias_table),
+                                      index if index is not None else
+                                      relative_position_index(window_size, device=x.device), num_heads)
+        out = window_attention(q, k, v, bias=bias, mask=mask, scale=scale)
+        return F.linear(out.transpose(1, 2).reshape(b_, n, C), _up(proj_weight), _up(proj_bias))
+
+    return _windowed(x, window_size, shift_size, roll_first, mask_value, attend)
+
+
+def _windowed(x, ws, shift_size, roll_first, mask_value, attend):
+    """A Swin block's attention path around ``attend(windows [B_, N, C] fp32, mask)``: pad and
+    roll (in the order ``roll_first`` picks), partition, attend, reverse, roll back and crop."""
     B, H, W, C = x.shape
-    ws = window_size
-    head_dim = C // num_heads
     xf = _up(x)
     pad_b = (ws - H % ws) % ws
     pad_r = (ws - W % ws) % ws
     Hp, Wp = H + pad_b, W + pad_r
-
     if roll_first:
         shifts = (shift_size, shift_size)
-        if any(shifts):
-            xf = torch.roll(xf, shifts=(-shifts[0], -shifts[1]), dims=(1, 2))
+        xf = torch.roll(xf, shifts=(-shifts[0], -shifts[1]), dims=(1, 2)) if any(shifts) else xf
         xf = F.pad(xf, (0, 0, 0, pad_r, 0, pad_b))
     else:
         xf = F.pad(xf, (0, 0, 0, pad_r, 0, pad_b))
         shifts = (shift_size if ws < Hp else 0, shift_size if ws < Wp else 0)
-        if any(shifts):
-            xf = torch.roll(xf, shifts=(-shifts[0], -shifts[1]), dims=(1, 2))
+        xf = torch.roll(xf, shifts=(-shifts[0], -shifts[1]), dims=(1, 2)) if any(shifts) else xf
     mask = shift_mask(Hp, Wp, ws, shifts, device=x.device, mask_value=mask_value) if any(shifts) else None
-
-    windows = window_partition(xf, ws)                                   # [B_, N, C]
-    b_, n, _ = windows.shape
-    qkv = F.linear(windows, _up(qkv_weight), _up(qkv_bias))
-    qkv = qkv.reshape(b_, n, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv[0], qkv[1], qkv[2]                                     # [B_, heads, N, d]
-
-    if index is None:
-        index = relative_position_index(ws, device=x.device)
-    bias = relative_position_bias(_up(relative_position_bias_table), index, num_heads)
-    out = window_attention(q, k, v, bias=bias, mask=mask, scale=scale)
-    out = out.transpose(1, 2).reshape(b_, n, C)                          # merge heads
-    out = F.linear(out, _up(proj_weight), _up(proj_bias))
-
-    out = window_reverse(out, ws, Hp, Wp)                                # [B, Hp, Wp, C]
+    out = window_reverse(attend(window_partition(xf, ws), mask), ws, Hp, Wp)   # [B, Hp, Wp, C]
     if roll_first:
         out = out[:, :H, :W, :]
-        if any(shifts):
-            out = torch.roll(out, shifts=shifts, dims=(1, 2))
+        out = torch.roll(out, shifts=shifts, dims=(1, 2)) if any(shifts) else out
         return out.contiguous().to(x.dtype)
-    if any(shifts):
-        out = torch.roll(out, shifts=shifts, dims=(1, 2))
+    out = torch.roll(out, shifts=shifts, dims=(1, 2)) if any(shifts) else out
     return out[:, :H, :W, :].contiguous().to(x.dtype)
 
 
@@ -542,41 +540,20 @@ def swin_block_attention_v2(x, qkv_weight, q_bias, v_bias, proj_weight, proj_bia
     ``[heads, N, N]`` additive bias, or a table ``[(2Ws-1)^2, heads]`` gathered with ``index``
     (Swin's by default).
     """
-    B, H, W, C = x.shape
-    ws = window_size
-    head_dim = C // num_heads
-    xf = _up(x)
-    pad_b = (ws - H % ws) % ws
-    pad_r = (ws - W % ws) % ws
-    Hp, Wp = H + pad_b, W + pad_r
-    if roll_first:
-        shifts = (shift_size, shift_size)
-        xf = torch.roll(xf, shifts=(-shifts[0], -shifts[1]), dims=(1, 2)) if any(shifts) else xf
-        xf = F.pad(xf, (0, 0, 0, pad_r, 0, pad_b))
-    else:
-        xf = F.pad(xf, (0, 0, 0, pad_r, 0, pad_b))
-        shifts = (shift_size if ws < Hp else 0, shift_size if ws < Wp else 0)
-        xf = torch.roll(xf, shifts=(-shifts[0], -shifts[1]), dims=(1, 2)) if any(shifts) else xf
-    mask = shift_mask(Hp, Wp, ws, shifts, device=x.device, mask_value=mask_value) if any(shifts) else None
+    head_dim = x.shape[3] // num_heads
 
-    windows = window_partition(xf, ws)                                   # [B_, N, C]
-    b_, n, _ = windows.shape
-    qkv_bias = None
-    if q_bias is not None:
-        qkv_bias = torch.cat((_up(q_bias), torch.zeros_like(_up(q_bias)), _up(v_bias)))
-    qkv = F.linear(windows, _up(qkv_weight), qkv_bias)
-    qkv = qkv.reshape(b_, n, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4)
-    bias = _up(position_bias)
-    if bias.dim() == 2:
-        bias = relative_position_bias(bias, index if index is not None else
-                                      relative_position_index(ws, device=x.device), num_heads)
-    out = window_attention_v2(qkv[0], qkv[1], qkv[2], logit_scale, bias=bias, mask=mask)
-    out = F.linear(out.transpose(1, 2).reshape(b_, n, C), _up(proj_weight), _up(proj_bias))
+    def attend(windows, mask):
+        b_, n, C = windows.shape
+        qkv_bias = None
+        if q_bias is not None:
+            qkv_bias = torch.cat((_up(q_bias), torch.zeros_like(_up(q_bias)), _up(v_bias)))
+        qkv = F.linear(windows, _up(qkv_weight), qkv_bias)
+        qkv = qkv.reshape(b_, n, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4)
+        bias = _up(position_bias)
+        if bias.dim() == 2:
+            bias = relative_position_bias(bias, index if index is not None else
+                                          relative_position_index(window_size, device=x.device), num_heads)
+        out = window_attention_v2(qkv[0], qkv[1], qkv[2], logit_scale, bias=bias, mask=mask)
+        return F.linear(out.transpose(1, 2).reshape(b_, n, C), _up(proj_weight), _up(proj_bias))
 
-    out = window_reverse(out, ws, Hp, Wp)                                # [B, Hp, Wp, C]
-    if roll_first:
-        out = out[:, :H, :W, :]
-        out = torch.roll(out, shifts=shifts, dims=(1, 2)) if any(shifts) else out
-        return out.contiguous().to(x.dtype)
-    out = torch.roll(out, shifts=shifts, dims=(1, 2)) if any(shifts) else out
-    return out[:, :H, :W, :].contiguous().to(x.dtype)
+    return _windowed(x, window_size, shift_size, roll_first, mask_value, attend)
