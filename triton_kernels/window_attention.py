@@ -649,31 +649,37 @@ def _backward_warps(bm: int, bn: int, switches: dict) -> int:
 
 # Public launchers: keyword-only, the op's arguments in its order, then the buffers it allocated.
 
-def forward(*, q, k, v, bias, mask, scale: float, out, lse):
+def forward(*, q, k, v, bias, mask, scale: float, out, lse, head_scale=None):
     """Core layout. q, k, v [B_, heads, N, d] with unit last stride; bias [heads, N, N] and mask
-    [nW, N, N] contiguous or None; out [B_, heads, N, d] and lse [B_, heads, N] fp32, contiguous."""
+    [nW, N, N] contiguous or None; out [B_, heads, N, d] and lse [B_, heads, N] fp32, contiguous.
+    ``head_scale``: Swin V2's cosine attention (the kernels' COSINE): fp32 [heads],
+    exp(min(logit_scale, log 100)), read by the kernels (no host sync), multiplying q^ k^T with
+    q^, k^ the rows over max(||row||, 1e-12); ``scale`` is then 1."""
     _, heads, N, d = q.shape
     _fwd(q=q, k=k, v=v, q_strides=_strides(q), k_strides=_strides(k), v_strides=_strides(v),
          out=out, out_strides=_strides(out), lse=lse, bias=bias, mask=mask, qkv_bias=None,
          geometry=core_geometry(q, mask), heads=heads, d=d, scale=scale, mask_value=0.0,
-         fused=False, has_mask=mask is not None)
+         fused=False, has_mask=mask is not None, head_scale=head_scale)
 
 
-def backward(*, do, q, k, v, out, lse, bias, mask, scale: float, dq, dk, dv, dbias_partial):
+def backward(*, do, q, k, v, out, lse, bias, mask, scale: float, dq, dk, dv, dbias_partial, head_scale=None,
+             dscale_partial=None):
     """Core layout; do and out contiguous like ``out``; dk, dv [B_, heads, N, d] (any strides with
     a unit last one). dq: the output itself where the plan has one tile per window, else an fp32
     zeroed buffer the key tiles add into. ``dbias_partial``: None (no bias gradient) or fp32
-    ``dbias_partial_shape``."""
+    ``dbias_partial_shape``. With ``head_scale`` (cosine attention), ``dscale_partial`` fp32
+    ``scale_partial_shape`` receives the per-program parts of d head_scale."""
     _, heads, N, d = q.shape
     _bwd(q=q, k=k, v=v, q_strides=_strides(q), k_strides=_strides(k), v_strides=_strides(v),
          out=out, do=do, out_strides=_strides(out), lse=lse, bias=bias, mask=mask, qkv_bias=None,
          dq=dq, dq_strides=_strides(dq), dk=dk, dv=dv, dkv_strides=_strides(dk),
          dbias_partial=dbias_partial, dpad_partial=None, geometry=core_geometry(q, mask), heads=heads,
-         d=d, scale=scale, mask_value=0.0, fused=False, has_mask=mask is not None)
+         d=d, scale=scale, mask_value=0.0, fused=False, has_mask=mask is not None, head_scale=head_scale,
+         dscale_partial=dscale_partial)
 
 
 def fused_forward(*, qkv, qkv_bias, bias, window_size: int, num_heads: int, shift_size: int, scale: float,
-                  mask_value: float, roll_first: bool, out, lse):
+                  mask_value: float, roll_first: bool, out, lse, head_scale=None):
     """Fused layout. qkv [B, H, W, 3C] contiguous, qkv_bias [3C] (q/k/v of padded tokens) or None,
     bias [heads, N, N] contiguous or None; out [B, H, W, C] and lse [B*nW, heads, N] fp32."""
     B, H, W, C3 = qkv.shape
@@ -683,11 +689,12 @@ def fused_forward(*, qkv, qkv_bias, bias, window_size: int, num_heads: int, shif
     _fwd(q=qkv, k=qkv[..., C:], v=qkv[..., 2 * C:], q_strides=qkv_strides, k_strides=qkv_strides,
          v_strides=qkv_strides, out=out, out_strides=(0, d, C), lse=lse, bias=bias, mask=None,
          qkv_bias=qkv_bias, geometry=g, heads=num_heads, d=d, scale=scale, mask_value=mask_value,
-         fused=True, has_mask=g.masked)
+         fused=True, has_mask=g.masked, head_scale=head_scale)
 
 
 def fused_backward(*, do, qkv, qkv_bias, bias, out, lse, window_size: int, num_heads: int, shift_size: int,
-                   scale: float, mask_value: float, roll_first: bool, dqkv, dq, dbias_partial, dpad_partial):
+                   scale: float, mask_value: float, roll_first: bool, dqkv, dq, dbias_partial, dpad_partial,
+                   head_scale=None, dscale_partial=None):
     """dqkv [B, H, W, 3C]: its k and v parts written whole, and its q part too when ``dq`` is None
     (one tile per window); else ``dq`` is an fp32 zeroed [B, H, W, C] buffer the key tiles add
     into. ``dbias_partial``: None or fp32 ``dbias_partial_shape``; ``dpad_partial``: None or fp32
@@ -701,61 +708,5 @@ def fused_backward(*, do, qkv, qkv_bias, bias, out, lse, window_size: int, num_h
          v_strides=qkv_strides, out=out, do=do, out_strides=(0, d, C), lse=lse, bias=bias, mask=None,
          qkv_bias=qkv_bias, dq=dq_buf, dq_strides=dq_strides, dk=dqkv[..., C:], dv=dqkv[..., 2 * C:],
          dkv_strides=qkv_strides, dbias_partial=dbias_partial, dpad_partial=dpad_partial, geometry=g,
-         heads=num_heads, d=d, scale=scale, mask_value=mask_value, fused=True, has_mask=g.masked)
-
-
-# Swin V2 (cosine attention): the same kernels with COSINE on. ``head_scale`` is fp32 [heads],
-# exp(min(logit_scale, log 100)), read by the kernels (no host sync); the bias is the dense
-# [heads, N, N] 16 * sigmoid(cpb) the op gathered.
-
-def cosine_forward(*, q, k, v, head_scale, bias, mask, out, lse):
-    """``forward`` with cosine attention: softmax(q^ k^T * head_scale[h] + bias[h] + mask) @ v,
-    q^ and k^ the rows over max(||row||, 1e-12)."""
-    _, heads, N, d = q.shape
-    _fwd(q=q, k=k, v=v, q_strides=_strides(q), k_strides=_strides(k), v_strides=_strides(v),
-         out=out, out_strides=_strides(out), lse=lse, bias=bias, mask=mask, qkv_bias=None,
-         geometry=core_geometry(q, mask), heads=heads, d=d, scale=1.0, mask_value=0.0,
-         fused=False, has_mask=mask is not None, head_scale=head_scale)
-
-
-def cosine_backward(*, do, q, k, v, out, lse, head_scale, bias, mask, dq, dk, dv, dbias_partial, dscale_partial):
-    """``backward`` with cosine attention; ``dscale_partial`` fp32 ``scale_partial_shape``
-    receives the per-program parts of d head_scale."""
-    _, heads, N, d = q.shape
-    _bwd(q=q, k=k, v=v, q_strides=_strides(q), k_strides=_strides(k), v_strides=_strides(v),
-         out=out, do=do, out_strides=_strides(out), lse=lse, bias=bias, mask=mask, qkv_bias=None,
-         dq=dq, dq_strides=_strides(dq), dk=dk, dv=dv, dkv_strides=_strides(dk),
-         dbias_partial=dbias_partial, dpad_partial=None, geometry=core_geometry(q, mask), heads=heads,
-         d=d, scale=1.0, mask_value=0.0, fused=False, has_mask=mask is not None, head_scale=head_scale,
-         dscale_partial=dscale_partial)
-
-
-def fused_cosine_forward(*, qkv, qkv_bias, head_scale, bias, window_size: int, num_heads: int, shift_size: int,
-                         mask_value: float, roll_first: bool, out, lse):
-    """``fused_forward`` with cosine attention. ``qkv_bias`` [3C] as V2 holds it (q bias, zeros,
-    v bias) or None: the padded tokens' q/k/v."""
-    B, H, W, C3 = qkv.shape
-    g = fused_geometry(B, H, W, C3 // 3, window_size, shift_size, roll_first)
-    C, d = g.C, g.C // num_heads
-    qkv_strides = (0, d, 3 * C)
-    _fwd(q=qkv, k=qkv[..., C:], v=qkv[..., 2 * C:], q_strides=qkv_strides, k_strides=qkv_strides,
-         v_strides=qkv_strides, out=out, out_strides=(0, d, C), lse=lse, bias=bias, mask=None,
-         qkv_bias=qkv_bias, geometry=g, heads=num_heads, d=d, scale=1.0, mask_value=mask_value,
-         fused=True, has_mask=g.masked, head_scale=head_scale)
-
-
-def fused_cosine_backward(*, do, qkv, qkv_bias, head_scale, bias, out, lse, window_size: int, num_heads: int,
-                          shift_size: int, mask_value: float, roll_first: bool, dqkv, dq, dbias_partial,
-                          dpad_partial, dscale_partial):
-    """``fused_backward`` with cosine attention, ``dscale_partial`` as in ``cosine_backward``."""
-    B, H, W, C3 = qkv.shape
-    g = fused_geometry(B, H, W, C3 // 3, window_size, shift_size, roll_first)
-    C, d = g.C, g.C // num_heads
-    qkv_strides = (0, d, 3 * C)
-    dq_buf, dq_strides = (dqkv, qkv_strides) if dq is None else (dq, (0, d, C))
-    _bwd(q=qkv, k=qkv[..., C:], v=qkv[..., 2 * C:], q_strides=qkv_strides, k_strides=qkv_strides,
-         v_strides=qkv_strides, out=out, do=do, out_strides=(0, d, C), lse=lse, bias=bias, mask=None,
-         qkv_bias=qkv_bias, dq=dq_buf, dq_strides=dq_strides, dk=dqkv[..., C:], dv=dqkv[..., 2 * C:],
-         dkv_strides=qkv_strides, dbias_partial=dbias_partial, dpad_partial=dpad_partial, geometry=g,
-         heads=num_heads, d=d, scale=1.0, mask_value=mask_value, fused=True, has_mask=g.masked,
+         heads=num_heads, d=d, scale=scale, mask_value=mask_value, fused=True, has_mask=g.masked,
          head_scale=head_scale, dscale_partial=dscale_partial)

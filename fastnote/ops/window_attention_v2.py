@@ -55,8 +55,8 @@ def _forward_op(q: Tensor, k: Tensor, v: Tensor, logit_scale: Tensor, bias: Opti
     out = backend.empty_like(q)
     lse = backend.empty(q.shape[:3], torch.float32, q.device)
     bias, mask = checks.contiguous(bias, mask)
-    kernels.cosine_forward(q=q, k=k, v=v, head_scale=_head_scale(logit_scale), bias=bias, mask=mask,
-                           out=out, lse=lse)
+    kernels.forward(q=q, k=k, v=v, bias=bias, mask=mask, scale=1.0, out=out, lse=lse,
+                    head_scale=_head_scale(logit_scale))
     return [out, lse]
 
 
@@ -81,9 +81,9 @@ def _backward_op(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
     dbias_partial, _ = _backward_scratch(plan, g, heads, d, q.device, bias_grad=bias_grad and bias is not None,
                                          pad=False)
     dscale_partial = _scale_partial(kernels, plan, g, heads, q.device)
-    kernels.cosine_backward(do=grad, q=q, k=k, v=v, out=out, lse=lse, head_scale=_head_scale(logit_scale),
-                            bias=bias, mask=mask, dq=dq if dq_acc is None else dq_acc, dk=dk, dv=dv,
-                            dbias_partial=dbias_partial, dscale_partial=dscale_partial)
+    kernels.backward(do=grad, q=q, k=k, v=v, out=out, lse=lse, bias=bias, mask=mask, scale=1.0,
+                     dq=dq if dq_acc is None else dq_acc, dk=dk, dv=dv, dbias_partial=dbias_partial,
+                     head_scale=_head_scale(logit_scale), dscale_partial=dscale_partial)
     if dq_acc is not None:
         dq.copy_(dq_acc)
     dbias = dbias_partial.sum(0).to(bias.dtype) if dbias_partial is not None else q.new_empty(0)
@@ -171,9 +171,9 @@ def _block_forward_op(qkv: Tensor, qkv_bias: Optional[Tensor], logit_scale: Tens
     B, H, W, C3 = qkv.shape
     out = backend.empty((B, H, W, C3 // 3), qkv.dtype, qkv.device)
     lse = backend.empty(_lse_shape(qkv, window_size, num_heads), torch.float32, qkv.device)
-    kernels.fused_cosine_forward(qkv=qkv, qkv_bias=qkv_bias, head_scale=_head_scale(logit_scale), bias=bias,
-                                 window_size=window_size, num_heads=num_heads, shift_size=shift_size,
-                                 mask_value=mask_value, roll_first=roll_first, out=out, lse=lse)
+    kernels.fused_forward(qkv=qkv, qkv_bias=qkv_bias, bias=bias, window_size=window_size, num_heads=num_heads,
+                          shift_size=shift_size, scale=1.0, mask_value=mask_value, roll_first=roll_first,
+                          out=out, lse=lse, head_scale=_head_scale(logit_scale))
     return [out, lse]
 
 
@@ -197,7 +197,7 @@ def _block_backward_op(grad: Tensor, qkv: Tensor, qkv_bias: Optional[Tensor], lo
     plan = kernels.backward_plan(g, num_heads, C3 // 3 // num_heads, qkv.dtype,
                                  torch.are_deterministic_algorithms_enabled())
     dscale_partial = _scale_partial(kernels, plan, g, num_heads, qkv.device)
-    launch = functools.partial(kernels.fused_cosine_backward, head_scale=_head_scale(logit_scale),
+    launch = functools.partial(kernels.fused_backward, scale=1.0, head_scale=_head_scale(logit_scale),
                                dscale_partial=dscale_partial)
     dqkv, dqkv_bias, dbias_partial = _block_backward_launch(
         grad, qkv, qkv_bias, bias, out, lse, window_size, num_heads, shift_size, mask_value, roll_first,
