@@ -197,25 +197,40 @@ def _every_attention_left(model, attention_class_names):
     return report
 
 
-def test_timm_swin_v2_every_attention_left_with_reason():
+def test_timm_swin_v2_nothing_left():
+    """timm's Swin V2 blocks go on the fused path: nothing attention-like is left (their V2
+    attention, read by the fused blocks, is not reported either)."""
     timm_v2 = pytest.importorskip("timm.models.swin_transformer_v2")
     torch.manual_seed(0)
     model = timm_v2.SwinTransformerV2(img_size=64, embed_dim=24, depths=(1, 1), num_heads=(1, 2), window_size=8,
                                       num_classes=4)
-    report = _every_attention_left(model, ("WindowAttention",))
-    assert len(report.left) == 2
-    assert {(e.kind, e.reason) for e in report.left} == {(
-        "WindowAttention",
-        "Swin V2 attention (cosine similarity, continuous position bias): fastnote has no kernel for it")}
+    report = fastnote.patch(model)
+    assert report.left == [], str(report)
+    assert report.counts() == {"SwinTransformerV2Block -> fastnote.nn.timm_swin.FusedSwinTransformerV2Block": 2}
 
 
-def test_torchvision_swin_v2_every_attention_left_with_reason():
+def test_torchvision_swin_v2_nothing_left():
     swin = pytest.importorskip("torchvision.models.swin_transformer")
     torch.manual_seed(0)
     model = swin.SwinTransformer(patch_size=[4, 4], embed_dim=24, depths=[1, 1], num_heads=[1, 2], window_size=[4, 4],
                                  num_classes=4, block=swin.SwinTransformerBlockV2, downsample_layer=swin.PatchMergingV2)
-    report = _every_attention_left(model, ("ShiftedWindowAttentionV2",))
-    assert all("Swin V2 attention" in e.reason for e in report.left)
+    attention = [n for n, m in model.named_modules() if type(m).__name__ == "ShiftedWindowAttentionV2"]
+    report = fastnote.patch(model)
+    assert report.left == [], str(report)
+    assert [e.path for e in report.replaced] == attention and len(attention) == 2
+    assert report.counts() == {"ShiftedWindowAttentionV2 -> fastnote.nn.ShiftedWindowAttentionV2": 2}
+
+
+def test_swin_v2_look_alike_left_with_reason():
+    """V2 attention in a layout the drop-ins do not take (here timm's, its coordinate table
+    removed) is left by the window-attention family with its reason, not passed over."""
+    timm_v2 = pytest.importorskip("timm.models.swin_transformer_v2")
+    attn = timm_v2.WindowAttention(16, (4, 4), 2)
+    del attn._buffers["relative_coords_table"]
+    report = fastnote.patch(nn.Sequential(attn))
+    assert list(report) == []
+    assert [(e.path, e.kind) for e in report.left] == [("0", "WindowAttention")]
+    assert report.left[0].reason.startswith("Swin V2 attention (cosine similarity, continuous position bias) without")
 
 
 @pytest.mark.parametrize("version", ["Swin", "Swinv2"])

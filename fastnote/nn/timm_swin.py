@@ -12,14 +12,22 @@
   class to it in place (the same object: a later ``set_input_size`` changes the block that
   ``fastnote.unpatch`` switches back). The name resolves through this module (``fastnote.nn.timm_swin.FusedSwinTransformerBlock``),
   so a pickled patched model loads where timm and fastnote are installed.
+- ``FusedSwinTransformerV2Block``: the same for timm's ``SwinTransformerV2Block``, its ``_attn``
+  on ``fastnote.swin_window_attention_v2`` (cosine attention, ``logit_scale``, the position bias
+  ``16 * sigmoid(cpb_mlp(coords))`` computed per call from the block's ``attn``), in timm's order.
+  The geometry is read from the block on every call, so ``set_input_size`` needs nothing more; a
+  window or shift that ``set_input_size`` made unequal along the two axes runs timm's own
+  ``_attn`` (the fused kernels take square windows and one shift).
 """
 from __future__ import annotations
 
 from typing import Dict, Optional
 
+import torch
 from torch import nn
 
 from ..ops.window_attention import swin_window_attention
+from ..ops.window_attention_v2 import swin_window_attention_v2
 from .window_attention import WindowAttention
 
 
@@ -67,16 +75,47 @@ class _FusedAttention:
         return attn.proj_drop(out)
 
 
+class _FusedAttentionV2:
+    """The ``_attn`` of a fused timm Swin V2 block: ``x`` [B, H, W, C] -> [B, H, W, C] (before
+    the block's post-attention ``norm1``)."""
+
+    _fastnote_fused_children = ("attn",)
+
+    def _attn(self, x):
+        attn = self.attn
+        (wh, ww), (sh, sw) = self.window_size, self.shift_size
+        if wh != ww or sh != sw:
+            return super()._attn(x)   # timm's own path: the fused one takes square windows, one shift
+        if attn.training and attn.attn_drop.p > 0:
+            raise ValueError("fastnote's fused Swin V2 block has no attention dropout: attn_drop must be 0 in "
+                             "training")
+        # V2's bias before the gather: the sigmoid commutes with it, and the table is the smaller tensor
+        table = 16 * torch.sigmoid(attn.cpb_mlp(attn.relative_coords_table).view(-1, attn.num_heads))
+        out = swin_window_attention_v2(x, attn.qkv.weight, attn.q_bias, attn.v_bias, attn.proj.weight,
+                                       attn.proj.bias, attn.logit_scale, table, wh, attn.num_heads, shift_size=sh,
+                                       relative_position_index=attn.relative_position_index, roll_first=True)
+        return attn.proj_drop(out)
+
+
 _FUSED: Dict[type, type] = {}
+
+
+def _fused_class(cls: type, mixin: type) -> type:
+    if cls not in _FUSED:
+        name = "Fused" + cls.__name__
+        doc = f"timm's {cls.__name__} on fastnote's fused path."
+        _FUSED[cls] = type(name, (mixin, cls), {"__module__": __name__, "__qualname__": name, "__doc__": doc})
+    return _FUSED[cls]
 
 
 def fused_block_class(cls: type) -> type:
     """The fused subclass of timm's block class ``cls`` (made once per class)."""
-    if cls not in _FUSED:
-        name = "Fused" + cls.__name__
-        doc = f"timm's {cls.__name__} on fastnote's fused path."
-        _FUSED[cls] = type(name, (_FusedAttention, cls), {"__module__": __name__, "__qualname__": name, "__doc__": doc})
-    return _FUSED[cls]
+    return _fused_class(cls, _FusedAttention)
+
+
+def fused_v2_block_class(cls: type) -> type:
+    """The fused subclass of timm's Swin V2 block class ``cls`` (made once per class)."""
+    return _fused_class(cls, _FusedAttentionV2)
 
 
 def __getattr__(name: str):
@@ -84,4 +123,8 @@ def __getattr__(name: str):
         from timm.models.swin_transformer import SwinTransformerBlock
 
         return fused_block_class(SwinTransformerBlock)
+    if name == "FusedSwinTransformerV2Block":
+        from timm.models.swin_transformer_v2 import SwinTransformerV2Block
+
+        return fused_v2_block_class(SwinTransformerV2Block)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -9,8 +9,13 @@
   ``[B, H, W, C]`` input) -> fastnote's, in torchvision's order (pad, then roll); timm's
   ``SwinTransformerBlock`` -> the same block object's class switched to
   ``fastnote.nn.timm_swin.FusedSwinTransformerBlock``, in timm's order (roll, then pad).
-- Swin V2 attention (cosine similarity, ``logit_scale``, the ``cpb_mlp`` continuous position
-  bias) is left with its reason: fastnote has no kernel for it.
+- Swin V2 (cosine similarity, ``logit_scale``, the ``cpb_mlp`` continuous position bias), in the
+  same two families: timm's ``swin_transformer_v2.WindowAttention`` -> ``fastnote.nn.WindowAttentionV2``
+  (the core op, "WindowAttention"); torchvision's ``ShiftedWindowAttentionV2`` -> fastnote's, fused
+  in torchvision's order, and timm's ``SwinTransformerV2Block`` -> the same block switched to
+  ``fastnote.nn.timm_swin.FusedSwinTransformerV2Block``, fused in timm's order
+  ("ShiftedWindowAttention"). What does not fit (a rectangular window or unequal shifts on the
+  fused paths, attention dropout, another layout) is left with its reason.
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ from typing import Optional, Tuple
 from torch import nn
 
 from .. import nn as fnn
-from ..nn.timm_swin import TimmWindowAttention, fused_block_class
+from ..nn.timm_swin import TimmWindowAttention, fused_block_class, fused_v2_block_class
 from ..nn.torchvision_swin import TorchvisionShiftedWindowAttention
 from .probe import _is_fastnote, _mode_of, _no_meta_left, _on_meta
 from .registry import Result, Site, register
@@ -39,11 +44,78 @@ def _window_attention_like(m: nn.Module) -> bool:
             and isinstance(getattr(m, "num_heads", None), int) and hasattr(m, "window_size"))
 
 
-def _v2_reason(m: nn.Module) -> Optional[str]:
-    if hasattr(m, "cpb_mlp") or hasattr(m, "logit_scale"):
-        return ("Swin V2 attention (cosine similarity, continuous position bias): fastnote has no kernel "
-                "for it")
+def _is_v2(m: nn.Module) -> bool:
+    return hasattr(m, "cpb_mlp") or hasattr(m, "logit_scale")
+
+
+def _v2_layout_reason(m: nn.Module, index_dim: int) -> Optional[str]:
+    """Why a Swin V2 attention module is not in the layout the drop-ins take (timm's: index_dim 2,
+    torchvision's: 1), or None. Parameters, buffers and widths only; the caller checks dropout and
+    the window shape its path needs."""
+    what = "Swin V2 attention (cosine similarity, continuous position bias)"
+    index = m._buffers.get("relative_position_index")
+    coords = m._buffers.get("relative_coords_table")
+    mlp, scale, heads = getattr(m, "cpb_mlp", None), getattr(m, "logit_scale", None), m.num_heads
+    if index is None or coords is None or not isinstance(mlp, nn.Sequential) or not isinstance(scale, nn.Parameter):
+        return (f"{what} without relative_position_index, relative_coords_table, a cpb_mlp and a logit_scale "
+                f"parameter: not timm's or torchvision's layout")
+    if index.dim() != index_dim:
+        return f"{what}: relative_position_index of {index.dim()} dims, not this layout's {index_dim}"
+    last = mlp[-1] if len(mlp) else None
+    if not isinstance(last, nn.Linear) or last.out_features != heads or tuple(scale.shape) != (heads, 1, 1):
+        return f"{what}: cpb_mlp output or logit_scale does not match num_heads={heads}"
+    wh, ww = _window_pair(m.window_size)
+    if tuple(coords.shape) != (1, 2 * wh - 1, 2 * ww - 1, 2) or index.numel() != (wh * ww) ** 2:
+        return f"{what}: relative_coords_table or relative_position_index does not match window_size {m.window_size}"
+    dim = m.qkv.in_features
+    if tuple(m.qkv.weight.shape) != (3 * dim, dim) or tuple(m.proj.weight.shape) != (dim, dim) or dim % heads:
+        return f"{what}: qkv / proj widths do not match dim and num_heads"
     return None
+
+
+def _timm_v2_reason(m: nn.Module) -> Optional[str]:
+    """Why ``m`` is not timm's Swin V2 ``WindowAttention`` as ``WindowAttentionV2.from_timm`` takes
+    it (or None)."""
+    reason = _v2_layout_reason(m, 2)
+    if reason is not None:
+        return reason
+    if m.qkv.bias is not None or not all(hasattr(m, a) for a in ("q_bias", "v_bias", "dim", "qkv_bias_separate",
+                                                                  "pretrained_window_size")):
+        return ("Swin V2 attention with a qkv bias of its own, or without timm's q_bias / v_bias, dim, "
+                "qkv_bias_separate and pretrained_window_size: not timm's layout")
+    if (m.q_bias is None) != (m.v_bias is None) or m.dim != m.qkv.in_features:
+        return "Swin V2 attention with one of q_bias / v_bias, or dim unlike qkv's width: not timm's layout"
+    p = _dropout_p(m, "attn_drop")
+    if p > 0:
+        return f"attention dropout p={p} > 0: the kernels implement no dropout on the attention probabilities"
+    return None
+
+
+def _timm_v2_attention(old: nn.Module) -> Result:
+    reason = _timm_v2_reason(old)
+    if reason is not None:
+        return reason
+    note = "core op (cosine attention): the block around it keeps its own shift, pad and partition"
+    return fnn.WindowAttentionV2.from_timm(old), note
+
+
+def _torchvision_v2_attention(old: nn.Module) -> Result:
+    reason = _v2_layout_reason(old, 1)
+    if reason is not None:
+        return reason
+    wh, ww = _window_pair(old.window_size)
+    sh, sw = _window_pair(old.shift_size)
+    if wh != ww:
+        return f"rectangular window {old.window_size}: the fused path takes square windows"
+    if sh != sw:
+        return f"unequal shifts {old.shift_size}: the fused path takes one shift for both axes"
+    p = _dropout_p(old, "attention_dropout")
+    if p > 0:
+        return f"attention dropout p={p} > 0: the kernels implement no dropout on the attention probabilities"
+    if not hasattr(old, "dropout"):
+        return "Swin V2 attention without torchvision's dropout attribute: not torchvision's layout"
+    note = "fused (cosine attention): pad, shift, partition, attention, reverse"
+    return fnn.ShiftedWindowAttentionV2.from_torchvision(old), note
 
 
 def _window_attention(old: nn.Module, site: Optional[Site] = None) -> Result:
@@ -51,10 +123,12 @@ def _window_attention(old: nn.Module, site: Optional[Site] = None) -> Result:
         return None
     table = getattr(old, "relative_position_bias_table", None)
     index = old._buffers.get("relative_position_index")
-    if table is None or index is None:
-        return _v2_reason(old)
-    if index.dim() != 2:
+    if index is not None and index.dim() == 1:
         return None  # torchvision's layout: _shifted_window_attention
+    if table is None or index is None:
+        return _timm_v2_attention(old) if _is_v2(old) else None
+    if index.dim() != 2:
+        return None
     wh, ww = _window_pair(old.window_size)
     heads = old.num_heads
     if tuple(table.shape) != ((2 * wh - 1) * (2 * ww - 1), heads) or tuple(index.shape) != (wh * ww, wh * ww):
@@ -92,7 +166,7 @@ def _shifted_window_attention(old: nn.Module, site: Optional[Site] = None) -> Re
     table = getattr(old, "relative_position_bias_table", None)
     index = old._buffers.get("relative_position_index")
     if table is None or index is None:
-        return _v2_reason(old) if hasattr(old, "shift_size") else None
+        return _torchvision_v2_attention(old) if _is_v2(old) and hasattr(old, "shift_size") else None
     if index.dim() != 1:
         return None
     if not hasattr(old, "shift_size"):
@@ -146,5 +220,34 @@ def _timm_swin_block(old: nn.Module, site: Optional[Site] = None) -> Result:
                                     "order: roll, then pad)")
 
 
+def _timm_swin_v2_block(old: nn.Module, site: Optional[Site] = None) -> Result:
+    """timm's ``SwinTransformerV2Block`` (its class: the fused path replaces the block's private
+    ``_attn``) -> the same block on fastnote's fused V2 path in timm's order. A block left here
+    still has its attention core replaced (``_window_attention``) where that fits."""
+    cls = type(old)
+    if cls.__name__ != "SwinTransformerV2Block" or not cls.__module__.startswith("timm.") \
+            or not callable(getattr(old, "_attn", None)):
+        return None
+    attn = getattr(old, "attn", None)
+    if attn is None or _is_fastnote(attn) or not _window_attention_like(attn) or not _is_v2(attn):
+        return ("timm Swin V2 block whose attn is not timm's V2 WindowAttention (or is already fastnote's core op): "
+                "left on the block's own path")
+    reason = _timm_v2_reason(attn)
+    if reason is not None:
+        return f"timm Swin V2 block, fused path not used: {reason}"
+    ws, shift = tuple(getattr(old, "window_size", ())), tuple(getattr(old, "shift_size", ()))
+    if len(ws) != 2 or ws[0] != ws[1] or len(shift) != 2 or shift[0] != shift[1]:
+        return (f"timm Swin V2 block with window {ws} and shift {shift}: the fused path takes square windows and "
+                f"equal shifts (its attention core is still replaced)")
+    if _window_pair(attn.window_size) != ws:
+        return f"timm Swin V2 block whose attn window {attn.window_size} is not the block's {ws}: fused path not used"
+    dim = old.norm1.normalized_shape[-1] if hasattr(old.norm1, "normalized_shape") else attn.qkv.in_features
+    if attn.qkv.in_features != dim:
+        return "timm Swin V2 block whose attention width differs from the block's: fused path not used"
+    # switched in place, as V1's block: a later set_input_size changes what unpatch gives back
+    return fused_v2_block_class(cls), ("cosine attention with roll, pad, partition and their reverse fused (timm's "
+                                       "order: roll, then pad)")
+
+
 register("WindowAttention", (_window_attention,))
-register("ShiftedWindowAttention", (_shifted_window_attention, _timm_swin_block))
+register("ShiftedWindowAttention", (_shifted_window_attention, _timm_swin_block, _timm_swin_v2_block))
