@@ -157,6 +157,26 @@ def classifier_training(name: str, model, opt, sizes: dict, device, seed: int,
     return Training(name, {"model": model}, next_batch, [Phase("loss", loss, opt)], torch.device(device), amp)
 
 
+def image_text_training(name: str, key: str, model, criterion, sizes: dict, device, seed: int,
+                        amp: Optional[torch.dtype]) -> Training:
+    """The contrastive examples' training: random images and token ids from the data generator,
+    ``criterion(*model(images, ids))``, one AdamW step per batch; ``key`` names the model and its
+    loss phase (``<key>_loss``)."""
+    opt = torch.optim.AdamW(model.parameters(), 5e-4, weight_decay=0.1)
+    gen = data_generator(seed)
+    n, s = sizes["batch"], sizes["image_size"]
+
+    def next_batch():
+        images = torch.rand(n, 3, s, s, generator=gen).to(device)
+        ids = torch.randint(0, sizes["vocab"], (n, sizes["tokens"]), generator=gen).to(device)
+        return images, ids
+
+    def loss(batch):
+        return criterion(*model(*batch))
+
+    return Training(name, {key: model}, next_batch, [Phase(f"{key}_loss", loss, opt)], device, amp)
+
+
 def main(description: str, run, argv: Optional[Sequence[str]]) -> dict:
     """Every example's command line: parse it, run the fastnote (or, with --eager, the eager)
     variant with a progress line per step, and return the per-step losses."""

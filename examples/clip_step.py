@@ -87,20 +87,8 @@ def training(use_fastnote: bool, full: bool = False, device="cpu", seed: int = 0
              amp: Optional[torch.dtype] = None, verbose: bool = False) -> _common.Training:
     device = torch.device(device)
     model, criterion, sizes = build(use_fastnote, full, device, seed)
-    opt = torch.optim.AdamW(model.parameters(), 5e-4, weight_decay=0.1)
-    gen = _common.data_generator(seed)
-    n, s = sizes["batch"], sizes["image_size"]
-
-    def next_batch():
-        images = torch.rand(n, 3, s, s, generator=gen).to(device)
-        ids = torch.randint(0, sizes["vocab"], (n, sizes["tokens"]), generator=gen).to(device)
-        return images, ids
-
-    def loss(batch):
-        return criterion(*model(*batch))
-
-    return _common.Training("clip_step" + ("" if use_fastnote else " (eager)"), {"clip": model}, next_batch,
-                            [_common.Phase("clip_loss", loss, opt)], device, amp)
+    return _common.image_text_training("clip_step" + ("" if use_fastnote else " (eager)"), "clip", model, criterion,
+                                       sizes, device, seed, amp)
 
 
 run = _common.runner(training)
