@@ -12,7 +12,7 @@ import importlib.util
 import os
 import sys
 from types import ModuleType
-from typing import Dict, Iterator
+from typing import Dict, Iterator, Optional
 
 import torch
 
@@ -113,20 +113,22 @@ def load_example(name: str) -> ModuleType:
     return module
 
 
-def _gloo_rank(rank: int, body, world_size: int, store_path: str, errors, kernel_module: str) -> None:
+def _gloo_rank(rank: int, body, world_size: int, store_path: str, errors, kernel_module) -> None:
     import torch.distributed as dist
     from triton.runtime.jit import JITFunction
 
     try:
-        # TRITON_INTERPRET came with the environment (the parent started this process with it): set
-        # here it would be too late, fastnote and triton being imported before this runs
-        assert os.environ.get("TRITON_INTERPRET") == "1", "TRITON_INTERPRET=1 was not inherited"
+        if kernel_module is not None:
+            # TRITON_INTERPRET came with the environment (the parent started this process with it):
+            # set here it would be too late, fastnote and triton being imported before this runs
+            assert os.environ.get("TRITON_INTERPRET") == "1", "TRITON_INTERPRET=1 was not inherited"
         torch.set_num_threads(1)
         dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size)
         body(rank, world_size)
-        kernels = importlib.import_module(kernel_module)
-        compiled = [n for n, k in vars(kernels).items() if isinstance(k, JITFunction)]
-        assert not compiled, f"compiled (not interpreted) kernels on CPU tensors: {compiled}"
+        if kernel_module is not None:
+            kernels = importlib.import_module(kernel_module)
+            compiled = [n for n, k in vars(kernels).items() if isinstance(k, JITFunction)]
+            assert not compiled, f"compiled (not interpreted) kernels on CPU tensors: {compiled}"
         dist.destroy_process_group()
     except Exception as e:  # reported to the parent
         errors.put(f"rank {rank}: {type(e).__name__}: {e}")
@@ -137,12 +139,13 @@ def _gloo_rank(rank: int, body, world_size: int, store_path: str, errors, kernel
     os._exit(0)
 
 
-def run_gloo_ranks(body, world_size: int, store_path, kernel_module: str) -> list:
+def run_gloo_ranks(body, world_size: int, store_path, kernel_module: Optional[str] = None) -> list:
     """``body(rank, world_size)`` in ``world_size`` spawned CPU processes joined in a gloo group
-    (a file rendezvous at ``store_path``: no port to race for), each checking afterwards that the
-    kernels of ``kernel_module`` ran interpreted. Start it inside the tests' ``interpreted_children``.
-    ``body`` must be importable (a module-level function). Returns the ranks' reports, sorted:
-    ``["rank 0: ok", ...]`` when every rank finished."""
+    (a file rendezvous at ``store_path``: no port to race for). With ``kernel_module``, each rank
+    checks afterwards that its Triton kernels ran interpreted (start it inside the tests'
+    ``interpreted_children``). ``body`` must be picklable (a module-level function, or a
+    ``functools.partial`` of one). Returns the ranks' reports, sorted: ``["rank 0: ok", ...]``
+    when every rank finished."""
     import torch.multiprocessing as mp
 
     errors = mp.get_context("spawn").SimpleQueue()

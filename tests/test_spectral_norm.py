@@ -2,7 +2,7 @@
 three front ends, against fastnote.reference, torch's hook and parametrization versions and a
 SAGAN spectral.py twin written here from its semantics."""
 import copy
-import os
+import functools
 import warnings
 
 import pytest
@@ -16,7 +16,7 @@ from fastnote.nn import SpectralNorm as SaganSpectralNorm
 from fastnote.nn.utils import parametrizations as fn_param
 from fastnote.nn.utils import remove_spectral_norm, spectral_norm
 from fastnote.ops import power_iteration as pi
-from fastnote.testing import assert_close
+from fastnote.testing import assert_close, run_gloo_ranks
 
 torch_hook = torch.nn.utils.spectral_norm
 torch_param = torch.nn.utils.parametrizations.spectral_norm
@@ -717,56 +717,35 @@ def test_power_iteration_compiles(compile_backend):
     _close(W.grad, torch.outer(expected[1], expected[2]))
 
 
-def _ddp_worker(rank, world_size, store_path, broadcast_buffers, errors):
-    import torch.distributed as dist
+def _ddp_body(rank, world_size, broadcast_buffers):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    try:
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size)
-        models = []
-        for apply in (spectral_norm, torch_hook):
-            d = _discriminator(apply, 11)
-            with torch.no_grad():  # ranks start from different u so broadcast_buffers matters
-                d[0].weight_u.copy_(F.normalize(torch.randn(16, generator=torch.Generator().manual_seed(rank)), dim=0))
-            models.append(DDP(d, broadcast_buffers=broadcast_buffers))
-        opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in models]
-        for step in range(3):
-            g = torch.Generator().manual_seed(100 * step + rank)
-            real, fake = torch.randn(4, 16, generator=g), torch.randn(4, 16, generator=g)
-            for m, opt in zip(models, opts):
-                opt.zero_grad()
-                (m(real).mean() - m(fake).mean()).backward()
-                opt.step()
-        ours, ref = (m.module for m in models)
-        for (n, a), (_, b) in zip(ours.state_dict().items(), ref.state_dict().items()):
-            torch.testing.assert_close(a, b, atol=2e-4, rtol=2e-4, msg=lambda s: f"rank {rank} {n}: {s}")
-        dist.destroy_process_group()
-    except Exception as e:  # reported to the parent
-        errors.put(f"rank {rank}: {type(e).__name__}: {e}")
-        raise
-    errors.put(f"rank {rank}: ok")
-    # Leave without running C++ static destructors: gloo's teardown at interpreter exit sometimes
-    # aborts ("terminate called without an active exception") after all the work is done and
-    # checked; the parent checks every rank's report instead.
-    os._exit(0)
+    models = []
+    for apply in (spectral_norm, torch_hook):
+        d = _discriminator(apply, 11)
+        with torch.no_grad():  # ranks start from different u so broadcast_buffers matters
+            d[0].weight_u.copy_(F.normalize(torch.randn(16, generator=torch.Generator().manual_seed(rank)), dim=0))
+        models.append(DDP(d, broadcast_buffers=broadcast_buffers))
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in models]
+    for step in range(3):
+        g = torch.Generator().manual_seed(100 * step + rank)
+        real, fake = torch.randn(4, 16, generator=g), torch.randn(4, 16, generator=g)
+        for m, opt in zip(models, opts):
+            opt.zero_grad()
+            (m(real).mean() - m(fake).mean()).backward()
+            opt.step()
+    ours, ref = (m.module for m in models)
+    for (n, a), (_, b) in zip(ours.state_dict().items(), ref.state_dict().items()):
+        torch.testing.assert_close(a, b, atol=2e-4, rtol=2e-4, msg=lambda s: f"rank {rank} {n}: {s}")
 
 
 @pytest.mark.parametrize("broadcast_buffers", [True, False])
 def test_ddp_matches_torch(broadcast_buffers, tmp_path):
-    import torch.multiprocessing as mp
-
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed is not available")
-    # a file rendezvous: no port to pick that another process could take in the meantime
-    store_path = tmp_path / "ddp_store"
-    ctx = mp.get_context("spawn")
-    errors = ctx.SimpleQueue()
-    mp.spawn(_ddp_worker, args=(2, str(store_path), broadcast_buffers, errors), nprocs=2, join=True)
-    reports = []
-    while not errors.empty():
-        reports.append(errors.get())
-    assert sorted(reports) == ["rank 0: ok", "rank 1: ok"], reports
+    reports = run_gloo_ranks(functools.partial(_ddp_body, broadcast_buffers=broadcast_buffers), 2,
+                             tmp_path / "ddp_store")
+    assert reports == ["rank 0: ok", "rank 1: ok"], reports
 
 
 # ------------------------------------------------------------------------------------------------
