@@ -120,7 +120,7 @@ setup(
     else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["fastnote", "fastnote.ops", "fastnote.nn", "fastnote.nn.utils", "fastnote.triton_kernels"],
+    packages=["fastnote", "fastnote.ops", "fastnote.nn", "fastnote.nn.utils", "fastnote.patch", "fastnote.triton_kernels"],
     package_dir={"fastnote": "fastnote", "fastnote.triton_kernels": "triton_kernels"},
     install_requires=["torch>=2.11", "triton>=3.6", "numpy"],
     extras_require={

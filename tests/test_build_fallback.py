@@ -143,3 +143,18 @@ def test_failed_cuda_build_falls_back_to_importable_cpp_extension(tmp_path):
     assert loaded.returncode == 0 and "CHECK ok" in loaded.stdout, loaded.stdout + loaded.stderr[-6000:]
     # the stand-in toolkit has no lib64/: the fallback's message says so
     assert "lib64" in proc.stderr.split("building the CUDA part of fastnote._C failed", 1)[1]
+
+
+def test_setup_lists_every_package():
+    # setup.py names its packages one by one: a new subpackage left out would be missing from a
+    # wheel (an editable install finds it anyway, so nothing else would notice)
+    import ast
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    tree = ast.parse(open(os.path.join(root, "setup.py"), encoding="utf-8").read())
+    listed = next(ast.literal_eval(k.value) for node in ast.walk(tree) if isinstance(node, ast.Call)
+                  for k in node.keywords if k.arg == "packages")
+    found = {os.path.relpath(os.path.dirname(p), root).replace(os.sep, ".")
+             for p in glob.glob(os.path.join(root, "fastnote", "**", "__init__.py"), recursive=True)}
+    found.add("fastnote.triton_kernels")   # triton_kernels/, mapped there by package_dir
+    assert set(listed) == found, (sorted(found - set(listed)), sorted(set(listed) - found))
