@@ -98,6 +98,25 @@ if ! installed open_clip && installed timm; then
   { pip_install --no-deps open_clip_torch && pip_install ftfy regex; } \
     || log "open_clip not installed: its comparisons will skip"
 fi
+# Hugging Face transformers (Swin, Swinv2) and spandrel (SwinIR, Swin2SR), whose models fastnote.patch
+# is tested on. transformers asks for no torch; spandrel does, so it comes without its dependencies,
+# plus the two its import needs beyond torch and torchvision. Best effort, as timm.
+if ! installed transformers && installed torch; then
+  log "installing transformers"
+  pip_install transformers || log "transformers not installed: its Swin tests will skip"
+fi
+if ! installed spandrel && installed torchvision; then
+  log "installing spandrel (no dependencies), einops and safetensors"
+  { pip_install --no-deps spandrel && pip_install einops safetensors; } \
+    || log "spandrel not installed: its SwinIR / Swin2SR tests will skip"
+fi
+# pytorch-pretrained-biggan, whose SelfAttn fastnote.patch is tested on: without its dependencies
+# (boto3, requests, scipy serve only its downloads and noise sampling; tests/test_patch_biggan.py
+# loads its model.py without them). Best effort, as timm.
+if ! installed pytorch_pretrained_biggan && installed torch; then
+  log "installing pytorch-pretrained-biggan (no dependencies)"
+  pip_install --no-deps pytorch-pretrained-biggan || log "pytorch-pretrained-biggan not installed: its tests will skip"
+fi
 for mod in torch triton pytest; do
   has "$mod" || { log "could not install $mod"; exit 1; }
 done

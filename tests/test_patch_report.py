@@ -234,17 +234,18 @@ def test_swin_v2_look_alike_left_with_reason():
 
 
 @pytest.mark.parametrize("version", ["Swin", "Swinv2"])
-def test_hugging_face_swin_every_attention_left_with_reason(version):
+def test_hugging_face_swin_blocks_fused_nothing_left(version):
+    # the hf_swin family fuses every block (tests/test_patch_hf_swin.py); nothing attention-like is left over
     transformers = pytest.importorskip(
         "transformers", reason="Hugging Face transformers is not installed: its Swin models are not checked here")
     config = getattr(transformers, f"{version}Config")(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1],
                                                         num_heads=[1, 2], window_size=4)
     model = getattr(transformers, f"{version}Model")(config)
-    report = _every_attention_left(model, (f"{version}SelfAttention",))
-    assert {e.kind for e in report.left} == {"attention"}
-    evidence = "has relative_position_bias_table" if version == "Swin" else "has cpb_mlp"
-    assert all(e.reason.startswith(NOT_RECOGNISED + f"{version}SelfAttention") and evidence in e.reason
-               for e in report.left)
+    report = fastnote.patch(model)
+    blocks = [n for n, m in model.named_modules() if type(m).__name__ == f"Fused{version}Layer"]
+    assert len(blocks) == 2 and list(report) == [
+        f"{p}: {version}Layer -> fastnote.nn.hf_swin.Fused{version}Layer" for p in blocks]
+    assert report.left == [], str(report)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -254,7 +255,7 @@ def test_hugging_face_swin_every_attention_left_with_reason(version):
 def test_kinds_come_from_the_registry_in_registration_order():
     assert KINDS == tuple(f.kind for f in registry.families()) == (
         "Hardswish", "Hardsigmoid", "SqueezeExcitation", "hswish_se", "WindowAttention", "ShiftedWindowAttention",
-        "SelfAttention", "spectral_norm")
+        "SelfAttention", "spectral_norm", "hf_swin")
     # every family does something: converts modules, or acts before a module's children
     assert all(f.converters or f.before_children for f in registry.families())
     with pytest.raises(ValueError, match="registered twice"):

@@ -1,0 +1,179 @@
+"""fastnote.patch on Hugging Face transformers' Swin and Swin V2 (family ``hf_swin``): every block
+on the fused window attention, outputs and every gradient as the unpatched model's, state_dict
+unchanged, unpatch restores, and what is not fused is reported with its reason."""
+import copy
+
+import pytest
+import torch
+
+import fastnote
+from fastnote.nn.hf_swin import fused_layer_class
+from fastnote.testing import UNIT_ROUNDOFF, assert_close, rms_relative_error
+
+transformers = pytest.importorskip(
+    "transformers", reason="Hugging Face transformers is not installed: its Swin models are not checked here")
+
+# window 4 (V1) / 8 (V2) at 64 x 64 (patch 4): stage one's 16 x 16 map has shifted windows; the odd
+# input sizes need padding in both stages (V1: 11 x 13 and 6 x 7 maps; V2: 11 x 13 and 6 x 7)
+WINDOW = {"Swin": 4, "Swinv2": 8}
+LAYER = {"Swin": "SwinLayer", "Swinv2": "Swinv2Layer"}
+FACTOR = 4.0                                  # as tests/test_models.py
+FLOOR = 64 * UNIT_ROUNDOFF[torch.float32]
+
+
+def _model(version, **config):
+    torch.manual_seed(0)
+    cfg = getattr(transformers, f"{version}Config")(
+        image_size=64, patch_size=4, embed_dim=24, depths=[2, 2], num_heads=[1, 2], window_size=WINDOW[version],
+        drop_path_rate=0.0, **config)
+    model = getattr(transformers, f"{version}Model")(cfg)
+    with torch.no_grad():   # the library starts V1's position table at zero: give it values to test
+        for name, p in model.named_parameters():
+            if name.endswith("relative_position_bias_table"):
+                p.normal_(0, 0.5)
+    return model
+
+
+def _blocks(model):
+    return [n for n, m in model.named_modules() if type(m).__name__ in ("SwinLayer", "Swinv2Layer")]
+
+
+def _outputs_and_gradients(model, x, seed=6):
+    x = x.clone().requires_grad_()
+    y = model(pixel_values=x)
+    outs = (y.last_hidden_state, y.pooler_output)
+    gen = torch.Generator().manual_seed(seed)
+    cot = [torch.randn(o.shape, generator=gen).to(o.dtype) for o in outs]
+    grads = torch.autograd.grad(outs, [x] + list(model.parameters()), cot, allow_unused=True)
+    return [o.detach() for o in outs] + list(grads)
+
+
+def _same_as_float64(eager, patched, x):
+    """Outputs and every gradient: a whole model chains many fp32 ops, so the model-level rule of
+    tests/test_models.py applies: off the float64 eager result by at most FACTOR x what the fp32
+    eager model is off, plus FLOOR (RMS-relative, per tensor)."""
+    names = ["last_hidden_state", "pooler_output", "pixel_values.grad"] + [n for n, _ in eager.named_parameters()]
+    exact = _outputs_and_gradients(copy.deepcopy(eager).double(), x.double())
+    base = _outputs_and_gradients(eager, x)
+    ours = _outputs_and_gradients(patched, x)
+    for name, e, b, o in zip(names, exact, base, ours):
+        if e is None:
+            assert b is None and o is None, name
+            continue
+        assert torch.isfinite(o).all(), name
+        own, theirs = rms_relative_error(o, e), rms_relative_error(b, e)
+        assert own <= FACTOR * theirs + FLOOR, f"{name}: patched off float64 by {own:.3g}, eager fp32 by {theirs:.3g}"
+
+
+@pytest.mark.parametrize("version", ["Swin", "Swinv2"])
+@pytest.mark.parametrize("shift,hw", [(0, (8, 8)), (2, (8, 8)), (2, (11, 13))], ids=["w", "sw", "sw-padded"])
+def test_block_matches_library_block(version, shift, hw):
+    """One block, patched alone: its output and every gradient at one fused op's tolerance."""
+    module = __import__(f"transformers.models.{version.lower()}.modeling_{version.lower()}", fromlist=["x"])
+    torch.manual_seed(0)
+    cfg = getattr(transformers, f"{version}Config")(window_size=4, embed_dim=24)
+    eager = getattr(module, LAYER[version])(cfg, 24, (64, 64), 2, shift_size=shift)
+    with torch.no_grad():
+        for name, p in eager.named_parameters():
+            if name.endswith("relative_position_bias_table"):
+                p.normal_(0, 0.5)
+    patched = copy.deepcopy(eager)
+    assert len(fastnote.patch(torch.nn.ModuleList([patched]))) == 1
+    h, w = hw
+    x = torch.randn(2, h * w, 24)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = eager(xa, (h, w))[0], patched(xb, (h, w))[0]
+    assert_close(yb, ya, "two_matmul")
+    g = torch.randn_like(ya)
+    ga = torch.autograd.grad(ya, [xa] + list(eager.parameters()), g)
+    gb = torch.autograd.grad(yb, [xb] + list(patched.parameters()), g)
+    for name, a, b in zip(["x"] + [n for n, _ in eager.named_parameters()], ga, gb):
+        assert_close(b, a, "two_matmul", msg=name)
+
+
+@pytest.mark.parametrize("version", ["Swin", "Swinv2"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_model_matches_unpatched(version, train):
+    eager = _model(version).train(train)
+    patched = copy.deepcopy(eager)
+    keys = {k: v.shape for k, v in patched.state_dict().items()}
+    blocks = _blocks(eager)
+    report = fastnote.patch(patched)
+    assert len(blocks) == 4
+    fused = f"fastnote.nn.hf_swin.Fused{LAYER[version]}"
+    assert list(report) == [f"{p}: {LAYER[version]} -> {fused}" for p in blocks]
+    assert report.left == [], str(report)
+    assert {k: v.shape for k, v in patched.state_dict().items()} == keys
+    assert all(patched.get_submodule(p).training == train for p in blocks)
+    _same_as_float64(eager, patched, torch.randn(1, 3, 44, 52))
+
+
+@pytest.mark.parametrize("version", ["Swin", "Swinv2"])
+def test_unpatch_restores_and_parameters_are_the_same_objects(version):
+    model = _model(version)
+    params = dict(model.named_parameters())
+    classes = {n: type(m) for n, m in model.named_modules()}
+    fastnote.patch(model)
+    assert dict(model.named_parameters()) == params   # same objects: an optimiser built before keeps working
+    assert all(type(model.get_submodule(p)).__module__ == "fastnote.nn.hf_swin" for p in _blocks_of(model))
+    undone = fastnote.unpatch(model)
+    assert len(undone) == 4
+    assert {n: type(m) for n, m in model.named_modules()} == classes
+    assert fastnote.patch(model, include=["Hardswish"]).left == []
+
+
+def _blocks_of(model):
+    return [n for n, m in model.named_modules() if type(m).__name__.startswith("Fused")]
+
+
+@pytest.mark.parametrize("version", ["Swin", "Swinv2"])
+def test_attention_weights_requested_runs_the_library_forward(version):
+    # the fused op returns no attention weights: such a call runs the library's block forward
+    config = {"attn_implementation": "eager"} if version == "Swin" else {}
+    eager = _model(version, **config).eval()
+    patched = copy.deepcopy(eager)
+    assert len(fastnote.patch(patched)) == 4
+    x = torch.randn(1, 3, 44, 52)
+    with torch.no_grad():
+        ya, yb = eager(x, output_attentions=True), patched(x, output_attentions=True)
+    assert len(ya.attentions) == len(yb.attentions) > 0
+    for a, b in zip(ya.attentions, yb.attentions):
+        assert torch.equal(a, b)
+    assert torch.equal(ya.last_hidden_state, yb.last_hidden_state)
+
+
+@pytest.mark.parametrize("version", ["Swin", "Swinv2"])
+def test_attention_dropout_left_with_reason(version):
+    model = _model(version, attention_probs_dropout_prob=0.1)
+    report = fastnote.patch(model)
+    assert list(report) == []
+    attention = "attention" if version == "Swin" else "attention.self"
+    assert [(e.path, e.kind) for e in report.left] == [(f"{p}.{attention}", "hf_swin") for p in _blocks(model)]
+    assert all("attention dropout p=0.1" in e.reason for e in report.left)
+
+
+def test_overridden_forward_left_with_reason():
+    from transformers.models.swin.modeling_swin import SwinLayer
+
+    class MyLayer(SwinLayer):
+        def forward(self, hidden_states, input_dimensions, always_partition=False, **kwargs):
+            return super().forward(hidden_states, input_dimensions, always_partition, **kwargs)
+
+    model = _model("Swin")
+    for stage in model.encoder.layers:
+        for block in stage.blocks:
+            block.__class__ = MyLayer
+    report = fastnote.patch(model)
+    assert list(report) == []
+    assert len(report.left) == 4 and all(e.kind == "hf_swin" and "not its forward" in e.reason for e in report.left)
+
+
+def test_v2_mask_added_twice_is_measured():
+    # the library's V2 attention adds the shift mask twice: the probe finds it, the fused op is given -200
+    from fastnote.patch.hf_swin import _v2_mask_count
+
+    model = _model("Swinv2")
+    sa = model.encoder.layers[0].blocks[1].attention.self
+    assert _v2_mask_count(sa, 8) == 2.0
+    cls = fused_layer_class(type(model.encoder.layers[0].blocks[1]), 2)
+    assert cls._fastnote_mask_value == -200.0
