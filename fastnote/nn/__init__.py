@@ -3,7 +3,7 @@ from .activation import Hardsigmoid, Hardswish
 from .clip_loss import ClipLoss
 from .patch_nce import PatchNCELoss
 from .perceptual_loss import PerceptualLoss, PerceptualLossTerms, StyleLoss, TotalVariation
-from .self_attention import BigGANAttention, SelfAttention
+from .self_attention import BigGANAttention, PretrainedBigGANSelfAttn, SelfAttention
 from . import utils
 from .sagan_spectral_norm import SpectralNorm
 from .siglip_loss import SigLipLoss
@@ -14,4 +14,4 @@ from .window_attention_v2 import ShiftedWindowAttentionV2, WindowAttentionV2
 __all__ = ["utils", "Hardsigmoid", "Hardswish", "SelfAttention", "BigGANAttention", "SpectralNorm", "SqueezeExcitation",
            "ShiftedWindowAttention", "WindowAttention",
            "ShiftedWindowAttentionV2", "WindowAttentionV2", "SqueezeExcite", "HardswishSqueezeExcitation", "PerceptualLoss", "PerceptualLossTerms", "StyleLoss",
-           "TotalVariation", "ClipLoss", "PatchNCELoss", "SigLipLoss"]
+           "TotalVariation", "ClipLoss", "PatchNCELoss", "SigLipLoss", "PretrainedBigGANSelfAttn"]

@@ -86,3 +86,63 @@ class BigGANAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"ch={self.ch}"
+
+
+class PretrainedBigGANSelfAttn(nn.Module):
+    """The non-local block of ``pytorch_pretrained_biggan`` (``SelfAttn`` in its model.py; BigGAN-deep
+    converted from TF), same submodules and state_dict keys: spectral-norm 1x1 convs without bias
+    ``snconv1x1_theta``, ``snconv1x1_phi`` (C -> C // 8), ``snconv1x1_g`` (C -> C // 2),
+    ``snconv1x1_o_conv`` (C // 2 -> C), ``maxpool`` (2x2, stride 2), ``softmax`` (kept so the module
+    tree is the library's; the kernel does the softmax) and ``gamma`` of shape [1], initialised to 0::
+
+        out = x + gamma * o(g' softmax(theta^T phi')^T),   phi' = maxpool(phi(x)), g' = maxpool(g(x))
+
+    as ``BigGANAttention``, on ``fastnote.sagan_attention`` with pooled keys and values (the
+    [B, N, N/4] map is not stored). The convs run as they are, their spectral-norm hooks (torch's,
+    or fastnote's after ``fastnote.patch``) included. H and W must be even: the library's forward
+    reshapes the pooled maps to H*W/4 positions.
+    """
+
+    def __init__(self, in_channels: int, eps: float = 1e-12):
+        super().__init__()
+        if in_channels < 8:
+            raise ValueError(f"in_channels must be >= 8 (theta/phi have in_channels // 8 channels), got {in_channels}")
+        self.in_channels = in_channels
+
+        def conv(c_in, c_out):
+            return nn.utils.spectral_norm(nn.Conv2d(c_in, c_out, kernel_size=1, bias=False), eps=eps)
+
+        self.snconv1x1_theta = conv(in_channels, in_channels // 8)
+        self.snconv1x1_phi = conv(in_channels, in_channels // 8)
+        self.snconv1x1_g = conv(in_channels, in_channels // 2)
+        self.snconv1x1_o_conv = conv(in_channels // 2, in_channels)
+        self.maxpool = nn.MaxPool2d(2, stride=2, padding=0)
+        self.softmax = nn.Softmax(dim=-1)
+        self.gamma = nn.Parameter(torch.zeros(1))
+
+    @classmethod
+    def from_biggan(cls, module: nn.Module) -> "PretrainedBigGANSelfAttn":
+        """The drop-in for the library's ``SelfAttn`` ``module``, around its own submodules (the
+        spectral-norm convs with their hooks) and ``gamma`` (shared, not copied), in its mode."""
+        ours = cls.__new__(cls)
+        nn.Module.__init__(ours)
+        ours.in_channels = module.snconv1x1_theta.in_channels
+        for name, child in module.named_children():
+            ours.add_module(name, child)
+        ours.gamma = module.gamma
+        ours.train(module.training)
+        return ours
+
+    def forward(self, x):
+        checks.tensor("x", x, ndim=4)
+        B, C, H, W = x.shape
+        if H % 2 or W % 2:
+            raise ValueError(f"x must have an even height and width (keys and values are 2x2-pooled), got {H}x{W}")
+        theta = self.snconv1x1_theta(x).reshape(B, C // 8, H * W)
+        phi = self.maxpool(self.snconv1x1_phi(x)).flatten(2)
+        g = self.maxpool(self.snconv1x1_g(x)).flatten(2)
+        attended = sagan_attention(theta, phi, g).reshape(B, C // 2, H, W)
+        return x + self.gamma * self.snconv1x1_o_conv(attended)
+
+    def extra_repr(self) -> str:
+        return f"in_channels={self.in_channels}"

@@ -1,10 +1,14 @@
-"""Attention over the whole map: SAGAN's and BigGAN's.
+"""Attention over the whole map: SAGAN's and BigGAN's (two implementations).
 
 - SAGAN's ``Self_Attn`` shape (``query_conv``, ``key_conv``, ``value_conv``, ``gamma``;
   query/key width C // 8) returning ``(out, attention)`` -> ``fastnote.nn.SelfAttention`` with
   ``return_attention=True``, the same return convention.
 - BigGAN's non-local block (``theta``, ``phi``, ``g``, ``o``, ``gamma``; keys and values 2x2
   max-pooled) -> ``fastnote.nn.BigGANAttention``, its convs (spectral-norm ones included) kept.
+- pytorch-pretrained-biggan's ``SelfAttn`` (``snconv1x1_theta``, ``snconv1x1_phi``,
+  ``snconv1x1_g``, ``snconv1x1_o_conv``, a 2x2 ``maxpool``, ``gamma`` of shape [1]) -> the same
+  block as ``fastnote.nn.PretrainedBigGANSelfAttn``, its spectral-norm convs kept (the
+  spectral-norm family then replaces their hooks as anywhere else).
 
 Both are checked on a probe input, on a copy with ``gamma != 0`` (SAGAN starts at 0, where the
 output is the input whatever the attention computes).
@@ -102,4 +106,51 @@ def _biggan_attention(old: nn.Module, site: Optional[Site] = None) -> Result:
     return _mode_of(old, _no_meta_left(new, "BigGANAttention")), "pooled keys/values; the [B, N, N/4] map is not stored"
 
 
-register("SelfAttention", (_self_attention, _biggan_attention))
+_PRETRAINED_BIGGAN_CONVS = ("snconv1x1_theta", "snconv1x1_phi", "snconv1x1_g", "snconv1x1_o_conv")
+
+
+def _pretrained_biggan_attention(old: nn.Module, site: Optional[Site] = None) -> Result:
+    convs = [getattr(old, n, None) for n in _PRETRAINED_BIGGAN_CONVS]
+    gamma, pool = getattr(old, "gamma", None), getattr(old, "maxpool", None)
+    if _is_fastnote(old) or not all(isinstance(c, nn.Conv2d) for c in convs) or not isinstance(gamma, nn.Parameter):
+        return None
+    theta, phi, g, o = convs
+    C = theta.in_channels
+    shapes = [(c.in_channels, c.out_channels) for c in convs]
+    if shapes != [(C, C // 8), (C, C // 8), (C, C // 2), (C // 2, C)] or C < 8:
+        return (f"BigGAN SelfAttn-shaped, but its convs map {shapes}: fastnote.nn.PretrainedBigGANSelfAttn has "
+                f"C -> C // 8, C // 8, C // 2 and C // 2 -> C")
+    if any(c.kernel_size != (1, 1) or c.stride != (1, 1) or c.padding != (0, 0) or c.groups != 1 or c.bias is not None
+           for c in convs) or gamma.numel() != 1:
+        return "BigGAN SelfAttn-shaped, but its convs are not bias-free 1x1 convs, or gamma is not a scalar"
+    if not (isinstance(pool, nn.MaxPool2d) and _pair(pool.kernel_size) == (2, 2) and _pair(pool.stride) == (2, 2)
+            and _pair(pool.padding) == (0, 0) and _pair(pool.dilation) == (1, 1) and not pool.ceil_mode):
+        return "BigGAN SelfAttn-shaped, but its maxpool is not a 2x2 max pool of stride 2"
+    extra = [n for n, _ in old.named_parameters() if n != "gamma" and n.split(".")[0] not in _PRETRAINED_BIGGAN_CONVS]
+    if extra:
+        return f"BigGAN SelfAttn-shaped, but it has other parameters ({', '.join(extra)})"
+    # The probe, as for BigGAN-PyTorch's block: a copy in eval mode (spectral-norm vectors left
+    # alone), gamma != 0.
+    probe = copy.deepcopy(old).eval()
+    with torch.no_grad():
+        probe.gamma.fill_(0.5)
+        x = _probe_input((2, C, 4, 2), theta.weight)
+        pool2 = torch.nn.functional.max_pool2d
+        tt = probe.snconv1x1_theta(x).flatten(2)
+        pp, gg = (pool2(c(x), [2, 2]).flatten(2) for c in (probe.snconv1x1_phi, probe.snconv1x1_g))
+        want = x + probe.gamma * probe.snconv1x1_o_conv(reference.sagan_attention(tt, pp, gg).reshape(2, C // 2, 4, 2))
+        try:
+            got = probe(x)
+        except Exception as e:  # noqa: BLE001
+            return f"BigGAN SelfAttn-shaped, but its forward failed on a probe input ({type(e).__name__}: {e})"
+    if not _probe_close(got, want, theta.weight.dtype):
+        return ("BigGAN SelfAttn-shaped, but its forward is not x + gamma * o(g' softmax(theta^T phi')^T) with "
+                "2x2-pooled phi', g'")
+    return fnn.PretrainedBigGANSelfAttn.from_biggan(old), "pooled keys/values; the [B, N, N/4] map is not stored"
+
+
+def _pair(v):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+register("SelfAttention", (_self_attention, _biggan_attention, _pretrained_biggan_attention))
