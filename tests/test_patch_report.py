@@ -255,7 +255,7 @@ def test_hugging_face_swin_blocks_fused_nothing_left(version):
 def test_kinds_come_from_the_registry_in_registration_order():
     assert KINDS == tuple(f.kind for f in registry.families()) == (
         "Hardswish", "Hardsigmoid", "SqueezeExcitation", "hswish_se", "WindowAttention", "ShiftedWindowAttention",
-        "SelfAttention", "spectral_norm", "hf_swin")
+        "SelfAttention", "spectral_norm", "hf_swin", "spandrel_swin")
     # every family does something: converts modules, or acts before a module's children
     assert all(f.converters or f.before_children for f in registry.families())
     with pytest.raises(ValueError, match="registered twice"):

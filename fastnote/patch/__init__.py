@@ -67,7 +67,7 @@ themselves when imported, in the order below, which is the order of ``KINDS``.
 """
 from . import registry
 from . import activation, squeeze_excitation, window_attention, self_attention, spectral_norm  # noqa: F401,I001
-from . import hf_swin  # noqa: F401
+from . import hf_swin, spandrel  # noqa: F401
 from . import attention_like  # noqa: F401
 from .engine import patch, unpatch
 from .report import Left, PatchReport, Replaced
