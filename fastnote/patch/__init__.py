@@ -45,6 +45,11 @@ found too), with the family name ``include`` takes:
 - ``spectral_norm``: torch's hook (``torch.nn.utils.spectral_norm``) and parametrization
   versions, and SAGAN's ``SpectralNorm`` wrapper (``module``, ``name``, ``power_iterations``,
   ``<name>_u/_v/_bar``) -> fastnote's, on the same u and v tensors, so training continues exactly.
+- ``hf_swin``: Hugging Face transformers' ``SwinLayer`` / ``Swinv2Layer`` -> the same block, its class
+  switched to ``fastnote.nn.hf_swin``'s fused subclass (pad, roll, partition, attention and their
+  reverse in ``swin_window_attention`` / ``swin_window_attention_v2``, the library's order).
+- ``spandrel_swin``: spandrel's SwinIR / Swin2SR ``SwinTransformerBlock`` -> likewise
+  (``fastnote.nn.spandrel_swin``, the block's order: roll, no pad).
 
 A replacement reuses the original's parameter and buffer objects (an optimiser built before
 patching keeps working), and keeps device, dtype, train/eval mode and the state_dict keys, so
@@ -62,7 +67,7 @@ under the kind ``"attention"`` (the rule: ``fastnote.patch.attention_like``).
 The code: ``engine`` (the walk, the undo records, ``patch``, ``unpatch``), ``report``,
 ``registry`` (the families, from which ``KINDS`` comes), ``probe`` (what the converters share),
 one module per family (``activation``, ``squeeze_excitation``, ``window_attention``,
-``self_attention``, ``spectral_norm``) and ``attention_like``. The family modules register
+``self_attention``, ``spectral_norm``, ``hf_swin``, ``spandrel``) and ``attention_like``. The family modules register
 themselves when imported, in the order below, which is the order of ``KINDS``.
 """
 from . import registry
