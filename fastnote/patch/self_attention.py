@@ -82,23 +82,9 @@ def _biggan_attention(old: nn.Module, site: Optional[Site] = None) -> Result:
     extra = [n for n, _ in old.named_parameters() if n != "gamma" and n.split(".")[0] not in names]
     if extra:
         return f"BigGAN-shaped, but it has other parameters ({', '.join(extra)})"
-    # The probe, on a copy in eval mode (a spectral-norm conv then leaves its vectors alone, so
-    # the two passes below see the same weights) with gamma != 0.
-    probe = copy.deepcopy(old).eval()
-    with torch.no_grad():
-        probe.gamma.fill_(0.5)
-        x = _probe_input((2, C, 4, 2), theta.weight)
-        pool = torch.nn.functional.max_pool2d
-        tt = probe.theta(x).flatten(2)
-        pp, gg = (pool(c(x), [2, 2]).flatten(2) for c in (probe.phi, probe.g))
-        want = probe.gamma * probe.o(reference.sagan_attention(tt, pp, gg).reshape(2, C // 2, 4, 2)) + x
-        try:
-            got = probe(x)
-        except Exception as e:  # noqa: BLE001
-            return f"BigGAN-shaped, but its forward failed on a probe input ({type(e).__name__}: {e})"
-    if not _probe_close(got, want, theta.weight.dtype):
-        return ("BigGAN-shaped, but its forward is not x + gamma * o(g' softmax(theta^T phi')^T) with 2x2-pooled "
-                "phi', g'")
+    reason = _pooled_probe(old, C, theta.weight, ("theta", "phi", "g", "o"), "BigGAN-shaped")
+    if reason is not None:
+        return reason
     new = _on_meta(lambda: fnn.BigGANAttention(C))
     new.theta, new.phi, new.g, new.o = theta, phi, g, o
     new.gamma = gamma
@@ -129,24 +115,33 @@ def _pretrained_biggan_attention(old: nn.Module, site: Optional[Site] = None) ->
     extra = [n for n, _ in old.named_parameters() if n != "gamma" and n.split(".")[0] not in _PRETRAINED_BIGGAN_CONVS]
     if extra:
         return f"BigGAN SelfAttn-shaped, but it has other parameters ({', '.join(extra)})"
-    # The probe, as for BigGAN-PyTorch's block: a copy in eval mode (spectral-norm vectors left
-    # alone), gamma != 0.
+    reason = _pooled_probe(old, C, theta.weight, _PRETRAINED_BIGGAN_CONVS, "BigGAN SelfAttn-shaped")
+    if reason is not None:
+        return reason
+    return fnn.PretrainedBigGANSelfAttn.from_biggan(old), "pooled keys/values; the [B, N, N/4] map is not stored"
+
+
+def _pooled_probe(old: nn.Module, C: int, weight: torch.Tensor, convs, what: str) -> Optional[str]:
+    """None when ``old`` computes x + gamma * o(g' softmax(theta^T phi')^T) with 2x2-pooled phi',
+    g' (BigGAN's non-local block; ``convs``: the names of its theta, phi, g, o convs), else the
+    reason. The probe runs on a copy in eval mode (a spectral-norm conv then leaves its vectors
+    alone, so both passes see the same weights) with gamma != 0."""
     probe = copy.deepcopy(old).eval()
+    theta, phi, g, o = (getattr(probe, n) for n in convs)
     with torch.no_grad():
         probe.gamma.fill_(0.5)
-        x = _probe_input((2, C, 4, 2), theta.weight)
-        pool2 = torch.nn.functional.max_pool2d
-        tt = probe.snconv1x1_theta(x).flatten(2)
-        pp, gg = (pool2(c(x), [2, 2]).flatten(2) for c in (probe.snconv1x1_phi, probe.snconv1x1_g))
-        want = x + probe.gamma * probe.snconv1x1_o_conv(reference.sagan_attention(tt, pp, gg).reshape(2, C // 2, 4, 2))
+        x = _probe_input((2, C, 4, 2), weight)
+        pool = torch.nn.functional.max_pool2d
+        tt = theta(x).flatten(2)
+        pp, gg = (pool(c(x), [2, 2]).flatten(2) for c in (phi, g))
+        want = probe.gamma * o(reference.sagan_attention(tt, pp, gg).reshape(2, C // 2, 4, 2)) + x
         try:
             got = probe(x)
         except Exception as e:  # noqa: BLE001
-            return f"BigGAN SelfAttn-shaped, but its forward failed on a probe input ({type(e).__name__}: {e})"
-    if not _probe_close(got, want, theta.weight.dtype):
-        return ("BigGAN SelfAttn-shaped, but its forward is not x + gamma * o(g' softmax(theta^T phi')^T) with "
-                "2x2-pooled phi', g'")
-    return fnn.PretrainedBigGANSelfAttn.from_biggan(old), "pooled keys/values; the [B, N, N/4] map is not stored"
+            return f"{what}, but its forward failed on a probe input ({type(e).__name__}: {e})"
+    if not _probe_close(got, want, weight.dtype):
+        return f"{what}, but its forward is not x + gamma * o(g' softmax(theta^T phi')^T) with 2x2-pooled phi', g'"
+    return None
 
 
 def _pair(v):

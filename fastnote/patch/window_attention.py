@@ -99,10 +99,9 @@ def _timm_v2_attention(old: nn.Module) -> Result:
     return fnn.WindowAttentionV2.from_timm(old), note
 
 
-def _torchvision_v2_attention(old: nn.Module) -> Result:
-    reason = _v2_layout_reason(old, 1)
-    if reason is not None:
-        return reason
+def _torchvision_geometry_reason(old: nn.Module) -> Optional[str]:
+    """Why torchvision's (V1 or V2) shifted window attention cannot take the fused path, or None:
+    its window and shift must be square, its attention dropout 0."""
     wh, ww = _window_pair(old.window_size)
     sh, sw = _window_pair(old.shift_size)
     if wh != ww:
@@ -112,6 +111,16 @@ def _torchvision_v2_attention(old: nn.Module) -> Result:
     p = _dropout_p(old, "attention_dropout")
     if p > 0:
         return f"attention dropout p={p} > 0: the kernels implement no dropout on the attention probabilities"
+    return None
+
+
+def _torchvision_v2_attention(old: nn.Module) -> Result:
+    reason = _v2_layout_reason(old, 1)
+    if reason is not None:
+        return reason
+    reason = _torchvision_geometry_reason(old)
+    if reason is not None:
+        return reason
     if not hasattr(old, "dropout"):
         return "Swin V2 attention without torchvision's dropout attribute: not torchvision's layout"
     note = "fused (cosine attention): pad, shift, partition, attention, reverse"
@@ -171,20 +180,15 @@ def _shifted_window_attention(old: nn.Module, site: Optional[Site] = None) -> Re
         return None
     if not hasattr(old, "shift_size"):
         return "flat relative position index without shift_size: not torchvision's ShiftedWindowAttention"
-    wh, ww = _window_pair(old.window_size)
-    sh, sw = _window_pair(old.shift_size)
-    if wh != ww:
-        return f"rectangular window {old.window_size}: the fused path takes square windows"
-    if sh != sw:
-        return f"unequal shifts {old.shift_size}: the fused path takes one shift for both axes"
-    p = _dropout_p(old, "attention_dropout")
-    if p > 0:
-        return f"attention dropout p={p} > 0: the kernels implement no dropout on the attention probabilities"
+    reason = _torchvision_geometry_reason(old)
+    if reason is not None:
+        return reason
     C, heads = old.qkv.in_features, old.num_heads
     if old.qkv.out_features != 3 * C or old.proj.in_features != C or C % heads:
         return "qkv / proj widths do not match dim and num_heads"
     new = _on_meta(lambda: TorchvisionShiftedWindowAttention(
-        C, [wh, ww], [sh, sw], heads, qkv_bias=old.qkv.bias is not None, proj_bias=old.proj.bias is not None,
+        C, list(_window_pair(old.window_size)), list(_window_pair(old.shift_size)), heads,
+        qkv_bias=old.qkv.bias is not None, proj_bias=old.proj.bias is not None,
         dropout=_dropout_p(old, "dropout")))
     new.qkv, new.proj = old.qkv, old.proj
     new.relative_position_bias_table = table
