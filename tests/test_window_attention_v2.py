@@ -81,6 +81,31 @@ def test_core_logit_scale_clamp_and_zero_rows(device):
     assert got[0][0, 1, 3].abs().max() > 1e9   # the clamped row's gradient really is dx^ / eps
 
 
+@pytest.mark.parametrize("N,nW", [(64, 2), (144, 1)], ids=["single-tile", "tiled"])
+def test_core_large_scale_error_against_float64(device, N, nW):
+    # Scales of 99 (just under the clamp, so d logit_scale flows): logits of +-100, where the fp32
+    # lse's rounding (up to 8e-6) makes a recomputed softmax row sum to 1 + eps. Each tensor's
+    # error against a float64 run stays within 4x the fp32 reference's own error (before the
+    # single-tile backward normalised its rows again, d logit_scale was 140x off at N=64).
+    torch.manual_seed(0)
+    q, k, v, ls, bias, mask = v2_inputs(2 * nW, 2, N, 16, nW, True, device=device)
+    with torch.no_grad():
+        ls.fill_(math.log(99.0))
+    grad = torch.randn(q.shape, device=device)
+
+    def run(fn, dtype):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v, ls, bias)]
+        out = fn(*leaves[:4], bias=leaves[4], mask=mask.to(dtype))
+        return [out.detach(), *torch.autograd.grad(out, leaves, grad.to(dtype))]
+
+    exact = run(reference.window_attention_v2, torch.float64)
+    ours, fp32 = run(fastnote.window_attention_v2, torch.float32), run(reference.window_attention_v2, torch.float32)
+    for name, a, b, e in zip(("out", "q", "k", "v", "logit_scale", "bias"), ours, fp32, exact):
+        assert_close(a, b, KIND, msg=name)
+        err, own = (a.double() - e).abs().max().item(), (b.double() - e).abs().max().item()
+        assert err <= 4 * own, f"{name}: error {err:.3g} against float64, the fp32 reference's {own:.3g}"
+
+
 def test_core_matches_timm_attention_maths(device):
     # The reference itself against timm's formula written out (F.normalize, clamp, exp).
     q, k, v, ls, bias, mask = v2_inputs(4, 2, 64, 16, 2, True, device=device)

@@ -350,6 +350,15 @@ def _bwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, bias_ptr, mask_ptr,
                     s = dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale + add
                     tile_ok = (rows < N)[:, None] & (cols < N)[None, :]
                     p = tl.where(tile_ok, tl.exp2(s - lse[:, None]), 0.0)
+                    if SINGLE:
+                        if COSINE:
+                            # Cosine attention's logits reach +-100 (144 in base 2), where the fp32
+                            # lse carries up to 8e-6 of rounding: the recomputed row then sums to
+                            # 1 + eps, and delta taken from it below puts eps * p * delta into every
+                            # dS (x scale 100 in dq, dk and d scale). The row is whole here, so
+                            # normalise it again (no-op in exact arithmetic).
+                            row = tl.sum(p, axis=1)
+                            p = p * tl.where(row > 0.0, 1.0 / row, 0.0)[:, None]
                     dv_acc += dot(tl.trans(p.to(do.dtype)), do, PRECISION, UPCAST)
                     dp = dot(do, tl.trans(v), PRECISION, UPCAST)
                     if SINGLE:
