@@ -467,6 +467,33 @@ def _timm_swin_blocks(model):
     return [m for m in model.modules() if type(m).__name__ in ("SwinTransformerBlock", "FusedSwinTransformerBlock")]
 
 
+def test_timm_swin_set_input_size_on_a_replaced_core(device, launches):
+    """A 64 x 32 image leaves one block (shifts (2, 0)) with its attention core replaced; timm's
+    set_input_size then calls the core's set_window_size, which resizes the bias table with timm's
+    own interpolation: the model matches timm's at the new size."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    eager, patched = _twins(lambda: timm.create_model(
+        "swin_tiny_patch4_window7_224", pretrained=False, img_size=(64, 32), window_size=4, num_classes=4,
+        embed_dim=16, depths=(2, 2), num_heads=(1, 2)).eval(), device)
+    report = fastnote.patch(patched)
+    assert [e.path for e in report.replaced][-1] == "layers.1.blocks.1.attn"
+    core = patched.layers[1].blocks[1].attn
+    assert type(core).__name__ == "TimmWindowAttention"
+    for model in (eager, patched):
+        model.set_input_size(img_size=(48, 48), window_size=6)
+    twin = eager.layers[1].blocks[1].attn
+    assert core.window_size == twin.window_size == (6, 6)
+    assert core.relative_position_bias_table.shape == twin.relative_position_bias_table.shape == (121, 2)
+    torch.testing.assert_close(core.relative_position_bias_table, twin.relative_position_bias_table, rtol=0, atol=0)
+    assert torch.equal(core.relative_position_index, twin.relative_position_index)
+    x = torch.randn(1, 3, 48, 48, device=device)
+    launches.clear()
+    with torch.no_grad():
+        assert_close(patched(x), eager(x), "reduction")
+    assert launches
+
+
 def test_timm_swin_unpatch_after_set_input_size(device, tmp_path):
     """A timm Swin block is patched in place (its class switched, no copy), so timm's
     set_input_size after patching changes the very block unpatch gives back: the restored model is

@@ -51,7 +51,9 @@ def _outputs_and_gradients(model, x, seed=6):
 def _same_as_float64(eager, patched, x):
     """Outputs and every gradient: a whole model chains many fp32 ops, so the model-level rule of
     tests/test_models.py applies: off the float64 eager result by at most FACTOR x what the fp32
-    eager model is off, plus FLOOR (RMS-relative, per tensor)."""
+    eager model is off, plus FLOOR (RMS-relative, per tensor). One op's elementwise bound does not
+    fit here: at these sizes the fp32 eager Swinv2 model itself is 2.6x over ``two_matmul``'s bound
+    against float64 (layer 0's query-weight gradient, entries up to 672), the patched one 3.1x."""
     names = ["last_hidden_state", "pooler_output", "pixel_values.grad"] + [n for n, _ in eager.named_parameters()]
     exact = _outputs_and_gradients(copy.deepcopy(eager).double(), x.double())
     base = _outputs_and_gradients(eager, x)

@@ -144,6 +144,29 @@ def test_timm_v2_rectangular_windows_take_the_core_op(device, launches):
     _check_unpatch(eager, patched, keys, types, x)
 
 
+def test_timm_v2_set_input_size_on_replaced_cores(device, launches):
+    """Where the block is left and its attention core replaced (a 64 x 32 image), timm's
+    set_input_size calls the core's set_window_size: the drop-in rebuilds its coordinates table
+    and index, and the model then matches timm's at the new size."""
+    eager, patched = _twins(lambda: _timm_model(img_size=(64, 32)), device)
+    fastnote.patch(patched)
+    cores = [m for m in patched.modules() if type(m) is fastnote.nn.WindowAttentionV2]
+    assert len(cores) == 3
+    for m in (eager, patched):
+        m.eval()
+        m.set_input_size(img_size=(48, 48), window_size=6)
+    assert [c.window_size for c in cores] == [(6, 6)] * 3
+    twins = [m.attn for m in eager.modules() if type(m).__name__ == "SwinTransformerV2Block"][1:]
+    for core, twin in zip(cores, twins):
+        assert torch.equal(core.relative_coords_table, twin.relative_coords_table)
+        assert torch.equal(core.relative_position_index, twin.relative_position_index)
+    x = torch.randn(1, 3, 48, 48, device=device)
+    launches.clear()
+    with torch.no_grad():
+        assert_close(patched(x), eager(x), KIND)
+    assert any(k.endswith("window_attention") for k, _, _ in launches), launches
+
+
 def test_timm_v2_set_input_size_then_unpatch(device, launches):
     """The blocks are switched in place, and the fused path reads window and shift from the block
     on every call: after set_input_size the patched model is timm's at the new size; where the new

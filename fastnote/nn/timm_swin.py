@@ -26,7 +26,8 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from ..ops.window_attention import swin_window_attention
+from ..checks import window_pair
+from ..ops.window_attention import relative_position_index, swin_window_attention
 from ..ops.window_attention_v2 import swin_window_attention_v2
 from .window_attention import WindowAttention
 
@@ -56,6 +57,29 @@ class TimmWindowAttention(WindowAttention):
         # The index is not part of the state: nothing to fill in (WindowAttention's override adds
         # it for Swin's persistent layout).
         nn.Module._load_from_state_dict(self, *args, **kwargs)
+
+    def set_window_size(self, window_size) -> None:
+        """timm's ``WindowAttention.set_window_size`` (what timm's ``set_input_size`` calls on a
+        block's ``attn``): the bias table resized by timm's own interpolation
+        (``timm.layers.resize_rel_pos_bias_table``, so the numbers are timm's) into a new
+        parameter, and the index rebuilt. Needs timm."""
+        window_size = window_pair("window_size", tuple(window_size) if isinstance(window_size, list)
+                                  else window_size)
+        if window_size == self.window_size:
+            return
+        from timm.layers import resize_rel_pos_bias_table
+
+        old, self.window_size = self.window_size, window_size
+        wh, ww = window_size
+        table = self.relative_position_bias_table
+        with torch.no_grad():
+            resized = resize_rel_pos_bias_table(table, new_window_size=window_size,
+                                                new_bias_shape=((2 * wh - 1) * (2 * ww - 1), self.num_heads),
+                                                old_window_size=old)
+        self.relative_position_bias_table = nn.Parameter(resized, requires_grad=table.requires_grad)
+        self.register_buffer("relative_position_index",
+                             relative_position_index(window_size, device=self.relative_position_index.device),
+                             persistent=False)
 
 
 class _FusedAttention:

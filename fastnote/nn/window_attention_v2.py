@@ -155,6 +155,22 @@ class WindowAttentionV2(_CosineAttention):
         out = window_attention_v2(q, k, v, self.logit_scale, bias=self.relative_position_bias(), mask=mask)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B_, N, C)))
 
+    def set_window_size(self, window_size) -> None:
+        """timm's ``set_window_size`` (what timm's ``set_input_size`` calls on a block's ``attn``):
+        the coordinates table and the index rebuilt for the new window (the MLP is unchanged: it
+        takes continuous coordinates)."""
+        window_size = window_pair("window_size", tuple(window_size) if isinstance(window_size, list)
+                                  else window_size)
+        if window_size == self.window_size:
+            return
+        self.window_size = window_size
+        table = self.relative_coords_table
+        self.register_buffer("relative_coords_table",
+                             relative_coords_table(window_size, self.pretrained_window_size, table.device, table.dtype),
+                             persistent=False)
+        self.register_buffer("relative_position_index",
+                             relative_position_index(window_size, device=table.device), persistent=False)
+
     def extra_repr(self) -> str:
         return f"dim={self.dim}, window_size={self.window_size}, num_heads={self.num_heads}"
 
