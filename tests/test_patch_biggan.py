@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 import fastnote
-from fastnote.testing import assert_close
+from fastnote.testing import assert_autocast_like_eager, assert_close
 
 KIND = "two_matmul"
 ATTN = "SelfAttn -> fastnote.nn.PretrainedBigGANSelfAttn"
@@ -76,6 +76,7 @@ def _twins(make, device, warm_up):
 
 def _grads(model, out, inputs, seed=3):
     g = torch.randn(out.shape, generator=torch.Generator(out.device).manual_seed(seed), device=out.device)
+    g = g.to(out.dtype)
     names = [n for n, _ in model.named_parameters()]
     grads = torch.autograd.grad(out, list(inputs) + [p for _, p in model.named_parameters()], g)
     return dict(zip([f"input{i}" for i in range(len(inputs))] + names, grads))
@@ -202,3 +203,26 @@ def test_small_generator(device, launches, training):
 
     _compare(eager, patched, run, training, launches)
     _check_unpatch(patched, keys, types_before, hooks_before)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, pytest.param(torch.float16, marks=pytest.mark.gpu)],
+                         ids=["bf16", "fp16"])
+def test_small_generator_under_autocast(device, launches, dtype):
+    """The patched generator (eval: batch norm on its stored statistics) under autocast: image and
+    every gradient as close to the fp32 generator as the library's own under the same autocast."""
+    label = torch.nn.functional.one_hot(torch.tensor([1, 7], device=device), 10).float()
+    eager, patched = _twins(_generator, device, lambda m: m(torch.randn(2, 16, device=device), label, 0.4))
+    fastnote.patch(patched)
+    for m in (eager, patched):
+        m.eval()
+    z = torch.randn(2, 16, generator=torch.Generator().manual_seed(11)).to(device)
+
+    def run(model):
+        zz = z.clone().requires_grad_()
+        out = model(zz, label, 0.4)
+        return [out.detach()] + list(_grads(model, out, [zz]).values())
+
+    names = ["image", "z"] + [n for n, _ in eager.named_parameters()]
+    launches.clear()
+    assert_autocast_like_eager(eager, patched, run, dtype, names)
+    assert any(k.endswith("sagan_attention") for k, _, _ in launches), launches

@@ -8,7 +8,7 @@ import torch
 
 import fastnote
 from fastnote.nn.hf_swin import fused_layer_class
-from fastnote.testing import UNIT_ROUNDOFF, assert_close, rms_relative_error
+from fastnote.testing import UNIT_ROUNDOFF, assert_autocast_like_eager, assert_close, rms_relative_error
 
 transformers = pytest.importorskip(
     "transformers", reason="Hugging Face transformers is not installed: its Swin models are not checked here")
@@ -43,7 +43,7 @@ def _outputs_and_gradients(model, x, seed=6):
     y = model(pixel_values=x)
     outs = (y.last_hidden_state, y.pooler_output)
     gen = torch.Generator().manual_seed(seed)
-    cot = [torch.randn(o.shape, generator=gen).to(o.dtype) for o in outs]
+    cot = [torch.randn(o.shape, generator=gen).to(device=o.device, dtype=o.dtype) for o in outs]
     grads = torch.autograd.grad(outs, [x] + list(model.parameters()), cot, allow_unused=True)
     return [o.detach() for o in outs] + list(grads)
 
@@ -108,6 +108,22 @@ def test_model_matches_unpatched(version, train):
     assert {k: v.shape for k, v in patched.state_dict().items()} == keys
     assert all(patched.get_submodule(p).training == train for p in blocks)
     _same_as_float64(eager, patched, torch.randn(1, 3, 44, 52))
+
+
+@pytest.mark.parametrize("version", ["Swin", "Swinv2"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, pytest.param(torch.float16, marks=pytest.mark.gpu)],
+                         ids=["bf16", "fp16"])
+def test_model_under_autocast(version, dtype, device, launches):
+    """The patched model in training under autocast: outputs and every gradient as close to the
+    fp32 model as the library's own model under the same autocast (within 4x its error)."""
+    eager = _model(version).to(device).train()
+    patched = copy.deepcopy(eager)
+    assert len(fastnote.patch(patched)) == 4
+    names = ["last_hidden_state", "pooler_output", "pixel_values.grad"] + [n for n, _ in eager.named_parameters()]
+    x = torch.randn(1, 3, 44, 52, device=device)
+    launches.clear()
+    assert_autocast_like_eager(eager, patched, lambda m: _outputs_and_gradients(m, x), dtype, names)
+    assert any(k.endswith("window_attention") for k, _, _ in launches), launches
 
 
 @pytest.mark.parametrize("version", ["Swin", "Swinv2"])

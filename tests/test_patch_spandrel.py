@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fastnote
-from fastnote.testing import assert_close
+from fastnote.testing import assert_autocast_like_eager, assert_close
 
 pytest.importorskip("spandrel", reason="spandrel is not installed: its SwinIR / Swin2SR are not checked here")
 from spandrel.architectures.Swin2SR import Swin2SR  # noqa: E402
@@ -61,6 +61,29 @@ def test_model_matches_unpatched(name, train):
     # 16 x 16 is the blocks' own resolution (their attn_mask buffer)
     for h, w in ((10, 13), (16, 16)) if not train else ((10, 13),):
         _same_forward_backward(eager, patched, torch.randn(1, 3, h, w))
+
+
+def _outputs_and_gradients(model, x):
+    x = x.clone().requires_grad_()
+    y = model(x)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(5)).to(device=y.device, dtype=y.dtype)
+    return [y.detach()] + list(torch.autograd.grad(y, [x] + list(model.parameters()), g, allow_unused=True))
+
+
+@pytest.mark.parametrize("name", ["SwinIR", "Swin2SR"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, pytest.param(torch.float16, marks=pytest.mark.gpu)],
+                         ids=["bf16", "fp16"])
+def test_model_under_autocast(name, dtype, device, launches):
+    """The patched model in training under autocast, on a padded input: output and every gradient
+    as close to the fp32 model as the library's own model under the same autocast."""
+    eager = _model(name).to(device).train()
+    patched = copy.deepcopy(eager)
+    assert len(fastnote.patch(patched)) == 2
+    names = ["output", "x"] + [n for n, _ in eager.named_parameters()]
+    x = torch.randn(1, 3, 10, 13, device=device)
+    launches.clear()
+    assert_autocast_like_eager(eager, patched, lambda m: _outputs_and_gradients(m, x), dtype, names)
+    assert any(k.endswith("window_attention") for k, _, _ in launches), launches
 
 
 @pytest.mark.parametrize("name", ["SwinIR", "Swin2SR"])

@@ -11,7 +11,7 @@ import torch
 
 import fastnote
 from fastnote.compat import import_torchvision_models
-from fastnote.testing import assert_close
+from fastnote.testing import assert_autocast_like_eager, assert_close
 
 KIND = "two_matmul"
 TIMM_BLOCK = "SwinTransformerV2Block -> fastnote.nn.timm_swin.FusedSwinTransformerV2Block"
@@ -78,7 +78,7 @@ def _run(model, x):
     """Logits and the gradients of x and of every parameter for one fixed upstream gradient."""
     x = x.clone().requires_grad_()
     y = model(x)
-    g = torch.randn(y.shape, generator=torch.Generator(y.device).manual_seed(7), device=y.device)
+    g = torch.randn(y.shape, generator=torch.Generator(y.device).manual_seed(7), device=y.device).to(y.dtype)
     names = [n for n, _ in model.named_parameters()]
     grads = torch.autograd.grad(y, [x] + [p for _, p in model.named_parameters()], g)
     return y.detach(), dict(zip(["x"] + names, grads))
@@ -237,6 +237,32 @@ def test_torchvision_v2_left_with_reason():
         assert list(report) == [] and model[0] is m
         assert [(e.path, e.kind) for e in report.left] == [("0", "ShiftedWindowAttention")]
         assert reason in report.left[0].reason
+
+
+# ------------------------------------------------------------------------------------------------
+# autocast
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("library", ["timm", "torchvision"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, pytest.param(torch.float16, marks=pytest.mark.gpu)],
+                         ids=["bf16", "fp16"])
+def test_patched_v2_model_under_autocast(library, dtype, device, launches):
+    """The patched model in training under autocast: logits and every gradient as close to the
+    fp32 model as the library's own model under the same autocast (within 4x its error)."""
+    eager, patched = _twins(_timm_model if library == "timm" else _torchvision_model, device)
+    assert len(fastnote.patch(patched)) == 4
+    for m in (eager, patched):
+        m.train()
+    x = torch.randn(1, 3, 64, 64, device=device)
+
+    def run(model):
+        y, grads = _run(model, x)
+        return [y] + list(grads.values())
+
+    names = ["logits", "x"] + [n for n, _ in eager.named_parameters()]
+    launches.clear()
+    assert_autocast_like_eager(eager, patched, run, dtype, names)
+    assert any(k.endswith("window_attention") for k, _, _ in launches), launches
 
 
 # ------------------------------------------------------------------------------------------------
