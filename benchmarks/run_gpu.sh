@@ -44,6 +44,10 @@ RESERVE=25          # the -k 20 grace after a step's SIGINT, and the packing
 LOGS=$(mktemp -d)
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+# the code measured, named once before any step rewrites tracked files (README tables): every CSV's
+# fastnote_commit (benchmarks/harness/environment.py), "-dirty" for uncommitted changes
+FASTNOTE_COMMIT=${FASTNOTE_COMMIT:-$(git describe --always --dirty --abbrev=7 2>/dev/null || echo unknown)}
+export FASTNOTE_COMMIT
 if [ "$SIMULATE" = 1 ]; then
   export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""
 else

@@ -155,6 +155,25 @@ def test_make_table_models(tmp_path):
     assert cells[10:] == ["900", "300", "600", "250"]
 
 
+def test_results_name_the_code_measured(monkeypatch):
+    """fastnote_commit: run_gpu.sh's pinned FASTNOTE_COMMIT, else the short hash with -dirty when
+    tracked files differ from it (a run of uncommitted changes once carried the commit's name)."""
+    sys.path.insert(0, BENCH)
+    try:
+        import harness
+    finally:
+        sys.path.remove(BENCH)
+    monkeypatch.setenv("FASTNOTE_COMMIT", "abc1234-dirty")
+    assert harness.git_commit() == "abc1234-dirty"
+    monkeypatch.delenv("FASTNOTE_COMMIT")
+    described = harness.git_commit()
+    if described == "unknown":
+        pytest.skip("not a git checkout: nothing to describe")
+    head = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=ROOT).returncode != 0
+    assert described == head.stdout.strip() + ("-dirty" if dirty else "")
+
+
 def test_quick_cases():
     sys.path.insert(0, BENCH)
     try:

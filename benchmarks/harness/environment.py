@@ -42,9 +42,16 @@ def cpu_name() -> str:
 
 
 def git_commit() -> str:
+    """The code a result was measured on: ``FASTNOTE_COMMIT`` when set (``run_gpu.sh`` sets it once
+    at its start, before its own steps rewrite tracked files such as the README's tables), else
+    ``git describe --always --dirty``: the short hash, with ``-dirty`` when tracked files differ
+    from it (a run of uncommitted changes must not carry the commit's name alone)."""
+    pinned = os.environ.get("FASTNOTE_COMMIT", "").strip()
+    if pinned:
+        return pinned
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                             text=True, timeout=10)
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=10)
         return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
     except Exception:
         return "unknown"
