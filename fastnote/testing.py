@@ -74,37 +74,48 @@ def assert_autocast_like_eager(eager: torch.nn.Module, patched: torch.nn.Module,
                                names, factor: float = 4.0) -> None:
     """A patched model under autocast against the library's own model under the same autocast.
     ``run(model)`` returns a list of tensors (outputs and gradients, None for an unused one) named
-    by ``names``. The truth is the eager model without autocast (fp32). For each tensor the patched
-    model's RMS-relative error against it must stay within ``factor`` x the eager model's own error
-    under autocast, that error taken no smaller than the median over all the tensors, plus two units
-    of ``dtype``'s roundoff. The median: a gradient that is a sum with much cancellation (a
-    per-head ``logit_scale``: two numbers) has an error that varies 10x from one input to the next
-    for the library's model and the patched one alike, so the library's error on one tensor can
-    be luckily small. Each run gets a fresh copy of the eager model, so state a forward updates
-    (batch norm, spectral norm) starts alike; ``patched`` runs once."""
+    by ``names``; the truth is the eager model without autocast (fp32), and the rule is
+    ``assert_errors_like_eager``'s. Each run gets a fresh copy of the eager model, so state a
+    forward updates (batch norm, spectral norm) starts alike; ``patched`` runs once."""
     import copy
-    import statistics
 
     device_type = next(eager.parameters()).device.type
     truth = run(copy.deepcopy(eager))
     with torch.autocast(device_type, dtype=dtype):
         theirs = run(copy.deepcopy(eager))
         ours = run(patched)
-    floor = 2 * UNIT_ROUNDOFF[dtype]
     names = list(names)
     assert len(names) == len(truth) == len(theirs) == len(ours), (len(names), len(truth), len(theirs), len(ours))
-    errors = []
+    rows = []
     for name, t, e, o in zip(names, truth, theirs, ours):
         if t is None:
             assert e is None and o is None, name
-            continue
-        assert torch.isfinite(o).all(), f"{name}: not finite under autocast {dtype}"
+        else:
+            rows.append((name, t, e, o))
+    assert_errors_like_eager(rows, dtype, factor, f"under autocast {dtype}")
+
+
+def assert_errors_like_eager(rows, dtype: torch.dtype, factor: float = 4.0, what: str = "") -> None:
+    """``rows``: (name, truth, eager's, ours) tensors, where eager's and ours computed in ``dtype``
+    (autocast) and the truth in fp32. For each, our RMS-relative error against the truth must stay
+    within ``factor`` x eager's own error, that error taken no smaller than the median over all
+    the rows, plus two units of ``dtype``'s roundoff. The median: a gradient that is a sum with
+    much cancellation (a per-head ``logit_scale``: two numbers) has an error that varies 10x from
+    one input to the next for eager and fastnote alike, so eager's error on one tensor can be
+    luckily small."""
+    import statistics
+
+    floor = 2 * UNIT_ROUNDOFF[dtype]
+    errors = []
+    for name, t, e, o in rows:
+        assert torch.isfinite(o).all(), f"{name}: not finite {what}"
         errors.append((name, rms_relative_error(o.float(), t.float()), rms_relative_error(e.float(), t.float())))
+    assert errors, "nothing compared"
     typical = statistics.median(base for _, _, base in errors)
     for name, own, base in errors:
         assert own <= factor * max(base, typical) + floor, (
-            f"{name}: patched under autocast {dtype} off fp32 by {own:.3g}, the library's own model by {base:.3g} "
-            f"(median over the tensors {typical:.3g})")
+            f"{name}: fastnote {what} off fp32 by {own:.3g}, eager by {base:.3g} (median over the tensors "
+            f"{typical:.3g})")
 
 
 @contextlib.contextmanager

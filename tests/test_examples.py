@@ -34,7 +34,7 @@ import pytest
 import torch
 
 from fastnote.compat import import_timm, import_torchvision_models
-from fastnote.testing import assert_rms_close, load_example
+from fastnote.testing import assert_errors_like_eager, assert_rms_close, load_example
 
 EXAMPLES = ["sagan", "cut_patchnce", "style_transfer", "swin_classifier", "mobilenetv3", "clip_step",
             "siglip_step"]
@@ -42,9 +42,6 @@ NEEDS = {"swin_classifier": "timm", "mobilenetv3": "torchvision"}
 BOUND = 2e-4
 NULL = 1e-4     # fp32; see null()
 NULL_EPS = 4
-# bf16 autocast: inputs of every matmul rounded to 8 bits (u = 2**-8 ~ 4e-3), differently placed
-# in eager and fastnote; after 3 steps the two runs agree to a few u, hence 5e-2 RMS-relative.
-BOUND_BF16 = 5e-2
 pytestmark = pytest.mark.usefixtures("no_tf32")
 
 
@@ -111,13 +108,39 @@ def test_parity_fp32(name, device):
     _compare(eager, fast, BOUND, null(torch.float32))
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("name", EXAMPLES)
 def test_parity_bf16_autocast(name, device):
+    """Under bf16 autocast, 3 steps: the eager run itself drifts from the fp32 run (median over the
+    parameters, measured on the CPU: 13-20% for the conv models, 0.5-1.6% for Swin, CLIP and
+    SigLIP; on an H200 eager and fastnote bf16 differed by 15-51% in first-layer gradients), so
+    eager bf16 is no reference for fastnote bf16. Both are compared with the fp32 eager run:
+    fastnote's error within 4x eager's (``assert_errors_like_eager``; measured at most 2.2x).
+    Gradients that cancel to zero (see the module docstring) are held to ``null``: fastnote's must
+    be no larger than 4x the larger of eager bf16's and ``null`` times the model's gradient RMS.
+    On the CPU this runs under CPU autocast, whose op lists differ from CUDA's."""
     module = _example(name)
+    truth = module.run(False, 3, device=device)
     eager = module.run(False, 3, device=device, amp=torch.bfloat16)
     fast = module.run(True, 3, device=device, amp=torch.bfloat16)
-    _compare(eager, fast, BOUND_BF16, null(torch.bfloat16))
+    assert truth.losses.keys() == eager.losses.keys() == fast.losses.keys()
+    rows = [(f"loss {key}", *(torch.tensor(r.losses[key]) for r in (truth, eager, fast))) for key in truth.losses]
+    bound = null(torch.bfloat16)
+    for model_name, model in truth.modules.items():
+        params = [dict(r.modules[model_name].named_parameters()) for r in (truth, eager, fast)]
+        assert params[0].keys() == params[1].keys() == params[2].keys(), model_name
+        scale = _rms(torch.cat([p.grad.flatten() for p in params[0].values() if p.grad is not None]))
+        for key, p in params[0].items():
+            e, f = params[1][key].grad, params[2][key].grad
+            assert (p.grad is None) == (e is None) == (f is None), f"{model_name}.{key}"
+            if p.grad is None:
+                continue
+            where = f"{model_name}.{key} gradient"
+            if _rms(p.grad) > bound * scale:
+                rows.append((where, p.grad, e, f))
+            else:
+                assert _rms(f) <= 4 * max(_rms(e), bound * scale), f"{where}: {_rms(f):.3g} where fp32's is ~0"
+    assert len(rows) > len(truth.losses)
+    assert_errors_like_eager(rows, torch.bfloat16, what="under bf16 autocast")
 
 
 # Every example's eager step compiles with fullgraph=True (checked when this test was written: no
