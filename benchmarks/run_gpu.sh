@@ -126,7 +126,7 @@ if [ "$SIMULATE" = 1 ]; then
   tables=(--stdout)
 else
   bench_mode=(--quick)
-  pytest_sel=(-m gpu tests)
+  pytest_sel=(-m "(gpu or autocast) and not slow" tests)
   tables=()
 fi
 xdist=()

@@ -108,6 +108,7 @@ def test_parity_fp32(name, device):
     _compare(eager, fast, BOUND, null(torch.float32))
 
 
+@pytest.mark.autocast
 @pytest.mark.parametrize("name", EXAMPLES)
 def test_parity_bf16_autocast(name, device):
     """Under bf16 autocast, 3 steps: the eager run itself drifts from the fp32 run (median over the

@@ -205,6 +205,7 @@ def test_small_generator(device, launches, training):
     _check_unpatch(patched, keys, types_before, hooks_before)
 
 
+@pytest.mark.autocast
 @pytest.mark.parametrize("dtype", [torch.bfloat16, pytest.param(torch.float16, marks=pytest.mark.gpu)],
                          ids=["bf16", "fp16"])
 def test_small_generator_under_autocast(device, launches, dtype):

@@ -111,6 +111,7 @@ def test_model_matches_unpatched(version, train):
 
 
 @pytest.mark.parametrize("version", ["Swin", "Swinv2"])
+@pytest.mark.autocast
 @pytest.mark.parametrize("dtype", [torch.bfloat16, pytest.param(torch.float16, marks=pytest.mark.gpu)],
                          ids=["bf16", "fp16"])
 def test_model_under_autocast(version, dtype, device, launches):

@@ -71,6 +71,7 @@ def _outputs_and_gradients(model, x):
 
 
 @pytest.mark.parametrize("name", ["SwinIR", "Swin2SR"])
+@pytest.mark.autocast
 @pytest.mark.parametrize("dtype", [torch.bfloat16, pytest.param(torch.float16, marks=pytest.mark.gpu)],
                          ids=["bf16", "fp16"])
 def test_model_under_autocast(name, dtype, device, launches):

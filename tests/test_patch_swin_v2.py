@@ -244,6 +244,7 @@ def test_torchvision_v2_left_with_reason():
 # ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("library", ["timm", "torchvision"])
+@pytest.mark.autocast
 @pytest.mark.parametrize("dtype", [torch.bfloat16, pytest.param(torch.float16, marks=pytest.mark.gpu)],
                          ids=["bf16", "fp16"])
 def test_patched_v2_model_under_autocast(library, dtype, device, launches):

@@ -259,7 +259,8 @@ def _as_tensor(name: str, value, like) -> Tensor:
     if isinstance(value, torch.Tensor):
         return value
     checks.real(name, value)
-    return torch.tensor(float(value), device=like.device if isinstance(like, torch.Tensor) else None)
+    # a fill kernel, not a host-to-device copy: capturable in a CUDA graph
+    return torch.full((), float(value), device=like.device if isinstance(like, torch.Tensor) else None)
 
 
 def siglip_loss(image_emb: Tensor, text_emb: Tensor, logit_scale, logit_bias, *, group=None,
