@@ -283,6 +283,13 @@ def tf32_disabled():
                 _set_backend_attr(p, new[p])
 
 
+@pytest.fixture(params=[torch.bfloat16, pytest.param(torch.float16, marks=pytest.mark.gpu)], ids=["bf16", "fp16"])
+def autocast_dtype(request):
+    """The autocast dtypes of the patched-model autocast tests: bf16 everywhere (CPU autocast on the
+    CPU), fp16 only on a GPU (CPU autocast's fp16 support is partial)."""
+    return request.param
+
+
 @pytest.fixture
 def no_tf32():
     """For fp32 parity tests of modules, whole models and examples: TF32 off (``tf32_disabled``)."""

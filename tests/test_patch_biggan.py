@@ -206,9 +206,7 @@ def test_small_generator(device, launches, training):
 
 
 @pytest.mark.autocast
-@pytest.mark.parametrize("dtype", [torch.bfloat16, pytest.param(torch.float16, marks=pytest.mark.gpu)],
-                         ids=["bf16", "fp16"])
-def test_small_generator_under_autocast(device, launches, dtype):
+def test_small_generator_under_autocast(device, launches, autocast_dtype):
     """The patched generator (eval: batch norm on its stored statistics) under autocast: image and
     every gradient as close to the fp32 generator as the library's own under the same autocast."""
     label = torch.nn.functional.one_hot(torch.tensor([1, 7], device=device), 10).float()
@@ -225,5 +223,5 @@ def test_small_generator_under_autocast(device, launches, dtype):
 
     names = ["image", "z"] + [n for n, _ in eager.named_parameters()]
     launches.clear()
-    assert_autocast_like_eager(eager, patched, run, dtype, names)
+    assert_autocast_like_eager(eager, patched, run, autocast_dtype, names)
     assert any(k.endswith("sagan_attention") for k, _, _ in launches), launches

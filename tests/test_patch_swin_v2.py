@@ -245,9 +245,7 @@ def test_torchvision_v2_left_with_reason():
 
 @pytest.mark.parametrize("library", ["timm", "torchvision"])
 @pytest.mark.autocast
-@pytest.mark.parametrize("dtype", [torch.bfloat16, pytest.param(torch.float16, marks=pytest.mark.gpu)],
-                         ids=["bf16", "fp16"])
-def test_patched_v2_model_under_autocast(library, dtype, device, launches):
+def test_patched_v2_model_under_autocast(library, autocast_dtype, device, launches):
     """The patched model in training under autocast: logits and every gradient as close to the
     fp32 model as the library's own model under the same autocast (within 4x its error)."""
     eager, patched = _twins(_timm_model if library == "timm" else _torchvision_model, device)
@@ -262,7 +260,7 @@ def test_patched_v2_model_under_autocast(library, dtype, device, launches):
 
     names = ["logits", "x"] + [n for n, _ in eager.named_parameters()]
     launches.clear()
-    assert_autocast_like_eager(eager, patched, run, dtype, names)
+    assert_autocast_like_eager(eager, patched, run, autocast_dtype, names)
     assert any(k.endswith("window_attention") for k, _, _ in launches), launches
 
 

@@ -208,10 +208,10 @@ def _unit_rows(x, eps):
 def _unit_rows_grad(x_hat, r, unclamped, g_hat):
     """The gradient through ``_unit_rows``: for x^ = x / ||x||, ``dx = (dx^ - x^ (x^ . dx^)) / ||x||``;
     where the norm was clamped at eps, x^ = x / eps and ``dx = dx^ / eps``. Linear in ``g_hat`` (so
-    it applies to each key tile's share of dq)."""
+    it applies to each key tile's share of dq). Returns (dx, x^ . dx^ per row)."""
     xf = x_hat.to(tl.float32)
     proj = tl.sum(xf * g_hat, axis=1)
-    return r[:, None] * (g_hat - tl.where(unclamped, proj, 0.0)[:, None] * xf)
+    return r[:, None] * (g_hat - tl.where(unclamped, proj, 0.0)[:, None] * xf), proj
 
 
 @triton.jit
@@ -369,12 +369,19 @@ def _bwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, bias_ptr, mask_ptr,
                     ds = p * (dp - delta[:, None])
                     dk_acc += dot(tl.trans(ds.to(q.dtype)), q, PRECISION, UPCAST)
                     if COSINE:
-                        # d scale_h: sum of dS * (q^ . k^), from the fp32 dS and cosines of this tile
-                        # (q^ . (dS @ k^) would round dS to the dot's dtype first, in fp16/bf16 many
-                        # times the error of eager autocast, which keeps dS in fp32 there)
-                        dhs_acc += tl.sum(ds * qk, axis=1)
-                        # this key tile's share of dq^ / scale, through the normalisation (linear)
-                        dq = _unit_rows_grad(q, r_q, unclamped_q, dot(ds.to(k.dtype), k, PRECISION, UPCAST))
+                        # this key tile's share of dq^ / scale, through the normalisation (linear),
+                        # and of d scale_h = sum of dS * (q^ . k^) = q^ . (dS @ k^) per row
+                        g_hat = dot(ds.to(k.dtype), k, PRECISION, UPCAST)
+                        if q.dtype == tl.float32:
+                            dq, proj = _unit_rows_grad(q, r_q, unclamped_q, g_hat)
+                            dhs_acc += proj
+                        else:
+                            # fp16/bf16: dS went into the dot rounded to q's dtype; take d scale from
+                            # the fp32 dS and cosines of the tile instead (eager autocast keeps dS in
+                            # fp32 there). Not in fp32, whose backward then spills (1184 B of stack
+                            # with tf32x3 on sm_90, against 992 B).
+                            dq = _unit_rows_grad(q, r_q, unclamped_q, g_hat)[0]
+                            dhs_acc += tl.sum(ds * qk, axis=1)
                         dq = dq * scale
                     else:
                         dq = dot(ds.to(k.dtype), k, PRECISION, UPCAST) * scale
@@ -390,7 +397,7 @@ def _bwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, bias_ptr, mask_ptr,
                             tl.atomic_add(dbias_ptr + db_base + rows[:, None] * N + cols[None, :], ds, mask=tile_ok)
                 dk_acc = dk_acc * scale
                 if COSINE:
-                    dk_acc = _unit_rows_grad(k, r_k, unclamped_k, dk_acc)
+                    dk_acc = _unit_rows_grad(k, r_k, unclamped_k, dk_acc)[0]
                 d_offs = _row_offsets(w, h, tok_k, cols_d, sd_b, sd_h, sd_n)
                 k_ok = in_k[:, None] & d_ok[None, :]
                 tl.store(dk_ptr + d_offs, dk_acc.to(dk_ptr.dtype.element_ty), mask=k_ok)
