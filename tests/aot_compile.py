@@ -102,8 +102,9 @@ def _report_line(fn, constexprs, signature, options, compiled, shared):
     approx = len(APPROX_DIV.findall(ptx))
     wgmma, mma_sync = len(WGMMA.findall(ptx)), len(MMA_SYNC.findall(ptx))
     names = [p.name for p in fn.params]
+    # the upper-case constexprs: values, and the switches that are on (COSINE, FUSED, ...) by name
     consts = {names[k[0]] if isinstance(k, tuple) else k: v for k, v in constexprs.items()
-              if v is not None and not isinstance(v, bool) and (names[k[0]] if isinstance(k, tuple) else k).isupper()}
+              if v is not None and v is not False and (names[k[0]] if isinstance(k, tuple) else k).isupper()}
     dtypes = sorted({t for t in signature.values()
                      if isinstance(t, str) and (t.startswith("*fp") or t.startswith("*bf"))})
     smem = ",".join(f"{t}:{b}" for t, b in shared.items())

@@ -347,8 +347,7 @@ def _bwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, bias_ptr, mask_ptr,
                     if not SINGLE:
                         add = _additive(bias_ptr, mask_ptr, h, j, rows, cols, lab_q, lab_k, N, mask_value,
                                         HAS_BIAS, HAS_MASK, FUSED, BLOCK_M, BLOCK_N)
-                    qk = dot(q, tl.trans(k), PRECISION, UPCAST)
-                    s = qk * qk_scale + add
+                    s = dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale + add
                     tile_ok = (rows < N)[:, None] & (cols < N)[None, :]
                     p = tl.where(tile_ok, tl.exp2(s - lse[:, None]), 0.0)
                     if SINGLE:
@@ -371,17 +370,8 @@ def _bwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, bias_ptr, mask_ptr,
                     if COSINE:
                         # this key tile's share of dq^ / scale, through the normalisation (linear),
                         # and of d scale_h = sum of dS * (q^ . k^) = q^ . (dS @ k^) per row
-                        g_hat = dot(ds.to(k.dtype), k, PRECISION, UPCAST)
-                        if q.dtype == tl.float32:
-                            dq, proj = _unit_rows_grad(q, r_q, unclamped_q, g_hat)
-                            dhs_acc += proj
-                        else:
-                            # fp16/bf16: dS went into the dot rounded to q's dtype; take d scale from
-                            # the fp32 dS and cosines of the tile instead (eager autocast keeps dS in
-                            # fp32 there). Not in fp32, whose backward then spills (1184 B of stack
-                            # with tf32x3 on sm_90, against 992 B).
-                            dq = _unit_rows_grad(q, r_q, unclamped_q, g_hat)[0]
-                            dhs_acc += tl.sum(ds * qk, axis=1)
+                        dq, proj = _unit_rows_grad(q, r_q, unclamped_q, dot(ds.to(k.dtype), k, PRECISION, UPCAST))
+                        dhs_acc += proj
                         dq = dq * scale
                     else:
                         dq = dot(ds.to(k.dtype), k, PRECISION, UPCAST) * scale
