@@ -52,8 +52,15 @@ def _library():
 
 
 def _randomise(model):
-    """gamma off its 0 init (where the block returns x whatever the attention computes)."""
+    """gamma off its 0 init (where the block returns x whatever the attention computes); the
+    unconditional batch norm's weight and bias, which the library allocates uninitialised
+    (``torch.Tensor(n)``: its models expect loaded weights), set to values (left as they were,
+    whatever memory held, now and then NaN: the eager model's output too)."""
     with torch.no_grad():
+        for name, module in model.named_modules():
+            if type(module).__name__ == "BigGANBatchNorm" and not module.conditional:
+                module.weight.normal_(1.0, 0.1)
+                module.bias.normal_(0.0, 0.1)
         for name, p in model.named_parameters():
             if name.endswith("gamma"):
                 p.fill_(0.7)

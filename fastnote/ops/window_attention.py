@@ -215,6 +215,13 @@ def _check_core(q, k, v, bias, mask) -> None:
 def _block_forward_op(qkv: Tensor, qkv_bias: Optional[Tensor], bias: Optional[Tensor], window_size: int,
                       num_heads: int, shift_size: int, scale: float, mask_value: float,
                       roll_first: bool) -> List[Tensor]:
+    return _block_forward_launch(qkv, qkv_bias, bias, window_size, num_heads, shift_size, scale, mask_value,
+                                 roll_first)
+
+
+def _block_forward_launch(qkv, qkv_bias, bias, window_size, num_heads, shift_size, scale, mask_value, roll_first,
+                          head_scale=None) -> List[Tensor]:
+    """[out, lse] of the fused forward (V1's, and V2's with ``head_scale``)."""
     from ..triton_kernels import window_attention as kernels
 
     qkv, qkv_bias, bias = checks.contiguous(qkv, qkv_bias, bias)
@@ -223,7 +230,7 @@ def _block_forward_op(qkv: Tensor, qkv_bias: Optional[Tensor], bias: Optional[Te
     lse = backend.empty(_lse_shape(qkv, window_size, num_heads), torch.float32, qkv.device)
     kernels.fused_forward(qkv=qkv, qkv_bias=qkv_bias, bias=bias, window_size=window_size, num_heads=num_heads,
                           shift_size=shift_size, scale=scale, mask_value=mask_value, roll_first=roll_first,
-                          out=out, lse=lse)
+                          out=out, lse=lse, head_scale=head_scale)
     return [out, lse]
 
 

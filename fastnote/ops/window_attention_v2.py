@@ -21,8 +21,9 @@ from torch import Tensor
 
 from .. import backend, checks, reference
 from ._fast import kernel_op
-from .window_attention import (MASK_VALUE, _block_backward_launch, _backward_scratch, _check_block, _check_core,
-                               _core_inputs_ok, _dq_accumulator, _lse_shape, _unit_last_stride, relative_position_bias)
+from .window_attention import (MASK_VALUE, _backward_scratch, _block_backward_launch, _block_forward_launch,
+                               _check_block, _check_core, _core_inputs_ok, _dq_accumulator, _lse_shape,
+                               _unit_last_stride, relative_position_bias)
 
 LOGIT_SCALE_MAX = reference.LOGIT_SCALE_MAX   # log(1 / 0.01)
 
@@ -165,16 +166,8 @@ def window_attention_v2(q: Tensor, k: Tensor, v: Tensor, logit_scale: Tensor, bi
 def _block_forward_op(qkv: Tensor, qkv_bias: Optional[Tensor], logit_scale: Tensor, bias: Optional[Tensor],
                       window_size: int, num_heads: int, shift_size: int, mask_value: float,
                       roll_first: bool) -> List[Tensor]:
-    from ..triton_kernels import window_attention as kernels
-
-    qkv, qkv_bias, bias = checks.contiguous(qkv, qkv_bias, bias)
-    B, H, W, C3 = qkv.shape
-    out = backend.empty((B, H, W, C3 // 3), qkv.dtype, qkv.device)
-    lse = backend.empty(_lse_shape(qkv, window_size, num_heads), torch.float32, qkv.device)
-    kernels.fused_forward(qkv=qkv, qkv_bias=qkv_bias, bias=bias, window_size=window_size, num_heads=num_heads,
-                          shift_size=shift_size, scale=1.0, mask_value=mask_value, roll_first=roll_first,
-                          out=out, lse=lse, head_scale=_head_scale(logit_scale))
-    return [out, lse]
+    return _block_forward_launch(qkv, qkv_bias, bias, window_size, num_heads, shift_size, 1.0, mask_value, roll_first,
+                                 head_scale=_head_scale(logit_scale))
 
 
 @_block_forward_op.register_fake
