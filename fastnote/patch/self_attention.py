@@ -71,13 +71,9 @@ def _biggan_attention(old: nn.Module, site: Optional[Site] = None) -> Result:
         return None
     theta, phi, g, o = convs
     C = theta.in_channels
-    shapes = [(c.in_channels, c.out_channels) for c in convs]
-    if shapes != [(C, C // 8), (C, C // 8), (C, C // 2), (C // 2, C)] or C < 8:
-        return (f"BigGAN-shaped (theta, phi, g, o, gamma), but its convs map {shapes}: fastnote.nn.BigGANAttention "
-                f"has C -> C // 8, C // 8, C // 2 and C // 2 -> C")
-    if any(c.kernel_size != (1, 1) or c.stride != (1, 1) or c.padding != (0, 0) or c.groups != 1 or c.bias is not None
-           for c in convs) or gamma.numel() != 1:
-        return "BigGAN-shaped, but theta/phi/g/o are not bias-free 1x1 convs, or gamma is not a scalar"
+    reason = _non_local_convs_reason(convs, gamma, "BigGAN-shaped (theta, phi, g, o, gamma)", "BigGANAttention")
+    if reason is not None:
+        return reason
     names = {"theta", "phi", "g", "o"}
     extra = [n for n, _ in old.named_parameters() if n != "gamma" and n.split(".")[0] not in names]
     if extra:
@@ -102,13 +98,9 @@ def _pretrained_biggan_attention(old: nn.Module, site: Optional[Site] = None) ->
         return None
     theta, phi, g, o = convs
     C = theta.in_channels
-    shapes = [(c.in_channels, c.out_channels) for c in convs]
-    if shapes != [(C, C // 8), (C, C // 8), (C, C // 2), (C // 2, C)] or C < 8:
-        return (f"BigGAN SelfAttn-shaped, but its convs map {shapes}: fastnote.nn.PretrainedBigGANSelfAttn has "
-                f"C -> C // 8, C // 8, C // 2 and C // 2 -> C")
-    if any(c.kernel_size != (1, 1) or c.stride != (1, 1) or c.padding != (0, 0) or c.groups != 1 or c.bias is not None
-           for c in convs) or gamma.numel() != 1:
-        return "BigGAN SelfAttn-shaped, but its convs are not bias-free 1x1 convs, or gamma is not a scalar"
+    reason = _non_local_convs_reason(convs, gamma, "BigGAN SelfAttn-shaped", "PretrainedBigGANSelfAttn")
+    if reason is not None:
+        return reason
     if not (isinstance(pool, nn.MaxPool2d) and _pair(pool.kernel_size) == (2, 2) and _pair(pool.stride) == (2, 2)
             and _pair(pool.padding) == (0, 0) and _pair(pool.dilation) == (1, 1) and not pool.ceil_mode):
         return "BigGAN SelfAttn-shaped, but its maxpool is not a 2x2 max pool of stride 2"
@@ -119,6 +111,20 @@ def _pretrained_biggan_attention(old: nn.Module, site: Optional[Site] = None) ->
     if reason is not None:
         return reason
     return fnn.PretrainedBigGANSelfAttn.from_biggan(old), "pooled keys/values; the [B, N, N/4] map is not stored"
+
+
+def _non_local_convs_reason(convs, gamma: nn.Parameter, what: str, ours: str) -> Optional[str]:
+    """None when BigGAN's theta, phi, g, o ``convs`` are bias-free 1x1 convs mapping C -> C // 8,
+    C // 8, C // 2 and C // 2 -> C (C >= 8) and ``gamma`` is a scalar, else the reason."""
+    C = convs[0].in_channels
+    shapes = [(c.in_channels, c.out_channels) for c in convs]
+    if shapes != [(C, C // 8), (C, C // 8), (C, C // 2), (C // 2, C)] or C < 8:
+        return (f"{what}, but its convs map {shapes}: fastnote.nn.{ours} has C -> C // 8, C // 8, C // 2 and "
+                f"C // 2 -> C")
+    if any(c.kernel_size != (1, 1) or c.stride != (1, 1) or c.padding != (0, 0) or c.groups != 1 or c.bias is not None
+           for c in convs) or gamma.numel() != 1:
+        return f"{what}, but theta/phi/g/o are not bias-free 1x1 convs, or gamma is not a scalar"
+    return None
 
 
 def _pooled_probe(old: nn.Module, C: int, weight: torch.Tensor, convs, what: str) -> Optional[str]:
