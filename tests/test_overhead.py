@@ -22,7 +22,7 @@ import overhead  # noqa: E402  (benchmarks/overhead.py)
 
 FWD_BUDGET_US = 10.0
 BOTH_BUDGET_US = 20.0
-ATTEMPTS = 3
+ATTEMPTS = 5   # a shared 2-core CI machine: another worker's interpreter run can add 3-5 us to any one measurement
 OPS = [op.name for op in overhead.OPS]
 
 

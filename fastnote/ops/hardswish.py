@@ -29,7 +29,9 @@ def _backward_op(grad: Tensor, x: Tensor, kind: str) -> Tensor:
     from ..triton_kernels import hardswish as kernels
 
     x = x.contiguous()
-    grad = grad.to(x.dtype).contiguous()
+    if grad.dtype != x.dtype:
+        grad = grad.to(x.dtype)
+    grad = grad.contiguous()
     return kernels.backward(grad=grad, x=x, kind=kind, out=backend.empty_like(x))
 
 
