@@ -11,7 +11,10 @@ is negligible. Metric ``host`` (launch ``stubbed``).
 Part 2, only on a CUDA GPU: realistic bf16 CUDA tensors, launches real. ``host``: host wall time
 per call of many asynchronous calls (timed before the one synchronize that follows them);
 ``gpu``: GPU time per call from a CUDA-graph replay (``CALLS_PER_GRAPH`` calls captured in one
-graph, replays timed with CUDA events), i.e. device time without any host gaps. On a GPU machine
+graph, replays timed with CUDA events), i.e. device time without any host gaps. Beside eager and
+fastnote, ``custom_op`` times fastnote through its torch.library ops (the path torch.compile
+traces) and, here only, ``triton_launch`` through Triton's own launch path instead of the direct
+one (``triton_kernels.utils.launch``): their difference is what the direct path saves. On a GPU machine
 part 1 runs in a subprocess that hides the GPU and turns the interpreter on (the interpreter
 replaces ``@triton.jit`` kernels at import, so one process cannot do both parts).
 
@@ -69,7 +72,9 @@ MODES = ("nograd", "fwd", "both")
 PROVIDERS = ("eager", "fastnote")
 # "custom_op": fastnote's public function with every kernel call sent through its torch.library
 # custom op and register_autograd (fastnote.ops._fast.FORCE_CUSTOM_OP), the path torch.compile traces.
-ALL_PROVIDERS = PROVIDERS + ("custom_op",)
+# "triton_launch": fastnote with every kernel launched through Triton's own JITFunction.run instead
+# of the direct path (triton_kernels/utils.py, ``launch``); GPU part only, where the direct path is on.
+ALL_PROVIDERS = PROVIDERS + ("custom_op", "triton_launch")
 CALLS_PER_GRAPH = 20
 GPU_CALLS = 20     # calls per timed round with real launches: few enough that the launch queue never fills
 DEFAULT_OUT = os.path.join("out", "overhead.csv")
@@ -359,9 +364,21 @@ def through_custom_ops(fn: Callable[[], object]) -> Callable[[], object]:
     return call
 
 
+def through_tritons_launch(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` with every kernel launched through Triton's own launch path."""
+    from fastnote.triton_kernels.utils import tritons_launch_path
+
+    def call():
+        with tritons_launch_path():
+            return fn()
+    return call
+
+
 def provider_callable(op: Op, provider: str, inputs: dict, mode: str) -> Callable[[], object]:
     if provider == "custom_op":
         return through_custom_ops(mode_callable(op.fastnote, inputs, mode))
+    if provider == "triton_launch":
+        return through_tritons_launch(mode_callable(op.fastnote, inputs, mode))
     return mode_callable(getattr(op, provider), inputs, mode)
 
 
@@ -460,7 +477,7 @@ def rows_from(samples: Dict[tuple, List[float]], metric: str, config: dict, call
 
 def print_table(rows: List[dict]) -> None:
     """One line per (metric, launch, op, mode): eager, fastnote, the difference and the ratio, and
-    the custom-op path where measured."""
+    the custom-op and Triton-launch paths where measured."""
     table: Dict[tuple, Dict[str, float]] = {}
     for r in rows:
         launch = json.loads(r["config"]).get("launch", "")
@@ -471,9 +488,11 @@ def print_table(rows: List[dict]) -> None:
         if (metric, launch) != last:
             last = (metric, launch)
             print(f"\n{metric} us per call (launch {launch}; median)")
-            print(f"  {'op':<22} {'mode':<7} {'eager':>9} {'fastnote':>9} {'diff':>9} {'ratio':>6} {'custom_op':>9}")
-        e, f, c = v.get("eager", nan), v.get("fastnote", nan), v.get("custom_op", nan)
-        print(f"  {op:<22} {mode:<7} {e:9.1f} {f:9.1f} {f - e:+9.1f} {f / e if e else nan:6.2f} {c:9.1f}")
+            print(f"  {'op':<22} {'mode':<7} {'eager':>9} {'fastnote':>9} {'diff':>9} {'ratio':>6} {'custom_op':>9}"
+                  f" {'triton_launch':>13}")
+        e, f = v.get("eager", nan), v.get("fastnote", nan)
+        c, t = v.get("custom_op", nan), v.get("triton_launch", nan)
+        print(f"  {op:<22} {mode:<7} {e:9.1f} {f:9.1f} {f - e:+9.1f} {f / e if e else nan:6.2f} {c:9.1f} {t:13.1f}")
 
 
 def _read_csv(path: str) -> List[dict]:
@@ -486,6 +505,8 @@ def _read_csv(path: str) -> List[dict]:
 def stubbed_rows(ops, modes, calls, repeats, warmup, providers=ALL_PROVIDERS) -> List[dict]:
     """Part 1 in this process (needs the interpreter on and no GPU in use). One intra-op thread:
     on tiny tensors a second one only adds the wake-up latency of a busy core to eager's ops."""
+    # With the launch stubbed the direct path is off (no GPU): triton_launch would time fastnote twice.
+    providers = [p for p in providers if p != "triton_launch"]
     with one_thread():
         samples = measure_host(ops, modes, device=torch.device("cpu"), dtype=torch.float32, realistic=False,
                                calls=calls, repeats=repeats, warmup=warmup, stub=True, providers=providers)

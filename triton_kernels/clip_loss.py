@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from .contrastive_tiles import config, grid_d, load_rows, online_logsumexp, score_tile
-from .utils import LN2, LOG2E, cdiv, dot
+from .utils import LN2, LOG2E, cdiv, dot, launch
 
 
 @triton.jit
@@ -155,7 +155,7 @@ def row_lse(*, x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, offset: in
     if NX == 0:
         return
     cfg = config(x, NX, NY, backward=False)
-    _forward_kernel[(cdiv(NX, cfg["BLOCK_X"]),)](x, y, scale, stats, ce, NX, NY, D, offset,
+    launch(_forward_kernel, (cdiv(NX, cfg["BLOCK_X"]),), x, y, scale, stats, ce, NX, NY, D, offset,
                                                         num_stages=2, **cfg)
 
 
@@ -172,7 +172,7 @@ def row_grad(*, grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor, scale: tor
     cfg = config(x, NX, NY, backward=True)
     grid = (cdiv(NX, cfg["BLOCK_X"]), grid_d(cfg, D))
     dummy = scale
-    _backward_kernel[grid](
+    launch(_backward_kernel, grid,
         x, y, scale, grad, lse_x if lse_x is not None else dummy, lse_y if lse_y is not None else dummy,
         dx, r if r is not None else dummy, NX, NY, D, offset, coef,
         HAS_LSE_X=lse_x is not None, HAS_LSE_Y=lse_y is not None, WITH_R=r is not None, **cfg,

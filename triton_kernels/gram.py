@@ -66,7 +66,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import MIN_DOT, cdiv, dot, dot_switches, next_pow2
+from .utils import MIN_DOT, cdiv, dot, dot_switches, launch, next_pow2
 
 DEFAULT_SMS = 132       # H100 / H200 SXM
 PROGRAMS_PER_SM = 3
@@ -352,7 +352,7 @@ def forward(*, f: torch.Tensor, inv_norm: float, plan: ForwardPlan, out=None, ta
     common = dict(STYLE=style, SAVE_DIFF=diff is not None, SINGLE_TILE=nt == 1)
     inv_ck = 1.0 / (C * K)
     split = n_split > 1
-    _forward_kernel[(BT, n_split)](
+    launch(_forward_kernel, (BT, n_split),
         f, dummy, part if split else dummy, target if style else dummy,
         diff if diff is not None else dummy, losses if style and not split else dummy,
         C, K, T, k_chunk, *f.stride(), *st, inv_norm, inv_ck,
@@ -360,7 +360,7 @@ def forward(*, f: torch.Tensor, inv_norm: float, plan: ForwardPlan, out=None, ta
     )
     if split:
         programs = BT * (block_m // rows)
-        _reduce_kernel[(programs,)](
+        launch(_reduce_kernel, (programs,),
             part, dummy, target if style else dummy, diff if diff is not None else dummy,
             losses if style else dummy, C, T, BT, n_split, *st, inv_norm, inv_ck,
             BLOCK_M=block_m, BLOCK_R=rows, num_warps=4, **common,
@@ -385,7 +385,7 @@ def backward(*, a: torch.Tensor, f: torch.Tensor, df: torch.Tensor, pre: float, 
     B, C, K = f.shape
     cfg = _backward_config(f.dtype == torch.float32, C)
     grid = (B * cdiv(C, cfg["BLOCK_M"]) * cdiv(K, cfg["BLOCK_N"]),)
-    _backward_kernel[grid](
+    launch(_backward_kernel, grid,
         a, f, df, coef if coef is not None else a, C, K, pre, post,
         *a.stride(), *f.stride(), *df.stride(), HAS_COEF=coef is not None,
         **dot_switches(f.dtype, f.device), **cfg,

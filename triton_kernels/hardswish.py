@@ -18,6 +18,7 @@ from .utils import (
     hard_sigmoid_grad_f32,
     hard_swish_f32,
     hard_swish_grad_f32,
+    launch,
 )
 
 KINDS = ("hard_swish", "hard_sigmoid")
@@ -56,7 +57,7 @@ def forward(*, x: torch.Tensor, kind: str, out: torch.Tensor) -> torch.Tensor:
     """y = act(x) into ``out`` (both contiguous, same shape and dtype)."""
     n = x.numel()
     if n:
-        _forward_kernel[_grid(n)](
+        launch(_forward_kernel, _grid(n),
             x, out, n, SWISH=kind == "hard_swish", BLOCK=ELEMENTWISE_BLOCK, num_warps=ELEMENTWISE_WARPS
         )
     return out
@@ -66,7 +67,7 @@ def backward(*, grad: torch.Tensor, x: torch.Tensor, kind: str, out: torch.Tenso
     """dx = grad * act'(x) into ``out`` (all contiguous, same shape and dtype)."""
     n = x.numel()
     if n:
-        _backward_kernel[_grid(n)](
+        launch(_backward_kernel, _grid(n),
             grad, x, out, n, SWISH=kind == "hard_swish", BLOCK=ELEMENTWISE_BLOCK, num_warps=ELEMENTWISE_WARPS
         )
     return out

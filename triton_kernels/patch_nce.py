@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from .contrastive_tiles import config, grid_d, load_rows, online_logsumexp, row_dot, score_tile
-from .utils import LN2, LOG2E_F, cdiv, dot
+from .utils import LN2, LOG2E_F, cdiv, dot, launch
 
 
 @triton.jit
@@ -174,7 +174,7 @@ def forward(*, q: torch.Tensor, k: torch.Tensor, groups: int, nce_T: float, loss
     M = R // groups
     cfg = config(q, M, M, backward=False)
     tiles = cdiv(M, cfg["BLOCK_X"])
-    _forward_kernel[(groups * tiles,)](q, k, loss, stats, R, M, D, tiles, LOG2E_F / nce_T, num_stages=2, **cfg)
+    launch(_forward_kernel, (groups * tiles,), q, k, loss, stats, R, M, D, tiles, LOG2E_F / nce_T, num_stages=2, **cfg)
 
 
 def backward(*, grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, groups: int, nce_T: float, loss: torch.Tensor,
@@ -192,7 +192,7 @@ def backward(*, grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, groups: in
     args = (q, k, g, loss, stats, gmax)
     scalars = (R, M, D)
     tiles = cdiv(M, cfg["BLOCK_X"])
-    _dq_kernel[(groups * tiles, n_d)](*args, dq, *scalars, tiles, LOG2E_F / nce_T, 1.0 / nce_T, **cfg)
+    launch(_dq_kernel, (groups * tiles, n_d), *args, dq, *scalars, tiles, LOG2E_F / nce_T, 1.0 / nce_T, **cfg)
     if dk is not None:
         tiles = cdiv(M, cfg["BLOCK_Y"])
-        _dk_kernel[(groups * tiles, n_d)](*args, dk, *scalars, tiles, LOG2E_F / nce_T, 1.0 / nce_T, **cfg)
+        launch(_dk_kernel, (groups * tiles, n_d), *args, dk, *scalars, tiles, LOG2E_F / nce_T, 1.0 / nce_T, **cfg)

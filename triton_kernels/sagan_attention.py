@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import MIN_DOT, cdiv, dot, dot_switches, next_pow2
+from .utils import MIN_DOT, cdiv, dot, dot_switches, launch, next_pow2
 MAX_BLOCK_DV = 128    # value channels per program, fp16/bf16 (tiles for each case: _config)
 PREPROCESS_BLOCK_N = 128
 PREPROCESS_BLOCK_C = 32
@@ -339,7 +339,7 @@ def forward(*, q, k, v, x, gamma, out, o, lse) -> None:
     # x [B, d_v, N], or [B, d_v, W, H] whose last two dimensions merge (stride(2) = H * stride(3))
     xs = (x.stride() if x.dim() == 3 else (x.stride(0), x.stride(1), x.stride(3))) if has_res else (0, 0, 0)
     grid = (B * cdiv(N, cfg["BLOCK_M"]), cdiv(DV, cfg["BLOCK_DV"]))
-    _forward_kernel[grid](
+    launch(_forward_kernel, grid,
         q, k, v, x if has_res else q, gamma if has_res else lse, out, o if o is not None else lse, lse,
         N, NK, q.shape[1], DV, *q.stride(), *k.stride(), *v.stride(), *xs,
         HAS_RESIDUAL=has_res, STORE_O=o is not None, num_stages=2, **cfg,
@@ -356,7 +356,7 @@ def backward(*, grad, q, k, v, o, lse, gamma, dq, dk, dv, r) -> None:
     if B == 0:
         return
     if N:
-        _preprocess_kernel[(B * cdiv(N, PREPROCESS_BLOCK_N),)](
+        launch(_preprocess_kernel, (B * cdiv(N, PREPROCESS_BLOCK_N),),
             grad, o, r, N, DV, *grad.stride(), BLOCK_N=PREPROCESS_BLOCK_N, BLOCK_C=PREPROCESS_BLOCK_C,
             num_warps=4,
         )
@@ -369,11 +369,11 @@ def backward(*, grad, q, k, v, o, lse, gamma, dq, dk, dv, r) -> None:
             *q.stride(), *k.stride(), *v.stride(), *grad.stride())
     common = dict(HAS_GAMMA=has_gamma, SINGLE_DV=n_dv == 1, **cfg)
     key_tiles = cdiv(NK, cfg["BLOCK_N"])
-    _dkdv_kernel[(B * key_tiles, 1)](*args, 0, WITH_DK=True, **common)
+    launch(_dkdv_kernel, (B * key_tiles, 1), *args, 0, WITH_DK=True, **common)
     if n_dv > 1:
-        _dkdv_kernel[(B * key_tiles, n_dv - 1)](*args, 1, WITH_DK=False, **common)
+        launch(_dkdv_kernel, (B * key_tiles, n_dv - 1), *args, 1, WITH_DK=False, **common)
     if N:
-        _dq_kernel[(B * cdiv(N, cfg["BLOCK_M"]),)](
+        launch(_dq_kernel, (B * cdiv(N, cfg["BLOCK_M"]),),
             q, k, v, grad, lse, r, gamma if has_gamma else r, dq, N, NK, DQK, DV,
             *q.stride(), *k.stride(), *v.stride(), *grad.stride(), **common,
         )

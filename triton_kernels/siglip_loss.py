@@ -53,7 +53,7 @@ import triton
 import triton.language as tl
 
 from .contrastive_tiles import config, grid_d, load_rows, score_tile
-from .utils import LN2, LOG2E, cdiv, dot
+from .utils import LN2, LOG2E, cdiv, dot, launch
 
 
 @triton.jit
@@ -150,7 +150,7 @@ def forward(*, x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, bias: torc
     if NX == 0:
         return
     cfg = config(x, NX, NY, backward=False)
-    _forward_kernel[(cdiv(NX, cfg["BLOCK_X"]),)](x, y, scale, bias, loss_rows, NX, NY, D, offset,
+    launch(_forward_kernel, (cdiv(NX, cfg["BLOCK_X"]),), x, y, scale, bias, loss_rows, NX, NY, D, offset,
                                                  HAS_DIAG=has_diag, num_stages=2, **cfg)
 
 
@@ -167,5 +167,5 @@ def backward(*, grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor, scale: tor
         return
     cfg = config(x, NX, NY, backward=True)
     grid = (cdiv(NX, cfg["BLOCK_X"]), grid_d(cfg, D))
-    _backward_kernel[grid](x, y, scale, bias, grad, dx, r if r is not None else scale, NX, NY, D, offset,
+    launch(_backward_kernel, grid, x, y, scale, bias, grad, dx, r if r is not None else scale, NX, NY, D, offset,
                            coef, HAS_DIAG=has_diag, WITH_R=r is not None, **cfg)

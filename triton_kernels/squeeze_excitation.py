@@ -32,6 +32,7 @@ from .utils import (
     hard_sigmoid_grad_f32,
     hard_swish_f32,
     hard_swish_grad_f32,
+    launch,
     next_pow2,
     sigmoid_f32,
 )
@@ -117,7 +118,7 @@ def plane_reduce(*, x: torch.Tensor, grad, hswish: bool, scale: float, out: torc
         return out.zero_()
     block_c, block_hw = _reduce_blocks(C, HW)
     grid = (B, cdiv(C, block_c))
-    _plane_reduce_kernel[grid](
+    launch(_plane_reduce_kernel, grid,
         x, grad if grad is not None else x, out, C, HW, scale,
         HSWISH=hswish, HAS_GRAD=grad is not None, BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=4,
     )
@@ -145,7 +146,7 @@ def apply(*, x: torch.Tensor, g: torch.Tensor, hswish: bool, out: torch.Tensor) 
     """out = pre(x) * g[b, c]; g fp32 contiguous [B, C]."""
     if x.numel():
         grid, C, HW, blocks = _streaming_grid(x)
-        _apply_kernel[grid](x, g, out, C, HW, HSWISH=hswish, **blocks)
+        launch(_apply_kernel, grid, x, g, out, C, HW, HSWISH=hswish, **blocks)
     return out
 
 
@@ -153,7 +154,7 @@ def input_grad(*, grad, x, g, ds, hswish: bool, out: torch.Tensor) -> torch.Tens
     """dx = (grad * g + ds / HW) * pre'(x); g, ds fp32 contiguous [B, C] (ds = dL/d mean)."""
     if x.numel():
         grid, C, HW, blocks = _streaming_grid(x)
-        _input_grad_kernel[grid](grad, x, g, ds, out, C, HW, 1.0 / HW, HSWISH=hswish, **blocks)
+        launch(_input_grad_kernel, grid, grad, x, g, ds, out, C, HW, 1.0 / HW, HSWISH=hswish, **blocks)
     return out
 
 
@@ -272,7 +273,7 @@ def mlp_forward(*, s, w1, b1, w2, b2, activation: str, gate: str, g: torch.Tenso
     CR = w1.shape[0]
     if B:
         block_c, block_r = _mlp_blocks(C, CR)
-        _mlp_forward_kernel[(B,)](s, w1, b1, w2, b2, g, C, CR, ACT=ACTIVATION_CODES[activation],
+        launch(_mlp_forward_kernel, (B,), s, w1, b1, w2, b2, g, C, CR, ACT=ACTIVATION_CODES[activation],
                                   GATE=GATE_CODES[gate], BLOCK_C=block_c, BLOCK_R=block_r, num_warps=4)
     return g
 
@@ -284,7 +285,7 @@ def mlp_backward(*, s, w1, b1, w2, b2, dg, activation: str, gate: str, a, dz1, d
     CR = w1.shape[0]
     if B:
         block_c, block_r = _mlp_blocks(C, CR)
-        _mlp_backward_kernel[(B,)](s, w1, b1, w2, b2, dg, a, dz1, dz2, ds, C, CR,
+        launch(_mlp_backward_kernel, (B,), s, w1, b1, w2, b2, dg, a, dz1, dz2, ds, C, CR,
                                    ACT=ACTIVATION_CODES[activation], GATE=GATE_CODES[gate],
                                    BLOCK_C=block_c, BLOCK_R=block_r, num_warps=4)
     return ds, dz1.t() @ s, dz1.sum(0), dz2.t() @ a, dz2.sum(0)

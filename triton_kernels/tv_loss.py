@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import cdiv
+from .utils import cdiv, launch
 
 BLOCK_H = 16
 BLOCK_W = 64
@@ -98,7 +98,7 @@ def programs(y: torch.Tensor) -> int:
 def forward(*, y: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
     """part, fp32 [programs(y)]: per-program partial sums of the TV / (C*H*W) (to be summed)."""
     B, C, H, W = y.shape
-    _tv_forward_kernel[(part.shape[0],)](y, part, C, H, W, *y.stride(), 1.0 / (C * H * W),
+    launch(_tv_forward_kernel, (part.shape[0],), y, part, C, H, W, *y.stride(), 1.0 / (C * H * W),
                                          BLOCK_H=BLOCK_H, BLOCK_W=BLOCK_W, num_warps=4)
     return part
 
@@ -106,5 +106,5 @@ def forward(*, y: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
 def backward(*, y: torch.Tensor, grad: torch.Tensor, dy: torch.Tensor) -> None:
     """dy = d tv / dy * grad (grad a one-element tensor), any strides for y and dy."""
     B, C, H, W = y.shape
-    _tv_backward_kernel[(programs(y),)](y, grad, dy, C, H, W, *y.stride(), *dy.stride(), 1.0 / (C * H * W),
+    launch(_tv_backward_kernel, (programs(y),), y, grad, dy, C, H, W, *y.stride(), *dy.stride(), 1.0 / (C * H * W),
                                         BLOCK_H=BLOCK_H, BLOCK_W=BLOCK_W, num_warps=4)

@@ -1,6 +1,7 @@
 """Launch helpers shared by the kernels."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -153,3 +154,117 @@ def hard_sigmoid_grad_f32(x):
 @triton.jit
 def sigmoid_f32(x):
     return 1.0 / (1.0 + tl.exp(-x))
+
+
+# ------------------------------------------------------------------------------------------------
+# Launching
+# ------------------------------------------------------------------------------------------------
+# ``kernel[grid](*args)`` goes through ``JITFunction.run``: per launch it reads Triton's knobs,
+# asks the driver for the device and stream, binds and specialises the arguments, renders a
+# cache key (``str`` of the options dict), looks the kernel up, checks the kernel's globals,
+# builds launch metadata and only then calls the compiled kernel's C launcher. ``launch`` keeps
+# the one step that decides which binary runs (the JIT's own binder, so the specialisation is
+# Triton's, exactly) and remembers the binary per (kernel, device, specialisation, options); a
+# repeat launch then goes straight to the binary's launcher with the arguments Triton would pass
+# it. The first launch of each specialisation, and any launch while a launch hook (a profiler) or
+# a pre-run hook is set, takes Triton's own path. Measured with Triton's driver faked (no GPU,
+# tests/test_launch.py's harness), per launch of h-swish's kernel: 5.4 us through
+# ``JITFunction.run`` on Triton 3.6 and 6.0 on 3.9, against 2.8 here; the C launcher and
+# ``cuLaunchKernelEx`` come on top of both.
+#
+# It leans on JITFunction internals that are identical in Triton 3.5.1 through 3.9.0 (the
+# ``device_caches`` entry ``(kernel_cache, key_cache, target, backend, binder)`` and the launcher
+# call ``run(gx, gy, gz, stream, function, packed_metadata, launch_metadata, enter_hook,
+# exit_hook, *bound_args)``); on any other version ``launch`` is ``kernel[grid](*args)``.
+# What it does not redo per launch: Triton's check that a global the kernel read has not
+# changed since it was compiled (the kernels read only constants), and re-reading
+# TRITON_DEBUG-style knobs (a kernel compiled under one setting keeps running under it).
+DIRECT_LAUNCH_TRITON = ((3, 5), (3, 10))    # [from, to) of Triton versions checked
+
+
+def _triton_version() -> tuple:
+    parts = []
+    for part in triton.__version__.split(".")[:2]:
+        digits = "".join(c for c in part if c.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+def direct_launch_supported() -> bool:
+    """Whether this process can launch compiled kernels directly: real kernels (no interpreter),
+    a CUDA device, and a Triton version whose launch internals ``launch`` mirrors."""
+    low, high = DIRECT_LAUNCH_TRITON
+    return not INTERPRETED and torch.cuda.is_available() and low <= _triton_version() < high
+
+
+class _DirectLaunch:
+    on = False
+    compiled: dict = {}        # (kernel, device, specialisation, options) -> CompiledKernel
+    device = None              # the driver's get_current_device / get_current_stream
+    stream = None
+    knobs = None
+
+
+def set_direct_launch(enabled=None, *, force: bool = False) -> bool:
+    """Turn the direct launch path on or off; returns whether it is on.
+
+    ``enabled=None`` restores the default: on where ``direct_launch_supported()``, unless the
+    environment sets ``FASTNOTE_DIRECT_LAUNCH=0`` (read here, once, not per launch). ``force``
+    skips the support check (tests that fake Triton's driver). Always forgets the binaries
+    remembered so far."""
+    if enabled is None:
+        enabled = os.environ.get("FASTNOTE_DIRECT_LAUNCH", "1") != "0"
+    enabled = bool(enabled) and (force or direct_launch_supported())
+    _DirectLaunch.compiled = {}
+    _DirectLaunch.on = enabled
+    if enabled:
+        from triton import knobs
+        from triton.runtime import driver
+        _DirectLaunch.device = driver.active.get_current_device
+        _DirectLaunch.stream = driver.active.get_current_stream
+        _DirectLaunch.knobs = knobs.runtime
+    return enabled
+
+
+@contextlib.contextmanager
+def tritons_launch_path():
+    """Inside, every ``launch`` takes Triton's own path; the binaries remembered stay (benchmarks
+    time the two paths turn by turn)."""
+    on = _DirectLaunch.on
+    _DirectLaunch.on = False
+    try:
+        yield
+    finally:
+        _DirectLaunch.on = on
+
+
+def _hooked(hook) -> bool:
+    # Triton 3.6+ holds the launch hooks in HookChain objects, empty unless a profiler added one;
+    # the knob may also be set to a plain callable (or None).
+    return bool(getattr(hook, "calls", hook))
+
+
+def launch(kernel, grid: tuple, *args, **kwargs) -> None:
+    """``kernel[grid](*args, **kwargs)``, through the direct path where it is on (see above).
+    ``grid`` is a tuple of one to three ints."""
+    state = _DirectLaunch
+    if not state.on:
+        kernel[grid](*args, **kwargs)
+        return
+    device = state.device()
+    bound, specialisation, options = kernel.device_caches[device][4](*args, **kwargs)
+    key = (kernel, device, tuple(specialisation), tuple(options.items()))
+    runtime = state.knobs
+    compiled = state.compiled.get(key)
+    if (compiled is None or kernel.pre_run_hooks or _hooked(runtime.launch_enter_hook)
+            or _hooked(runtime.launch_exit_hook)):
+        compiled = kernel[grid](*args, **kwargs)
+        if compiled is not None and hasattr(compiled, "packed_metadata") and not kernel.pre_run_hooks:
+            state.compiled[key] = compiled
+        return
+    n = len(grid)
+    compiled.run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, state.stream(device),
+                 compiled.function, compiled.packed_metadata, None, None, None, *bound.values())
+
+
+set_direct_launch()

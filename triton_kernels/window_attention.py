@@ -86,7 +86,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import LOG2E, LOG2E_F, cdiv, dot, dot_switches, next_pow2
+from .utils import LOG2E, LOG2E_F, cdiv, dot, dot_switches, launch, next_pow2
 
 # Largest padded N whose full score tile one program holds; beyond it, 64 x 64 tiles.
 SINGLE_TILE_MAX_N = 64
@@ -595,7 +595,7 @@ def _fwd(*, q, k, v, q_strides, k_strides, v_strides, out, out_strides, lse, bia
     dummy = lse  # stands in for absent optional tensors (never read: their HAS_* flag is off)
     (sq_b, sq_h, sq_n), (sk_b, sk_h, sk_n), (sv_b, sv_h, sv_n), (so_b, so_h, so_n) = \
         q_strides, k_strides, v_strides, out_strides
-    _fwd_kernel[grid](
+    launch(_fwd_kernel, grid,
         q_ptr=q, k_ptr=k, v_ptr=v, o_ptr=out, lse_ptr=lse,
         bias_ptr=bias if bias is not None else dummy, mask_ptr=mask if mask is not None else dummy,
         qkvb_ptr=qkv_bias if qkv_bias is not None else dummy, hs_ptr=head_scale if head_scale is not None else dummy,
@@ -627,7 +627,7 @@ def _bwd(*, q, k, v, q_strides, k_strides, v_strides, out, do, out_strides, lse,
         q_strides, k_strides, v_strides, out_strides
     (sdq_b, sdq_h, sdq_n), (sd_b, sd_h, sd_n) = dq_strides, dkv_strides
     switches = dot_switches(q.dtype, q.device)
-    _bwd_kernel[(plan.programs * heads,)](
+    launch(_bwd_kernel, (plan.programs * heads,),
         q_ptr=q, k_ptr=k, v_ptr=v, o_ptr=out, do_ptr=do, lse_ptr=lse,
         bias_ptr=bias if bias is not None else dummy, mask_ptr=mask if mask is not None else dummy,
         qkvb_ptr=qkv_bias if qkv_bias is not None else dummy,
