@@ -1236,6 +1236,7 @@ HEADLINES = (  # (op, case, dtype) of the README table
     ("sagan_attention", "B=8 C=256 256x256", "fp32"),
     ("clip_loss", "n=65536 d=512", "fp32"),
     ("clip_loss", "n=1048576 d=512", "bf16"),
+    ("siglip_loss", "n=1048576 d=768", "bf16"),
     ("patch_nce", "all negatives M=262144 d=256", "fp32"),
     ("patch_nce", "CUT default: 5 layers x 256 patches, batch 1, d=256", "fp32"),
     ("style_loss", "VGG-16 relu1_2..relu4_3 at 256x256, batch 16", "fp32"),
