@@ -33,7 +33,7 @@ TORCH_VERSION=2.11.0
 TRITON_VERSION=3.6.0
 NUMPY_SPEC="numpy<2.4"
 TORCHVISION_VERSION=0.26.0   # torch 2.N pairs with torchvision 0.(N+15)
-TEST_TOOLS=(pytest hypothesis pytest-benchmark matplotlib ninja setuptools wheel)
+TEST_TOOLS=(pytest pytest-xdist hypothesis pytest-benchmark matplotlib ninja setuptools wheel)
 
 VENV=${MIN_VERSIONS_VENV:-.venv-min}
 case $VENV in /*) ;; *) VENV=$ROOT/$VENV ;; esac
@@ -47,7 +47,7 @@ pip_install() {
 }
 
 # ---- the environment (once) ---------------------------------------------------------------------
-stamp="torch==$TORCH_VERSION triton==$TRITON_VERSION $NUMPY_SPEC"
+stamp="torch==$TORCH_VERSION triton==$TRITON_VERSION $NUMPY_SPEC ${TEST_TOOLS[*]}"
 if [ ! -f "$VENV/.made" ] || [ "$(cat "$VENV/.made")" != "$stamp" ]; then
   log "making $VENV ($stamp)"
   mkdir -p "$VENV"

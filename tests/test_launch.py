@@ -118,3 +118,21 @@ def test_direct_launch_matches_tritons_launch_bitwise_gpu(name, monkeypatch):
         utils.set_direct_launch()
     for i, (a, b) in enumerate(zip(direct, triton_path)):
         assert torch.equal(a, b), f"{name}: tensor {i} differs between the direct and Triton's launch"
+
+
+def test_every_kernel_launch_goes_through_launch():
+    # kernel[grid](...) in a kernel file would bypass the direct path (and the probe above);
+    # utils.launch itself is the one place that calls it
+    import ast
+
+    folder = os.path.join(os.path.dirname(HERE), "triton_kernels")
+    found, launches = [], 0
+    for name in sorted(os.listdir(folder)):
+        if not name.endswith(".py") or name == "utils.py":
+            continue
+        with open(os.path.join(folder, name), encoding="utf-8") as f:
+            calls = [node for node in ast.walk(ast.parse(f.read(), name)) if isinstance(node, ast.Call)]
+        found += [f"{name}:{call.lineno}" for call in calls if isinstance(call.func, ast.Subscript)]
+        launches += sum(getattr(call.func, "id", None) == "launch" for call in calls)
+    assert not found, f"subscript launches: {found}"
+    assert launches >= 24, launches
