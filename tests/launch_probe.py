@@ -155,7 +155,10 @@ def main():
     first = played(t, True)              # direct path on: learns each binary through Triton's path
     first_jit = len(through_jit)
     through_jit.clear()
+    observed = []
+    utils.LAUNCH_OBSERVERS.append(lambda kernel, grid: observed.append((kernel.fn.__name__, grid)))
     second = played(t)                   # every launch direct
+    utils.LAUNCH_OBSERVERS.pop()
     JITFunction.run = original_run
     variants = len({entry[3] for entry in triton_path})
     print(f"{len(triton_path)} launches, {variants} binaries; through JITFunction.run with the direct path on: "
@@ -168,6 +171,8 @@ def main():
                     failures.append(f"{label}, launch {i}: Triton {a} direct {b}")
             if len(record) != len(triton_path):
                 failures.append(f"{label}: {len(record)} launches against {len(triton_path)}")
+    if [(name, tuple(grid) + (1,) * (3 - len(grid))) for name, grid in observed] != [e[:2] for e in second]:
+        failures.append(f"the launch observers saw {observed}, the launcher ran {[e[:2] for e in second]}")
     if first_jit != variants or through_jit:
         failures.append(f"expected {variants} launches through JITFunction.run, then none; got {first_jit}, "
                         f"then {through_jit}")
