@@ -69,7 +69,8 @@ def test_direct_launch_switch_is_read_from_the_environment_once(monkeypatch):
         monkeypatch.setenv("FASTNOTE_DIRECT_LAUNCH", "1")
         assert utils._DirectLaunch.on is False          # not re-read until asked
         assert utils.set_direct_launch() is True
-        assert utils._DirectLaunch.device() == 0
+        assert utils._DirectLaunch.device() == 0          # binds the driver at first use
+        assert utils._DirectLaunch.stream(0) == 0
         assert utils.set_direct_launch(False) is False
     finally:
         monkeypatch.undo()

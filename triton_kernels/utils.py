@@ -222,13 +222,20 @@ def set_direct_launch(enabled=None, *, force: bool = False) -> bool:
     enabled = bool(enabled) and (force or direct_launch_supported())
     _DirectLaunch.compiled = {}
     _DirectLaunch.on = enabled
-    if enabled:
-        from triton import knobs
-        from triton.runtime import driver
-        _DirectLaunch.device = driver.active.get_current_device
-        _DirectLaunch.stream = driver.active.get_current_stream
-        _DirectLaunch.knobs = knobs.runtime
+    # Triton's driver is bound at the first direct launch, not here: importing fastnote should not
+    # start Triton's CUDA driver (it builds and loads a helper module the first time).
+    _DirectLaunch.device = _bind_driver
     return enabled
+
+
+def _bind_driver():
+    from triton import knobs
+    from triton.runtime import driver
+
+    _DirectLaunch.device = driver.active.get_current_device
+    _DirectLaunch.stream = driver.active.get_current_stream
+    _DirectLaunch.knobs = knobs.runtime
+    return _DirectLaunch.device()
 
 
 @contextlib.contextmanager
@@ -264,7 +271,11 @@ def launch(kernel, grid: tuple, *args, **kwargs) -> None:
     bound, specialisation, options = caches[device][4](*args, **kwargs)
     key = (kernel, device, tuple(specialisation), tuple(options.items()))
     runtime = state.knobs
-    compiled = state.compiled.get(key)
+    try:
+        compiled = state.compiled.get(key)
+    except TypeError:   # an unhashable constexpr value: no memo, Triton's path every time
+        kernel[grid](*args, **kwargs)
+        return
     if (compiled is None or kernel.pre_run_hooks or _hooked(runtime.launch_enter_hook)
             or _hooked(runtime.launch_exit_hook)):
         compiled = kernel[grid](*args, **kwargs)
