@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import MIN_DOT, _switches, cdiv, dot, dot_key, next_pow2
+from .utils import MIN_DOT, cdiv, dot, dot_key, next_pow2, switches_for_key
 
 
 @triton.jit
@@ -86,7 +86,7 @@ def config(x: torch.Tensor, n_rows: int, n_cols: int, backward: bool) -> dict:
 @functools.lru_cache(maxsize=1024)
 def _config(key: tuple, D: int, n_rows: int, n_cols: int) -> dict:
     # one dict per shape and dot setting, shared (passed on as keyword arguments, never changed)
-    return dict(_blocks(key[0] == torch.float32, D, n_rows, n_cols), **_switches(*key))
+    return dict(_blocks(key[0] == torch.float32, D, n_rows, n_cols), **switches_for_key(*key))
 
 
 @functools.lru_cache(maxsize=1024)

@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import MIN_DOT, cdiv, dot, dot_switches, launch, next_pow2
+from .utils import MIN_DOT, cdiv, dot, dot_key, launch, next_pow2, switches_for_key
 MAX_BLOCK_DV = 128    # value channels per program, fp16/bf16 (tiles for each case: _config)
 PREPROCESS_BLOCK_N = 128
 PREPROCESS_BLOCK_C = 32
@@ -291,9 +291,14 @@ def _config(q: torch.Tensor, N: int, NK: int, DV: int, backward: bool) -> dict:
     """Tiles and warps, chosen so that ptxas for sm_90 (compiled ahead of time with Triton 3.9)
     reports no register spills at SAGAN's (d_qk, d_v) = (8, 64) ... (64, 512), in fp16/bf16 and
     in fp32 with IEEE or TF32 dots (which hold more registers: smaller tiles). Not yet tuned by
-    timing on a GPU."""
-    return dict(_blocks(q.dtype == torch.float32, q.shape[1], N, NK, DV, backward),
-                **dot_switches(q.dtype, q.device))
+    timing on a GPU. One dict per shape and setting, shared: callers never change it."""
+    return _cached_config(q.shape[1], N, NK, DV, backward, *dot_key(q.dtype, q.device))
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_config(d_qk: int, N: int, NK: int, DV: int, backward: bool, *key) -> dict:
+    # the launchers' host time is paid on every call: one cached dict, not one built per call
+    return dict(_blocks(key[0] == torch.float32, d_qk, N, NK, DV, backward), **switches_for_key(*key))
 
 
 @functools.lru_cache(maxsize=1024)

@@ -91,7 +91,7 @@ def compiled_precision(precision: str, interpreting: bool) -> str:
 def dot_switches(dtype: torch.dtype, device: torch.device) -> dict:
     """The constexpr switches of ``dot`` for operands of ``dtype`` on ``device`` (one dict per
     combination, shared: callers pass it on as keyword arguments and never change it)."""
-    return _switches(*dot_key(dtype, device))
+    return switches_for_key(*dot_key(dtype, device))
 
 
 def dot_key(dtype: torch.dtype, device: torch.device) -> tuple:
@@ -101,7 +101,8 @@ def dot_key(dtype: torch.dtype, device: torch.device) -> tuple:
 
 
 @functools.lru_cache(maxsize=None)
-def _switches(dtype: torch.dtype, interpreting: bool, tf32: bool) -> dict:
+def switches_for_key(dtype: torch.dtype, interpreting: bool, tf32: bool) -> dict:
+    """``dot_switches`` from its ``dot_key`` (for launchers that cache per key)."""
     return {
         # input_precision only means something for fp32 operands; half ones take the default.
         "PRECISION": compiled_precision("tf32" if tf32 else "ieee", interpreting) if dtype == torch.float32 else None,
@@ -263,8 +264,11 @@ def launch(kernel, grid: tuple, *args, **kwargs) -> None:
         for observer in LAUNCH_OBSERVERS:
             observer(kernel, grid)
     state = _DirectLaunch
+    if not state.on:
+        kernel[grid](*args, **kwargs)
+        return
     caches = getattr(kernel, "device_caches", None)    # None: not a JITFunction (a test's stand-in)
-    if not state.on or caches is None:
+    if caches is None:
         kernel[grid](*args, **kwargs)
         return
     device = state.device()

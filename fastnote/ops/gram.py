@@ -23,7 +23,9 @@ NORMALIZE = ("chw", "hw", "none")   # G = F F^T / norm with norm = C*K, K or 1
 
 
 def _norm(normalize: str, C: int, K: int) -> float:
-    return {"chw": float(C * K), "hw": float(K), "none": 1.0}[normalize]
+    if normalize == "chw":
+        return float(C * K)
+    return float(K) if normalize == "hw" else 1.0
 
 
 def _dims(x: Tensor):
@@ -65,7 +67,7 @@ def _gram_op(x: Tensor, normalize: str) -> Tensor:
     from ..triton_kernels import gram as kernels
 
     B, C, K = _dims(x)
-    f = _flat(x)
+    f = x.reshape(B, C, K)     # _flat, with the dimensions at hand
     plan = kernels.forward_plan(f, style=False)
     out = backend.empty((B, C, C), x.dtype, x.device)
     kernels.forward(f=f, inv_norm=1.0 / _norm(normalize, C, K), plan=plan, out=out, part=_part(plan, x.device))
