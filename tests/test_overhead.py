@@ -26,42 +26,56 @@ ATTEMPTS = 5   # a shared 2-core CI machine: another worker's interpreter run ca
 OPS = [op.name for op in overhead.OPS]
 
 
-@pytest.fixture
-def no_poison():
-    """Timing without the suite's NaN poisoning (a fill per output eager does not pay)."""
-    old = os.environ.get("FASTNOTE_POISON_ALLOC")
-    os.environ["FASTNOTE_POISON_ALLOC"] = "0"
-    backend.refresh()
-    yield
-    if old is None:
-        os.environ.pop("FASTNOTE_POISON_ALLOC", None)
-    else:
-        os.environ["FASTNOTE_POISON_ALLOC"] = old
-    backend.refresh()
-
-
 def _kernel_device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+# Run in a fresh interpreter: the figure is fastnote's own host path, and late in a long pytest
+# session the same calls measured up to 3 us slower for fastnote (h-swish forward +10.0 us against
+# +6.7 in a fresh process, eager unchanged at 2.1 us), from state the earlier tests leave behind.
+_MEASURE = r"""
+import json, os, sys
+sys.path.insert(0, sys.argv[1])
+import torch
+import overhead
+from fastnote import backend
+op, attempts = sys.argv[2], int(sys.argv[3])
+fwd_budget, both_budget = float(sys.argv[4]), float(sys.argv[5])
+device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+if not backend.use_triton(device):
+    print(json.dumps(None)); sys.exit(0)
+best = {}
+for _ in range(attempts):
+    with overhead.one_thread():
+        samples = overhead.measure_host([op], ["fwd", "both"], device=device, dtype=torch.float32,
+                                        realistic=False, calls=40, repeats=9, warmup=10, stub=True)
+    for mode in ("fwd", "both"):
+        med = {p: sorted(samples[(op, mode, p)])[len(samples[(op, mode, p)]) // 2] for p in overhead.PROVIDERS}
+        diff = med["fastnote"] - med["eager"]
+        if mode not in best or diff < best[mode][0]:
+            best[mode] = (diff, med["eager"], med["fastnote"])
+    if best["fwd"][0] <= fwd_budget and best["both"][0] <= both_budget:
+        break
+print(json.dumps(best))
+"""
+
+
 @pytest.mark.no_kernel
 @pytest.mark.parametrize("op", OPS)
-def test_host_overhead_close_to_eager(op, no_poison):
-    device = _kernel_device()
-    if not backend.use_triton(device):
+def test_host_overhead_close_to_eager(op):
+    import json
+    import subprocess
+
+    env = dict(os.environ, FASTNOTE_POISON_ALLOC="0")   # timing without the suite's NaN fills
+    if not torch.cuda.is_available():
+        env["TRITON_INTERPRET"] = "1"
+    run = subprocess.run([sys.executable, "-c", _MEASURE, os.path.join(ROOT, "benchmarks"), op, str(ATTEMPTS),
+                          str(FWD_BUDGET_US), str(BOTH_BUDGET_US)], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    best = json.loads(run.stdout.strip().splitlines()[-1])
+    if best is None:
         pytest.skip("the kernel path is not taken here (FASTNOTE_BACKEND=reference, or no interpreter)")
-    best = {}
-    for _ in range(ATTEMPTS):
-        with overhead.one_thread():
-            samples = overhead.measure_host([op], ["fwd", "both"], device=device, dtype=torch.float32,
-                                            realistic=False, calls=40, repeats=9, warmup=10, stub=True)
-        for mode in ("fwd", "both"):
-            med = {p: sorted(samples[(op, mode, p)])[len(samples[(op, mode, p)]) // 2] for p in overhead.PROVIDERS}
-            diff = med["fastnote"] - med["eager"]
-            if mode not in best or diff < best[mode][0]:
-                best[mode] = (diff, med["eager"], med["fastnote"])
-        if best["fwd"][0] <= FWD_BUDGET_US and best["both"][0] <= BOTH_BUDGET_US:
-            return
     report = "; ".join(f"{m}: fastnote {f:.1f} us vs eager {e:.1f} us ({d:+.1f})" for m, (d, e, f) in best.items())
     assert best["fwd"][0] <= FWD_BUDGET_US and best["both"][0] <= BOTH_BUDGET_US, f"{op} host overhead: {report}"
 
