@@ -13,7 +13,6 @@ import pytest
 import torch
 
 import fastnote
-from fastnote import backend
 from fastnote.ops import _fast
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,10 +23,6 @@ FWD_BUDGET_US = 10.0
 BOTH_BUDGET_US = 20.0
 ATTEMPTS = 5   # a shared 2-core CI machine: another worker's interpreter run can add 3-5 us to any one measurement
 OPS = [op.name for op in overhead.OPS]
-
-
-def _kernel_device():
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 # Run in a fresh interpreter: the figure is fastnote's own host path, and late in a long pytest
