@@ -79,7 +79,9 @@ def test_direct_launch_switch_is_read_from_the_environment_once(monkeypatch):
 
 
 def _ops():
-    sys.path.insert(0, os.path.join(os.path.dirname(HERE), "benchmarks"))
+    benchmarks = os.path.join(os.path.dirname(HERE), "benchmarks")
+    if benchmarks not in sys.path:
+        sys.path.append(benchmarks)   # after the tests' own folders, as tests/test_overhead.py
     import overhead  # noqa: E402  (benchmarks/overhead.py: every op with its inputs)
     return overhead.OPS_BY_NAME
 

@@ -301,9 +301,8 @@ def _cached_config(d_qk: int, N: int, NK: int, DV: int, backward: bool, *key) ->
     return dict(_blocks(key[0] == torch.float32, d_qk, N, NK, DV, backward), **switches_for_key(*key))
 
 
-@functools.lru_cache(maxsize=1024)
 def _blocks(fp32: bool, d_qk: int, N: int, NK: int, DV: int, backward: bool) -> tuple:
-    # cached: the launchers' host time is paid on every call
+    # called once per configuration, through _cached_config
     if fp32:
         if backward:
             block_m, block_n, max_dv, warps = 64, 32, 32, 8

@@ -169,9 +169,9 @@ def sigmoid_f32(x):
 # repeat launch then goes straight to the binary's launcher with the arguments Triton would pass
 # it. The first launch of each specialisation, and any launch while a launch hook (a profiler) or
 # a pre-run hook is set, takes Triton's own path. Measured with Triton's driver faked (no GPU,
-# tests/test_launch.py's harness), per launch of h-swish's kernel: 5.4 us through
-# ``JITFunction.run`` on Triton 3.6 and 6.0 on 3.9, against 2.8 here; the C launcher and
-# ``cuLaunchKernelEx`` come on top of both.
+# ``python tests/launch_probe.py --time``, 2-core CPU), per launch of h-swish's kernel: 5.9 us
+# through ``JITFunction.run`` on Triton 3.6 and 6.2 on 3.9, against 3.4 and 3.3 here; the C
+# launcher and ``cuLaunchKernelEx`` come on top of both.
 #
 # It leans on JITFunction internals that are identical in Triton 3.5.1 through 3.9.0 (the
 # ``device_caches`` entry ``(kernel_cache, key_cache, target, backend, binder)`` and the launcher

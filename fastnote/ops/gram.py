@@ -66,8 +66,8 @@ def fake_grad_buffer(x: Tensor) -> Tensor:
 def _gram_op(x: Tensor, normalize: str) -> Tensor:
     from ..triton_kernels import gram as kernels
 
-    B, C, K = _dims(x)
-    f = x.reshape(B, C, K)     # _flat, with the dimensions at hand
+    f = _flat(x)
+    B, C, K = f.shape
     plan = kernels.forward_plan(f, style=False)
     out = backend.empty((B, C, C), x.dtype, x.device)
     kernels.forward(f=f, inv_norm=1.0 / _norm(normalize, C, K), plan=plan, out=out, part=_part(plan, x.device))
@@ -89,9 +89,10 @@ def _gram_backward_op(grad: Tensor, x: Tensor, normalize: str) -> Tensor:
     """dx = (grad + grad^T) F / norm, computed as 2 sym(grad) F / norm."""
     from ..triton_kernels import gram as kernels
 
-    B, C, K = _dims(x)
+    f = _flat(x)
+    B, C, K = f.shape
     dx = grad_buffer(x)
-    kernels.backward(a=grad, f=_flat(x), df=dx.reshape(B, C, K), pre=0.5, post=2.0 / _norm(normalize, C, K))
+    kernels.backward(a=grad, f=f, df=dx.reshape(B, C, K), pre=0.5, post=2.0 / _norm(normalize, C, K))
     return dx
 
 
@@ -165,8 +166,8 @@ def _style_op(x: Tensor, target: Tensor, normalize: str, save_diff: bool) -> Lis
     """[loss (0-dim fp32), D = gram(x) - target in fp32 [B, C, C] (shape [0] without save_diff)]."""
     from ..triton_kernels import gram as kernels
 
-    B, C, K = _dims(x)
     f = _flat(x)
+    B, C, K = f.shape
     plan = kernels.forward_plan(f, style=True)
     diff = backend.empty((B, C, C) if save_diff else (0,), torch.float32, x.device)
     losses = backend.empty((plan.loss_programs,), torch.float32, x.device)
@@ -187,11 +188,12 @@ def _style_backward_op(grad: Tensor, x: Tensor, diff: Tensor, normalize: str) ->
     """dx for loss = sum(D^2) / (C*K): dG = 2 grad D / (C*K), dx = (dG + dG^T) F / norm."""
     from ..triton_kernels import gram as kernels
 
-    B, C, K = _dims(x)
+    f = _flat(x)
+    B, C, K = f.shape
     dx = grad_buffer(x)
     norm = _norm(normalize, C, K)
     # sym(D) is rescaled to a per-position mean (norm / K) before it is rounded to x's dtype.
-    kernels.backward(a=diff, f=_flat(x), df=dx.reshape(B, C, K), pre=0.5 * norm / K,
+    kernels.backward(a=diff, f=f, df=dx.reshape(B, C, K), pre=0.5 * norm / K,
                      post=4.0 / (C * norm * norm), coef=grad.reshape(1))
     return dx
 
