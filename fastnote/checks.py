@@ -125,8 +125,14 @@ def contiguous(*tensors: Optional[torch.Tensor]):
     return out[0] if len(out) == 1 else out
 
 
+# Whether autocast is on for any device type (one call; torch._C has had it since 2.4).
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None)
+
+
 def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
     """The autocast dtype active for ``device``'s type, or None."""
+    if _any_autocast is not None and not _any_autocast():   # the common case, without device.type
+        return None
     if torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
     return None

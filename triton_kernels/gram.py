@@ -66,7 +66,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import MIN_DOT, cdiv, dot, dot_switches, launch, next_pow2
+from .utils import _CPU, MIN_DOT, cdiv, dot, dot_key, dot_switches, launch, next_pow2, switches_for_key
 
 DEFAULT_SMS = 132       # H100 / H200 SXM
 PROGRAMS_PER_SM = 3
@@ -244,7 +244,7 @@ def _backward_kernel(a_ptr, f_ptr, df_ptr, coef_ptr, C, K, pre, post,
 # ------------------------------------------------------------------------------------------------
 
 def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
+    if device != _CPU and device.type == "cuda":
         return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
     return DEFAULT_SMS
 
@@ -288,8 +288,10 @@ def _reduce_rows(block_m: int, tiles: int, sms: int) -> int:
 
 
 class ForwardPlan(NamedTuple):
-    """A forward launch per shape: the tile config, tiles per side ``nt``, triangle tiles ``T``,
-    ``BT = B*T``, the K-splits and K per split, and rows per reduce program (0 without a split)."""
+    """A forward launch per shape and setting: the tile config, tiles per side ``nt``, triangle
+    tiles ``T``, ``BT = B*T``, the K-splits and K per split, rows per reduce program (0 without a
+    split), and the keyword arguments of the two launches but SAVE_DIFF (tiles, warps, dot
+    switches and the STYLE / SINGLE_TILE / SPLIT_K flags: one dict each, built once)."""
     cfg: dict
     nt: int
     T: int
@@ -297,6 +299,8 @@ class ForwardPlan(NamedTuple):
     n_split: int
     k_chunk: int
     rows: int
+    forward_kwargs: dict
+    reduce_kwargs: dict
 
     @property
     def part_shape(self) -> Optional[Tuple[int, int, int, int]]:
@@ -312,9 +316,9 @@ class ForwardPlan(NamedTuple):
 
 
 @functools.lru_cache(maxsize=1024)
-def _forward_plan(fp32: bool, style: bool, B: int, C: int, K: int, sms: int, split) -> ForwardPlan:
-    # per shape: computed once, since the launchers' host time is paid on every call
-    cfg = _forward_config(fp32, C, style)
+def _forward_plan(style: bool, B: int, C: int, K: int, sms: int, split, *key) -> ForwardPlan:
+    # per shape and setting: computed once, since the launchers' host time is paid on every call
+    cfg = _forward_config(key[0] == torch.float32, C, style)
     nt = cdiv(C, cfg["BLOCK_M"])
     T = nt * (nt + 1) // 2
     BT = B * T
@@ -323,47 +327,48 @@ def _forward_plan(fp32: bool, style: bool, B: int, C: int, K: int, sms: int, spl
     n_split = max(1, min(n_split, steps))
     k_chunk = cdiv(cdiv(K, n_split), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
     n_split = cdiv(K, k_chunk)   # no empty split
-    return ForwardPlan(cfg, nt, T, BT, n_split, k_chunk,
-                       _reduce_rows(cfg["BLOCK_M"], BT, sms) if n_split > 1 else 0)
+    rows = _reduce_rows(cfg["BLOCK_M"], BT, sms) if n_split > 1 else 0
+    common = dict(STYLE=style, SINGLE_TILE=nt == 1)
+    return ForwardPlan(cfg, nt, T, BT, n_split, k_chunk, rows,
+                       dict(SPLIT_K=n_split > 1, **common, **switches_for_key(*key), **cfg),
+                       dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_R=rows, num_warps=4, **common))
 
 
 def forward_plan(f: torch.Tensor, style: bool, split: Optional[int] = None) -> ForwardPlan:
     """The plan of ``forward`` for f [B, C, K]; ``split`` forces the K-split (tests)."""
     B, C, K = f.shape
-    return _forward_plan(f.dtype == torch.float32, style, B, C, K, _sm_count(f.device), split)
+    return _forward_plan(style, B, C, K, _sm_count(f.device), split, *dot_key(f.dtype, f.device))
 
 
 def forward(*, f: torch.Tensor, inv_norm: float, plan: ForwardPlan, out=None, target=None, diff=None,
             part=None, losses=None) -> None:
-    """f: [B, C, K] (any strides); ``plan`` from ``forward_plan``, ``part`` its ``part_shape``
-    scratch (fp32) when it splits K. gram mode (``out`` [B, C, C] contiguous, f's dtype):
-    G = f f^T * inv_norm. style mode (``target`` [Bt, C, C] with Bt in (1, B), any strides):
-    writes the per-program partial losses to ``losses`` (fp32 [plan.loss_programs], to be summed),
-    and D = G - target (fp32 contiguous [B, C, C]) to ``diff`` when given."""
-    B, C, K = f.shape
+    """f: [B, C, K] (any strides); ``plan`` from ``forward_plan`` (with ``style`` as here),
+    ``part`` its ``part_shape`` scratch (fp32) when it splits K. gram mode (``out`` [B, C, C]
+    contiguous, f's dtype): G = f f^T * inv_norm. style mode (``target`` [Bt, C, C] with Bt in
+    (1, B), any strides): writes the per-program partial losses to ``losses`` (fp32
+    [plan.loss_programs], to be summed), and D = G - target (fp32 contiguous [B, C, C]) to
+    ``diff`` when given."""
+    C, K = f.shape[1], f.shape[2]
     style = target is not None
-    cfg, nt, T, BT, n_split, k_chunk, rows = plan
-    block_m = cfg["BLOCK_M"]
     if style:
         st = (0 if target.shape[0] == 1 else target.stride(0), target.stride(1), target.stride(2))
     else:
         st = (0, 0, 0)
     dummy = out if out is not None else f
-    common = dict(STYLE=style, SAVE_DIFF=diff is not None, SINGLE_TILE=nt == 1)
+    save_diff = diff is not None
     inv_ck = 1.0 / (C * K)
-    split = n_split > 1
-    launch(_forward_kernel, (BT, n_split),
+    split = plan.n_split > 1
+    launch(_forward_kernel, (plan.BT, plan.n_split),
         f, dummy, part if split else dummy, target if style else dummy,
-        diff if diff is not None else dummy, losses if style and not split else dummy,
-        C, K, T, k_chunk, *f.stride(), *st, inv_norm, inv_ck,
-        SPLIT_K=split, **common, **dot_switches(f.dtype, f.device), **cfg,
+        diff if save_diff else dummy, losses if style and not split else dummy,
+        C, K, plan.T, plan.k_chunk, *f.stride(), *st, inv_norm, inv_ck,
+        SAVE_DIFF=save_diff, **plan.forward_kwargs,
     )
     if split:
-        programs = BT * (block_m // rows)
-        launch(_reduce_kernel, (programs,),
-            part, dummy, target if style else dummy, diff if diff is not None else dummy,
-            losses if style else dummy, C, T, BT, n_split, *st, inv_norm, inv_ck,
-            BLOCK_M=block_m, BLOCK_R=rows, num_warps=4, **common,
+        launch(_reduce_kernel, (plan.BT * (plan.cfg["BLOCK_M"] // plan.rows),),
+            part, dummy, target if style else dummy, diff if save_diff else dummy,
+            losses if style else dummy, C, plan.T, plan.BT, plan.n_split, *st, inv_norm, inv_ck,
+            SAVE_DIFF=save_diff, **plan.reduce_kwargs,
         )
 
 

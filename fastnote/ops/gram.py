@@ -28,16 +28,10 @@ def _norm(normalize: str, C: int, K: int) -> float:
     return float(K) if normalize == "hw" else 1.0
 
 
-def _dims(x: Tensor):
-    """(B, C, K) with K = H*W (or N)."""
-    return x.shape[0], x.shape[1], math.prod(x.shape[2:])
-
-
 def _flat(x: Tensor) -> Tensor:
-    """x as [B, C, K]: a view whenever H and W merge into one stride (contiguous, channels-last,
-    batch/channel slices), else one copy."""
-    B, C, K = _dims(x)
-    return x.reshape(B, C, K)
+    """x as [B, C, K] with K = H*W (or N): x itself when 3-D, a view whenever H and W merge into
+    one stride (contiguous, channels-last, batch/channel slices), else one copy."""
+    return x.flatten(2)
 
 
 def _channels_last(x: Tensor) -> bool:
