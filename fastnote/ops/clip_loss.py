@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import backend, checks, reference
-from ._fast import kernel_op
+from ._fast import kernel_op, kernels as _kernels
 
 
 def _scale_vector(logit_scale: Tensor) -> Tensor:
@@ -28,7 +28,7 @@ def _scale_vector(logit_scale: Tensor) -> Tensor:
 @kernel_op("fastnote::clip_loss")
 def _forward_op(image: Tensor, text: Tensor, logit_scale: Tensor) -> List[Tensor]:
     """[loss (0-dim fp32), row and column statistics [2, n] fp32 each (max, log-sum; for backward)]."""
-    from ..triton_kernels import clip_loss as kernels
+    kernels = _kernels.clip_loss
 
     image, text = checks.contiguous(image, text)
     scale = _scale_vector(logit_scale)
@@ -53,7 +53,7 @@ def _(image, text, logit_scale):
 def _backward_op(grad: Tensor, image: Tensor, text: Tensor, logit_scale: Tensor, lse_r: Tensor,
                  lse_c: Tensor) -> List[Tensor]:
     """[d_image, d_text, d_logit_scale]."""
-    from ..triton_kernels import clip_loss as kernels
+    kernels = _kernels.clip_loss
 
     image, text, lse_r, lse_c = checks.contiguous(image, text, lse_r, lse_c)
     scale = _scale_vector(logit_scale)
@@ -93,7 +93,7 @@ _forward_op.register_autograd(_backward, setup_context=_setup_context)
 def _row_forward_op(a: Tensor, b: Tensor, logit_scale: Tensor, offset: int) -> List[Tensor]:
     """One-sided: mean_i CE(logit_scale * a_i . b^T, target i + offset). [loss (0-dim fp32),
     row statistics [2, n_a]]."""
-    from ..triton_kernels import clip_loss as kernels
+    kernels = _kernels.clip_loss
 
     a, b = checks.contiguous(a, b)
     n = a.shape[0]
@@ -112,7 +112,7 @@ def _(a, b, logit_scale, offset):
 def _row_backward_op(grad: Tensor, a: Tensor, b: Tensor, logit_scale: Tensor, lse: Tensor,
                      offset: int) -> List[Tensor]:
     """[d_a, d_b, d_logit_scale]."""
-    from ..triton_kernels import clip_loss as kernels
+    kernels = _kernels.clip_loss
 
     a, b, lse = checks.contiguous(a, b, lse)
     scale = _scale_vector(logit_scale)

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .. import backend, checks, reference
-from ._fast import kernel_op
+from ._fast import kernel_op, kernels as _kernels
 
 NORMALIZE = ("chw", "hw", "none")   # G = F F^T / norm with norm = C*K, K or 1
 
@@ -58,7 +58,7 @@ def fake_grad_buffer(x: Tensor) -> Tensor:
 
 @kernel_op("fastnote::gram")
 def _gram_op(x: Tensor, normalize: str) -> Tensor:
-    from ..triton_kernels import gram as kernels
+    kernels = _kernels.gram
 
     f = _flat(x)
     B, C, K = f.shape
@@ -81,7 +81,7 @@ def _(x, normalize):
 @kernel_op("fastnote::gram_backward")
 def _gram_backward_op(grad: Tensor, x: Tensor, normalize: str) -> Tensor:
     """dx = (grad + grad^T) F / norm, computed as 2 sym(grad) F / norm."""
-    from ..triton_kernels import gram as kernels
+    kernels = _kernels.gram
 
     f = _flat(x)
     B, C, K = f.shape
@@ -158,7 +158,7 @@ def gram(x: Tensor, normalize: str = "chw") -> Tensor:
 @kernel_op("fastnote::style_loss")
 def _style_op(x: Tensor, target: Tensor, normalize: str, save_diff: bool) -> List[Tensor]:
     """[loss (0-dim fp32), D = gram(x) - target in fp32 [B, C, C] (shape [0] without save_diff)]."""
-    from ..triton_kernels import gram as kernels
+    kernels = _kernels.gram
 
     f = _flat(x)
     B, C, K = f.shape
@@ -180,7 +180,7 @@ def _(x, target, normalize, save_diff):
 @kernel_op("fastnote::style_loss_backward")
 def _style_backward_op(grad: Tensor, x: Tensor, diff: Tensor, normalize: str) -> Tensor:
     """dx for loss = sum(D^2) / (C*K): dG = 2 grad D / (C*K), dx = (dG + dG^T) F / norm."""
-    from ..triton_kernels import gram as kernels
+    kernels = _kernels.gram
 
     f = _flat(x)
     B, C, K = f.shape

@@ -6,14 +6,14 @@ import torch
 from torch import Tensor
 
 from .. import backend, checks, reference
-from ._fast import kernel_op
+from ._fast import kernel_op, kernels as _kernels
 
 _REFERENCE = {"hard_swish": reference.hard_swish, "hard_sigmoid": reference.hard_sigmoid}
 
 
 @kernel_op("fastnote::hard_activation")
 def _forward_op(x: Tensor, kind: str) -> Tensor:
-    from ..triton_kernels import hardswish as kernels
+    kernels = _kernels.hardswish
 
     x = x.contiguous()
     return kernels.forward(x=x, kind=kind, out=backend.empty_like(x))
@@ -26,7 +26,7 @@ def _(x, kind):
 
 @kernel_op("fastnote::hard_activation_backward")
 def _backward_op(grad: Tensor, x: Tensor, kind: str) -> Tensor:
-    from ..triton_kernels import hardswish as kernels
+    kernels = _kernels.hardswish
 
     x = x.contiguous()
     if grad.dtype != x.dtype:

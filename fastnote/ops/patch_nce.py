@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .. import backend, checks, reference
-from ._fast import kernel_op
+from ._fast import kernel_op, kernels as _kernels
 
 _REDUCTIONS = ("none", "mean", "sum")
 
@@ -22,7 +22,7 @@ _REDUCTIONS = ("none", "mean", "sum")
 @kernel_op("fastnote::patch_nce_loss")
 def _forward_op(q: Tensor, k: Tensor, groups: int, nce_T: float) -> List[Tensor]:
     """[loss fp32 [R], row statistics fp32 [2, R] (running max, log2 of the sum; for backward)]."""
-    from ..triton_kernels import patch_nce as kernels
+    kernels = _kernels.patch_nce
 
     q, k = checks.contiguous(q, k)
     loss = backend.empty((q.shape[0],), torch.float32, q.device)
@@ -40,7 +40,7 @@ def _(q, k, groups, nce_T):
 def _backward_op(grad: Tensor, q: Tensor, k: Tensor, loss: Tensor, stats: Tensor, groups: int, nce_T: float,
                  with_dk: bool) -> List[Tensor]:
     """[dq, dk] in q's dtype; dk is empty ([0]) unless ``with_dk``."""
-    from ..triton_kernels import patch_nce as kernels
+    kernels = _kernels.patch_nce
 
     q, k, loss, stats = checks.contiguous(q, k, loss, stats)
     dq = backend.empty_like(q)

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .. import backend, checks, reference
-from ._fast import kernel_op
+from ._fast import kernel_op, kernels as _kernels
 
 
 @kernel_op("fastnote::sagan_attention")
@@ -25,7 +25,7 @@ def _forward_op(q: Tensor, k: Tensor, v: Tensor, x: Optional[Tensor], gamma: Opt
     """[out, O in fp32 (empty when out is O in fp32 already), lse [B, N] fp32]. x: [B, d_v, N], or
     [B, d_v, W, H] with W*H = N (then out has x's shape: no reshape outside the op, so none in the
     autograd graph)."""
-    from ..triton_kernels import sagan_attention as kernels
+    kernels = _kernels.sagan_attention
 
     kernels.check_sizes(q, v)
     out_shape, o_shape, lse_shape = _shapes(q, v, x)
@@ -61,7 +61,7 @@ def _(q, k, v, x, gamma):
 def _backward_op(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
                  gamma: Optional[Tensor]) -> List[Tensor]:
     """[dq, dk, dv, r] with r[b, n] = sum_c grad * O (fp32; gamma's gradient is sum(r))."""
-    from ..triton_kernels import sagan_attention as kernels
+    kernels = _kernels.sagan_attention
 
     if grad.dtype != q.dtype:
         grad = grad.to(q.dtype)

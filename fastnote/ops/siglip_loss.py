@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import backend, checks, reference
-from ._fast import kernel_op
+from ._fast import kernel_op, kernels as _kernels
 
 DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
 
@@ -30,7 +30,7 @@ def _forward_op(image: Tensor, text: Tensor, logit_scale: Tensor, logit_bias: Te
                 has_diag: bool) -> Tensor:
     """sum_ij -logsigmoid(l_ij (s image_i . text_j + b)) / n_image, a 0-dim fp32 tensor; l_ij = +1
     where j = i + diag_offset and has_diag, else -1."""
-    from ..triton_kernels import siglip_loss as kernels
+    kernels = _kernels.siglip_loss
 
     image, text = checks.contiguous(image, text)
     n = image.shape[0]
@@ -49,7 +49,7 @@ def _(image, text, logit_scale, logit_bias, diag_offset, has_diag):
 def _backward_op(grad: Tensor, image: Tensor, text: Tensor, logit_scale: Tensor, logit_bias: Tensor,
                  diag_offset: int, has_diag: bool) -> List[Tensor]:
     """[d_image, d_text, d_logit_scale, d_logit_bias]."""
-    from ..triton_kernels import siglip_loss as kernels
+    kernels = _kernels.siglip_loss
 
     image, text = checks.contiguous(image, text)
     scale, bias = _vector(logit_scale), _vector(logit_bias)

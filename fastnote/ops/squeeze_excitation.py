@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .. import backend, checks, reference
-from ._fast import kernel_op
+from ._fast import kernel_op, kernels as _kernels
 
 ACTIVATIONS = ("relu", "silu", "hard_swish")
 GATES = ("hard_sigmoid", "sigmoid")
@@ -20,7 +20,7 @@ MAX_SQUEEZE = 1024
 @kernel_op("fastnote::squeeze_excitation")
 def _forward_op(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
                 activation: str, gate: str, hswish: bool) -> List[Tensor]:
-    from ..triton_kernels import squeeze_excitation as kernels
+    kernels = _kernels.squeeze_excitation
 
     x = x.contiguous()
     s = backend.empty(x.shape[:2], torch.float32, x.device)   # s and g are outputs: no shared storage
@@ -48,7 +48,7 @@ def _(x, w1, b1, w2, b2, activation, gate, hswish):
 def _backward_op(grad: Tensor, x: Tensor, s: Tensor, g: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
                  activation: str, gate: str, hswish: bool) -> List[Tensor]:
     """g: the forward's gate values (saved: [B, C] fp32, cheaper than a launch to recompute)."""
-    from ..triton_kernels import squeeze_excitation as kernels
+    kernels = _kernels.squeeze_excitation
 
     x = x.contiguous()
     grad = (grad if grad.dtype == x.dtype else grad.to(x.dtype)).contiguous()

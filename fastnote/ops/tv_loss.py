@@ -9,13 +9,13 @@ import torch
 from torch import Tensor
 
 from .. import backend, checks, reference
-from ._fast import kernel_op
+from ._fast import kernel_op, kernels as _kernels
 from .gram import fake_grad_buffer, grad_buffer
 
 
 @kernel_op("fastnote::tv_loss")
 def _tv_op(y: Tensor) -> Tensor:
-    from ..triton_kernels import tv_loss as kernels
+    kernels = _kernels.tv_loss
 
     return kernels.forward(y=y, part=backend.empty((kernels.programs(y),), torch.float32, y.device)).sum()
 
@@ -27,7 +27,7 @@ def _(y):
 
 @kernel_op("fastnote::tv_loss_backward")
 def _tv_backward_op(grad: Tensor, y: Tensor) -> Tensor:
-    from ..triton_kernels import tv_loss as kernels
+    kernels = _kernels.tv_loss
 
     dy = grad_buffer(y)
     kernels.backward(y=y, grad=grad.reshape(1), dy=dy)

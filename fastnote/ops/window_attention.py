@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import backend, checks, reference
-from ._fast import kernel_op
+from ._fast import kernel_op, kernels as _kernels
 
 # One definition each, shared with the modules: Swin's mask value for pairs across regions, the
 # relative position index and the bias gathered from the table.
@@ -45,7 +45,7 @@ def _unit_last_stride(t: Tensor) -> Tensor:
 @kernel_op("fastnote::window_attention")
 def _forward_op(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Optional[Tensor],
                 scale: float) -> List[Tensor]:
-    from ..triton_kernels import window_attention as kernels
+    kernels = _kernels.window_attention
 
     q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
     out = backend.empty_like(q)
@@ -63,7 +63,7 @@ def _(q, k, v, bias, mask, scale):
 @kernel_op("fastnote::window_attention_backward")
 def _backward_op(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                  bias: Optional[Tensor], mask: Optional[Tensor], scale: float, bias_grad: bool) -> List[Tensor]:
-    from ..triton_kernels import window_attention as kernels
+    kernels = _kernels.window_attention
 
     q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
     grad = grad.to(q.dtype).contiguous()
@@ -92,7 +92,7 @@ def _backward_scratch(plan, g, heads: int, d: int, device, *, bias_grad: bool, p
     """The backward's fp32 partials, sized by the kernels' ``plan``: (bias-gradient partials or
     None, the fused layout's padded-token k/v partials or None). The bias partials are zeroed
     where the kernel adds into them (and for an empty batch, where no program runs)."""
-    from ..triton_kernels import window_attention as kernels
+    kernels = _kernels.window_attention
 
     dbias_partial = dpad_partial = None
     if bias_grad:
@@ -222,7 +222,7 @@ def _block_forward_op(qkv: Tensor, qkv_bias: Optional[Tensor], bias: Optional[Te
 def _block_forward_launch(qkv, qkv_bias, bias, window_size, num_heads, shift_size, scale, mask_value, roll_first,
                           head_scale=None) -> List[Tensor]:
     """[out, lse] of the fused forward (V1's, and V2's with ``head_scale``)."""
-    from ..triton_kernels import window_attention as kernels
+    kernels = _kernels.window_attention
 
     qkv, qkv_bias, bias = checks.contiguous(qkv, qkv_bias, bias)
     B, H, W, C3 = qkv.shape
@@ -235,7 +235,7 @@ def _block_forward_launch(qkv, qkv_bias, bias, window_size, num_heads, shift_siz
 
 
 def _lse_shape(qkv, window_size, num_heads):
-    from ..triton_kernels import window_attention as kernels
+    kernels = _kernels.window_attention
 
     B, H, W, C3 = qkv.shape
     g = kernels.fused_geometry(B, H, W, C3 // 3, window_size, 0)
@@ -253,7 +253,7 @@ def _(qkv, qkv_bias, bias, window_size, num_heads, shift_size, scale, mask_value
 def _block_backward_op(grad: Tensor, qkv: Tensor, qkv_bias: Optional[Tensor], bias: Optional[Tensor],
                        out: Tensor, lse: Tensor, window_size: int, num_heads: int, shift_size: int,
                        scale: float, mask_value: float, roll_first: bool, bias_grad: bool) -> List[Tensor]:
-    from ..triton_kernels import window_attention as kernels
+    kernels = _kernels.window_attention
 
     qkv, qkv_bias, bias, out, lse = checks.contiguous(qkv, qkv_bias, bias, out, lse)
     grad = grad.to(qkv.dtype).contiguous()
@@ -271,7 +271,7 @@ def _block_backward_launch(grad, qkv, qkv_bias, bias, out, lse, window_size, num
     launcher with its own arguments bound), and the qkv-bias gradient (the linear part comes from autograd; this is the
     zero-padded tokens' part: their q/k/v are the bias itself): (dqkv, dqkv_bias fp32 [3C],
     dbias partials or None)."""
-    from ..triton_kernels import window_attention as kernels
+    kernels = _kernels.window_attention
 
     B, H, W, C3 = qkv.shape
     C, d = C3 // 3, C3 // 3 // num_heads

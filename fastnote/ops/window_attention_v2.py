@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import backend, checks, reference
-from ._fast import kernel_op
+from ._fast import kernel_op, kernels as _kernels
 from .window_attention import (MASK_VALUE, _backward_scratch, _block_backward_launch, _block_forward_launch,
                                _check_block, _check_core, _core_inputs_ok, _dq_accumulator, _lse_shape,
                                _unit_last_stride, relative_position_bias)
@@ -50,7 +50,7 @@ def _logit_scale_grad(partial: Tensor, logit_scale: Tensor) -> Tensor:
 @kernel_op("fastnote::window_attention_v2")
 def _forward_op(q: Tensor, k: Tensor, v: Tensor, logit_scale: Tensor, bias: Optional[Tensor],
                 mask: Optional[Tensor]) -> List[Tensor]:
-    from ..triton_kernels import window_attention as kernels
+    kernels = _kernels.window_attention
 
     q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
     out = backend.empty_like(q)
@@ -69,7 +69,7 @@ def _(q, k, v, logit_scale, bias, mask):
 @kernel_op("fastnote::window_attention_v2_backward")
 def _backward_op(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, logit_scale: Tensor,
                  bias: Optional[Tensor], mask: Optional[Tensor], bias_grad: bool) -> List[Tensor]:
-    from ..triton_kernels import window_attention as kernels
+    kernels = _kernels.window_attention
 
     q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
     grad = grad.to(q.dtype).contiguous()
@@ -181,7 +181,7 @@ def _(qkv, qkv_bias, logit_scale, bias, window_size, num_heads, shift_size, mask
 def _block_backward_op(grad: Tensor, qkv: Tensor, qkv_bias: Optional[Tensor], logit_scale: Tensor,
                        bias: Optional[Tensor], out: Tensor, lse: Tensor, window_size: int, num_heads: int,
                        shift_size: int, mask_value: float, roll_first: bool, bias_grad: bool) -> List[Tensor]:
-    from ..triton_kernels import window_attention as kernels
+    kernels = _kernels.window_attention
 
     qkv, qkv_bias, bias, out, lse = checks.contiguous(qkv, qkv_bias, bias, out, lse)
     grad = grad.to(qkv.dtype).contiguous()
