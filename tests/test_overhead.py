@@ -243,6 +243,30 @@ def test_missing_output_gradient(device, monkeypatch, deterministic):
         assert (a is None and b is None) or torch.equal(a, b)
 
 
+def test_statistics_come_back_beside_autograd(device, monkeypatch, deterministic):
+    # The eager autograd.Function returns only the differentiable output; the statistics (here
+    # SAGAN's fp32 O and log-sum-exp) come back through a thread-local that must not keep them
+    # alive after the call (O is as large as the output).
+    from fastnote.ops import sagan_attention as sagan
+
+    gen = torch.Generator(device).manual_seed(0)
+    q, k, v, x = (torch.randn(*shape, device=device, generator=gen).requires_grad_()
+                  for shape in ((2, 4, 16), (2, 4, 16), (2, 8, 16), (2, 8, 4, 4)))
+    gamma = torch.full((1,), 0.5, device=device, requires_grad=True)
+    fast = sagan._forward_op(q, k, v, x, gamma)
+    assert _fast._statistics.outputs is None
+    monkeypatch.setattr(_fast, "FORCE_CUSTOM_OP", True)
+    slow = sagan._forward_op(q, k, v, x, gamma)
+    assert isinstance(fast, list) and len(fast) == len(slow) == 3
+    assert fast[0].grad_fn is not None and not fast[1].requires_grad and not fast[2].requires_grad
+    for a, b in zip(fast, slow):
+        assert torch.equal(a.detach(), b.detach())
+    grads_fast = torch.autograd.grad(fast[0].sum(), [q, k, v, x, gamma])
+    grads_slow = torch.autograd.grad(slow[0].sum(), [q, k, v, x, gamma])
+    for a, b in zip(grads_fast, grads_slow):
+        assert torch.equal(a, b)
+
+
 def test_kernel_ops_keep_their_custom_ops():
     names = {op.custom_op._qualname for op in _kernel_ops()}
     for name in ("hard_activation", "squeeze_excitation", "gram", "style_loss", "tv_loss", "patch_nce_loss",
