@@ -6,7 +6,9 @@ tensors, so what is timed is the Python and dispatcher work around the kernels. 
 ``FWD_BUDGET_US`` over eager forward and ``BOTH_BUDGET_US`` over eager forward + backward. A shared
 2-core CI machine is noisy: medians over rounds, a warm-up, and up to ``ATTEMPTS`` measurements,
 the best of which is judged."""
+import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -58,9 +60,6 @@ print(json.dumps(best))
 @pytest.mark.no_kernel
 @pytest.mark.parametrize("op", OPS)
 def test_host_overhead_close_to_eager(op):
-    import json
-    import subprocess
-
     # Timing without the suite's NaN fills; TRITON_INTERPRET, where there is no GPU, comes with the
     # suite's environment (conftest).
     env = dict(os.environ, FASTNOTE_POISON_ALLOC="0")

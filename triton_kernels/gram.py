@@ -66,7 +66,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import _CPU, MIN_DOT, cdiv, dot, dot_key, dot_switches, launch, next_pow2, switches_for_key
+from .utils import CPU, MIN_DOT, cdiv, dot, dot_key, dot_switches, launch, next_pow2, switches_for_key
 
 DEFAULT_SMS = 132       # H100 / H200 SXM
 PROGRAMS_PER_SM = 3
@@ -244,7 +244,7 @@ def _backward_kernel(a_ptr, f_ptr, df_ptr, coef_ptr, C, K, pre, post,
 # ------------------------------------------------------------------------------------------------
 
 def _sm_count(device: torch.device) -> int:
-    if device != _CPU and device.type == "cuda":
+    if device != CPU and device.type == "cuda":
         return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
     return DEFAULT_SMS
 

@@ -68,7 +68,7 @@ def dot_precision() -> str:
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-_CPU = torch.device("cpu")
+CPU = torch.device("cpu")
 
 
 def _interpreting(device: torch.device) -> bool:
@@ -76,7 +76,7 @@ def _interpreting(device: torch.device) -> bool:
     # captured from CPU tensors (tests/aot_compile.py) builds the kernels a GPU runs.
     # (a CPU tensor's device equals torch.device("cpu"): that comparison spares reading
     # device.type, which builds a string, ~0.25 us, on every launch)
-    return INTERPRETED and (device == _CPU or device.type == "cpu")
+    return INTERPRETED and (device == CPU or device.type == "cpu")
 
 
 def compiled_precision(precision: str, interpreting: bool) -> str:

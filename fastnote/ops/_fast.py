@@ -214,8 +214,7 @@ def _autograd_function(name: str, body: Callable, backward: Callable, setup_cont
         def backward_(ctx, grad):
             return _eager_backward(backward, ctx, grad)
 
-        return _function_apply.__get__(None, type(name, (torch.autograd.Function,), {
-            "forward": staticmethod(forward), "backward": staticmethod(backward_)}))
+        return _apply_of(name, forward, backward_)
 
     def forward(ctx, *args):
         out = body(*args)
@@ -227,19 +226,17 @@ def _autograd_function(name: str, body: Callable, backward: Callable, setup_cont
     def backward_(ctx, *grads):
         return _eager_backward(backward, ctx, grads + (None,) * ctx.statistics)
 
-    apply = _function_apply.__get__(None, type(name, (torch.autograd.Function,), {
-        "forward": staticmethod(forward), "backward": staticmethod(backward_)}))
+    apply = _apply_of(name, forward, backward_)
 
-    if n_diff == 1:
-        def call(*args):
-            first = apply(*args)
-            out = _statistics.outputs
-            _statistics.outputs = None
-            return [first, *out[1:]]
-    else:
-        def call(*args):
-            head = apply(*args)
-            out = _statistics.outputs
-            _statistics.outputs = None
-            return [*head, *out[n_diff:]]
+    def call(*args):
+        head = apply(*args)
+        out = _statistics.outputs
+        _statistics.outputs = None
+        return [head, *out[1:]] if n_diff == 1 else [*head, *out[n_diff:]]
     return call
+
+
+def _apply_of(name: str, forward: Callable, backward: Callable) -> Callable:
+    """``apply`` of a new ``torch.autograd.Function`` class with these static methods."""
+    return _function_apply.__get__(None, type(name, (torch.autograd.Function,), {
+        "forward": staticmethod(forward), "backward": staticmethod(backward)}))
