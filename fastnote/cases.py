@@ -271,8 +271,11 @@ def _swin_v2_block_precision(device):
 
 
 def _swin_v2_block_build(dtype, device):
-    # Swin V2-T 256 stage 1 (C 96, 3 heads, 64x64 map): windows 8 and 16, shifted
-    return [_swin_v2_block(96, 3, ws, (2, 64, 64), ws // 2, dtype, device) for ws in (8, 16)]
+    # Swin V2-T 256 stage 1 (C 96, 3 heads, 64x64 map): windows 8 and 16, shifted; then at a
+    # training batch (48 images: 16 per backward program, one dbias slot each), at Hugging Face
+    # Swinv2Config's default window 7 (224: 56x56), and on a map that needs padding (60x60)
+    return [_swin_v2_block(96, 3, ws, (2, 64, 64), ws // 2, dtype, device) for ws in (8, 16)] + \
+        [_swin_v2_block(96, 3, ws, (48, hw, hw), ws // 2, dtype, device) for ws, hw in ((8, 64), (7, 56), (8, 60))]
 
 
 def _swin_v2_block_reference(x, qkv_weight, q_bias, v_bias, proj_weight, proj_bias, logit_scale,

@@ -24,19 +24,22 @@ does everything (exact softmax over the row). For larger ``N`` (window 12: N = 1
 are 64 x 64 (narrower for wide heads: ``blocks``) and the forward runs an online softmax over key
 blocks, one program per (window, head, query block). A program takes one head ``h``, one window
 place ``j`` in the image (``w % nW``) and ``GROUP`` images: bias[h] and mask[j] (or, fused, the
-region labels of place j) are the same for all its windows, so with one tile per window the additive
-``(bias + mask) * log2(e)`` tile is built once per program and kept in registers. Heads vary fastest
+region labels of place j) are the same for all its windows, so with one tile per window the forward
+builds the additive ``(bias + mask) * log2(e)`` tile once per program and keeps it in registers. The
+backward builds it again for each window (the bias tile then comes from L1/L2): held across the
+images beside the dbias accumulator, it made the cosine (V2) backward spill. Heads vary fastest
 across programs, so neighbouring programs read the same qkv rows. ``GROUP`` is chosen to leave ~1024
 programs (8 per SM on an H100), and in the backward it also amortises the dbias write.
 
 Launch: 8 warps for 64 x 64 tiles (4 below), ``num_stages=1`` (the key loop has one iteration for
 N <= 64, so software pipelining only costs registers). Compiled offline for sm_90 with Triton 3.9
 (``python tests/aot_compile.py --report``: registers and stack of each cubin), at head_dim 32 the
-fp16/bf16 forward uses 128-196 registers per thread without spilling and the backward 234-255,
-spilling in the fused layout only: 328 bytes of stack per thread at Swin-T stage 1's GROUP = 15,
-224 of which go away without the dbias accumulator (measured by removing it; the alternative to
-time is a per-window ``tl.atomic_add`` into the program's own partial slot): the first thing to tune
-on a GPU is occupancy (warps, GROUP) against these numbers.
+fp16/bf16 forward uses 114-176 registers per thread and the backward 173-252, none of them spilling
+(V1 and V2, core and fused, real batches, window 7, padded maps; a test keeps it so). The V2
+backward spilled 16-80 bytes until the additive tile, V2's per-row logit-scale sums and the padded
+tokens' sums stopped being carried across a program's images. fp32 with exact products (3xTF32)
+still spills 560-1024 bytes in the backward (1.7 KB with Triton 3.6): each operand is split in
+two. The first thing to tune on a GPU is occupancy (warps, GROUP) against these numbers.
 
 Saved for backward: the per-row log-sum-exp only (base 2, ``[B*nW, heads, N]`` fp32); the
 ``N x N`` probabilities are recomputed.
@@ -56,8 +59,10 @@ For ``N > 64`` the tile of one program no longer holds ``dS``; partials and dq (
 blocks) are then accumulated with uncontended ``tl.atomic_add`` into fp32 buffers owned by the
 program (no two programs touch the same element of ``dq``; a partial slot belongs to one program).
 In the fused layout the zero-padded tokens' dk/dv (their part of the qkv-bias gradient) are summed
-per program in registers and written as one ``[2, d]`` partial per (program, head), which torch
-sums: no atomics.
+per window and written as one ``[2, d]`` partial per (window, head), which torch sums: no atomics,
+and nothing carried across a program's images. Where the image needs no padding (whole windows:
+Swin-T at 224, Swin V2 at 256) the launchers pass no qkv bias at all, and the kernels are built
+without the padded-token code.
 
 Determinism. Forward and backward give bitwise-identical results from run to run, except where
 shared dbias slots are used (large N with few windows, above): where three or more programs add
@@ -66,8 +71,8 @@ off (one slot per program, at the partials' extra memory traffic). The other ato
 partials for N > 64) add into addresses that only one program touches, in its loop order.
 
 Bytes model (minimum traffic, T = B*nW * heads * N * d * itemsize; bias ``heads*N*N`` and mask
-``nW*N*N`` are small and come from L2; with one tile per window a program loads its head's bias
-tile once for all its windows):
+``nW*N*N`` are small and come from L2; with one tile per window a forward program loads its head's
+bias tile once for all its windows, a backward program once per window, from L1/L2):
     forward   reads q, k, v, writes o                         4T (+ lse: 4 bytes per row)
     backward  reads q, k, v, do (+ lse), writes dq, dk, dv     7T (+ dbias partials, see above)
               softmax's backward needs delta = rowsum(P * dP) per query row, which equals
@@ -297,8 +302,9 @@ def _bwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, bias_ptr, mask_ptr,
     if COSINE:
         scale = tl.load(hs_ptr + h)
         qk_scale = scale * LOG2E
-        # d scale_h = sum of dS * (q^ . k^) = sum over query rows of q^ . (dS @ k^), per row here
-        dhs_acc = tl.zeros([BLOCK_M], dtype=tl.float32)
+        # d scale_h = sum of dS * (q^ . k^) = sum over query rows of q^ . (dS @ k^); summed per
+        # tile into one fp32 scalar (a per-row vector carried across the images cost registers)
+        dhs_acc = 0.0
     rest = pid // HEADS
     j = rest % nW
     first = (rest // nW) * GROUP
@@ -306,19 +312,16 @@ def _bwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, bias_ptr, mask_ptr,
     d_ok = cols_d < D
     db_base = ((rest % num_slots).to(tl.int64) * HEADS + h) * N * N
     db_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    pad_dk = tl.zeros([BLOCK_D], dtype=tl.float32)
-    pad_dv = tl.zeros([BLOCK_D], dtype=tl.float32)
-    if SINGLE:
-        rows = tl.arange(0, BLOCK_M)
-        cols = tl.arange(0, BLOCK_N)
-        add = _place_additive(bias_ptr, mask_ptr, h, j, rows, cols, N, nW, nWw, H, W, Rh, Rw, shift_h, shift_w,
-                              mask_value,
-                              WS, HAS_BIAS, HAS_MASK, FUSED, BLOCK_M, BLOCK_N)
     for i in range(0, GROUP):
         img = first + i
         if img < num_images:
             w = img.to(tl.int64) * nW + j
             lse_base = (w * HEADS + h) * N
+            pad_base = (w * HEADS + h) * 2 * D
+            if FUSED:
+                if HAS_QKV_BIAS:
+                    pad_dk = tl.zeros([BLOCK_D], dtype=tl.float32)
+                    pad_dv = tl.zeros([BLOCK_D], dtype=tl.float32)
             for n0 in range(0, N, BLOCK_N):
                 cols = n0 + tl.arange(0, BLOCK_N)
                 tok_k, in_k, lab_k, k, v = _load_kv(k_ptr, v_ptr, qkvb_ptr, w, h, cols, cols_d, d_ok,
@@ -344,7 +347,14 @@ def _bwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, bias_ptr, mask_ptr,
                         o = _load_rows(o_ptr, w, h, tok_q, in_q, cols_d, d_ok, so_b, so_h, so_n)
                         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
                     lse = tl.load(lse_ptr + lse_base + rows, mask=rows < N, other=0.0)
-                    if not SINGLE:
+                    # Built again for every window, unlike the forward, which keeps one tile per
+                    # program: held across the images beside dbias' accumulator it made the cosine
+                    # backward spill (see the module docstring). The bias tile comes from L1/L2.
+                    if SINGLE:
+                        add = _place_additive(bias_ptr, mask_ptr, h, j, rows, cols, N, nW, nWw, H, W, Rh, Rw,
+                                              shift_h, shift_w, mask_value,
+                                              WS, HAS_BIAS, HAS_MASK, FUSED, BLOCK_M, BLOCK_N)
+                    else:
                         add = _additive(bias_ptr, mask_ptr, h, j, rows, cols, lab_q, lab_k, N, mask_value,
                                         HAS_BIAS, HAS_MASK, FUSED, BLOCK_M, BLOCK_N)
                     s = dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale + add
@@ -371,7 +381,7 @@ def _bwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, bias_ptr, mask_ptr,
                         # this key tile's share of dq^ / scale, through the normalisation (linear),
                         # and of d scale_h = sum of dS * (q^ . k^) = q^ . (dS @ k^) per row
                         dq, proj = _unit_rows_grad(q, r_q, unclamped_q, dot(ds.to(k.dtype), k, PRECISION, UPCAST))
-                        dhs_acc += proj
+                        dhs_acc += tl.sum(proj, axis=0)
                         dq = dq * scale
                     else:
                         dq = dot(ds.to(k.dtype), k, PRECISION, UPCAST) * scale
@@ -395,17 +405,23 @@ def _bwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, bias_ptr, mask_ptr,
                 if FUSED:
                     if HAS_QKV_BIAS:
                         pad = ((cols < N) & ~in_k)[:, None]
-                        pad_dk += tl.sum(tl.where(pad, dk_acc, 0.0), axis=0)
-                        pad_dv += tl.sum(tl.where(pad, dv_acc, 0.0), axis=0)
+                        if SINGLE:   # the window's only key tile: written at once, nothing carried
+                            tl.store(dqkvb_ptr + pad_base + cols_d, tl.sum(tl.where(pad, dk_acc, 0.0), axis=0),
+                                     mask=d_ok)
+                            tl.store(dqkvb_ptr + pad_base + D + cols_d, tl.sum(tl.where(pad, dv_acc, 0.0), axis=0),
+                                     mask=d_ok)
+                        else:
+                            pad_dk += tl.sum(tl.where(pad, dk_acc, 0.0), axis=0)
+                            pad_dv += tl.sum(tl.where(pad, dv_acc, 0.0), axis=0)
+            if FUSED:
+                if HAS_QKV_BIAS:
+                    if not SINGLE:
+                        # this window's part of the padded tokens' k/v-bias gradient: partial [w, h, 2, D]
+                        tl.store(dqkvb_ptr + pad_base + cols_d, pad_dk, mask=d_ok)
+                        tl.store(dqkvb_ptr + pad_base + D + cols_d, pad_dv, mask=d_ok)
     if COSINE:
         # this program's part of d scale_h, one slot per program: partial [rest, h], summed by the op
-        tl.store(dhs_ptr + rest.to(tl.int64) * HEADS + h, tl.sum(dhs_acc, axis=0))
-    if FUSED:
-        if HAS_QKV_BIAS:
-            # this program's part of the padded tokens' k/v-bias gradient: partial [rest, h, 2, D]
-            pad_base = (rest.to(tl.int64) * HEADS + h) * 2 * D
-            tl.store(dqkvb_ptr + pad_base + cols_d, pad_dk, mask=d_ok)
-            tl.store(dqkvb_ptr + pad_base + D + cols_d, pad_dv, mask=d_ok)
+        tl.store(dhs_ptr + rest.to(tl.int64) * HEADS + h, dhs_acc)
     if SINGLE:
         if BIAS_GRAD:
             r = tl.arange(0, BLOCK_M)
@@ -448,6 +464,12 @@ class Geometry(NamedTuple):
     @property
     def masked(self) -> bool:
         return self.shift_h > 0 or self.shift_w > 0
+
+    @property
+    def padded(self) -> bool:
+        """Whether the image is zero-padded up to whole windows (fused layout): only then do tokens
+        take the qkv bias as their q/k/v, and the bias a gradient from them."""
+        return self.Hp != self.H or self.Wp != self.W
 
 
 def core_geometry(q: torch.Tensor, mask: Optional[torch.Tensor]) -> Geometry:
@@ -574,10 +596,13 @@ def scale_partial_shape(plan: BackwardPlan, heads: int):
     return (plan.programs, heads)
 
 
-def pad_partial_shape(plan: BackwardPlan, heads: int, d: int):
-    """Fused layout with a qkv bias: fp32 per-program sums of the zero-padded tokens' dk and dv,
-    written whole; summed over dim 0 by the op into the k and v parts of the qkv-bias gradient."""
-    return (plan.programs, heads, 2, d)
+def pad_partial_shape(g: Geometry, heads: int, d: int):
+    """Fused layout with a qkv bias and padding (``g.padded``): fp32 per-window sums of the
+    zero-padded tokens' dk and dv, written whole; summed over dim 0 by the op into the k and v
+    parts of the qkv-bias gradient. Per window, not per program, so that the backward carries no
+    sums across a program's images (registers): 8 bytes per channel and window, ``4 / (3 N)`` of a
+    half-precision qkv (2% at N = 64)."""
+    return (g.num_windows, heads, 2, d)
 
 
 # F.normalize's default: cosine attention divides each q and k row by max(||row||, EPS).
@@ -613,7 +638,7 @@ def _bwd(*, q, k, v, q_strides, k_strides, v_strides, out, do, out_strides, lse,
          qkv_bias, dq, dq_strides, dk, dv, dkv_strides, dbias_partial, dpad_partial, geometry: Geometry, heads, d,
          scale, mask_value, fused, has_mask, head_scale=None, dscale_partial=None):
     """``dbias_partial``: None or fp32 ``dbias_partial_shape`` (zeroed where the plan accumulates);
-    ``dpad_partial``: None or fp32 ``pad_partial_shape`` (fused layout with a qkv bias). Cosine
+    ``dpad_partial``: None or fp32 ``pad_partial_shape`` (fused layout, padded, with a qkv bias). Cosine
     attention (``head_scale`` fp32 [heads]): ``dscale_partial`` fp32 ``scale_partial_shape``, written
     whole."""
     g = geometry
@@ -690,7 +715,8 @@ def backward(*, do, q, k, v, out, lse, bias, mask, scale: float, dq, dk, dv, dbi
 
 def fused_forward(*, qkv, qkv_bias, bias, window_size: int, num_heads: int, shift_size: int, scale: float,
                   mask_value: float, roll_first: bool, out, lse, head_scale=None):
-    """Fused layout. qkv [B, H, W, 3C] contiguous, qkv_bias [3C] (q/k/v of padded tokens) or None,
+    """Fused layout. qkv [B, H, W, 3C] contiguous, qkv_bias [3C] (q/k/v of padded tokens; not
+    passed to the kernel where nothing is padded, which then builds without that code) or None,
     bias [heads, N, N] contiguous or None; out [B, H, W, C] and lse [B*nW, heads, N] fp32."""
     B, H, W, C3 = qkv.shape
     g = fused_geometry(B, H, W, C3 // 3, window_size, shift_size, roll_first)
@@ -698,7 +724,7 @@ def fused_forward(*, qkv, qkv_bias, bias, window_size: int, num_heads: int, shif
     qkv_strides = (0, d, 3 * C)   # (window: the token index carries the image, head, token)
     _fwd(q=qkv, k=qkv[..., C:], v=qkv[..., 2 * C:], q_strides=qkv_strides, k_strides=qkv_strides,
          v_strides=qkv_strides, out=out, out_strides=(0, d, C), lse=lse, bias=bias, mask=None,
-         qkv_bias=qkv_bias, geometry=g, heads=num_heads, d=d, scale=scale, mask_value=mask_value,
+         qkv_bias=qkv_bias if g.padded else None, geometry=g, heads=num_heads, d=d, scale=scale, mask_value=mask_value,
          fused=True, has_mask=g.masked, head_scale=head_scale)
 
 
@@ -708,7 +734,8 @@ def fused_backward(*, do, qkv, qkv_bias, bias, out, lse, window_size: int, num_h
     """dqkv [B, H, W, 3C]: its k and v parts written whole, and its q part too when ``dq`` is None
     (one tile per window); else ``dq`` is an fp32 zeroed [B, H, W, C] buffer the key tiles add
     into. ``dbias_partial``: None or fp32 ``dbias_partial_shape``; ``dpad_partial``: None or fp32
-    ``pad_partial_shape`` (with a qkv bias: the padded tokens' dk, dv per program)."""
+    ``pad_partial_shape`` (with a qkv bias and padding, ``geometry.padded``: the padded tokens' dk, dv
+    per window; must be None where nothing is padded)."""
     B, H, W, C3 = qkv.shape
     g = fused_geometry(B, H, W, C3 // 3, window_size, shift_size, roll_first)
     C, d = g.C, g.C // num_heads
@@ -716,7 +743,7 @@ def fused_backward(*, do, qkv, qkv_bias, bias, out, lse, window_size: int, num_h
     dq_buf, dq_strides = (dqkv, qkv_strides) if dq is None else (dq, (0, d, C))
     _bwd(q=qkv, k=qkv[..., C:], v=qkv[..., 2 * C:], q_strides=qkv_strides, k_strides=qkv_strides,
          v_strides=qkv_strides, out=out, do=do, out_strides=(0, d, C), lse=lse, bias=bias, mask=None,
-         qkv_bias=qkv_bias, dq=dq_buf, dq_strides=dq_strides, dk=dqkv[..., C:], dv=dqkv[..., 2 * C:],
+         qkv_bias=qkv_bias if g.padded else None, dq=dq_buf, dq_strides=dq_strides, dk=dqkv[..., C:], dv=dqkv[..., 2 * C:],
          dkv_strides=qkv_strides, dbias_partial=dbias_partial, dpad_partial=dpad_partial, geometry=g,
          heads=num_heads, d=d, scale=scale, mask_value=mask_value, fused=True, has_mask=g.masked,
          head_scale=head_scale, dscale_partial=dscale_partial)

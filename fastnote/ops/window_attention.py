@@ -100,7 +100,7 @@ def _backward_scratch(plan, g, heads: int, d: int, device, *, bias_grad: bool, p
         dbias_partial = torch.zeros(shape, dtype=torch.float32, device=device) \
             if plan.accumulated or g.num_windows == 0 else backend.empty(shape, torch.float32, device)
     if pad:
-        dpad_partial = backend.empty(kernels.pad_partial_shape(plan, heads, d), torch.float32, device)
+        dpad_partial = backend.empty(kernels.pad_partial_shape(g, heads, d), torch.float32, device)
     return dbias_partial, dpad_partial
 
 
@@ -280,7 +280,7 @@ def _block_backward_launch(grad, qkv, qkv_bias, bias, out, lse, window_size, num
     dqkv = backend.empty_like(qkv)
     dq_acc = _dq_accumulator(plan, out.shape, qkv.device)
     dbias_partial, dpad_partial = _backward_scratch(plan, g, num_heads, d, qkv.device, bias_grad=bias_grad,
-                                                    pad=qkv_bias is not None)
+                                                    pad=qkv_bias is not None and g.padded)
     launcher(do=grad, qkv=qkv, qkv_bias=qkv_bias, bias=bias, out=out, lse=lse, window_size=window_size,
              num_heads=num_heads, shift_size=shift_size, mask_value=mask_value, roll_first=roll_first,
              dqkv=dqkv, dq=dq_acc, dbias_partial=dbias_partial, dpad_partial=dpad_partial)
