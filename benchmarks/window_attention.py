@@ -9,7 +9,11 @@ expanded), ``torch.compile`` of eager, and fastnote.
 
 Shapes: Swin-T (224x224, window 7, shift 3; x axis = stage 1..4: 56x56 C=96 3 heads ... 7x7 C=768
 24 heads, where Swin uses no shift) at batch 128, and Swin-B at 384x384 (window 12, shift 6;
-96x96 C=128 4 heads ... 12x12 C=1024 32 heads) at batch 32; head_dim 32 throughout; bf16, fp16.
+96x96 C=128 4 heads ... 12x12 C=1024 32 heads) at batch 32; head_dim 32 throughout; bf16, fp16, fp32.
+In fp32 with exact products (torch's default: TF32 not allowed) two more providers time the backward
+on 32 x 32 and 16 x 16 tiles instead of one 64 x 64 tile per window, which spills there
+(``EXACT_FP32_BACKWARD_TILE`` in fastnote/triton_kernels/window_attention.py): the next GPU run
+picks the default.
 
 Bytes model (minimum traffic). Core, T = B*nW * heads * N * d * itemsize (bias and mask, at most
 ``nW*N*N``, are small next to T and ignored):
@@ -55,7 +59,10 @@ import triton
 import fastnote
 import harness
 from fastnote import reference
+from fastnote.triton_kernels import window_attention as kernels
+from fastnote.triton_kernels.utils import fp32_matmul_allows_tf32
 from harness import Benchmark, Case, Provider
+from harness.modes import _mode_callable
 
 # (model, batch, [(H, W, C, heads)] per stage, window, shift)
 SWIN_T = ("swin_t_224", 128, [(56, 56, 96, 3), (28, 28, 192, 6), (14, 14, 384, 12), (7, 7, 768, 24)], 7, 3)
@@ -207,7 +214,7 @@ def block_bytes(case, mode):
     return {"fwd": 10, "bwd": 18, "both": 28}[mode] * X
 
 
-CASES = _cases([SWIN_T, SWIN_B_384], ["bf16", "fp16"])
+CASES = _cases([SWIN_T, SWIN_B_384], ["bf16", "fp16", "fp32"])
 SMOKE_CASES = _cases([SMOKE], ["fp32"])
 
 
@@ -310,7 +317,38 @@ def _block_v2_provider(kind):
     return setup
 
 
-CASES_V2 = _v2_cases([SWIN_V2_T_W8, SWIN_V2_T_W16], ["bf16", "fp16"])
+CASES_V2 = _v2_cases([SWIN_V2_T_W8, SWIN_V2_T_W16], ["bf16", "fp16", "fp32"])
+
+
+# ------------------------------------------------------------------------------------------------
+# fp32 with exact products: which backward tile (kernels.EXACT_FP32_BACKWARD_TILE)
+# ------------------------------------------------------------------------------------------------
+
+def _backward_tile_provider(fastnote_setup, tile):
+    """fastnote with its backward on ``tile`` x ``tile`` tiles where a window fits one 64 x 64 tile,
+    for fp32 with exact products (torch has not allowed TF32): the alternatives to the one-tile
+    backward, which spills there (see ``EXACT_FP32_BACKWARD_TILE``). Only the backward modes, only
+    such cases (others give no callable: n/a); the forward is the same as "fastnote"."""
+    def setup(inputs, case):
+        if case.dtype != torch.float32 or fp32_matmul_allows_tf32():
+            return {}
+        made = fastnote_setup(inputs, case)
+
+        def with_tile(fn):
+            def run():
+                previous, kernels.EXACT_FP32_BACKWARD_TILE = kernels.EXACT_FP32_BACKWARD_TILE, tile
+                try:
+                    return fn()
+                finally:
+                    kernels.EXACT_FP32_BACKWARD_TILE = previous
+            return run
+        return {mode: with_tile(_mode_callable(made, mode)) for mode in ("bwd", "both")}
+    return setup
+
+
+def _with_backward_tiles(name, fastnote_setup):
+    return [Provider(name, fastnote_setup)] + \
+        [Provider(f"{name} bwd tile {t}", _backward_tile_provider(fastnote_setup, t)) for t in (32, 16)]
 SMOKE_CASES_V2 = _v2_cases([SMOKE_V2], ["fp32"])
 
 BENCHMARKS = [
@@ -321,7 +359,7 @@ BENCHMARKS = [
             Provider("eager", _core_provider(eager_core)),
             Provider("sdpa", _core_provider(sdpa_core)),
             Provider("torch.compile", _core_provider(eager_core), compile=True),
-            Provider("fastnote", _core_provider(fastnote.window_attention)),
+            *_with_backward_tiles("fastnote", _core_provider(fastnote.window_attention)),
         ],
         cases=CASES,
         smoke_cases=SMOKE_CASES,
@@ -336,7 +374,7 @@ BENCHMARKS = [
             Provider("eager", _block_provider(eager_core)),
             Provider("sdpa", _block_provider(sdpa_core)),
             Provider("torch.compile", _block_provider(eager_core), compile=True),
-            Provider("fastnote", fastnote_block),
+            *_with_backward_tiles("fastnote", fastnote_block),
         ],
         cases=CASES,
         smoke_cases=SMOKE_CASES,
@@ -350,7 +388,7 @@ BENCHMARKS = [
             Provider("eager", _core_provider(eager_core_v2)),
             Provider("sdpa", _core_provider(sdpa_core_v2)),
             Provider("torch.compile", _core_provider(eager_core_v2), compile=True),
-            Provider("fastnote", _core_provider(fastnote.window_attention_v2)),
+            *_with_backward_tiles("fastnote", _core_provider(fastnote.window_attention_v2)),
         ],
         cases=CASES_V2,
         smoke_cases=SMOKE_CASES_V2,
@@ -365,7 +403,7 @@ BENCHMARKS = [
             Provider("eager", _block_v2_provider("torchvision")),
             Provider("timm", _block_v2_provider("timm")),
             Provider("torch.compile", _block_v2_provider("torchvision"), compile=True),
-            Provider("fastnote", _block_v2_provider("fastnote")),
+            *_with_backward_tiles("fastnote", _block_v2_provider("fastnote")),
         ],
         cases=CASES_V2,
         smoke_cases=SMOKE_CASES_V2,

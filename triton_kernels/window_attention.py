@@ -91,7 +91,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import LOG2E, LOG2E_F, cdiv, dot, dot_switches, launch, next_pow2
+from .utils import LOG2E, LOG2E_F, cdiv, dot, dot_switches, fp32_matmul_allows_tf32, launch, next_pow2
 
 # Largest padded N whose full score tile one program holds; beyond it, 64 x 64 tiles.
 SINGLE_TILE_MAX_N = 64
@@ -530,6 +530,26 @@ def blocks(N: int, d: int, dtype: torch.dtype):
     return tile, tile, bd, False
 
 
+# The backward's tile for fp32 with exact products (3xTF32 on a GPU: torch has not allowed TF32)
+# where a window fits one tile: None keeps ``blocks``' choice (64 x 64, one tile per window), 32 or
+# 16 takes the tiled path. At 64 x 64 the sm_90 build spills 560-1024 bytes per thread with Triton
+# 3.9 and ~1.7 KB with 3.6 (each operand is split in two); 32 x 32 tiles 150-220 bytes, 16 x 16
+# none, at the cost of reading O, an fp32 dq buffer and added-into dbias partials. Which is faster
+# is for a GPU to say: benchmarks/window_attention.py times the three choices (its "fastnote bwd
+# tile 32/16" providers set this), and the default follows the timing.
+EXACT_FP32_BACKWARD_TILE: Optional[int] = None
+
+
+def backward_blocks(N: int, d: int, dtype: torch.dtype):
+    """``blocks`` for the backward: the same, unless ``EXACT_FP32_BACKWARD_TILE`` is set and the
+    operands are fp32 with exact products."""
+    bm, bn, bd, single = blocks(N, d, dtype)
+    tile = EXACT_FP32_BACKWARD_TILE
+    if tile is not None and single and dtype == torch.float32 and bn > tile and not fp32_matmul_allows_tf32():
+        return tile, tile, bd, False
+    return bm, bn, bd, single
+
+
 def forward_group(num_images: int, nW: int, heads: int, N: int) -> int:
     # Images per program: enough programs to fill the GPU (~1024, 8 per SM on an H100) and no more;
     # tiny windows get several per program so each does >= ~64 query rows.
@@ -573,10 +593,11 @@ class BackwardPlan(NamedTuple):
 
 
 def backward_plan(g: Geometry, heads: int, d: int, dtype: torch.dtype, deterministic: bool) -> BackwardPlan:
-    """The backward's program split for geometry ``g``: pure, so the op (which allocates from it)
-    and the launcher (which launches from it) agree. ``deterministic``: one dbias slot per program
+    """The backward's program split for geometry ``g``: a function of its arguments, torch's fp32
+    setting and ``EXACT_FP32_BACKWARD_TILE`` only, so the op (which allocates from it) and the
+    launcher (which launches from it) agree. ``deterministic``: one dbias slot per program
     (``torch.are_deterministic_algorithms_enabled()``)."""
-    single = blocks(g.N, d, dtype)[3]
+    single = backward_blocks(g.N, d, dtype)[3]
     group = backward_group(g.num_images, g.nW, heads, g.N, d)
     programs = cdiv(g.num_images, group) * g.nW
     tensor_bytes = g.num_windows * heads * g.N * d * dtype.itemsize
@@ -644,7 +665,7 @@ def _bwd(*, q, k, v, q_strides, k_strides, v_strides, out, do, out_strides, lse,
     g = geometry
     if g.num_windows == 0 or g.N == 0:
         return
-    bm, bn, bd, single = blocks(g.N, d, q.dtype)
+    bm, bn, bd, single = backward_blocks(g.N, d, q.dtype)
     plan = backward_plan(g, heads, d, q.dtype, torch.are_deterministic_algorithms_enabled())
     slots = dbias_partial.shape[0] if dbias_partial is not None else plan.slots
     dummy = lse
