@@ -44,8 +44,20 @@ REPORT_TARGET = "sm_90"
 captured = []
 
 
+def _stand_in(arg):
+    """What the JIT's binder reads of a tensor argument is its dtype and whether its address is a
+    multiple of 16: a one-element tensor with both stands in for it, so that the captured launches
+    do not keep the cases' tensors alive (the real-batch cases would hold several GB)."""
+    if not isinstance(arg, torch.Tensor):
+        return arg
+    offset = arg.data_ptr() % 16
+    base = torch.empty(64 // arg.element_size(), dtype=arg.dtype)   # the allocator aligns to >= 64 bytes
+    assert base.data_ptr() % 64 == 0 and offset % arg.element_size() == 0
+    return base[offset // arg.element_size():][:1]
+
+
 def _capture(self, *args, grid, warmup, **kwargs):
-    captured.append((self, args, kwargs))
+    captured.append((self, tuple(_stand_in(a) for a in args), {k: _stand_in(v) for k, v in kwargs.items()}))
 
 
 def jit_source(fn, args, kwargs, target):
