@@ -10,10 +10,10 @@ expanded), ``torch.compile`` of eager, and fastnote.
 Shapes: Swin-T (224x224, window 7, shift 3; x axis = stage 1..4: 56x56 C=96 3 heads ... 7x7 C=768
 24 heads, where Swin uses no shift) at batch 128, and Swin-B at 384x384 (window 12, shift 6;
 96x96 C=128 4 heads ... 12x12 C=1024 32 heads) at batch 32; head_dim 32 throughout; bf16, fp16, fp32.
-In fp32 with exact products (torch's default: TF32 not allowed) two more providers time the backward
-on 32 x 32 and 16 x 16 tiles instead of one 64 x 64 tile per window, which spills there
-(``EXACT_FP32_BACKWARD_TILE`` in fastnote/triton_kernels/window_attention.py): the next GPU run
-picks the default.
+In fp32 with exact products (torch's default: TF32 not allowed) the backward runs on 32 x 32 tiles,
+chosen from the build report (64 x 64 spills ~1 KB per thread there); two more providers time it on
+64 x 64 and 16 x 16 tiles (``EXACT_FP32_BACKWARD_TILE`` in fastnote/triton_kernels/window_attention.py),
+for the GPU's numbers to confirm or change that default.
 
 Bytes model (minimum traffic). Core, T = B*nW * heads * N * d * itemsize (bias and mask, at most
 ``nW*N*N``, are small next to T and ignored):
@@ -325,10 +325,10 @@ CASES_V2 = _v2_cases([SWIN_V2_T_W8, SWIN_V2_T_W16], ["bf16", "fp16", "fp32"])
 # ------------------------------------------------------------------------------------------------
 
 def _backward_tile_provider(fastnote_setup, tile):
-    """fastnote with its backward on ``tile`` x ``tile`` tiles where a window fits one 64 x 64 tile,
-    for fp32 with exact products (torch has not allowed TF32): the alternatives to the one-tile
-    backward, which spills there (see ``EXACT_FP32_BACKWARD_TILE``). Only the backward modes, only
-    such cases (others give no callable: n/a); the forward is the same as "fastnote"."""
+    """fastnote with its backward on ``tile`` x ``tile`` tiles (None: 64 x 64, one per window where
+    it fits) for fp32 with exact products (torch has not allowed TF32): the alternatives to the
+    default ``EXACT_FP32_BACKWARD_TILE``. Only the backward modes, only such cases (others give no
+    callable: n/a); the forward is the same as "fastnote"."""
     def setup(inputs, case):
         if case.dtype != torch.float32 or fp32_matmul_allows_tf32():
             return {}
@@ -348,7 +348,8 @@ def _backward_tile_provider(fastnote_setup, tile):
 
 def _with_backward_tiles(name, fastnote_setup):
     return [Provider(name, fastnote_setup)] + \
-        [Provider(f"{name} bwd tile {t}", _backward_tile_provider(fastnote_setup, t)) for t in (32, 16)]
+        [Provider(f"{name} bwd tile {label}", _backward_tile_provider(fastnote_setup, t))
+         for label, t in (("64", None), ("16", 16))]
 SMOKE_CASES_V2 = _v2_cases([SMOKE_V2], ["fp32"])
 
 BENCHMARKS = [

@@ -81,12 +81,18 @@ def test_core_logit_scale_clamp_and_zero_rows(device):
     assert got[0][0, 1, 3].abs().max() > 1e9   # the clamped row's gradient really is dx^ / eps
 
 
-@pytest.mark.parametrize("N,nW", [(64, 2), (144, 1)], ids=["single-tile", "tiled"])
-def test_core_large_scale_error_against_float64(device, N, nW):
+@pytest.mark.parametrize("N,nW,tile", [(64, 2, None), (64, 2, 32), (144, 1, 32)],
+                         ids=["single-tile", "tiles-32", "tiled"])
+def test_core_large_scale_error_against_float64(device, monkeypatch, N, nW, tile):
     # Scales of 99 (just under the clamp, so d logit_scale flows): logits of +-100, where the fp32
     # lse's rounding (up to 8e-6) makes a recomputed softmax row sum to 1 + eps. Each tensor's
     # error against a float64 run stays within 4x the fp32 reference's own error (before the
-    # single-tile backward normalised its rows again, d logit_scale was 140x off at N=64).
+    # single-tile backward normalised its rows again, d logit_scale was 140x off at N=64). fp32
+    # with exact products takes 32 x 32 backward tiles by default; tile None is the one-tile
+    # backward the other dtypes (and TF32) use.
+    from fastnote.triton_kernels import window_attention as kernels
+
+    monkeypatch.setattr(kernels, "EXACT_FP32_BACKWARD_TILE", tile)
     torch.manual_seed(0)
     q, k, v, ls, bias, mask = v2_inputs(2 * nW, 2, N, 16, nW, True, device=device)
     with torch.no_grad():

@@ -530,22 +530,26 @@ def blocks(N: int, d: int, dtype: torch.dtype):
     return tile, tile, bd, False
 
 
-# The backward's tile for fp32 with exact products (3xTF32 on a GPU: torch has not allowed TF32)
-# where a window fits one tile: None keeps ``blocks``' choice (64 x 64, one tile per window), 32 or
-# 16 takes the tiled path. At 64 x 64 the sm_90 build spills 560-1024 bytes per thread with Triton
-# 3.9 and ~1.7 KB with 3.6 (each operand is split in two); 32 x 32 tiles 150-220 bytes, 16 x 16
-# none, at the cost of reading O, an fp32 dq buffer and added-into dbias partials. Which is faster
-# is for a GPU to say: benchmarks/window_attention.py times the three choices (its "fastnote bwd
-# tile 32/16" providers set this), and the default follows the timing.
-EXACT_FP32_BACKWARD_TILE: Optional[int] = None
+# The backward's tile for fp32 with exact products (3xTF32 on a GPU: torch has not allowed TF32),
+# where ``blocks`` chose larger ones; None keeps ``blocks``' choice. Each fp32 operand of a 3xTF32
+# dot is split in two, and at 64 x 64 (one tile per window, or the tiled path for N > 64) the sm_90
+# backward spills 560-1024 bytes of stack per thread with Triton 3.9 and 890-1700 with 3.6 (its
+# SASS moves ~2.2 KB of local memory per thread per window, ~10x the tensors' own traffic, and 256
+# threads x 1 KB does not fit beside the kernel's shared memory in L1). At 32 x 32 it spills
+# 150-220 bytes, at 16 x 16 none; smaller tiles cost the tiled path's extra traffic (O read for
+# delta, dq through an fp32 buffer, dbias partials added into). 32 is chosen from that build
+# report, not from a timing: benchmarks/window_attention.py times 64 and 16 beside it (its
+# "fastnote bwd tile 64/16" providers set this), and the default should follow the GPU's numbers.
+EXACT_FP32_BACKWARD_TILE: Optional[int] = 32
 
 
 def backward_blocks(N: int, d: int, dtype: torch.dtype):
-    """``blocks`` for the backward: the same, unless ``EXACT_FP32_BACKWARD_TILE`` is set and the
-    operands are fp32 with exact products."""
+    """``blocks`` for the backward: the same, except for fp32 with exact products, whose tiles are
+    at most ``EXACT_FP32_BACKWARD_TILE`` (the tiled path then, even where a window would fit one).
+    The forward keeps ``blocks``' tiles: it does not spill."""
     bm, bn, bd, single = blocks(N, d, dtype)
     tile = EXACT_FP32_BACKWARD_TILE
-    if tile is not None and single and dtype == torch.float32 and bn > tile and not fp32_matmul_allows_tf32():
+    if tile is not None and dtype == torch.float32 and bn > tile and not fp32_matmul_allows_tf32():
         return tile, tile, bd, False
     return bm, bn, bd, single
 
