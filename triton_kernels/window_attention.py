@@ -25,9 +25,11 @@ are 64 x 64 (narrower for wide heads: ``blocks``) and the forward runs an online
 blocks, one program per (window, head, query block). A program takes one head ``h``, one window
 place ``j`` in the image (``w % nW``) and ``GROUP`` images: bias[h] and mask[j] (or, fused, the
 region labels of place j) are the same for all its windows, so with one tile per window the forward
-builds the additive ``(bias + mask) * log2(e)`` tile once per program and keeps it in registers. The
-backward builds it again for each window (the bias tile then comes from L1/L2): held across the
-images beside the dbias accumulator, it made the cosine (V2) backward spill. Heads vary fastest
+builds the additive ``(bias + mask) * log2(e)`` tile once per program and keeps it in registers, and
+so does V1's backward. V2's (cosine) backward builds it again for each window (the bias tile then
+comes from L1/L2): held across the images beside the dbias accumulator it made that backward spill,
+while for V1 holding it costs nothing with Triton 3.9 and rebuilding it cost 32 bytes of stack per
+thread with Triton 3.6 (Swin-T stage 1). Heads vary fastest
 across programs, so neighbouring programs read the same qkv rows. ``GROUP`` is chosen to leave ~1024
 programs (8 per SM on an H100), and in the backward it also amortises the dbias write.
 
@@ -36,10 +38,11 @@ N <= 64, so software pipelining only costs registers). Compiled offline for sm_9
 (``python tests/aot_compile.py --report``: registers and stack of each cubin), at head_dim 32 the
 fp16/bf16 forward uses 114-176 registers per thread and the backward 173-252, none of them spilling
 (V1 and V2, core and fused, real batches, window 7, padded maps; a test keeps it so). The V2
-backward spilled 16-80 bytes until the additive tile, V2's per-row logit-scale sums and the padded
-tokens' sums stopped being carried across a program's images. fp32 with exact products (3xTF32)
-still spills 560-1024 bytes in the backward (1.7 KB with Triton 3.6): each operand is split in
-two. The first thing to tune on a GPU is occupancy (warps, GROUP) against these numbers.
+backward spilled 16-120 bytes until the additive tile, V2's per-row logit-scale sums and the padded
+tokens' sums stopped being carried across a program's images (Triton 3.6 still spills 8-120 bytes
+there). fp32 with exact products (3xTF32) takes 32 x 32 backward tiles (``EXACT_FP32_BACKWARD_TILE``:
+at 64 x 64 it spilled up to 1 KB, 1.7 KB with Triton 3.6). The first thing to tune on a GPU is
+occupancy (warps, GROUP) against these numbers.
 
 Saved for backward: the per-row log-sum-exp only (base 2, ``[B*nW, heads, N]`` fp32); the
 ``N x N`` probabilities are recomputed.
@@ -71,8 +74,8 @@ off (one slot per program, at the partials' extra memory traffic). The other ato
 partials for N > 64) add into addresses that only one program touches, in its loop order.
 
 Bytes model (minimum traffic, T = B*nW * heads * N * d * itemsize; bias ``heads*N*N`` and mask
-``nW*N*N`` are small and come from L2; with one tile per window a forward program loads its head's
-bias tile once for all its windows, a backward program once per window, from L1/L2):
+``nW*N*N`` are small and come from L2; with one tile per window a program loads its head's bias
+tile once for all its windows, except V2's backward, once per window, from L1/L2):
     forward   reads q, k, v, writes o                         4T (+ lse: 4 bytes per row)
     backward  reads q, k, v, do (+ lse), writes dq, dk, dv     7T (+ dbias partials, see above)
               softmax's backward needs delta = rowsum(P * dP) per query row, which equals
@@ -312,6 +315,12 @@ def _bwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, bias_ptr, mask_ptr,
     d_ok = cols_d < D
     db_base = ((rest % num_slots).to(tl.int64) * HEADS + h) * N * N
     db_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if SINGLE:
+        if not COSINE:
+            # V1 keeps the program's additive tile in registers for all its images (as the forward)
+            add = _place_additive(bias_ptr, mask_ptr, h, j, tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_N), N, nW,
+                                  nWw, H, W, Rh, Rw, shift_h, shift_w, mask_value,
+                                  WS, HAS_BIAS, HAS_MASK, FUSED, BLOCK_M, BLOCK_N)
     for i in range(0, GROUP):
         img = first + i
         if img < num_images:
@@ -347,13 +356,14 @@ def _bwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, bias_ptr, mask_ptr,
                         o = _load_rows(o_ptr, w, h, tok_q, in_q, cols_d, d_ok, so_b, so_h, so_n)
                         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
                     lse = tl.load(lse_ptr + lse_base + rows, mask=rows < N, other=0.0)
-                    # Built again for every window, unlike the forward, which keeps one tile per
-                    # program: held across the images beside dbias' accumulator it made the cosine
-                    # backward spill (see the module docstring). The bias tile comes from L1/L2.
+                    # The additive tile: cosine attention builds it again for every window (bias from
+                    # L1/L2): held across the images beside dbias' accumulator and the cosine
+                    # terms it made the V2 backward spill (see the module docstring).
                     if SINGLE:
-                        add = _place_additive(bias_ptr, mask_ptr, h, j, rows, cols, N, nW, nWw, H, W, Rh, Rw,
-                                              shift_h, shift_w, mask_value,
-                                              WS, HAS_BIAS, HAS_MASK, FUSED, BLOCK_M, BLOCK_N)
+                        if COSINE:
+                            add = _place_additive(bias_ptr, mask_ptr, h, j, rows, cols, N, nW, nWw, H, W, Rh, Rw,
+                                                  shift_h, shift_w, mask_value,
+                                                  WS, HAS_BIAS, HAS_MASK, FUSED, BLOCK_M, BLOCK_N)
                     else:
                         add = _additive(bias_ptr, mask_ptr, h, j, rows, cols, lab_q, lab_k, N, mask_value,
                                         HAS_BIAS, HAS_MASK, FUSED, BLOCK_M, BLOCK_N)
