@@ -546,7 +546,7 @@ def blocks(N: int, d: int, dtype: torch.dtype):
 # backward spills 560-1024 bytes of stack per thread with Triton 3.9 and 890-1700 with 3.6 (its
 # SASS moves ~2.2 KB of local memory per thread per window, ~10x the tensors' own traffic, and 256
 # threads x 1 KB does not fit beside the kernel's shared memory in L1). At 32 x 32 it spills
-# 150-220 bytes, at 16 x 16 none; smaller tiles cost the tiled path's extra traffic (O read for
+# 104-328 bytes (Triton 3.9; at most 296 with 3.6), at 16 x 16 none; smaller tiles cost the tiled path's extra traffic (O read for
 # delta, dq through an fp32 buffer, dbias partials added into). 32 is chosen from that build
 # report, not from a timing: benchmarks/window_attention.py times 64 and 16 beside it (its
 # "fastnote bwd tile 64/16" providers set this), and the default should follow the GPU's numbers.
