@@ -12,7 +12,7 @@ Shapes: Swin-T (224x224, window 7, shift 3; x axis = stage 1..4: 56x56 C=96 3 he
 96x96 C=128 4 heads ... 12x12 C=1024 32 heads) at batch 32; head_dim 32 throughout; bf16, fp16, fp32.
 In fp32 with exact products (torch's default: TF32 not allowed) the backward runs on 32 x 32 tiles,
 chosen from the build report (64 x 64 spills ~1 KB per thread there); two more providers time it on
-64 x 64 and 16 x 16 tiles (``EXACT_FP32_BACKWARD_TILE`` in fastnote/triton_kernels/window_attention.py),
+64 x 64 and 16 x 16 tiles (``EXACT_FP32_TILE`` in fastnote/triton_kernels/window_attention.py),
 for the GPU's numbers to confirm or change that default.
 
 Bytes model (minimum traffic). Core, T = B*nW * heads * N * d * itemsize (bias and mask, at most
@@ -321,13 +321,13 @@ CASES_V2 = _v2_cases([SWIN_V2_T_W8, SWIN_V2_T_W16], ["bf16", "fp16", "fp32"])
 
 
 # ------------------------------------------------------------------------------------------------
-# fp32 with exact products: which backward tile (kernels.EXACT_FP32_BACKWARD_TILE)
+# fp32 with exact products: which backward tile (kernels.EXACT_FP32_TILE)
 # ------------------------------------------------------------------------------------------------
 
 def _backward_tile_provider(fastnote_setup, tile):
     """fastnote with its backward on ``tile`` x ``tile`` tiles (None: 64 x 64, one per window where
     it fits) for fp32 with exact products (torch has not allowed TF32): the alternatives to the
-    default ``EXACT_FP32_BACKWARD_TILE``. Only the backward modes, only such cases (others give no
+    default ``EXACT_FP32_TILE``. Only the backward modes, only such cases (others give no
     callable: n/a); the forward is the same as "fastnote"."""
     def setup(inputs, case):
         if case.dtype != torch.float32 or fp32_matmul_allows_tf32():
@@ -336,11 +336,11 @@ def _backward_tile_provider(fastnote_setup, tile):
 
         def with_tile(fn):
             def run():
-                previous, kernels.EXACT_FP32_BACKWARD_TILE = kernels.EXACT_FP32_BACKWARD_TILE, tile
+                previous, kernels.EXACT_FP32_TILE = kernels.EXACT_FP32_TILE, tile
                 try:
                     return fn()
                 finally:
-                    kernels.EXACT_FP32_BACKWARD_TILE = previous
+                    kernels.EXACT_FP32_TILE = previous
             return run
         return {mode: with_tile(_mode_callable(made, mode)) for mode in ("bwd", "both")}
     return setup

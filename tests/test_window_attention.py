@@ -71,7 +71,7 @@ def test_core_forward_backward(device, B_, heads, N, d, nW, with_bias, with_mask
 @pytest.mark.parametrize("op", ["window_attention", "swin_window_attention", "window_attention_v2",
                                 "swin_window_attention_v2"])
 def test_exact_fp32_backward_tiles(device, monkeypatch, op, tile):
-    # Every backward tile for fp32 with exact products (EXACT_FP32_BACKWARD_TILE: 32 by default,
+    # Every backward tile for fp32 with exact products (EXACT_FP32_TILE: 32 by default,
     # None the one 64 x 64 tile per window the other dtypes use; benchmarks/window_attention.py
     # times them): V1 and V2, core (N 49 and 64, bias and mask) and block (padded, qkv bias),
     # against the reference, forward and every gradient; and the backward took that path.
@@ -80,10 +80,10 @@ def test_exact_fp32_backward_tiles(device, monkeypatch, op, tile):
 
     if device.type == "cuda":
         monkeypatch.setattr(torch.backends.cuda.matmul, "fp32_precision", "ieee")
-    monkeypatch.setattr(kernels, "EXACT_FP32_BACKWARD_TILE", tile)
+    monkeypatch.setattr(kernels, "EXACT_FP32_TILE", tile)
     chosen = []
-    backward_blocks = kernels.backward_blocks
-    monkeypatch.setattr(kernels, "backward_blocks", lambda *a: chosen.append(backward_blocks(*a)) or chosen[-1])
+    launch_blocks = kernels.launch_blocks
+    monkeypatch.setattr(kernels, "launch_blocks", lambda *a: chosen.append(launch_blocks(*a)) or chosen[-1])
     case = next(c for c in cases.all_cases() if c.name == op)
     rows = cases.compare(case, torch.float32, device)
     assert len(rows) >= 5 and all(r["status"] == "PASS" for r in rows), [r for r in rows if r["status"] != "PASS"]

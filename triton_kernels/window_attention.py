@@ -40,8 +40,9 @@ fp16/bf16 forward uses 114-176 registers per thread and the backward 173-252, no
 (V1 and V2, core and fused, real batches, window 7, padded maps; a test keeps it so). The V2
 backward spilled 16-120 bytes until the additive tile, V2's per-row logit-scale sums and the padded
 tokens' sums stopped being carried across a program's images (Triton 3.6 still spills 8-120 bytes
-there). fp32 with exact products (3xTF32) takes 32 x 32 backward tiles (``EXACT_FP32_BACKWARD_TILE``:
-at 64 x 64 it spilled up to 1 KB, 1.7 KB with Triton 3.6). The first thing to tune on a GPU is
+there). fp32 with exact products (3xTF32) takes 32 x 32 tiles (``EXACT_FP32_TILE``: at 64 x 64
+the backward spilled up to 1 KB, 1.7 KB with Triton 3.6), the forward too, so that both compute
+the same logits. The first thing to tune on a GPU is
 occupancy (warps, GROUP) against these numbers.
 
 Saved for backward: the per-row log-sum-exp only (base 2, ``[B*nW, heads, N]`` fp32); the
@@ -386,21 +387,23 @@ def _bwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, bias_ptr, mask_ptr,
                         # rowsum(P * dP), without reading O (one tensor less to load)
                         delta = tl.sum(p * dp, axis=1)
                     ds = p * (dp - delta[:, None])
-                    dk_acc += dot(tl.trans(ds.to(q.dtype)), q, PRECISION, UPCAST)
+                    if SINGLE:
+                        if BIAS_GRAD:
+                            db_acc += ds
+                    ds_lo = ds.to(q.dtype)
+                    dk_acc += dot(tl.trans(ds_lo), q, PRECISION, UPCAST)
                     if COSINE:
                         # this key tile's share of dq^ / scale, through the normalisation (linear),
                         # and of d scale_h = sum of dS * (q^ . k^) = q^ . (dS @ k^) per row
-                        dq, proj = _unit_rows_grad(q, r_q, unclamped_q, dot(ds.to(k.dtype), k, PRECISION, UPCAST))
+                        dq, proj = _unit_rows_grad(q, r_q, unclamped_q, dot(ds_lo, k, PRECISION, UPCAST))
                         dhs_acc += tl.sum(proj, axis=0)
                         dq = dq * scale
                     else:
-                        dq = dot(ds.to(k.dtype), k, PRECISION, UPCAST) * scale
+                        dq = dot(ds_lo, k, PRECISION, UPCAST) * scale
                     dq_offs = _row_offsets(w, h, tok_q, cols_d, sdq_b, sdq_h, sdq_n)
                     q_ok = in_q[:, None] & d_ok[None, :]
                     if SINGLE:
                         tl.store(dq_ptr + dq_offs, dq.to(dq_ptr.dtype.element_ty), mask=q_ok)
-                        if BIAS_GRAD:
-                            db_acc += ds
                     else:
                         tl.atomic_add(dq_ptr + dq_offs, dq, mask=q_ok)
                         if BIAS_GRAD:
@@ -540,25 +543,33 @@ def blocks(N: int, d: int, dtype: torch.dtype):
     return tile, tile, bd, False
 
 
-# The backward's tile for fp32 with exact products (3xTF32 on a GPU: torch has not allowed TF32),
-# where ``blocks`` chose larger ones; None keeps ``blocks``' choice. Each fp32 operand of a 3xTF32
-# dot is split in two, and at 64 x 64 (one tile per window, or the tiled path for N > 64) the sm_90
-# backward spills 560-1024 bytes of stack per thread with Triton 3.9 and 890-1700 with 3.6 (its
-# SASS moves ~2.2 KB of local memory per thread per window, ~10x the tensors' own traffic, and 256
-# threads x 1 KB does not fit beside the kernel's shared memory in L1). At 32 x 32 it spills
-# 104-328 bytes (Triton 3.9; at most 296 with 3.6), at 16 x 16 none; smaller tiles cost the tiled path's extra traffic (O read for
-# delta, dq through an fp32 buffer, dbias partials added into). 32 is chosen from that build
-# report, not from a timing: benchmarks/window_attention.py times 64 and 16 beside it (its
-# "fastnote bwd tile 64/16" providers set this), and the default should follow the GPU's numbers.
-EXACT_FP32_BACKWARD_TILE: Optional[int] = 32
+# The tile for fp32 with exact products (3xTF32 on a GPU: torch has not allowed TF32), forward and
+# backward, where ``blocks`` chose larger ones; None keeps ``blocks``' choice.
+# - The backward: each fp32 operand of a 3xTF32 dot is split in two, and at 64 x 64 (one tile per
+#   window, or the tiled path for N > 64) the sm_90 backward spills 560-1024 bytes of stack per
+#   thread with Triton 3.9 and 890-1700 with 3.6 (its SASS moves ~2.2 KB of local memory per
+#   thread per window, ~10x the tensors' own traffic, and 256 threads x 1 KB does not fit beside
+#   the kernel's shared memory in L1). At 32 x 32 it spills 104-328 bytes (Triton 3.9; at most 296
+#   with 3.6), at 16 x 16 none; smaller tiles cost the tiled path's extra traffic (O read for
+#   delta, dq through an fp32 buffer, dbias partials added into).
+# - The forward takes the same tiles, so that the logits the backward recomputes are bitwise the
+#   ones the forward normalised: a dot's rounding may depend on its tile's shape (numpy's, under
+#   the interpreter, does), and at Swin V2's logits of +-100 one ulp of a logit is 5e-6 of its
+#   probability. With the forward's 64 x 64 tile and the backward's 32 x 32, d logit_scale (a sum
+#   that cancels heavily) came out with 4-10 units of fp32 roundoff times the sum of its terms'
+#   magnitudes, against the fp32 reference's 0.1-1.9; with equal tiles, 0.8-3.1.
+# 32 is chosen from the build report, not from a timing: benchmarks/window_attention.py times 64
+# and 16 beside it (its "fastnote bwd tile 64/16" providers set this), and the default should
+# follow the GPU's numbers.
+EXACT_FP32_TILE: Optional[int] = 32
 
 
-def backward_blocks(N: int, d: int, dtype: torch.dtype):
-    """``blocks`` for the backward: the same, except for fp32 with exact products, whose tiles are
-    at most ``EXACT_FP32_BACKWARD_TILE`` (the tiled path then, even where a window would fit one).
-    The forward keeps ``blocks``' tiles: it does not spill."""
+def launch_blocks(N: int, d: int, dtype: torch.dtype):
+    """The tiles a launch takes, forward and backward alike: ``blocks``', except for fp32 with
+    exact products, whose tiles are at most ``EXACT_FP32_TILE`` (the tiled path then, even where
+    a window would fit one)."""
     bm, bn, bd, single = blocks(N, d, dtype)
-    tile = EXACT_FP32_BACKWARD_TILE
+    tile = EXACT_FP32_TILE
     if tile is not None and dtype == torch.float32 and bn > tile and not fp32_matmul_allows_tf32():
         return tile, tile, bd, False
     return bm, bn, bd, single
@@ -608,10 +619,10 @@ class BackwardPlan(NamedTuple):
 
 def backward_plan(g: Geometry, heads: int, d: int, dtype: torch.dtype, deterministic: bool) -> BackwardPlan:
     """The backward's program split for geometry ``g``: a function of its arguments, torch's fp32
-    setting and ``EXACT_FP32_BACKWARD_TILE`` only, so the op (which allocates from it) and the
+    setting and ``EXACT_FP32_TILE`` only, so the op (which allocates from it) and the
     launcher (which launches from it) agree. ``deterministic``: one dbias slot per program
     (``torch.are_deterministic_algorithms_enabled()``)."""
-    single = backward_blocks(g.N, d, dtype)[3]
+    single = launch_blocks(g.N, d, dtype)[3]
     group = backward_group(g.num_images, g.nW, heads, g.N, d)
     programs = cdiv(g.num_images, group) * g.nW
     tensor_bytes = g.num_windows * heads * g.N * d * dtype.itemsize
@@ -649,7 +660,7 @@ def _fwd(*, q, k, v, q_strides, k_strides, v_strides, out, out_strides, lse, bia
     g = geometry
     if g.num_windows == 0 or g.N == 0:
         return
-    bm, bn, bd, single = blocks(g.N, d, q.dtype)
+    bm, bn, bd, single = launch_blocks(g.N, d, q.dtype)
     group = forward_group(g.num_images, g.nW, heads, g.N)
     grid = (cdiv(g.num_images, group) * g.nW * heads, cdiv(g.N, bm))
     dummy = lse  # stands in for absent optional tensors (never read: their HAS_* flag is off)
@@ -679,7 +690,7 @@ def _bwd(*, q, k, v, q_strides, k_strides, v_strides, out, do, out_strides, lse,
     g = geometry
     if g.num_windows == 0 or g.N == 0:
         return
-    bm, bn, bd, single = backward_blocks(g.N, d, q.dtype)
+    bm, bn, bd, single = launch_blocks(g.N, d, q.dtype)
     plan = backward_plan(g, heads, d, q.dtype, torch.are_deterministic_algorithms_enabled())
     slots = dbias_partial.shape[0] if dbias_partial is not None else plan.slots
     dummy = lse
