@@ -10,9 +10,9 @@ expanded), ``torch.compile`` of eager, and fastnote.
 Shapes: Swin-T (224x224, window 7, shift 3; x axis = stage 1..4: 56x56 C=96 3 heads ... 7x7 C=768
 24 heads, where Swin uses no shift) at batch 128, and Swin-B at 384x384 (window 12, shift 6;
 96x96 C=128 4 heads ... 12x12 C=1024 32 heads) at batch 32; head_dim 32 throughout; bf16, fp16, fp32.
-In fp32 with exact products (torch's default: TF32 not allowed) the backward runs on 32 x 32 tiles,
-chosen from the build report (64 x 64 spills ~1 KB per thread there); two more providers time it on
-64 x 64 and 16 x 16 tiles (``EXACT_FP32_TILE`` in fastnote/triton_kernels/window_attention.py),
+In fp32 with exact products (torch's default: TF32 not allowed) forward and backward run on 32 x 32
+tiles, chosen from the build report (the 64 x 64 backward spills ~1 KB per thread there); two more
+providers ("fastnote tile 64", "fastnote tile 16") time them on 64 x 64 and 16 x 16 tiles (``EXACT_FP32_TILE`` in fastnote/triton_kernels/window_attention.py),
 for the GPU's numbers to confirm or change that default.
 
 Bytes model (minimum traffic). Core, T = B*nW * heads * N * d * itemsize (bias and mask, at most
@@ -52,6 +52,7 @@ fastnote (``fastnote.nn.ShiftedWindowAttentionV2.from_torchvision`` on the same 
 
     python benchmarks/window_attention.py [--smoke] [--out DIR] [--modes fwd,bwd,both] [--dtypes bf16,fp16]
 """
+import contextlib
 import torch
 import torch.nn.functional as F
 import triton
@@ -321,14 +322,23 @@ CASES_V2 = _v2_cases([SWIN_V2_T_W8, SWIN_V2_T_W16], ["bf16", "fp16", "fp32"])
 
 
 # ------------------------------------------------------------------------------------------------
-# fp32 with exact products: which backward tile (kernels.EXACT_FP32_TILE)
+# fp32 with exact products: which tile (kernels.EXACT_FP32_TILE, forward and backward)
 # ------------------------------------------------------------------------------------------------
 
-def _backward_tile_provider(fastnote_setup, tile):
-    """fastnote with its backward on ``tile`` x ``tile`` tiles (None: 64 x 64, one per window where
-    it fits) for fp32 with exact products (torch has not allowed TF32): the alternatives to the
-    default ``EXACT_FP32_TILE``. Only the backward modes, only such cases (others give no
-    callable: n/a); the forward is the same as "fastnote"."""
+@contextlib.contextmanager
+def _exact_fp32_tile(tile):
+    previous, kernels.EXACT_FP32_TILE = kernels.EXACT_FP32_TILE, tile
+    try:
+        yield
+    finally:
+        kernels.EXACT_FP32_TILE = previous
+
+
+def _tile_provider(fastnote_setup, tile):
+    """fastnote on ``tile`` x ``tile`` tiles (None: 64 x 64, one per window where it fits) for fp32
+    with exact products (torch has not allowed TF32): the alternatives to the default
+    ``EXACT_FP32_TILE``. The tile holds for the untimed forward of the bwd mode too (the backward
+    recomputes that forward's logits). Only such cases (others give no callable: n/a)."""
     def setup(inputs, case):
         if case.dtype != torch.float32 or fp32_matmul_allows_tf32():
             return {}
@@ -336,20 +346,21 @@ def _backward_tile_provider(fastnote_setup, tile):
 
         def with_tile(fn):
             def run():
-                previous, kernels.EXACT_FP32_TILE = kernels.EXACT_FP32_TILE, tile
-                try:
+                with _exact_fp32_tile(tile):
                     return fn()
-                finally:
-                    kernels.EXACT_FP32_TILE = previous
             return run
-        return {mode: with_tile(_mode_callable(made, mode)) for mode in ("bwd", "both")}
+
+        callables = {}
+        for mode in ("fwd", "bwd", "both"):
+            with _exact_fp32_tile(tile):
+                callables[mode] = with_tile(_mode_callable(made, mode))
+        return callables
     return setup
 
 
-def _with_backward_tiles(name, fastnote_setup):
+def _with_tiles(name, fastnote_setup):
     return [Provider(name, fastnote_setup)] + \
-        [Provider(f"{name} bwd tile {label}", _backward_tile_provider(fastnote_setup, t))
-         for label, t in (("64", None), ("16", 16))]
+        [Provider(f"{name} tile {label}", _tile_provider(fastnote_setup, t)) for label, t in (("64", None), ("16", 16))]
 SMOKE_CASES_V2 = _v2_cases([SMOKE_V2], ["fp32"])
 
 BENCHMARKS = [
@@ -360,7 +371,7 @@ BENCHMARKS = [
             Provider("eager", _core_provider(eager_core)),
             Provider("sdpa", _core_provider(sdpa_core)),
             Provider("torch.compile", _core_provider(eager_core), compile=True),
-            *_with_backward_tiles("fastnote", _core_provider(fastnote.window_attention)),
+            *_with_tiles("fastnote", _core_provider(fastnote.window_attention)),
         ],
         cases=CASES,
         smoke_cases=SMOKE_CASES,
@@ -375,7 +386,7 @@ BENCHMARKS = [
             Provider("eager", _block_provider(eager_core)),
             Provider("sdpa", _block_provider(sdpa_core)),
             Provider("torch.compile", _block_provider(eager_core), compile=True),
-            *_with_backward_tiles("fastnote", fastnote_block),
+            *_with_tiles("fastnote", fastnote_block),
         ],
         cases=CASES,
         smoke_cases=SMOKE_CASES,
@@ -389,7 +400,7 @@ BENCHMARKS = [
             Provider("eager", _core_provider(eager_core_v2)),
             Provider("sdpa", _core_provider(sdpa_core_v2)),
             Provider("torch.compile", _core_provider(eager_core_v2), compile=True),
-            *_with_backward_tiles("fastnote", _core_provider(fastnote.window_attention_v2)),
+            *_with_tiles("fastnote", _core_provider(fastnote.window_attention_v2)),
         ],
         cases=CASES_V2,
         smoke_cases=SMOKE_CASES_V2,
@@ -404,7 +415,7 @@ BENCHMARKS = [
             Provider("eager", _block_v2_provider("torchvision")),
             Provider("timm", _block_v2_provider("timm")),
             Provider("torch.compile", _block_v2_provider("torchvision"), compile=True),
-            *_with_backward_tiles("fastnote", _block_v2_provider("fastnote")),
+            *_with_tiles("fastnote", _block_v2_provider("fastnote")),
         ],
         cases=CASES_V2,
         smoke_cases=SMOKE_CASES_V2,

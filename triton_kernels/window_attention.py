@@ -559,7 +559,7 @@ def blocks(N: int, d: int, dtype: torch.dtype):
 #   that cancels heavily) came out with 4-10 units of fp32 roundoff times the sum of its terms'
 #   magnitudes, against the fp32 reference's 0.1-1.9; with equal tiles, 0.8-3.1.
 # 32 is chosen from the build report, not from a timing: benchmarks/window_attention.py times 64
-# and 16 beside it (its "fastnote bwd tile 64/16" providers set this), and the default should
+# and 16 beside it (its "fastnote tile 64/16" providers set this), and the default should
 # follow the GPU's numbers.
 EXACT_FP32_TILE: Optional[int] = 32
 
