@@ -1,14 +1,15 @@
 """The examples under examples/: each runs in smoke mode through its ``main``, and each one's eager
 model and fastnote-built (or patched) copy, same seed and same data, train to the same losses and
-parameter gradients over 3 optimiser steps; the fastnote training compiled by ``torch.compile``
+parameter gradients over 2 optimiser steps (see ``STEPS``); the fastnote training compiled by ``torch.compile``
 (fullgraph) trains to the same numbers too.
 
 How close. Both variants run fp32 (unit roundoff u = 2**-24 ~ 6e-8) through a few dozen chained
 ops forward and backward, and fastnote reorders sums inside its kernels (each op rounds
 differently from eager, not more). One op's RMS-relative error is a few u times sqrt of its
-reduction depth, ~1e-6; chaining it through the layers, the backward and 3 optimiser steps (Adam
-divides by the running RMS of the gradient, so what it propagates is relative, not amplified) gave
-at most 2e-5 on these models (measured per parameter). ``BOUND`` = 2e-4 leaves a factor 10 over
+reduction depth, ~1e-6; chaining it through the layers, the backward and the optimiser steps (Adam
+divides by the running RMS of the gradient, so what it propagates is relative, not amplified,
+except for gradients that are zero in exact arithmetic: see ``STEPS``) gave at most 2e-5 on these
+models (measured per parameter). ``BOUND`` = 2e-4 leaves a factor 10 over
 that; a wrong mask, a dropped shift or an unwritten tile is off by 1e-3 to 1.
 
 Parameters whose gradient is zero in exact arithmetic (a conv bias right before a batch or
@@ -100,11 +101,19 @@ def _compare(eager, fast, bound, null):
     assert compared > 0
 
 
+# Two steps: the third step's gradients are not reproducible at BOUND by eager itself. CUT's
+# generator, eager against eager with 1 and 2 CPU threads (another rounding, nothing else), differs
+# by up to 6e-3 RMS-relative in its weight gradients at step 3, against 5.7e-6 at step 2: Adam turns
+# the rounding noise of gradients that are zero in exact arithmetic (the conv biases before each
+# instance norm) into steps of +-lr, whose signs differ from one rounding to another.
+STEPS = 2
+
+
 @pytest.mark.parametrize("name", EXAMPLES)
 def test_parity_fp32(name, device):
     module = _example(name)
-    eager = module.run(False, 3, device=device)
-    fast = module.run(True, 3, device=device)
+    eager = module.run(False, STEPS, device=device)
+    fast = module.run(True, STEPS, device=device)
     _compare(eager, fast, BOUND, null(torch.float32))
 
 

@@ -29,8 +29,8 @@ def run_benchmark(bench: Benchmark, run: _Run, cases, modes, providers, with_com
         if p.needs_cuda and run.device.type != "cuda":
             print(f"  {p.name}: skipped (needs CUDA)")
         elif run.smoke and skip and not with_compile:
-            print(f"  {p.name}: skipped in smoke mode (torch.compile takes too long for a smoke run; "
-                  f"pass --compile to run it)")
+            why = "torch.compile takes" if p.compile else "it takes"
+            print(f"  {p.name}: skipped in smoke mode ({why} too long for a smoke run; pass --compile to run it)")
         else:
             active.append(p)
     for case in cases:
