@@ -39,7 +39,7 @@ N <= 64, so software pipelining only costs registers). Compiled offline for sm_9
 fp16/bf16 forward uses 114-176 registers per thread and the backward 173-252, none of them spilling
 (V1 and V2, core and fused, real batches, window 7, padded maps; a test keeps it so). The V2
 backward spilled 16-120 bytes until the additive tile, V2's per-row logit-scale sums and the padded
-tokens' sums stopped being carried across a program's images (Triton 3.6 still spills 8-120 bytes
+tokens' sums stopped being carried across a program's images (Triton 3.6 still spills 16-120 bytes
 there). fp32 with exact products (3xTF32) takes 32 x 32 tiles (``EXACT_FP32_TILE``: at 64 x 64
 the backward spilled up to 1 KB, 1.7 KB with Triton 3.6), the forward too, so that both compute
 the same logits. The first thing to tune on a GPU is
