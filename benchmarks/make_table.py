@@ -311,7 +311,6 @@ TARGETS = [
     Target("Style loss: forward+backward vs eager", "style_loss", 2.0, vs="eager", modes=("both",)),
     Target("PatchNCE: forward+backward vs eager", "patch_nce", 3.0, vs="eager", modes=("both",)),
     Target("CLIP loss: forward+backward vs eager", "clip_loss", 3.0, vs="eager", modes=("both",)),
-    Target("h-swish: bandwidth on minimum bytes", "hard_swish", 85.0, unit="% of copy BW"),
     Target("SE (hswish_se): vs eager", "hswish_se", 1.8, vs="eager"),
     Target("SE (hswish_se): vs torch.compile", "hswish_se", 1.2, vs="torch.compile"),
     Target("Spectral norm: SAGAN discriminator step (hook)", "sagan_discriminator", 1.3,

@@ -725,28 +725,12 @@ def _cast(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
 
 
 def hswish_se_cases(batch=256, dtype="bf16") -> List[Case]:
-    """MobileNetV3-L's h-swish tensors (each distinct shape once) and its SE blocks (the h-swish
-    blocks' SE takes the h-swish's input: hswish_se, as fastnote.patch fuses them)."""
+    """MobileNetV3-L's SE blocks (the h-swish blocks' SE takes the h-swish's input: hswish_se, as
+    fastnote.patch fuses them)."""
     import fastnote
 
     dt = DTYPES[dtype]
     cases = []
-    shapes = {(16, 112)}                      # the stem's h-swish
-    for _, C, rin, rout, _, hs in MOBILENETV3_L:
-        if hs:
-            shapes |= {(C, rin), (C, rout)}
-    shapes.add((960, 7))                      # the last conv's
-    for C, r in sorted(shapes, key=lambda s: (-s[1], s[0])):
-        def make(C=C, r=r):
-            return dict(x=_leaf(batch, C, r, r, dtype=dt), grad=_leaf(batch, C, r, r, dtype=dt, grad=False))
-
-        def run(fn):
-            return lambda i: backward_through(fn(i["x"]), i["grad"], [i["x"]])
-
-        steps = {"eager": run(F.hardswish), "reference": run(fastnote.reference.hard_swish),
-                 "fastnote": run(fastnote.hard_swish)}
-        cases.append(Case("hard_swish", f"[{batch}, {C}, {r}, {r}]", batch * C * r * r, dtype, make, steps))
-
     for block, C, _, r, se, hs in MOBILENETV3_L:
         if not se:
             continue
@@ -1242,7 +1226,6 @@ HEADLINES = (  # (op, case, dtype) of the README table
     ("style_loss", "VGG-16 relu1_2..relu4_3 at 256x256, batch 16", "fp32"),
     ("window_attention", "Swin-T stage 1: 8192 windows x 3 heads, 7x7, shift mask", "bf16"),
     ("hswish_se", "block 12 h-swish + SE [256, 672, 14, 14]", "bf16"),
-    ("hard_swish", "[256, 16, 112, 112]", "bf16"),
 )
 
 

@@ -27,7 +27,7 @@ round, so a drifting machine speed hits them alike.
 Output: a table on stdout and the long-format CSV of the harness (``--out``, default
 ``out/overhead.csv``; unit us, p50/p20/p80 over the rounds).
 
-    python benchmarks/overhead.py [--ops hard_swish,gram] [--modes fwd,both] [--calls 200] [--repeats 7]
+    python benchmarks/overhead.py [--ops gram,tv_loss] [--modes fwd,both] [--calls 200] [--repeats 7]
 """
 from __future__ import annotations
 
@@ -138,11 +138,6 @@ def _leaf(*shape, device, dtype, scale=1.0, grad=True):
     return t.requires_grad_(grad)
 
 
-def _activation_inputs(device, dtype, realistic):
-    shape = (128, 32, 32, 32) if realistic else (2, 8, 4, 4)          # 4M elements on the GPU
-    return {"x": _leaf(*shape, device=device, dtype=dtype, scale=4.0)}
-
-
 def _se_inputs(device, dtype, realistic):
     B, C, H, W, Cr = (128, 120, 28, 28, 32) if realistic else (2, 16, 4, 4, 8)   # MobileNetV3's SE
     p = dict(device=device, dtype=dtype)
@@ -241,8 +236,6 @@ def _swin_fastnote(i):
 
 
 OPS: List[Op] = [
-    Op("hard_swish", _activation_inputs, lambda i: F.hardswish(i["x"]), lambda i: fastnote.hard_swish(i["x"])),
-    Op("hard_sigmoid", _activation_inputs, lambda i: F.hardsigmoid(i["x"]), lambda i: fastnote.hard_sigmoid(i["x"])),
     Op("squeeze_excitation", _se_inputs, lambda i: eager_se(*_se_args(i)),
        lambda i: fastnote.squeeze_excitation(*_se_args(i))),
     Op("hswish_se", _se_inputs, lambda i: eager_hswish_se(*_se_args(i)), lambda i: fastnote.hswish_se(*_se_args(i))),

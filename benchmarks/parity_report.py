@@ -6,7 +6,7 @@ turned on (before triton is imported), so the Triton kernels themselves are comp
 The reference runs in fp32 on the same input values (low-precision inputs upcast) and with the
 same upstream gradient; tolerances come from ``fastnote.testing`` (docs/design.md section 3.1).
 
-    python benchmarks/parity_report.py [--out parity.csv] [--ops hard_swish,hswish_se]
+    python benchmarks/parity_report.py [--out parity.csv] [--ops gram,hswish_se]
 
 Exit status 1 if any comparison fails.
 

@@ -2,7 +2,7 @@
 each, and print a summary. A failing script does not stop the others; the exit status is 1 if any
 failed.
 
-    python benchmarks/run_all.py [--smoke] [--out DIR] [--only hardswish,squeeze_excitation] [--skip models]
+    python benchmarks/run_all.py [--smoke] [--out DIR] [--only gram,squeeze_excitation] [--skip models]
                                  [-- extra args]
 
 Arguments it does not know (``--modes``, ``--dtypes``, ``--compile``, ...) go to every script.

@@ -1,6 +1,6 @@
 """The benchmark declarations timed through pytest-benchmark, for before/after checks of a change:
 
-    pytest benchmarks/ --benchmark-only [--fastnote-cases quick|all] [-k hard_swish] [-m "not compile"]
+    pytest benchmarks/ --benchmark-only [--fastnote-cases quick|all] [-k tv_loss] [-m "not compile"]
     pytest benchmarks/ --benchmark-only --benchmark-save=before     # then, after the change:
     pytest benchmarks/ --benchmark-only --benchmark-compare
 

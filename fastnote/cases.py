@@ -72,19 +72,8 @@ def _bf16(device):
 
 
 # ------------------------------------------------------------------------------------------------
-# Activations and squeeze-excitation
+# Squeeze-excitation
 # ------------------------------------------------------------------------------------------------
-
-def _activation_inputs(dtype, device):
-    # Values across both kinks, with -3 and 3 exactly (exactly representable in every dtype).
-    x = torch.randn(2, 24, 9, 9, device=device) * 4
-    x.view(-1)[:6] = torch.tensor([-3.0, 3.0, 0.0, -3.0, 3.0, -6.0])
-    return {"x": x.to(dtype).requires_grad_()}
-
-
-def _activation_build(dtype, device):
-    return [{"x": _leaf(4, 72, 28, 28, dtype=dtype, device=device)}]
-
 
 def _se_inputs(shape, squeeze):
     def make(dtype, device):
@@ -517,10 +506,6 @@ def _cases() -> List[OpCase]:
     import fastnote
 
     return [
-        OpCase("hard_swish", fastnote.hard_swish, reference.hard_swish, "elementwise", _activation_inputs,
-               repeat={"hard_swish": lambda device: {"x": _bf16(device)(128, 72, 56, 56)}}, build=_activation_build),
-        OpCase("hard_sigmoid", fastnote.hard_sigmoid, reference.hard_sigmoid, "elementwise", _activation_inputs,
-               build=_activation_build),
         # A MobileNetV3 channel count with a ragged plane (7x7) and its squeeze width make_divisible(72 // 4, 8).
         OpCase("squeeze_excitation", _plain_se(fastnote.squeeze_excitation), _plain_se(reference.squeeze_excitation),
                "reduction", _se_inputs((2, 72, 7, 7), 24), build=_se_build),

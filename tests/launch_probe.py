@@ -10,7 +10,8 @@ grid, stream and arguments, and the same sequence can be played through ``JITFun
 
 The sequence mixes what decides Triton's specialisation: dtypes, pointers 16-byte aligned or not,
 integers divisible by 16 or not or equal to 1, None and float arguments, one-, two- and
-three-dimensional grids through the op launchers of h-swish, total variation and CLIP.
+three-dimensional grids through an elementwise kernel of this file's own and the op launchers of
+total variation and CLIP.
 
     python tests/launch_probe.py            # checks; exit 1 on any difference
     python tests/launch_probe.py --time     # also host us per launch, Triton's path against direct
@@ -86,8 +87,34 @@ class FakeDriver:
 FAKE = FakeDriver()
 driver.set_active(FAKE)
 
-from fastnote.triton_kernels import clip_loss, hardswish, tv_loss  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from fastnote.triton_kernels import clip_loss, tv_loss  # noqa: E402
 from fastnote.triton_kernels import utils  # noqa: E402
+
+
+@triton.jit
+def _scale_kernel(x_ptr, y_ptr, n, alpha, SQUARE: tl.constexpr, BLOCK: tl.constexpr):
+    """y = alpha * x (times x again with SQUARE): a one-dimensional streaming kernel."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask).to(tl.float32)
+    y = x * alpha
+    if SQUARE:
+        y = y * x
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def _grid(n):
+    return (utils.cdiv(n, utils.ELEMENTWISE_BLOCK),)
+
+
+def scale(x, out, alpha, square):
+    """An op launcher as the kernel files write them."""
+    n = x.numel()
+    utils.launch(_scale_kernel, _grid(n), x, out, n, alpha, SQUARE=square, BLOCK=utils.ELEMENTWISE_BLOCK,
+                 num_warps=utils.ELEMENTWISE_WARPS)
 
 
 def _tensors():
@@ -109,9 +136,9 @@ def sequence(t):
     n = t["x32"].numel()
     for name in ("x32", "x32_odd", "x32_misaligned", "one"):
         x = t[name]
-        hardswish.forward(x=x, kind="hard_swish", out=t["out32"][:x.numel()])
-        hardswish.backward(grad=x, x=x, kind="hard_sigmoid", out=t["out32"][:x.numel()])
-    hardswish.forward(x=t["x16"], kind="hard_swish", out=t["out16"][:n])
+        scale(x, t["out32"][:x.numel()], 0.5, True)
+        scale(x, t["out32"][:x.numel()], 2.0, False)
+    scale(t["x16"], t["out16"][:n], 0.5, True)
     for img in (t["img"], t["img_t"]):
         tv_loss.forward(y=img, part=t["part"])
         tv_loss.backward(y=img, grad=t["grad"], dy=t["dimg"])
@@ -179,14 +206,14 @@ def main():
     if "--time" in sys.argv:
         FAKE.recording = False
         x, out = t["x32"], t["out32"][:4096]
-        kernel, grid = hardswish._forward_kernel, hardswish._grid(4096)
+        kernel, grid = _scale_kernel, _grid(4096)
         for direct in (False, True):
             utils.set_direct_launch(direct, force=True)
-            hardswish.forward(x=x, kind="hard_swish", out=out)
-            raw = _per_launch_us(lambda: utils.launch(kernel, grid, x, out, 4096, SWISH=True,
+            scale(x, out, 0.5, True)
+            raw = _per_launch_us(lambda: utils.launch(kernel, grid, x, out, 4096, 0.5, SQUARE=True,
                                                       BLOCK=utils.ELEMENTWISE_BLOCK, num_warps=utils.ELEMENTWISE_WARPS), 1)
-            op = _per_launch_us(lambda: hardswish.forward(x=x, kind="hard_swish", out=out), 1)
-            print(f"{'direct' if direct else 'triton'}: one h-swish launch {raw:.2f} us, "
+            op = _per_launch_us(lambda: scale(x, out, 0.5, True), 1)
+            print(f"{'direct' if direct else 'triton'}: one elementwise launch {raw:.2f} us, "
                   f"its op launcher {op:.2f} us (C launcher a no-op)")
     for line in failures:
         print("FAIL", line)

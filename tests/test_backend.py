@@ -54,29 +54,29 @@ def test_use_triton_reads_no_environment(monkeypatch):
 
     backend.refresh()
     backend.use_triton(torch.device("cpu"))
-    fastnote.hard_swish(torch.randn(4))   # a first launch: Triton reads its own settings then, once
+    fastnote.tv_loss(torch.randn(1, 1, 4, 4))   # a first launch: Triton reads its own settings then, once
     reads = []
     real_get = type(os.environ).get
     monkeypatch.setattr(type(os.environ), "get", lambda self, *a: reads.append(a[0]) or real_get(self, *a))
     backend.use_triton(torch.device("cpu"))
     backend.empty((2,), torch.float32, torch.device("cpu"))
-    fastnote.hard_swish(torch.randn(4))
+    fastnote.tv_loss(torch.randn(1, 1, 4, 4))
     assert reads == []
 
 
 def test_reference_backend_bypasses_kernels(monkeypatch):
     calls = []
-    from fastnote.ops import hardswish as op_module
+    from fastnote.ops import tv_loss as op_module
 
-    real = op_module._forward_op
-    monkeypatch.setattr(op_module, "_forward_op", lambda *a: calls.append(a) or real(*a))
-    x = torch.randn(10)
+    real = op_module._tv_op
+    monkeypatch.setattr(op_module, "_tv_op", lambda *a: calls.append(a) or real(*a))
+    x = torch.randn(1, 3, 5, 6)
     _setenv(monkeypatch, "FASTNOTE_BACKEND", "reference")
-    fastnote.hard_swish(x)
+    fastnote.tv_loss(x)
     assert calls == []
     if backend.interpreter_on():
         _setenv(monkeypatch, "FASTNOTE_BACKEND", "auto")
-        fastnote.hard_swish(x)
+        fastnote.tv_loss(x)
         assert len(calls) == 1
 
 

@@ -42,7 +42,7 @@ def _fields(line):
 
 def test_every_kernel_builds_for_three_architectures(build_report):
     kernels, variants = build_report
-    # hard activations 2, SE 5, window 2, SAGAN 4, gram 3, tv 2, PatchNCE 3, CLIP 2
+    # SE 5, window 2 (V1 and V2), SAGAN 4, gram 3, tv 2, PatchNCE 3, CLIP 2, SigLIP 2: 23
     assert kernels >= 20, kernels
     # fp32 is built both ways a GPU runs it: TF32 when torch allows it, else 3xTF32 (fp32-accurate
     # products on the tensor cores); Triton's FMA-unit "ieee" dot is left to the interpreter
@@ -73,12 +73,15 @@ def test_no_spills_in_half_precision_forward_and_none_past_1kb(build_report):
 
 
 def test_hard_activations_divide_exactly(build_report):
-    # torch's CUDA kernels divide with IEEE rounding and the tests compare h-swish bit for bit:
-    # Triton's fp32 `/` would compile to the approximate div.full.f32 (the interpreter divides
-    # exactly, so only the compiled PTX shows it).
+    # torch's CUDA kernels divide with IEEE rounding, and the SE kernels evaluate h-swish and
+    # h-sigmoid in torch's order to give its values: Triton's fp32 `/` would compile to the
+    # approximate div.full.f32 (the interpreter divides exactly, so only the compiled PTX shows
+    # it). The variants with a hard activation: h-swish before SE (HSWISH), h-swish in the
+    # excitation MLP (ACT 2), h-sigmoid as the gate (GATE 0).
     _, variants = build_report
-    hard = {line: f["approx_div"] for line, f in variants.items() if line.startswith("hardswish.")}
-    assert hard and all(n == 0 for n in hard.values()), hard
+    hard = {line: f["approx_div"] for line, f in variants.items() if line.startswith("squeeze_excitation.")
+            and ("'HSWISH': True" in line or "'ACT': 2" in line or "'GATE': 0" in line)}
+    assert len(hard) >= 10 and all(n == 0 for n in hard.values()), hard
 
 
 def test_half_precision_dots_use_hopper_mma(build_report):

@@ -1,5 +1,6 @@
 """fastnote.patch on real timm / torchvision models (random init, small inputs, under the
-interpreter without a GPU): every attention / SE / h-swish module is replaced, logits and input
+interpreter without a GPU): every attention / SE module is replaced (an h-swish that feeds an SE
+is fused into it; a standalone h-swish is torch's own op in fastnote too and stays), logits and input
 gradients match the unpatched model in eval and in training mode, the state_dict keys stay, and
 checkpoints and unpatch move between the two.
 
@@ -51,20 +52,20 @@ def _timm_model(name, **kwargs):
 
 
 # name -> (constructor, input shape, {"Old -> New": count} the report must show)
-HSWISH, SE = "Hardswish -> fastnote.nn.Hardswish", "SqueezeExcitation -> fastnote.nn.SqueezeExcitation"
+SE = "SqueezeExcitation -> fastnote.nn.SqueezeExcitation"
 FUSED_HS = "Hardswish -> torch.nn.Identity"
 FUSED_SE = "SqueezeExcitation -> fastnote.nn.HardswishSqueezeExcitation"
 TIMM_SE = "SqueezeExcite -> fastnote.nn.SqueezeExcite"
 TV_SWA = "ShiftedWindowAttention -> fastnote.nn.torchvision_swin.TorchvisionShiftedWindowAttention"
 TIMM_BLOCK = "SwinTransformerBlock -> fastnote.nn.timm_swin.FusedSwinTransformerBlock"
 MODELS = {
-    # 11 of its 19 h-swish stand alone; 8 feed an SE (fused); its first SE follows a ReLU.
-    "tv-mobilenet_v3_small": (_tv("mobilenet_v3_small"), (1, 3, 64, 64),
-                              {HSWISH: 11, SE: 1, FUSED_HS: 8, FUSED_SE: 8}),
-    "tv-mobilenet_v3_large": (_tv("mobilenet_v3_large"), (1, 3, 64, 64),
-                              {HSWISH: 16, SE: 3, FUSED_HS: 5, FUSED_SE: 5}),
-    # timm's h-swish feeds its SE inside InvertedResidual.forward: replaced separately (5 pairs left).
-    "timm-mobilenetv3_large_100": (_timm_model("mobilenetv3_large_100"), (1, 3, 64, 64), {HSWISH: 21, TIMM_SE: 8}),
+    # 8 of its 19 h-swish feed an SE (fused), 11 stand alone (left to torch); its first SE follows a ReLU.
+    "tv-mobilenet_v3_small": (_tv("mobilenet_v3_small"), (1, 3, 64, 64), {SE: 1, FUSED_HS: 8, FUSED_SE: 8}),
+    # 5 of its 21 h-swish feed an SE, 16 stand alone.
+    "tv-mobilenet_v3_large": (_tv("mobilenet_v3_large"), (1, 3, 64, 64), {SE: 3, FUSED_HS: 5, FUSED_SE: 5}),
+    # timm's h-swish feeds its SE inside InvertedResidual.forward: only the SE is replaced (5 pairs
+    # left); its 21 h-swish stay torch's.
+    "timm-mobilenetv3_large_100": (_timm_model("mobilenetv3_large_100"), (1, 3, 64, 64), {TIMM_SE: 8}),
     # stages 28, 14, 7, 4: the 7x7 stage is one window (shift dropped), the 4x4 one padded to 7x7.
     "tv-swin_t-112": (_tv("swin_t"), (1, 3, 112, 112), {TV_SWA: 12}),
     # stages 24, 12, 6, 3 (windows 7, 7, 6, 3): timm rolls, then pads 24 -> 28 and 12 -> 14.
@@ -74,8 +75,9 @@ MODELS = {
                            {TIMM_BLOCK: 12}),
 }
 # modules the patch must leave none of (by their class name), per model family; a fused timm block
-# keeps its WindowAttention as the holder of the parameters, whose forward no longer runs
-ORIGINALS = ("Hardswish", "SqueezeExcitation", "SqueezeExcite", "ShiftedWindowAttention", "WindowAttention")
+# keeps its WindowAttention as the holder of the parameters, whose forward no longer runs. Not
+# torch's Hardswish: the one feeding an SE becomes an Identity, a standalone one stays (checked apart).
+ORIGINALS = ("SqueezeExcitation", "SqueezeExcite", "ShiftedWindowAttention", "WindowAttention")
 
 
 def _still_running(model):
@@ -157,8 +159,16 @@ def test_patch_replaces_every_module_and_keeps_outputs(name, device, launches):
     assert report.counts() == MODELS[name][2]
     left = _still_running(patched)
     assert not left & set(ORIGINALS), f"left unpatched: {left & set(ORIGINALS)}"
+    # h-swish: those feeding an SE became an Identity; every other one is the same torch module, unreported
+    fused = [e.path for e in report.replaced if f"{e.old} -> {e.new}" == FUSED_HS]
+    assert len(fused) == report.counts().get(FUSED_HS, 0)
+    assert all(type(patched.get_submodule(p)) is nn.Identity for p in fused)
+    hswish = [n for n, m in eager.named_modules() if type(m) is nn.Hardswish]
+    assert set(fused) <= set(hswish)
+    assert [n for n, m in patched.named_modules() if type(m) is nn.Hardswish] == [n for n in hswish if n not in fused]
+    assert not [e for e in report.replaced + report.left if e.path in hswish and e.path not in fused]
     n_kinds = {k: sum(1 for m in eager.modules() if type(m).__name__ == k) for k in ORIGINALS}
-    assert len(report) == sum(n_kinds.values()), (n_kinds, report.counts())
+    assert len(report) == sum(n_kinds.values()) + len(fused), (n_kinds, report.counts())
     for mode in ("eval", "train"):
         _train(eager, mode == "train")
         _train(patched, mode == "train")

@@ -40,11 +40,16 @@ class NotSE(SELayer):
         return x + self.conv_expand(self.act1(self.conv_reduce(x.mean((2, 3), keepdim=True))))
 
 
+SN = "torch.nn.utils.spectral_norm -> fastnote.nn.utils.spectral_norm"
+
+
 def _block():
+    # an SE (a module swap) and torch's spectral norm (a hook swap) are replaced; the standalone
+    # h-swish / h-sigmoid are torch's own ops in fastnote too: left as they are, not reported
     return nn.Sequential(
         nn.Conv2d(8, 16, 1), nn.Hardswish(),
         nn.Sequential(SqueezeExcitation(16, 8, scale_activation=nn.Hardsigmoid)),
-        nn.Conv2d(16, 8, 1), nn.Hardsigmoid(), nn.ReLU(),
+        nn.utils.spectral_norm(nn.Conv2d(16, 8, 1)), nn.Hardsigmoid(), nn.ReLU(),
     )
 
 
@@ -75,38 +80,57 @@ def _twins(make, device):
 def test_patch_replaces_and_preserves_numbers(device):
     eager, patched = _twins(_block, device)
     keys = list(eager.state_dict())
+    activations = patched[1], patched[4]
     report = fastnote.patch(patched)
     assert report == [
-        "1: Hardswish -> fastnote.nn.Hardswish",
         "2.0: SqueezeExcitation -> fastnote.nn.SqueezeExcitation",
-        "4: Hardsigmoid -> fastnote.nn.Hardsigmoid",
+        f"3.weight: {SN}",
     ]
-    assert len(report) == 3 and report[1].startswith("2.0:") and report.left == []
+    assert len(report) == 2 and report[1].startswith("3.weight:") and report.left == []
+    # standalone h-swish / h-sigmoid: the very same torch modules, neither replaced nor left
+    assert (patched[1], patched[4]) == activations
+    assert type(patched[1]) is nn.Hardswish and type(patched[4]) is nn.Hardsigmoid
     _same_forward_backward(eager, patched, torch.randn(2, 8, 5, 5, device=device))
     assert list(patched.state_dict()) == keys
     assert fastnote.patch(patched) == []  # idempotent
 
 
 def test_report_prints_replaced_and_left():
-    model = nn.Sequential(nn.Hardswish(), nn.Hardswish(), SqueezeExcitation(16, 4, activation=nn.GELU))
+    model = nn.Sequential(nn.Hardswish(), nn.utils.spectral_norm(nn.Conv2d(16, 16, 1)),
+                          nn.utils.spectral_norm(nn.Conv2d(16, 16, 1)), nn.Hardsigmoid(),
+                          SqueezeExcitation(16, 4, activation=nn.GELU))
     report = fastnote.patch(model)
     text = str(report)
     assert text.splitlines()[0] == "fastnote.patch: 2 replaced, 1 left"
-    assert "2 x Hardswish -> fastnote.nn.Hardswish  (0, 1)" in text
-    assert "left 1 x SqueezeExcitation (2): unsupported activation or gate" in text
-    assert [(e.path, e.kind) for e in report.left] == [("2", "SqueezeExcitation")]
-    assert report.counts() == {"Hardswish -> fastnote.nn.Hardswish": 2}
+    assert f"2 x {SN}  (1.weight, 2.weight)" in text
+    assert "left 1 x SqueezeExcitation (4): unsupported activation or gate" in text
+    assert [(e.path, e.kind) for e in report.left] == [("4", "SqueezeExcitation")]
+    assert report.counts() == {SN: 2}
     assert repr(report) == "PatchReport(replaced=2, left=1)"
+    # the standalone h-swish and h-sigmoid are neither replaced nor left
+    assert [e.path for e in report.replaced + report.left] == ["1.weight", "2.weight", "4"]
+    assert "x Hardswish" not in text and "Hardsigmoid" not in text
+    assert type(model[0]) is nn.Hardswish and type(model[3]) is nn.Hardsigmoid
 
 
 def test_patch_expect_and_include_errors():
+    def sn_conv():
+        return nn.utils.spectral_norm(nn.Conv2d(4, 4, 1))
+
     with pytest.raises(RuntimeError, match="expected to replace 3 modules, replaced 1"):
-        fastnote.patch(nn.Sequential(nn.Hardswish()), expect=3)
-    assert len(fastnote.patch(nn.Sequential(nn.Hardswish()), expect=1)) == 1
+        fastnote.patch(nn.Sequential(sn_conv()), expect=3)
+    assert len(fastnote.patch(nn.Sequential(sn_conv()), expect=1)) == 1
+    # standalone h-swish / h-sigmoid are not replaced: they do not count
+    with pytest.raises(RuntimeError, match="expected to replace 1 modules, replaced 0"):
+        fastnote.patch(nn.Sequential(nn.Hardswish(), nn.Hardsigmoid()), expect=1)
     with pytest.raises(ValueError, match=r"include must name families among \[.*'SqueezeExcitation'.*got \['Conv2d'\]"):
         fastnote.patch(nn.Sequential(), include=["Conv2d"])
+    # ... and are no family any more
+    for gone in ("Hardswish", "Hardsigmoid"):
+        with pytest.raises(ValueError, match=rf"include must name families among \[.*got \['{gone}'\]"):
+            fastnote.patch(nn.Sequential(nn.Hardswish()), include=[gone])
     with pytest.raises(TypeError, match="include must be a list of family names"):
-        fastnote.patch(nn.Sequential(), include="Hardswish")
+        fastnote.patch(nn.Sequential(), include="SqueezeExcitation")
     with pytest.raises(TypeError, match="model must be a torch.nn.Module, got int"):
         fastnote.patch(3)
     with pytest.raises(TypeError, match="expect must be an int or None, got str"):
@@ -116,27 +140,32 @@ def test_patch_expect_and_include_errors():
 
 
 def test_include_limits_the_families(device):
-    model = nn.Sequential(SqueezeExcitation(16, 4, scale_activation=nn.Hardsigmoid), nn.Hardswish()).to(device)
+    model = nn.Sequential(SqueezeExcitation(16, 4, scale_activation=nn.Hardsigmoid),
+                          nn.utils.spectral_norm(nn.Conv2d(16, 16, 1))).to(device)
     ref = copy.deepcopy(model)
     report = fastnote.patch(model, include=["SqueezeExcitation"])
-    assert report == ["0: SqueezeExcitation -> fastnote.nn.SqueezeExcitation"]
-    assert type(model[1]) is nn.Hardswish
+    assert report == ["0: SqueezeExcitation -> fastnote.nn.SqueezeExcitation"] and report.left == []
     x = torch.randn(2, 16, 3, 3, device=device)
     assert_close(model[0](x), ref[0](x), "reduction")
+    # the spectral norm was left to its own family: still torch's, replaced when that one is included
+    report = fastnote.patch(model, include=["spectral_norm"])
+    assert report == [f"1.weight: {SN}"]
 
 
 @pytest.mark.no_kernel
 def test_patch_keeps_objects_mode_and_random_state(device):
-    model = _block().to(device).train()
-    model[2].eval()
-    params = {n: p for n, p in model.named_parameters()}
-    rng = torch.random.get_rng_state()
-    fastnote.patch(model)
-    assert torch.equal(rng, torch.random.get_rng_state()), "patch drew from the global generator"
-    for n, p in model.named_parameters():
-        assert p is params[n], n          # the same Parameter objects: optimisers keep working
-        assert p.device.type == device.type
-    assert model.training and not model[2][0].training and model[4].training
+    for se_training in (False, True):    # the replaced SE keeps its own mode, either way
+        model = _block().to(device).train()
+        model[2].train(se_training)
+        params = {n: p for n, p in model.named_parameters()}
+        rng = torch.random.get_rng_state()
+        assert len(fastnote.patch(model)) == 2
+        assert torch.equal(rng, torch.random.get_rng_state()), "patch drew from the global generator"
+        for n, p in model.named_parameters():
+            assert p is params[n], n          # the same Parameter objects: optimisers keep working
+            assert p.device.type == device.type
+        assert type(model[2][0]) is fastnote.nn.SqueezeExcitation
+        assert model.training and model[2][0].training == se_training and model[3].training
 
 
 # ------------------------------------------------------------------------------------------------
@@ -174,7 +203,7 @@ def test_hswish_feeding_se_is_fused(device):
         return nn.Sequential(
             nn.Sequential(nn.Conv2d(8, 24, 3, padding=1, groups=8), nn.BatchNorm2d(24), nn.Hardswish()),
             SqueezeExcitation(24, 8, scale_activation=nn.Hardsigmoid),
-            nn.Hardswish(), SELayer(24, 8), nn.Conv2d(24, 8, 1))
+            nn.Hardswish(), SELayer(24, 8), nn.Conv2d(24, 8, 1), nn.Hardswish())
 
     eager, patched = _twins(make, device)
     keys = list(eager.state_dict())
@@ -185,7 +214,10 @@ def test_hswish_feeding_se_is_fused(device):
         "2: Hardswish -> torch.nn.Identity",
         "3: SELayer -> fastnote.nn.SqueezeExcite",
     ]
+    assert report.left == []
+    assert type(patched[0][2]) is nn.Identity and type(patched[2]) is nn.Identity
     assert patched[3].hardswish_input
+    assert type(patched[5]) is nn.Hardswish     # the last h-swish feeds no SE: torch's, unreported
     assert list(patched.state_dict()) == keys
     for mode in (False, True):
         eager.train(mode)
@@ -206,10 +238,14 @@ def test_hswish_se_outside_a_sequential_is_left_with_reason():
             return self.se(self.aa(self.act(x)))
 
     model = Block()
+    act = model.act
     report = fastnote.patch(model)
-    assert len(report) == 2
+    assert list(report) == ["se: SELayer -> fastnote.nn.SqueezeExcite"]    # the SE alone
+    assert not model.se.hardswish_input
+    assert model.act is act and type(act) is nn.Hardswish                   # the h-swish stays torch's
     assert [(e.path, e.kind) for e in report.left] == [("se", "hswish_se")]
     assert "not in a Sequential" in report.left[0].reason
+    assert report.left[0].reason.endswith("so only the SE is replaced (the h-swish stays torch's)")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -441,9 +477,8 @@ def test_unpatch_keeps_what_was_learned(device):
     opt.step()
     learned = {k: v.clone() for k, v in patched.state_dict().items()}
     restored = fastnote.unpatch(patched)
-    assert restored == ["1: fastnote.nn.Hardswish -> Hardswish",
-                        "2.0: fastnote.nn.SqueezeExcitation -> SqueezeExcitation",
-                        "4: fastnote.nn.Hardsigmoid -> Hardsigmoid"]
+    assert restored == ["2.0: fastnote.nn.SqueezeExcitation -> SqueezeExcitation",
+                        "3.weight: fastnote.nn.utils.spectral_norm -> torch.nn.utils.spectral_norm"]
     assert [type(m) for m in patched.modules()] == originals
     for k, v in patched.state_dict().items():
         assert torch.equal(v, learned[k]), k
@@ -552,7 +587,10 @@ def test_patched_model_compiles_fullgraph(device, compile_backend):
     model = nn.Sequential(nn.Sequential(nn.Conv2d(8, 16, 1), nn.Hardswish()),
                           SqueezeExcitation(16, 8, scale_activation=nn.Hardsigmoid), nn.Hardsigmoid()).to(device)
     eager = copy.deepcopy(model)
-    fastnote.patch(model)
+    report = fastnote.patch(model)
+    assert report.counts() == {"Hardswish -> torch.nn.Identity": 1,
+                               "SqueezeExcitation -> fastnote.nn.HardswishSqueezeExcitation": 1}
+    assert type(model[2]) is nn.Hardsigmoid     # standalone: torch's own op, which inductor fuses
     compiled = torch.compile(model, fullgraph=True, backend=compile_backend)
     x = torch.randn(2, 8, 5, 5, device=device)
     assert_close(compiled(x), eager(x), "reduction")

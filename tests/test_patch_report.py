@@ -16,10 +16,11 @@ import fastnote
 from fastnote.patch import KINDS, registry
 from fastnote.patch.probe import PROBE_TOLERANCE
 from fastnote.testing import tolerance
-from transcriptions import TimmWindowAttention
+from transcriptions import TimmWindowAttention, TorchvisionSqueezeExcitation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOT_RECOGNISED = "attention-like module not recognised: "
+SN = "torch.nn.utils.spectral_norm -> fastnote.nn.utils.spectral_norm"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -96,17 +97,19 @@ class Mlp(nn.Module):
 
 
 class Outer(nn.Module):
-    """An unrecognised attention holding another attention-like module and an h-swish."""
+    """An unrecognised attention holding another attention-like module, a squeeze-excitation and
+    an h-swish."""
 
     def __init__(self, dim=8):
         super().__init__()
         self.q_proj, self.k_proj, self.v_proj = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
         self.softmax = nn.Softmax(-1)
         self.inner = BiasTableAttention(dim)
+        self.se = TorchvisionSqueezeExcitation(dim, 4)
         self.act = nn.Hardswish()
 
     def forward(self, x):
-        return self.act(self.inner(x))
+        return self.act(self.se(self.inner(x)))
 
 
 def _attention_left(report):
@@ -142,9 +145,9 @@ def test_unrecognised_attention_is_left_with_reason(make, evidence):
     pytest.param(lambda: nn.TransformerEncoderLayer(8, 2, 16), id="encoder-layer-holding-attention"),
 ])
 def test_what_is_not_attention_is_not_reported(make):
-    model = nn.Sequential(make(), nn.Hardswish())
+    model = nn.Sequential(make(), nn.utils.spectral_norm(nn.Linear(8, 8)), nn.Hardswish())
     report = fastnote.patch(model)
-    assert list(report) == ["1: Hardswish -> fastnote.nn.Hardswish"]
+    assert list(report) == [f"1.weight: {SN}"]         # the standalone h-swish is torch's: not reported either
     # the encoder layer holds an nn.MultiheadAttention: that one, not the layer, is reported
     want = [("0.self_attn", "attention")] if isinstance(model[0], nn.TransformerEncoderLayer) else []
     assert [(e.path, e.kind) for e in report.left] == want
@@ -154,10 +157,12 @@ def test_one_entry_per_module_and_recognised_things_inside_still_replaced():
     model = nn.Sequential(Outer())
     report = fastnote.patch(model)
     assert [p for p, _ in _attention_left(report)] == ["0"]            # not "0.inner" as well
-    assert list(report) == ["0.act: Hardswish -> fastnote.nn.Hardswish"]
-    assert type(model[0].act) is fastnote.nn.Hardswish
+    assert report.left == [e for e in report.left if e.kind == "attention"]
+    assert list(report) == ["0.se: TorchvisionSqueezeExcitation -> fastnote.nn.SqueezeExcitation"]
+    assert type(model[0].se) is fastnote.nn.SqueezeExcitation
+    assert type(model[0].act) is nn.Hardswish                           # a standalone h-swish stays torch's
     fastnote.unpatch(model)
-    assert type(model[0].act) is nn.Hardswish
+    assert type(model[0].se) is TorchvisionSqueezeExcitation
 
 
 def test_left_by_a_converter_is_not_reported_twice():
@@ -172,7 +177,7 @@ def test_left_by_a_converter_is_not_reported_twice():
 def test_include_decides_what_is_reported():
     model = nn.Sequential(ProjAttention(), TimmWindowAttention(32, (4, 4), 2))
     # no attention family patched: nothing about attention is reported
-    report = fastnote.patch(model, include=["Hardswish"])
+    report = fastnote.patch(model, include=["spectral_norm"])
     assert list(report) == [] and report.left == []
     # SelfAttention only: the window attention is recognised by a family left out, so it is not
     # reported as unrecognised; the other one is
@@ -254,12 +259,12 @@ def test_hugging_face_swin_blocks_fused_nothing_left(version):
 
 def test_kinds_come_from_the_registry_in_registration_order():
     assert KINDS == tuple(f.kind for f in registry.families()) == (
-        "Hardswish", "Hardsigmoid", "SqueezeExcitation", "hswish_se", "WindowAttention", "ShiftedWindowAttention",
+        "SqueezeExcitation", "hswish_se", "WindowAttention", "ShiftedWindowAttention",
         "SelfAttention", "spectral_norm", "hf_swin", "spandrel_swin")
     # every family does something: converts modules, or acts before a module's children
     assert all(f.converters or f.before_children for f in registry.families())
     with pytest.raises(ValueError, match="registered twice"):
-        registry.register("Hardswish")
+        registry.register("SqueezeExcitation")
 
 
 def test_probe_tolerance_is_ten_parity_tolerances():

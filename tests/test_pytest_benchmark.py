@@ -105,37 +105,37 @@ def test_default_cases_are_the_quick_ones():
     assert collected == _names({"fp32-64x48": None})  # the first (and only) fp32 case
 
 
-def _hardswish_cases(monkeypatch):
-    """hard_swish's Benchmark and the cases --benchmark-disable runs: the smoke cases without a
-    GPU (the interpreter), the quick ones on a GPU."""
+def _tv_loss_cases(monkeypatch):
+    """tv_loss's Benchmark (benchmarks/gram.py) and the cases --benchmark-disable runs: the smoke
+    cases without a GPU (the interpreter), the quick ones on a GPU."""
     monkeypatch.syspath_prepend(BENCH)
     import torch
 
     import harness
 
-    spec = importlib.util.spec_from_file_location("hardswish_declarations", os.path.join(BENCH, "hardswish.py"))
+    spec = importlib.util.spec_from_file_location("gram_declarations", os.path.join(BENCH, "gram.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    bench = next(b for b in module.BENCHMARKS if b.op == "hard_swish")
-    return bench, bench.smoke_cases if not torch.cuda.is_available() else harness.quick_cases(bench.cases)
+    bench = next(b for b in module.BENCHMARKS if b.op == "tv_loss")
+    return bench, bench.smoke_cases if not torch.cuda.is_available() else harness.quick_cases(bench, bench.cases)
 
 
 def test_benchmarks_disabled_run_each_case_once_as_a_plain_test(monkeypatch):
-    bench, cases = _hardswish_cases(monkeypatch)
+    bench, cases = _tv_loss_cases(monkeypatch)
     expected = len(cases) * sum(not p.compile for p in bench.providers) * len(bench.modes)
-    proc = _pytest("--benchmark-disable", "-k", "hard_swish", "-m", "not compile", "-v")
+    proc = _pytest("--benchmark-disable", "-k", "tv_loss", "-m", "not compile", "-v")
     assert proc.returncode == 0, _output(proc)
     summary = _summary(proc)
     assert _count(summary, "passed") == expected and expected > 0, summary
     assert _count(summary, "skipped") == 0 and _count(summary, "failed") == 0, summary
     shape = "x".join(map(str, cases[0].config["shape"]))
-    assert f"hard_swish-fastnote-bwd-{cases[0].config['dtype']}-{shape}] PASSED" in proc.stdout
+    assert f"tv_loss-fastnote-bwd-{cases[0].config['dtype']}-{shape}] PASSED" in proc.stdout
 
 
 def test_interpreter_benchmarks_skip_while_benchmarking():
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("only without a GPU, where the op benchmarks run under the Triton interpreter")
-    proc = _pytest("--benchmark-only", "-k", "hard_swish", "-m", "not compile", "-rs")
+    proc = _pytest("--benchmark-only", "-k", "tv_loss", "-m", "not compile", "-rs")
     assert proc.returncode == 0, _output(proc)
     summary = _summary(proc)
     assert _count(summary, "skipped") > 0 and _count(summary, "passed") == 0, summary

@@ -80,7 +80,7 @@ def test_reference_only(device, i):
 """
 
 # One test launches a kernel, in one worker; the others, in the other worker, launch none on
-# purpose. Judged per worker the second would fail; the run launched hardswish's kernels.
+# purpose. Judged per worker the second would fail; the run launched tv_loss's kernels.
 SPLIT_OVER_WORKERS = """
 import pytest
 import torch
@@ -88,8 +88,8 @@ import fastnote
 
 @pytest.mark.xdist_group("launches")
 def test_launches(device, launches):
-    x = torch.randn(64, device=device)
-    torch.testing.assert_close(fastnote.hard_swish(x), torch.nn.functional.hardswish(x))
+    y = torch.randn(1, 3, 8, 8, device=device)
+    torch.testing.assert_close(fastnote.tv_loss(y), fastnote.reference.tv_loss(y))
     assert launches
 
 @pytest.mark.no_kernel
@@ -112,22 +112,22 @@ def test_guard_with_ci_1(pytester, monkeypatch):
 
 def test_guard_under_xdist(pytester, monkeypatch):
     """Two workers: gram's tests launch nothing (the run fails, though each test passes);
-    hardswish's launch in one worker only, and that counts for the run."""
+    tv_loss's launch in one worker only, and that counts for the run."""
     try:
         import xdist  # noqa: F401
     except ImportError:
         if conftest._in_ci():
             pytest.fail("pytest-xdist is not installed: CI must check the guard under it (scripts/setup.sh installs it)")
         pytest.skip("pytest-xdist is not installed")
-    result = _session(pytester, monkeypatch, "yes", {"test_gram": NO_KERNEL_ONLY, "test_hardswish": SPLIT_OVER_WORKERS},
+    result = _session(pytester, monkeypatch, "yes", {"test_gram": NO_KERNEL_ONLY, "test_tv_loss": SPLIT_OVER_WORKERS},
                       "-n", "2", "--dist", "loadgroup", "-v")
     assert result.ret == pytest.ExitCode.TESTS_FAILED, result.stdout.str()
     result.assert_outcomes(passed=8)
     result.stdout.fnmatch_lines(["*CI=yes: tests ran for fastnote.triton_kernels.gram but none of their kernels*"])
-    assert "hardswish but none" not in result.stdout.str() and "hardswish, " not in result.stdout.str()
-    # hardswish's two groups ran in different workers
+    assert "tv_loss but none" not in result.stdout.str() and "tv_loss, " not in result.stdout.str()
+    # tv_loss's two groups ran in different workers
     workers = {line.split("]")[0] for line in result.stdout.lines
-               if line.startswith("[gw") and "test_hardswish.py" in line and "PASSED" in line}
+               if line.startswith("[gw") and "test_tv_loss.py" in line and "PASSED" in line}
     assert len(workers) == 2, result.stdout.str()
 
 
@@ -201,9 +201,9 @@ def test_fp32_parity_files_turn_tf32_off(name):
 # ------------------------------------------------------------------------------------------------
 def _report_kernel_kind(queue):
     """In a spawned child: how triton decorated fastnote's kernels (decided at their import)."""
-    from fastnote.triton_kernels import hardswish
+    from fastnote.triton_kernels import utils
 
-    queue.put((os.environ.get("TRITON_INTERPRET"), type(hardswish.hard_sigmoid_f32).__name__))
+    queue.put((os.environ.get("TRITON_INTERPRET"), type(utils.hard_sigmoid_f32).__name__))
 
 
 def test_spawned_children_inherit_the_interpreter(interpreted_children, monkeypatch):

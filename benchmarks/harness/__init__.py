@@ -5,32 +5,39 @@ How to add a benchmark
 ======================
 Write ``benchmarks/<op>.py`` (run_all.py picks up every script that calls ``harness.main(``)::
 
-    '''<op>: what is measured. Bytes model: fwd 2*N*itemsize, bwd 3*N*itemsize (say why).'''
+    '''<op>: what is measured. Bytes model: fwd E*itemsize, bwd 2*E*itemsize (say why).'''
+    import math
     import torch
-    import torch.nn.functional as F
     import fastnote
     import harness
     from harness import Benchmark, Case, Provider
 
     def make_inputs(case, device):               # built once per case, shared by the providers
-        x = torch.randn(case.config["shape"], dtype=case.dtype, device=device)
-        return {"x": x.requires_grad_()}          # leaves that require grad get gradients
+        y = torch.rand(case.config["shape"], device=device).to(case.dtype)
+        return {"y": y.requires_grad_()}          # leaves that require grad get gradients
+
+    def eager_tv(y):                              # the code fastnote replaces, as written
+        _, c, h, w = y.shape
+        diff_i = torch.sum(torch.abs(y[:, :, :, 1:] - y[:, :, :, :-1]))
+        diff_j = torch.sum(torch.abs(y[:, :, 1:, :] - y[:, :, :-1, :]))
+        return (diff_i + diff_j) / float(c * h * w)
 
     def eager(inputs, case):                     # returns the forward callable
-        return lambda: F.hardswish(inputs["x"])
+        return lambda: eager_tv(inputs["y"])
 
     def ours(inputs, case):
-        return lambda: fastnote.hard_swish(inputs["x"])
+        return lambda: fastnote.tv_loss(inputs["y"])
 
     BENCHMARKS = [Benchmark(
-        op="hard_swish",                          # -> results/<gpu>/hard_swish.csv
+        op="tv_loss",                             # -> results/<gpu>/tv_loss.csv
         make_inputs=make_inputs,
         providers=[Provider("eager", eager),
                    Provider("torch.compile", eager, compile=True),
                    Provider("fastnote", ours)],
-        cases=[Case("N", 128 * 72 * 56 * 56, {"dtype": "bf16", "shape": [128, 72, 56, 56]}), ...],
-        smoke_cases=[Case("N", 2 * 8 * 7 * 7, {"dtype": "fp32", "shape": [2, 8, 7, 7]})],
-        bytes_moved=lambda case, mode: {"fwd": 2, "bwd": 3, "both": 5}[mode] * case.x_value * case.itemsize,
+        cases=[Case("B", 16, {"dtype": "bf16", "shape": [16, 3, 256, 256]}), ...],
+        smoke_cases=[Case("B", 2, {"dtype": "fp32", "shape": [2, 3, 20, 20]})],
+        bytes_moved=lambda case, mode: ({"fwd": 1, "bwd": 2, "both": 3}[mode]
+                                        * math.prod(case.config["shape"]) * case.itemsize),
     )]
 
     if __name__ == "__main__":

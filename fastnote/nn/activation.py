@@ -1,27 +1,6 @@
-"""Drop-ins for torch.nn.Hardswish / Hardsigmoid."""
-from torch import nn
+"""``Hardswish`` and ``Hardsigmoid`` are torch's own modules (``fastnote.ops.hardswish`` says why a
+standalone activation is left to torch); the names stay here so code written against
+``fastnote.nn.Hardswish`` keeps working, ``inplace`` included."""
+from torch.nn import Hardsigmoid, Hardswish
 
-from ..ops.hardswish import hard_sigmoid, hard_swish
-
-
-class Hardswish(nn.Module):
-    """Like ``torch.nn.Hardswish``. ``inplace`` is accepted for compatibility and ignored: the
-    kernel writes a new tensor (in-place writes corrupt tensors saved for backward)."""
-
-    def __init__(self, inplace: bool = False):
-        super().__init__()
-        self.inplace = inplace
-
-    def forward(self, x):
-        return hard_swish(x)
-
-
-class Hardsigmoid(nn.Module):
-    """Like ``torch.nn.Hardsigmoid`` (``inplace`` accepted and ignored, as for Hardswish)."""
-
-    def __init__(self, inplace: bool = False):
-        super().__init__()
-        self.inplace = inplace
-
-    def forward(self, x):
-        return hard_sigmoid(x)
+__all__ = ["Hardsigmoid", "Hardswish"]

@@ -7,10 +7,8 @@ from __future__ import annotations
 from torch import nn
 
 from ..ops.squeeze_excitation import hswish_se, squeeze_excitation
-from .activation import Hardsigmoid, Hardswish
-
-_ACTIVATIONS = {nn.ReLU: "relu", nn.SiLU: "silu", nn.Hardswish: "hard_swish", Hardswish: "hard_swish"}
-_GATES = {nn.Hardsigmoid: "hard_sigmoid", Hardsigmoid: "hard_sigmoid", nn.Sigmoid: "sigmoid"}
+_ACTIVATIONS = {nn.ReLU: "relu", nn.SiLU: "silu", nn.Hardswish: "hard_swish"}
+_GATES = {nn.Hardsigmoid: "hard_sigmoid", nn.Sigmoid: "sigmoid"}
 
 
 def _name(kind: str, activation, table) -> str:

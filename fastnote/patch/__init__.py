@@ -1,22 +1,19 @@
 """Swap eager modules in an existing model for fastnote ones, in place, and back.
 
 >>> import torch, fastnote
->>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Hardswish())
+>>> model = torch.nn.Sequential(torch.nn.utils.spectral_norm(torch.nn.Conv2d(3, 8, 3)), torch.nn.Hardswish())
 >>> report = fastnote.patch(model)
 >>> list(report)
-['1: Hardswish -> fastnote.nn.Hardswish']
+['0.weight: torch.nn.utils.spectral_norm -> fastnote.nn.utils.spectral_norm']
 >>> print(report)
 fastnote.patch: 1 replaced, 0 left
-  1 x Hardswish -> fastnote.nn.Hardswish  (1)
+  1 x torch.nn.utils.spectral_norm -> fastnote.nn.utils.spectral_norm  (0.weight)
 >>> fastnote.unpatch(model)
-['1: fastnote.nn.Hardswish -> Hardswish']
->>> type(model[1]).__name__
-'Hardswish'
+['0.weight: fastnote.nn.utils.spectral_norm -> torch.nn.utils.spectral_norm']
 
 What is recognised, by structure rather than by class name (so copies of the published code are
 found too), with the family name ``include`` takes:
 
-- ``Hardswish``, ``Hardsigmoid``: ``nn.Hardswish`` / ``nn.Hardsigmoid``.
 - ``SqueezeExcitation``: a module made of two 1x1 convs (C -> Cr -> C), an activation, a gate and
   at most an average pool, whose forward is ``x * gate(conv2(act(conv1(mean(x)))))`` (checked on a
   small probe input): torchvision's ``SqueezeExcitation`` (``fc1``, ``fc2``), timm's
@@ -24,8 +21,8 @@ found too), with the family name ``include`` takes:
 - ``hswish_se``: in an ``nn.Sequential``, an ``nn.Hardswish`` (or a Sequential ending in one, as
   torchvision's ``Conv2dNormActivation``) directly followed by such an SE: the h-swish becomes an
   ``nn.Identity`` and the SE the fused ``hswish_se`` module. Where the order is not given by a
-  Sequential (timm's ``InvertedResidual``), the pair is reported as left, and each part is
-  replaced alone.
+  Sequential (timm's ``InvertedResidual``), the pair is reported as left, and the SE is
+  replaced alone (the h-swish stays torch's).
 - ``WindowAttention``: Swin's / timm's ``WindowAttention`` (``qkv``, ``proj``,
   ``relative_position_bias_table``, an ``[N, N]`` ``relative_position_index``) -> the core op
   module ``fastnote.nn.WindowAttention``, inside a block that keeps its own shift, pad and
@@ -66,12 +63,12 @@ under the kind ``"attention"`` (the rule: ``fastnote.patch.attention_like``).
 
 The code: ``engine`` (the walk, the undo records, ``patch``, ``unpatch``), ``report``,
 ``registry`` (the families, from which ``KINDS`` comes), ``probe`` (what the converters share),
-one module per family (``activation``, ``squeeze_excitation``, ``window_attention``,
+one module per family (``squeeze_excitation``, ``window_attention``,
 ``self_attention``, ``spectral_norm``, ``hf_swin``, ``spandrel``) and ``attention_like``. The family modules register
 themselves when imported, in the order below, which is the order of ``KINDS``.
 """
 from . import registry
-from . import activation, squeeze_excitation, window_attention, self_attention, spectral_norm  # noqa: F401,I001
+from . import squeeze_excitation, window_attention, self_attention, spectral_norm  # noqa: F401,I001
 from . import hf_swin, spandrel  # noqa: F401
 from . import attention_like  # noqa: F401
 from .engine import patch, unpatch

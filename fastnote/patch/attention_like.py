@@ -24,7 +24,7 @@ patched and no attention family's converter, included or not, claims it (one lef
 
 One entry per module: inside a left attention-like module (reported here, or left with a reason
 by a converter), no descendant is reported here again, but the walk still goes in and the
-families still replace what they recognise there (an ``nn.Hardswish`` inside one is replaced as
+families still replace what they recognise there (a squeeze-excitation inside one is replaced as
 anywhere else).
 """
 from __future__ import annotations

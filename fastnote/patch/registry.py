@@ -1,6 +1,6 @@
 """The families ``fastnote.patch`` knows, in one registry.
 
-Each family module (``activation``, ``squeeze_excitation``, ``window_attention``,
+Each family module (``squeeze_excitation``, ``window_attention``,
 ``self_attention``, ``spectral_norm``) calls ``register`` when imported; the package imports them in
 a fixed order, which is the order of ``KINDS`` and the order in which the walk tries the
 converters on a module. The engine knows families only through this registry.

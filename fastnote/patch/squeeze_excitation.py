@@ -112,7 +112,7 @@ def _previous_sibling_hardswish(parent: nn.Module, name: str) -> bool:
             previous = child
     while previous is not None and len(previous._modules) > 0:
         previous = list(previous._modules.values())[-1]
-    return isinstance(previous, (nn.Hardswish, fnn.Hardswish))
+    return isinstance(previous, nn.Hardswish)
 
 
 def _convert_se(old: nn.Module, site: Site) -> Result:
@@ -121,8 +121,8 @@ def _convert_se(old: nn.Module, site: Site) -> Result:
             and _previous_sibling_hardswish(site.parent, site.name):
         site.left("hswish_se",
                   f"an h-swish feeds this SE inside {type(site.parent).__name__}.forward, not in a "
-                  "Sequential: the order is not known from structure, so the h-swish and the SE "
-                  "are replaced separately")
+                  "Sequential: the order is not known from structure, so only the SE is replaced "
+                  "(the h-swish stays torch's)")
     return result
 
 
