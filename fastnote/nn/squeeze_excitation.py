@@ -7,6 +7,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..ops.squeeze_excitation import hswish_se, squeeze_excitation
+
 _ACTIVATIONS = {nn.ReLU: "relu", nn.SiLU: "silu", nn.Hardswish: "hard_swish"}
 _GATES = {nn.Hardsigmoid: "hard_sigmoid", nn.Sigmoid: "sigmoid"}
 
