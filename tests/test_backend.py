@@ -136,3 +136,35 @@ def test_kernel_scratch_buffers_are_poisoned(device, monkeypatch):
     bias = torch.randn(2, 9, 9, device=device, requires_grad=True)
     fastnote.window_attention(q, k, v, bias=bias).sum().backward()
     assert any(len(shape) == 4 and shape[1:] == (2, 9, 9) for shape, _ in made), made
+
+
+def test_bf16_conversion_rounds_to_nearest_even():
+    # A kernel's fp32 -> bf16 conversion as the GPU does it (cvt.rn.bf16.f32) and torch does it:
+    # round to nearest, ties to even. Triton's interpreter truncates unless fastnote's kernel
+    # modules have made it round (fastnote.compat.interpreter_bf16_round_to_nearest); on a GPU
+    # this checks the hardware's conversion.
+    import triton
+    import triton.language as tl
+
+    import fastnote.triton_kernels.utils  # noqa: F401  (what every kernel module imports)
+
+    @triton.jit
+    def to_bf16(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=offs < n).to(tl.bfloat16), mask=offs < n)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu" and not backend.interpreter_on():
+        pytest.skip("no GPU and the interpreter is off: no kernel can run")
+    g = torch.Generator().manual_seed(0)
+    ties = (torch.arange(1 << 12, dtype=torch.int32) * 0x8000 + 0x3F808000).view(torch.float32)   # exact halves
+    specials = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 3.3895314e38, -3.3895314e38, 1e-40, -1e-45])
+    x = torch.cat([torch.randn(1 << 14, generator=g), torch.randn(1 << 10, generator=g) * 1e-39, ties, specials])
+    x = x.to(device)
+    y = torch.empty(x.shape, dtype=torch.bfloat16, device=device)
+    to_bf16[(triton.cdiv(x.numel(), 1024),)](x, y, x.numel(), BLOCK=1024)
+    assert torch.equal(y.view(torch.int16), x.to(torch.bfloat16).view(torch.int16))
+    nan = torch.full((4,), float("nan"), device=device)
+    out = torch.empty(4, dtype=torch.bfloat16, device=device)
+    to_bf16[(1,)](nan, out, 4, BLOCK=16)
+    assert torch.isnan(out.float()).all()

@@ -9,6 +9,12 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import backend, compat
+
+if backend.interpreter_on():
+    # the interpreter's fp32 -> bf16 conversion truncates; the GPU's rounds to nearest even
+    compat.interpreter_bf16_round_to_nearest()
+
 # One program per BLOCK elements for streaming kernels. Large enough that the interpreter (which
 # runs programs one after another) stays fast, and that each GPU program moves >= 16 KB.
 ELEMENTWISE_BLOCK = 4096
