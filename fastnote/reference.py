@@ -410,6 +410,17 @@ def _windowed(x, ws, shift_size, roll_first, mask_value, attend):
 # 5. SAGAN self-attention
 # --------------------------------------------------------------------------------------------
 
+def sagan_output_dtype(q, x=None, gamma=None) -> torch.dtype:
+    """The dtype of SAGAN's ``gamma * out + x`` with ``out`` (the attention output) in q's dtype,
+    by torch's type promotion: x takes part, and gamma too unless it is 0-dim (a 0-dim tensor
+    does not promote within its category). Without x, q's dtype. Under bf16 autocast SAGAN's
+    ``Self_Attn`` (an fp32 gamma of shape [1]) thus returns fp32."""
+    if x is None:
+        return q.dtype
+    dtype = q.dtype if gamma.dim() == 0 else torch.promote_types(q.dtype, gamma.dtype)
+    return torch.promote_types(dtype, x.dtype)
+
+
 @_exact
 def sagan_attention(q, k, v, x=None, gamma=None, return_attention=False):
     """SAGAN attention: ``out = v @ softmax(q^T @ k, -1)^T`` (no 1/sqrt(d) scaling).
@@ -417,8 +428,8 @@ def sagan_attention(q, k, v, x=None, gamma=None, return_attention=False):
     q: [B, d_qk, N]; k: [B, d_qk, N_k]; v: [B, d_v, N_k]. attention: [B, N, N_k];
     out: [B, d_v, N]. If both gamma (scalar or [1]) and x are given, out is reshaped to x's
     shape (x: [B, d_v, N] or [B, d_v, W, H]) and ``gamma * out + x`` is returned instead;
-    otherwise out is returned as is. Returns out, or (out, attention) if return_attention; both
-    in q's dtype.
+    otherwise out is returned as is. Returns out, or (out, attention) if return_attention; the
+    attention in q's dtype, out in ``sagan_output_dtype(q, x, gamma)``.
     """
     qf, kf, vf = _up(q), _up(k), _up(v)
     energy = torch.bmm(qf.transpose(1, 2), kf)                         # [B, N, N_k]
@@ -426,7 +437,7 @@ def sagan_attention(q, k, v, x=None, gamma=None, return_attention=False):
     out = torch.bmm(vf, attention.transpose(1, 2))                     # [B, d_v, N]
     if gamma is not None and x is not None:
         out = _up(gamma) * out.reshape(x.shape) + _up(x)
-    out = out.to(q.dtype)
+    out = out.to(sagan_output_dtype(q, x, gamma))
     if return_attention:
         return out, attention.to(q.dtype)
     return out

@@ -30,13 +30,15 @@ def _check(inputs, kind="two_matmul"):
     present = [(n, t) for n, t in zip(NAMES, inputs) if t is not None]
     dtype = inputs[0].dtype
     out = fastnote.sagan_attention(*inputs)
-    assert out.dtype == dtype and out.shape == (inputs[0].shape[0], inputs[2].shape[1], inputs[0].shape[2])
+    # torch's promotion of gamma * attention + x: fp32 for half inputs beside a [1] fp32 gamma
+    assert out.dtype == reference.sagan_output_dtype(*inputs[::3], inputs[4])
+    assert out.shape == (inputs[0].shape[0], inputs[2].shape[1], inputs[0].shape[2])
     grad = torch.randn_like(out)
     grads = torch.autograd.grad(out, [t for _, t in present], grad)
     leaves = [t.detach().float().requires_grad_() if t is not None else None for t in inputs]
     expected = reference.sagan_attention(*leaves)
     expected_grads = torch.autograd.grad(expected, [t for t in leaves if t is not None], grad.float())
-    assert_close(out, expected, kind)
+    assert_close(out, expected, kind, dtype=dtype)     # the attention computes in q's dtype
     for (name, t), got, want in zip(present, grads, expected_grads):
         assert got.dtype == t.dtype and got.shape == t.shape, name
         # fp16/bf16: P and dS are rounded to the input dtype before their matmuls (as in flash
@@ -259,8 +261,8 @@ def test_errors(device):
         fastnote.sagan_attention(q, k, v, x, 0.5)
     with pytest.raises(TypeError, match="all tensors must have one dtype"):
         fastnote.sagan_attention(q, k.detach().half(), v)
-    with pytest.raises(TypeError, match="all tensors must have one dtype.*x float16"):
-        fastnote.sagan_attention(q, k, v, x.detach().half(), gamma)
+    with pytest.raises(TypeError, match="x must have dtype"):
+        fastnote.sagan_attention(q, k, v, x.detach().double(), gamma)
     with pytest.raises(TypeError, match="v must have dtype"):
         fastnote.sagan_attention(q, k, v.detach().double())
     with pytest.raises(ValueError, match="k must have at least one position"):
@@ -321,20 +323,45 @@ def test_compile_fullgraph(device, compile_backend):
 
 
 def test_autocast_bf16(device):
-    # Under autocast q, k, v, x run in bf16 (gamma stays fp32); compared with the fp32 reference
-    # on the fp32 inputs at the bf16 tolerance.
+    # Under autocast the attention runs in bf16 (q, k, v cast); x and gamma stay fp32, so the
+    # result is fp32 as eager's gamma * out + x is, and x's gradient is the upstream one exactly.
+    # Compared with the fp32 reference on the fp32 inputs at the bf16 tolerance.
     inputs = _inputs(2, 8, 32, 40, 40, device)
     with torch.autocast(device.type, dtype=torch.bfloat16):
         out = fastnote.sagan_attention(*inputs)
-    assert out.dtype == torch.bfloat16
+    assert out.dtype == torch.float32
     grad = torch.randn_like(out)
     grads = torch.autograd.grad(out, inputs, grad)
     ref_out = reference.sagan_attention(*inputs)
     ref_grads = torch.autograd.grad(ref_out, inputs, grad.float())
-    assert_close(out, ref_out, "two_matmul")
+    assert_close(out, ref_out, "two_matmul", dtype=torch.bfloat16)
+    assert torch.equal(grads[3], grad), "x's gradient is dOut, unrounded"
     for name, g, r in zip(NAMES, grads, ref_grads):
         assert g.dtype == torch.float32, name
         assert_close(g, r, "two_matmul", dtype=torch.bfloat16, msg=name)
+
+
+@pytest.mark.parametrize("amp", [None, torch.bfloat16], ids=["no-autocast", "bf16-autocast"])
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32, (1,)), (torch.bfloat16, torch.float32, (1,)),
+                                    (torch.bfloat16, torch.float32, ()), (torch.float16, torch.float16, (1,)),
+                                    (torch.float16, torch.float32, ()), (torch.bfloat16, torch.bfloat16, ())],
+                         ids=["x32-g32", "x16-g32", "x16-g32-0dim", "xh-gh", "xh-g32-0dim", "x16-g16-0dim"])
+def test_output_dtype_is_eagers(dtypes, amp, device):
+    """The result's dtype is what torch gives SAGAN's own ``gamma * bmm(v, attention^T) + x``, in
+    every mix of x's and gamma's dtypes and gamma's shape, with and without autocast; the values
+    agree with that expression at the attention dtype's tolerance."""
+    x_dtype, g_dtype, g_shape = dtypes
+    q, k, v = (torch.randn(2, c, 12, device=device, dtype=x_dtype) for c in (4, 4, 16))
+    x = torch.randn(2, 16, 3, 4, device=device, dtype=x_dtype)
+    gamma = torch.full(g_shape, 0.6, device=device, dtype=g_dtype)
+    with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+        attention = torch.softmax(torch.bmm(q.transpose(1, 2), k), dim=-1)
+        eager = gamma * torch.bmm(v, attention.transpose(1, 2)).view(x.shape) + x
+        out = fastnote.sagan_attention(q, k, v, x=x, gamma=gamma)
+    assert out.dtype == eager.dtype
+    assert out.shape == eager.shape
+    attention_dtype = amp or x_dtype
+    assert_close(out, eager.float(), "two_matmul", dtype=attention_dtype)
 
 
 # Compiles the kernels for sm_90 ahead of time (no GPU needed): catches code that the interpreter

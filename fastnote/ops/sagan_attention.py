@@ -29,7 +29,7 @@ def _forward_op(q: Tensor, k: Tensor, v: Tensor, x: Optional[Tensor], gamma: Opt
 
     kernels.check_sizes(q, v)
     out_shape, o_shape, lse_shape = _shapes(q, v, x)
-    out = backend.empty(out_shape, q.dtype, q.device)
+    out = backend.empty(out_shape, reference.sagan_output_dtype(q, x, gamma), q.device)
     o = backend.empty(o_shape, torch.float32, q.device)
     lse = backend.empty(lse_shape, torch.float32, q.device)
     # gamma is read as one element of its own dtype; a 4-D x is read through its strides when its
@@ -53,7 +53,8 @@ def _shapes(q, v, x):
 @_forward_op.register_fake
 def _(q, k, v, x, gamma):
     out_shape, o_shape, lse_shape = _shapes(q, v, x)
-    return [q.new_empty(out_shape), q.new_empty(o_shape, dtype=torch.float32),
+    return [q.new_empty(out_shape, dtype=reference.sagan_output_dtype(q, x, gamma)),
+            q.new_empty(o_shape, dtype=torch.float32),
             q.new_empty(lse_shape, dtype=torch.float32)]
 
 
@@ -172,9 +173,11 @@ def sagan_attention(q: Tensor, k: Tensor, v: Tensor, x: Optional[Tensor] = None,
     channels first (N_k < N when keys and values are pooled, as in BigGAN). x: [B, d_v, N] or
     [B, d_v, W, H] with W*H = N, and gamma (0-dim or one-element tensor) come together or not at
     all; without them the plain attention output [B, d_v, N] is returned, with them the result
-    has x's shape. q, k, v, x share one dtype (fp32, fp16, bf16; gamma may be any of them, e.g.
-    an fp32 parameter beside fp16 activations); under autocast they are cast to the autocast
-    dtype. Gradients flow to q, k, v, x and gamma.
+    has x's shape. q, k, v share one dtype (fp32, fp16, bf16), the attention's; under autocast
+    they are cast to the autocast dtype. x and gamma keep theirs, and the result has the dtype
+    torch gives eager SAGAN's ``gamma * attention + x``: under bf16 autocast with an fp32 gamma
+    parameter of shape [1] (SAGAN's), fp32, the residual added in fp32 and its gradient passed
+    to x unrounded. Gradients flow to q, k, v, x and gamma.
 
     The fused kernel never stores the [B, N, N_k] attention. ``return_attention=True`` returns
     ``(out, attention)`` and additionally computes the attention map with plain torch ops
@@ -186,9 +189,9 @@ def sagan_attention(q: Tensor, k: Tensor, v: Tensor, x: Optional[Tensor] = None,
     torch.Size([2, 64, 4, 4])
     """
     _check(q, k, v, x, gamma)
-    q, k, v, x = checks.autocast(q, k, v, x)
-    if not (k.dtype == q.dtype and v.dtype == q.dtype and (x is None or x.dtype == q.dtype)):
-        checks.same_dtype(q=q, k=k, v=v, x=x)
+    q, k, v = checks.autocast(q, k, v)
+    if not (k.dtype == q.dtype and v.dtype == q.dtype):
+        checks.same_dtype(q=q, k=k, v=v)
     if not backend.use_triton(q.device):
         return reference.sagan_attention(q, k, v, x=x, gamma=gamma, return_attention=return_attention)
     out = _forward_op(q, k, v, x, gamma)[0]
