@@ -247,20 +247,27 @@ def test_torchvision_v2_left_with_reason():
 @pytest.mark.autocast
 def test_patched_v2_model_under_autocast(library, autocast_dtype, device, launches):
     """The patched model in training under autocast: logits and every gradient as close to the
-    fp32 model as the library's own model under the same autocast (within 4x its error)."""
+    fp32 model as the library's own model under the same autocast (within 4x its error), errors
+    taken as medians over 5 inputs. One input was not enough: the per-head logit_scale gradients
+    (one number each, sums that cancel) swing several-fold per input on both sides. Measured on
+    torchvision's model in bf16 over 8 inputs (torch 2.13, the interpreter rounding as the GPU
+    does): one input's worst ratio to eager's error 1.3 to 3.96 (features.3.1 logit_scale), the
+    medians' worst 1.43 (1.48 on torch 2.11, where one fixed input had given 0.055 against eager's
+    0.0053). d logit_scale scaled by 1.1 fails both libraries' cases, by 1.05 torchvision's."""
     eager, patched = _twins(_timm_model if library == "timm" else _torchvision_model, device)
     assert len(fastnote.patch(patched)) == 4
     for m in (eager, patched):
         m.train()
-    x = torch.randn(1, 3, 64, 64, device=device)
+    generator = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(1, 3, 64, 64, generator=generator).to(device) for _ in range(5)]
 
-    def run(model):
+    def run(model, x):
         y, grads = _run(model, x)
         return [y] + list(grads.values())
 
     names = ["logits", "x"] + [n for n, _ in eager.named_parameters()]
     launches.clear()
-    assert_autocast_like_eager(eager, patched, run, autocast_dtype, names)
+    assert_autocast_like_eager(eager, patched, run, autocast_dtype, names, inputs=inputs)
     assert any(k.endswith("window_attention") for k, _, _ in launches), launches
 
 
@@ -268,8 +275,8 @@ def test_patched_v2_model_under_autocast(library, autocast_dtype, device, launch
 def test_v2_logit_scale_gradient_under_autocast_over_inputs(autocast_dtype, device, launches):
     """d logit_scale (one number per head, a sum over every score that cancels heavily: each
     softmax row's dS sums to 0) under autocast, judged over 8 inputs rather than one: on one fixed
-    input either side's error can be 10x its typical value (the whole-model test above once saw
-    fastnote's at 10x eager's on one head on torch 2.11, while over inputs the two are alike). The
+    input either side's error can be 10x its typical value (the whole-model test above, when it
+    used one input, saw fastnote's at 10x eager's on one head on torch 2.11). The
     attention module alone (torchvision's second stage-2 block, shifted), against float64: the
     median of fastnote's relative errors within 2x the median of eager's, and no single input past
     4x eager's worst."""
