@@ -77,6 +77,7 @@ def assert_autocast_like_eager(eager: torch.nn.Module, patched: torch.nn.Module,
     by ``names``; the truth is the eager model without autocast (fp32), and the rule is
     ``assert_errors_like_eager``'s. Each run gets a fresh copy of the eager model, so state a
     forward updates (batch norm, spectral norm) starts alike; ``patched`` runs once per input.
+    Each of ours must also have eager's dtype under the autocast.
     With ``inputs`` (a list), ``run(model, input)`` runs on each and the rule applies to the
     medians over them (``assert_median_errors_like_eager``)."""
     import copy
@@ -96,6 +97,8 @@ def assert_autocast_like_eager(eager: torch.nn.Module, patched: torch.nn.Module,
             if t is None:
                 assert e is None and o is None, name
             else:
+                # a drop-in keeps eager's dtypes under autocast too (outputs and gradients)
+                assert o.dtype == e.dtype, f"{name}: {o.dtype} under autocast, where eager's is {e.dtype}"
                 rows.append((name, t, e, o))
         runs.append(rows)
     assert_median_errors_like_eager(runs, dtype, factor, f"under autocast {dtype}")

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 import fastnote
-from fastnote.testing import UNIT_ROUNDOFF, rms_relative_error
+from fastnote.testing import UNIT_ROUNDOFF, assert_autocast_like_eager, rms_relative_error
 
 FACTOR = 4.0
 FLOOR = 64 * UNIT_ROUNDOFF[torch.float32]
@@ -175,6 +175,33 @@ def test_patch_replaces_every_module_and_keeps_outputs(name, device, launches):
         launches.clear()
         _check_against_float64(eager, patched, x, f"{name} {mode}")
         assert launches, "no kernel ran: the patched model compared the reference with itself"
+
+
+# timm's Swin once (at 96, where it pads), for CI time: 40-60 s a Swin model under the interpreter
+AUTOCAST_MODELS = [n for n in MODELS if n != "timm-swin_tiny-112"]
+
+
+@pytest.mark.autocast
+@pytest.mark.parametrize("name", [pytest.param(n, id=n) for n in AUTOCAST_MODELS])
+def test_patched_model_under_autocast(name, autocast_dtype, device, launches):
+    """The patched library model in training under autocast, as AMP trains it: logits, the input's
+    gradient and every parameter's as close to the fp32 model as the library's own model under the
+    same autocast (within 4x its error, ``assert_autocast_like_eager``), each in eager's dtype."""
+    eager, patched, _, x = _pair(name, device)
+    for m in (eager, patched):
+        _train(m, True)
+    names = ["logits", "x"] + [n for n, _ in eager.named_parameters()]
+
+    def run(model):
+        x_ = x.clone().requires_grad_()
+        y = model(x_)
+        g = torch.randn(y.shape, generator=torch.Generator(y.device).manual_seed(6), device=y.device).to(y.dtype)
+        grads = torch.autograd.grad(y, [x_] + list(model.parameters()), g, allow_unused=True)
+        return [y.detach()] + list(grads)
+
+    launches.clear()
+    assert_autocast_like_eager(eager, patched, run, autocast_dtype, names)
+    assert launches, "no kernel ran"
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, id=n) for n in MODELS])
