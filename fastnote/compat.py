@@ -17,7 +17,7 @@ import os
 
 import torch
 
-__all__ = ["torchvision_op_schemas", "import_timm", "import_torchvision_models", "interpreter_bf16_round_to_nearest"]
+__all__ = ["torchvision_op_schemas", "import_timm", "import_torchvision_models"]
 
 _LIBRARIES: list = []   # keeps the schema library alive: dropping it would remove the definitions
 
@@ -64,40 +64,3 @@ def import_torchvision_models():
     import torchvision.models
 
     return torchvision.models
-
-
-def interpreter_bf16_round_to_nearest() -> bool:
-    """Make Triton's interpreter convert fp32 to bf16 as the GPU does: round to nearest, ties to
-    even (``cvt.rn.bf16.f32``, and torch's ``.to(torch.bfloat16)``). Triton 3.6 to 3.9's
-    interpreter truncates instead (``InterpreterBuilder.cast_impl`` drops the low 16 bits: round
-    toward zero), so every bf16 value a kernel writes under the interpreter is biased toward zero
-    by half a unit of roundoff on average, and a gradient that sums many such values with
-    cancellation (Swin V2's per-head ``logit_scale``) comes out several times further from fp32
-    than it does on a GPU. fastnote's kernel modules call this when the interpreter is on
-    (``triton_kernels/utils.py``); it changes that one conversion, for every kernel the
-    interpreter runs. Idempotent; False where Triton's interpreter has no such method."""
-    try:
-        import numpy as np
-        import triton.language as tl
-        from triton.runtime import interpreter
-    except ImportError:
-        return False
-    builder = getattr(interpreter, "InterpreterBuilder", None)
-    original = getattr(builder, "cast_impl", None)
-    if original is None or not hasattr(interpreter, "TensorHandle"):
-        return False
-    if getattr(original, "_fastnote_round_to_nearest", False):
-        return True
-
-    def cast_impl(self, src, dst_type):
-        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
-            x = np.asarray(src.data, dtype=np.float32)
-            bits = x.view(np.uint32).astype(np.uint64)
-            rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
-            quiet_nan = ((bits >> 16) | 0x40).astype(np.uint16)
-            return interpreter.TensorHandle(np.where(np.isnan(x), quiet_nan, rounded), tl.bfloat16)
-        return original(self, src, dst_type)
-
-    cast_impl._fastnote_round_to_nearest = True
-    builder.cast_impl = cast_impl
-    return True

@@ -85,12 +85,11 @@ def assert_autocast_like_eager(eager: torch.nn.Module, patched: torch.nn.Module,
     device_type = next(eager.parameters()).device.type
     names = list(names)
     runs = []
-    for each in (inputs if inputs is not None else [None]):
-        call = (lambda m: run(m)) if inputs is None else (lambda m: run(m, each))
-        truth = call(copy.deepcopy(eager))
+    for args in ([()] if inputs is None else [(each,) for each in inputs]):
+        truth = run(copy.deepcopy(eager), *args)
         with torch.autocast(device_type, dtype=dtype):
-            theirs = call(copy.deepcopy(eager))
-            ours = call(patched)
+            theirs = run(copy.deepcopy(eager), *args)
+            ours = run(patched, *args)
         assert len(names) == len(truth) == len(theirs) == len(ours), (len(names), len(truth), len(theirs), len(ours))
         rows = []
         for name, t, e, o in zip(names, truth, theirs, ours):

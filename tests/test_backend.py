@@ -141,7 +141,7 @@ def test_kernel_scratch_buffers_are_poisoned(device, monkeypatch):
 def test_bf16_conversion_rounds_to_nearest_even():
     # A kernel's fp32 -> bf16 conversion as the GPU does it (cvt.rn.bf16.f32) and torch does it:
     # round to nearest, ties to even. Triton's interpreter truncates unless fastnote's kernel
-    # modules have made it round (fastnote.compat.interpreter_bf16_round_to_nearest); on a GPU
+    # modules have made it round (triton_kernels/utils.py's interpreter_round_bf16_to_nearest); on a GPU
     # this checks the hardware's conversion.
     import triton
     import triton.language as tl

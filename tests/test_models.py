@@ -186,7 +186,13 @@ AUTOCAST_MODELS = [n for n in MODELS if n != "timm-swin_tiny-112"]
 def test_patched_model_under_autocast(name, autocast_dtype, device, launches):
     """The patched library model in training under autocast, as AMP trains it: logits, the input's
     gradient and every parameter's as close to the fp32 model as the library's own model under the
-    same autocast (within 4x its error, ``assert_autocast_like_eager``), each in eager's dtype."""
+    same autocast (within 4x its error, ``assert_autocast_like_eager``), each in eager's dtype.
+    How much it can see depends on eager's own bf16 error. On Swin that is about 0.8% (median over
+    the tensors): adding 5% of a permuted copy to torchvision's attention output fails it. On
+    these randomly initialised MobileNets it is about 50%: the same 5% in the SE output passes, 20%
+    fails. A uniform scale there is invisible in training mode, since the batch norm that follows
+    removes it. The fp32 test above is the strict one: scaling the SE output by 1.03 puts the
+    logits 0.64 off float64."""
     eager, patched, _, x = _pair(name, device)
     for m in (eager, patched):
         _train(m, True)

@@ -9,11 +9,44 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import backend, compat
 
-if backend.interpreter_on():
-    # the interpreter's fp32 -> bf16 conversion truncates; the GPU's rounds to nearest even
-    compat.interpreter_bf16_round_to_nearest()
+def interpreter_round_bf16_to_nearest() -> bool:
+    """Make Triton's interpreter convert fp32 to bf16 as the GPU does: round to nearest, ties to
+    even (``cvt.rn.bf16.f32``, and torch's ``.to(torch.bfloat16)``). Triton 3.6 to 3.9's
+    interpreter truncates instead (``InterpreterBuilder.cast_impl`` drops the low 16 bits: round
+    toward zero), so every bf16 value a kernel writes under the interpreter is biased toward zero
+    by half a unit of roundoff on average, and a gradient that sums many such values with
+    cancellation (Swin V2's per-head ``logit_scale``) comes out several times further from fp32
+    than it does on a GPU. Called when this module is imported (every kernel module imports it);
+    it changes that one conversion of the interpreter, for every kernel it runs, and nothing a
+    compiled kernel does. Idempotent; False where Triton's interpreter has no such method."""
+    try:
+        import numpy as np
+        from triton.runtime import interpreter
+    except ImportError:
+        return False
+    builder = getattr(interpreter, "InterpreterBuilder", None)
+    original = getattr(builder, "cast_impl", None)
+    if original is None or not hasattr(interpreter, "TensorHandle"):
+        return False
+    if getattr(original, "_fastnote_round_to_nearest", False):
+        return True
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            x = np.asarray(src.data, dtype=np.float32)
+            bits = x.view(np.uint32).astype(np.uint64)
+            rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+            quiet_nan = ((bits >> 16) | 0x40).astype(np.uint16)
+            return interpreter.TensorHandle(np.where(np.isnan(x), quiet_nan, rounded), tl.bfloat16)
+        return original(self, src, dst_type)
+
+    cast_impl._fastnote_round_to_nearest = True
+    builder.cast_impl = cast_impl
+    return True
+
+
+interpreter_round_bf16_to_nearest()
 
 # One program per BLOCK elements for streaming kernels. Large enough that the interpreter (which
 # runs programs one after another) stays fast, and that each GPU program moves >= 16 KB.
