@@ -34,14 +34,21 @@ across programs, so neighbouring programs read the same qkv rows. ``GROUP`` is c
 programs (8 per SM on an H100), and in the backward it also amortises the dbias write.
 
 Launch: 8 warps for 64 x 64 tiles (4 below), ``num_stages=1`` (the key loop has one iteration for
-N <= 64, so software pipelining only costs registers). Compiled offline for sm_90 with Triton 3.9
-(``python tests/aot_compile.py --report``: registers and stack of each cubin), at head_dim 32 the
-fp16/bf16 forward uses 114-176 registers per thread and the backward 173-252, none of them spilling
-(V1 and V2, core and fused, real batches, window 7, padded maps; a test keeps it so). The V2
-backward spilled 16-120 bytes until the additive tile, V2's per-row logit-scale sums and the padded
-tokens' sums stopped being carried across a program's images (Triton 3.6 still spills 16-120 bytes
-there). fp32 with exact products (3xTF32) takes 32 x 32 tiles (``EXACT_FP32_TILE``: at 64 x 64
-the backward spilled up to 1 KB, 1.7 KB with Triton 3.6), the forward too, so that both compute
+N <= 64, so software pipelining only costs registers). In the fused layout with one tile per window
+the kernels take ``N = WS * WS`` as a compile-time constant: the masks of the padded rows and
+columns (N = 49 in 64 x 64 tiles) and the single-iteration loops then fold away, which took the
+fused fp16/bf16 forwards from 132-176 registers to 90-128 (at most 128 is two programs of 8 warps
+per SM, twice the occupancy) and Swin V2's fused backward off the stack with Triton 3.6 (120 bytes
+at window 7, 16 at window 8 on a padded map, before). The tiled path (N > 64) keeps N at run time:
+there the constant unrolled the key loop, and the fused window-16 forward went from 114 registers to
+138. Compiled offline for sm_90 with Triton 3.9 (``python tests/aot_compile.py --report``:
+registers and stack of each cubin), at head_dim 32 the fp16/bf16 forward uses 90-128 registers per
+thread and the backward 129-253, none of them spilling (V1 and V2, core and fused, real batches,
+window 7, padded maps; a test keeps it so), and none with Triton 3.6 either. The V2 backward had
+spilled 16-120 bytes until the additive tile, V2's per-row logit-scale sums and the padded tokens'
+sums stopped being carried across a program's images. fp32 with exact products (3xTF32) takes
+32 x 32 tiles (``EXACT_FP32_TILE``: at 64 x 64 the backward spilled up to 1 KB, 1.7 KB with
+Triton 3.6), the forward too, so that both compute
 the same logits. The first thing to tune on a GPU is
 occupancy (warps, GROUP) against these numbers.
 
@@ -234,6 +241,8 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, bias_ptr, mask_ptr, qkvb_pt
                 PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     # Program (head h, window place j, images first .. first + GROUP - 1, query block).
     pid = tl.program_id(0)
+    if FUSED and SINGLE:
+        N = WS * WS   # a constant: the compiler folds the masks of padded rows and columns (registers)
     h = pid % HEADS
     if COSINE:  # Swin V2: unit q and k rows, the head's own scale exp(min(logit_scale, log 100))
         qk_scale = tl.load(hs_ptr + h) * LOG2E
@@ -302,6 +311,8 @@ def _bwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, bias_ptr, mask_ptr,
     # Program (head h, window place j, images first .. first + GROUP - 1); its dbias goes to partial
     # slot ``rest % num_slots`` (its own unless SHARED_SLOTS).
     pid = tl.program_id(0)
+    if FUSED and SINGLE:
+        N = WS * WS   # as in the forward
     h = pid % HEADS
     if COSINE:
         scale = tl.load(hs_ptr + h)
