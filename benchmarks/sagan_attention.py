@@ -9,6 +9,12 @@ Providers, all on the same q [B, C/8, N], k [B, C/8, N_k], v [B, C, N_k], x [B, 
                  are zero-padded to v's width (exact: zero channels add nothing to q.k) so the fused
                  backends, which want one head dim, can take it; flash only up to d = 256
   fastnote       fastnote.sagan_attention (flash style; never writes the attention map)
+  fastnote square tiles
+                 the same op with the backward tiles it had before (``BACKWARD_TILES = "square"`` in
+                 fastnote/triton_kernels/sagan_attention.py: 64 x 64 in bf16, each program owning
+                 half the positions the default's do), bwd and both modes only: the default was
+                 chosen from the sm_90 build (registers, spills, resident warps), and this
+                 provider is the GPU's check of that choice
 
 Shapes: SAGAN's attention layers at batch 64 -- generator 64x64 (N = 4096, C = 64) and 32x32
 (C = 128), discriminator 32x32 (C = 256) and 16x16 (C = 512) -- plus a 128x128 map (N = 16384,
@@ -24,12 +30,16 @@ Compute-bound, so the figure of merit is TFLOP/s; memory rows show what O(N) mem
 
     python benchmarks/sagan_attention.py [--smoke] [--out DIR] [--modes fwd,bwd,both] [--dtypes bf16,fp32]
 """
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
 import fastnote
 import harness
+from fastnote.triton_kernels import sagan_attention as kernels
 from harness import Benchmark, Case, Provider
+from harness.modes import _mode_callable
 
 BATCH = 64
 # (label, C, W*H, N_k, batch)
@@ -86,6 +96,27 @@ def _provider(fn):
     return setup
 
 
+@contextlib.contextmanager
+def _backward_tiles(tiles):
+    previous, kernels.BACKWARD_TILES = kernels.BACKWARD_TILES, tiles
+    try:
+        yield
+    finally:
+        kernels.BACKWARD_TILES = previous
+
+
+def _square_tiles_provider(inputs, case):
+    made = _provider(fastnote.sagan_attention)(inputs, case)
+
+    def with_tiles(fn):
+        def run():
+            with _backward_tiles("square"):
+                return fn()
+        return run
+
+    return {mode: with_tiles(_mode_callable(made, mode)) for mode in ("bwd", "both")}
+
+
 def flops(case, mode):
     cfg = case.config
     d = cfg["C"] // 8 + cfg["C"]
@@ -101,6 +132,7 @@ BENCHMARKS = [Benchmark(
         Provider("torch.compile", _provider(_eager), compile=True),
         Provider("sdpa", _provider(_sdpa)),
         Provider("fastnote", _provider(fastnote.sagan_attention)),
+        Provider("fastnote square tiles", _square_tiles_provider),
     ],
     cases=_cases(LAYERS, ["bf16", "fp32"]),
     smoke_cases=_cases(SMOKE_LAYERS, ["fp32", "bf16"]),

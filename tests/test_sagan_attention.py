@@ -464,3 +464,58 @@ def test_more_than_2_31_elements_gpu(device):
     assert_close(out[..., -4096:], want[..., -4096:], "two_matmul", dtype=torch.bfloat16, msg="last positions")
     for name, a, b in zip(NAMES, got, want_grads):
         assert_rms_close(a, b, 8 * UNIT_ROUNDOFF[torch.bfloat16], msg=name)
+
+
+def _kernel_grids(launches, name):
+    return [grid for module, kernel, grid in launches if module.endswith("sagan_attention") and kernel == name]
+
+
+# (tiles, dtype) -> (keys a dk/dv program owns, queries a dq program owns): _blocks' table
+OWNED = {("wide", torch.bfloat16): (128, 128), ("square", torch.bfloat16): (64, 64),
+         ("wide", torch.float32): (64, 64), ("square", torch.float32): (32, 64)}
+
+
+@pytest.mark.parametrize("tiles", ["wide", "square"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_backward_tiles(tiles, dtype, device, launches, monkeypatch):
+    # Both backward tile sets (the default and the one benchmarks/sagan_attention.py times beside
+    # it) give the reference's gradients where the tiles are crossed: 300 queries, 150 keys, and
+    # in fp32 d_v over several d_v tiles. The grids show which tiles ran.
+    from fastnote.triton_kernels import sagan_attention as kernels
+
+    monkeypatch.setattr(kernels, "BACKWARD_TILES", tiles)
+    B, N, N_k = 2, 300, 150
+    launches.clear()
+    _check(_inputs(B, 8, 64 if dtype == torch.bfloat16 else 72, N, N_k, device, dtype=dtype))
+    keys, queries = OWNED[(tiles, dtype)]
+    assert [g[0] for g in _kernel_grids(launches, "_dkdv_kernel")][:1] == [B * -(-N_k // keys)]
+    assert [g[0] for g in _kernel_grids(launches, "_dq_kernel")] == [B * -(-N // queries)]
+
+
+def test_benchmark_times_square_tiles_in_backward(device, launches):
+    # benchmarks/sagan_attention.py's "fastnote square tiles" provider: its backward runs on the
+    # square tiles, and the module's default is back in place afterwards.
+    import importlib.util
+    import os
+    import sys
+
+    from fastnote.triton_kernels import sagan_attention as kernels
+
+    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+    if bench not in sys.path:
+        sys.path.append(bench)
+    path = os.path.join(bench, "sagan_attention.py")
+    spec = importlib.util.spec_from_file_location("fastnote_benchmarks_sagan", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    provider = next(p for p in module.BENCHMARKS[0].providers if p.name == "fastnote square tiles")
+    B, N = 1, 200
+    inputs = dict(zip(NAMES, _inputs(B, 2, 16, N, N, device, dtype=torch.bfloat16)))
+    callables = provider.setup(inputs, None)
+    assert sorted(callables) == ["both", "bwd"]
+    for mode, run in callables.items():
+        launches.clear()
+        run()
+        assert [g[0] for g in _kernel_grids(launches, "_dkdv_kernel")] == [B * -(-N // 64)], mode
+        assert [g[0] for g in _kernel_grids(launches, "_dq_kernel")] == [B * -(-N // 64)], mode
+    assert kernels.BACKWARD_TILES == "wide"

@@ -287,33 +287,71 @@ def _tile(n: int, cap: int) -> int:
     return min(max(next_pow2(n), MIN_DOT), cap)
 
 
-def _config(q: torch.Tensor, N: int, NK: int, DV: int, backward: bool) -> dict:
-    """Tiles and warps, chosen so that ptxas for sm_90 (compiled ahead of time with Triton 3.9)
-    reports no register spills at SAGAN's (d_qk, d_v) = (8, 64) ... (64, 512), in fp16/bf16 and
-    in fp32 with IEEE or TF32 dots (which hold more registers: smaller tiles). Not yet tuned by
-    timing on a GPU. One dict per shape and setting, shared: callers never change it."""
-    return _cached_config(q.shape[1], N, NK, DV, backward, *dot_key(q.dtype, q.device))
+# The backward's tiles. Each backward program owns a block of positions and streams the other
+# side in steps: ``_dkdv_kernel`` owns keys and streams queries, ``_dq_kernel`` owns queries and
+# streams keys. The owned block sets how often the streamed operands are read again (q and dO once
+# per key block, k and v once per query block); the step sets only the granularity. "wide": in
+# fp16/bf16, 128 owned by 32 streamed, as Triton's fused-attention tutorial tiles its backward; in
+# fp32 the dk/dv program owns 64 keys and streams 16 queries, the dq program 64 queries by 32 keys.
+# "square": the tiles before, 64 x 64 in fp16/bf16, and in fp32 32 keys by 64 queries for dk/dv
+# (wgmma wants 64 rows per warpgroup, so those dots were Ampere's mma.sync). Kept so that
+# benchmarks/sagan_attention.py can time both on a GPU: the choice was made from the sm_90 build
+# (registers, stack, matrix instructions, resident warps; table in _blocks), not from timings.
+BACKWARD_TILES = "wide"
+
+
+def _config(q: torch.Tensor, N: int, NK: int, DV: int, kernel: str) -> dict:
+    """Tiles and warps of ``kernel`` ("forward", "dkdv" or "dq"), chosen so that ptxas for sm_90
+    (compiled ahead of time with Triton 3.9) reports no register spills at SAGAN's (d_qk, d_v) =
+    (8, 64) ... (64, 512), in fp16/bf16 and in fp32 with 3xTF32 or TF32 dots (which hold more registers:
+    smaller tiles), and where it can, two programs per SM. Not yet tuned by timing on a GPU. One
+    dict per shape and setting, shared: callers never change it."""
+    return _cached_config(q.shape[1], N, NK, DV, kernel, BACKWARD_TILES, *dot_key(q.dtype, q.device))
 
 
 @functools.lru_cache(maxsize=1024)
-def _cached_config(d_qk: int, N: int, NK: int, DV: int, backward: bool, *key) -> dict:
+def _cached_config(d_qk: int, N: int, NK: int, DV: int, kernel: str, tiles: str, *key) -> dict:
     # the launchers' host time is paid on every call: one cached dict, not one built per call
-    return dict(_blocks(key[0] == torch.float32, d_qk, N, NK, DV, backward), **switches_for_key(*key))
+    return dict(_blocks(key[0] == torch.float32, d_qk, N, NK, DV, kernel, tiles), **switches_for_key(*key))
 
 
-def _blocks(fp32: bool, d_qk: int, N: int, NK: int, DV: int, backward: bool) -> tuple:
-    # called once per configuration, through _cached_config
-    if fp32:
-        if backward:
-            block_m, block_n, max_dv, warps = 64, 32, 32, 8
-        else:
+def _blocks(fp32: bool, d_qk: int, N: int, NK: int, DV: int, kernel: str, tiles: str) -> tuple:
+    """(BLOCK_M queries, BLOCK_N keys, ...) of one kernel; called once per configuration, through
+    _cached_config. The backward's "wide" tiles against "square", from the sm_90 build with Triton
+    3.9 of SAGAN's layer widths (registers a thread, and resident warps of 64 per SM where they
+    change; dk/dv = the launch that also computes dk, "other" = its launch for the remaining d_v
+    tiles):
+      fp16/bf16  d_qk 8, d_v 64:    dk/dv 138 -> 124 (8 -> 16 warps), dq 110 -> 68 (16 -> 24)
+                 d_qk 16, d_v 128:  dk/dv 176 -> 160, dq 106 -> 74 (16 -> 24)
+                 d_qk 32, d_v 256:  dk/dv 172 -> 191, other 123 -> 91, dq 139
+                 d_qk 64, d_v 512:  dk/dv 189 -> 206, other 124 -> 88, dq 146 -> 160
+      fp32, 3xTF32 (d_qk 8 / 32 / 64):  dk/dv 255 regs with 392 / 104 / 24 bytes of stack and
+                 mma.sync -> 200 / 239 / 255 regs, no stack, wgmma; other 255 (24-64 bytes) ->
+                 80 / 83 / 126 (8 -> 24 / 16 / 16 warps)
+      fp32, TF32:  dk/dv 255 / 255 / 248 -> 128 / 126 / 180 (8 -> 16 / 16 / 8 warps); other
+                 128 / 144 / 142 -> 58 / 56 / 60 (-> 32 warps)
+    No kernel keeps fewer warps resident or spills more with Triton 3.9, and each reads its
+    streamed operands half as often (fp16/bf16; fp32's dk/dv). With Triton 3.6 the fp16/bf16 figures
+    are within 4 registers of these (the d_qk 8 dk/dv 148 -> 128, so 8 -> 16 warps there too); its
+    3xTF32 dk/dv stack goes from 32 / 88 / 16 bytes (mma.sync) to 0 / 0 / 192 (wgmma)."""
+    if kernel == "forward":
+        if fp32:
             block_m, block_n, max_dv, warps = 64, 32 if d_qk > 16 else 64, 64, 8
+        else:
+            block_m, block_n, max_dv, warps = 64, 64, MAX_BLOCK_DV, 4 if DV <= 64 else 8
     else:
-        block_m, block_n, warps = 64, 64, 8
-        # backward, d_v > one tile: 64-wide chunks keep dv, dk and the dP accumulators in registers
-        max_dv = 64 if backward and DV > MAX_BLOCK_DV else MAX_BLOCK_DV
-        if not backward and DV <= 64:
-            warps = 4
+        warps = 8
+        if fp32:
+            max_dv = 32
+            if tiles == "square":
+                owned, step = (32, 64) if kernel == "dkdv" else (64, 32)
+            else:
+                owned, step = 64, 16 if kernel == "dkdv" else 32
+        else:
+            # d_v > one tile: 64-wide chunks keep dv, dk and the dP accumulators in registers
+            max_dv = 64 if DV > MAX_BLOCK_DV else MAX_BLOCK_DV
+            owned, step = (64, 64) if tiles == "square" else (128, 32)
+        block_m, block_n = (step, owned) if kernel == "dkdv" else (owned, step)
     return (("BLOCK_M", _tile(N, block_m)), ("BLOCK_N", _tile(NK, block_n)),
             ("BLOCK_D", max(next_pow2(d_qk), MIN_DOT)), ("BLOCK_DV", _tile(DV, max_dv)), ("num_warps", warps))
 
@@ -338,7 +376,7 @@ def forward(*, q, k, v, x, gamma, out, o, lse) -> None:
     DV, NK = v.shape[1], v.shape[2]
     if B == 0 or N == 0:
         return
-    cfg = _config(q, N, NK, DV, backward=False)
+    cfg = _config(q, N, NK, DV, "forward")
     has_res = x is not None
     # x [B, d_v, N], or [B, d_v, W, H] whose last two dimensions merge (stride(2) = H * stride(3))
     xs = (x.stride() if x.dim() == 3 else (x.stride(0), x.stride(1), x.stride(3))) if has_res else (0, 0, 0)
@@ -366,18 +404,20 @@ def backward(*, grad, q, k, v, o, lse, gamma, dq, dk, dv, r) -> None:
         )
     if NK == 0:
         return
-    cfg = _config(q, max(N, 1), NK, DV, backward=True)
+    cfg = _config(q, max(N, 1), NK, DV, "dkdv")
     n_dv = cdiv(DV, cfg["BLOCK_DV"])
     has_gamma = gamma is not None
     args = (q, k, v, grad, lse, r, gamma if has_gamma else r, dk, dv, N, NK, DQK, DV,
             *q.stride(), *k.stride(), *v.stride(), *grad.stride())
-    common = dict(HAS_GAMMA=has_gamma, SINGLE_DV=n_dv == 1, **cfg)
     key_tiles = cdiv(NK, cfg["BLOCK_N"])
-    launch(_dkdv_kernel, (B * key_tiles, 1), *args, 0, WITH_DK=True, **common)
+    launch(_dkdv_kernel, (B * key_tiles, 1), *args, 0, HAS_GAMMA=has_gamma, WITH_DK=True, SINGLE_DV=n_dv == 1, **cfg)
     if n_dv > 1:
-        launch(_dkdv_kernel, (B * key_tiles, n_dv - 1), *args, 1, WITH_DK=False, **common)
+        launch(_dkdv_kernel, (B * key_tiles, n_dv - 1), *args, 1, HAS_GAMMA=has_gamma, WITH_DK=False,
+               SINGLE_DV=False, **cfg)
     if N:
+        cfg = _config(q, N, NK, DV, "dq")     # the same BLOCK_DV, so the same SINGLE_DV
         launch(_dq_kernel, (B * cdiv(N, cfg["BLOCK_M"]),),
             q, k, v, grad, lse, r, gamma if has_gamma else r, dq, N, NK, DQK, DV,
-            *q.stride(), *k.stride(), *v.stride(), *grad.stride(), **common,
+            *q.stride(), *k.stride(), *v.stride(), *grad.stride(), HAS_GAMMA=has_gamma, SINGLE_DV=n_dv == 1,
+            **cfg,
         )
