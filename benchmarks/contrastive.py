@@ -9,6 +9,13 @@ Providers, on the same L2-normalised features:
   open_clip      open_clip's SigLipLoss (SigLIP only; left out where open_clip does not import):
                  the same maths as eager, with its [n, n] label matrix besides the logits
   fastnote       fastnote.patch_nce_loss / clip_loss / siglip_loss (streaming; O(rows * d) memory)
+  fastnote narrow slices
+                 the same op with the backward's gradient slices it had before
+                 (``GRADIENT_SLICES = "narrow"`` in fastnote/triton_kernels/contrastive_tiles.py:
+                 64 channels a program in bf16, 32 in fp32, so the score tiles are recomputed 8 to
+                 24 times per gradient instead of 2 to 6), bwd and both modes only: the default
+                 was chosen from the sm_90 build (registers, spills, resident warps), and this
+                 provider is the GPU's check of that choice
 
 Cases (x = M, the negatives per row for PatchNCE; n, the batch, for CLIP):
   patch_nce  CUT's default: B = 1, P = 256, d = 256, its 5 NCE layers summed (each a layer mean),
@@ -33,13 +40,17 @@ sizes except CUT's default, which is launch-bound; the memory rows show what str
 
     python benchmarks/contrastive.py [--smoke] [--out DIR] [--modes fwd,bwd,both] [--dtypes bf16,fp32]
 """
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
 import fastnote
 import harness
 from fastnote import reference
+from fastnote.triton_kernels import contrastive_tiles
 from harness import Benchmark, Case, Provider
+from harness.modes import _mode_callable
 
 NCE_T = 0.07
 CLIP_SCALE = 100.0
@@ -181,7 +192,32 @@ def _siglip_providers():
             loss = open_clip_loss()
             return lambda: loss(inputs["img"], inputs["txt"], inputs["scale"], inputs["bias"])
         providers.append(Provider("open_clip", open_clip_provider))
-    return providers + [Provider("fastnote", _fastnote_siglip)]
+    return providers + [Provider("fastnote", _fastnote_siglip),
+                        Provider("fastnote narrow slices", _narrow_slices(_fastnote_siglip))]
+
+
+@contextlib.contextmanager
+def _gradient_slices(slices):
+    previous, contrastive_tiles.GRADIENT_SLICES = contrastive_tiles.GRADIENT_SLICES, slices
+    try:
+        yield
+    finally:
+        contrastive_tiles.GRADIENT_SLICES = previous
+
+
+def _narrow_slices(fastnote_setup):
+    """fastnote with ``GRADIENT_SLICES = "narrow"`` in its backward: bwd and both modes only."""
+    def setup(inputs, case):
+        made = fastnote_setup(inputs, case)
+
+        def with_slices(fn):
+            def run():
+                with _gradient_slices("narrow"):
+                    return fn()
+            return run
+
+        return {mode: with_slices(_mode_callable(made, mode)) for mode in ("bwd", "both")}
+    return setup
 
 
 BENCHMARKS = [
@@ -190,7 +226,8 @@ BENCHMARKS = [
         make_inputs=_nce_inputs,
         providers=[Provider("eager", _nce_provider(_eager_nce)),
                    Provider("torch.compile", _nce_provider(_eager_nce), compile=True),
-                   Provider("fastnote", _nce_provider(_fastnote_nce))],
+                   Provider("fastnote", _nce_provider(_fastnote_nce)),
+                   Provider("fastnote narrow slices", _narrow_slices(_nce_provider(_fastnote_nce)))],
         cases=_nce_cases(NCE_CASES, ["bf16", "fp32"]),
         smoke_cases=_nce_cases(NCE_SMOKE, ["fp32"]),
         bytes_moved=_nce_bytes,
@@ -201,7 +238,8 @@ BENCHMARKS = [
         make_inputs=_clip_inputs,
         providers=[Provider("eager", _eager_clip),
                    Provider("torch.compile", _eager_clip, compile=True),
-                   Provider("fastnote", _fastnote_clip)],
+                   Provider("fastnote", _fastnote_clip),
+                   Provider("fastnote narrow slices", _narrow_slices(_fastnote_clip))],
         cases=_clip_cases([(n, CLIP_D) for n in CLIP_SIZES], ["bf16", "fp32"]),
         smoke_cases=_clip_cases(CLIP_SMOKE, ["fp32"]),
         bytes_moved=_clip_bytes,

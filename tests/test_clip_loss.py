@@ -284,3 +284,21 @@ def test_half_precision_overflowing_logits_gpu(dtype, device):
     if dtype == torch.float16:
         assert not torch.isfinite(scale.half() * img.detach() @ txt.detach().t()).all()
     _check(img, txt, scale, oracle=torch.float64)
+
+
+@pytest.mark.parametrize("slices", ["wide", "narrow"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_gradient_slices(slices, dtype, device, launches, monkeypatch):
+    # Both gradient-slice settings of the backward (contrastive_tiles.GRADIENT_SLICES: the default
+    # and the one benchmarks/contrastive.py times beside it) give the reference's gradients at
+    # d = 600, several slices with the last one partial; the grids show which slices ran.
+    from fastnote.triton_kernels import contrastive_tiles
+
+    monkeypatch.setattr(contrastive_tiles, "GRADIENT_SLICES", slices)
+    n, d = 70, 600
+    launches.clear()
+    _check(*_inputs(n, d, device, dtype=dtype))
+    slice_width = {("wide", torch.float32): 128, ("wide", torch.bfloat16): 256,
+                   ("narrow", torch.float32): 32, ("narrow", torch.bfloat16): 64}[(slices, dtype)]
+    grids = [grid for module, kernel, grid in launches if module.endswith("clip_loss") and kernel == "_backward_kernel"]
+    assert len(grids) == 2 and all(g[1] == -(-d // slice_width) for g in grids), grids

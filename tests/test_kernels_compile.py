@@ -134,6 +134,22 @@ def test_sagan_backward_uses_wgmma_and_fits_two_programs_at_c64(build_report):
     assert len(c64) >= 4 and all(o >= 16 for o in c64.values()), c64
 
 
+def test_contrastive_backward_accumulates_wide_gradient_slices(build_report):
+    # The contrastive backward kernels recompute every score tile over all D channels once per
+    # gradient slice they accumulate (``GRADIENT_SLICES`` in triton_kernels/contrastive_tiles.py):
+    # slices of at least 128 channels (256 in fp16/bf16 and with TF32), where they were the
+    # score chunk's 32 or 64 (CLIP's D = 512: 8 and 16 recomputations per gradient, now 2 and 4).
+    # Where all of D fits one score chunk (SINGLE_D) there is one slice either way.
+    _, variants = build_report
+    kernels = ("clip_loss._backward_kernel", "siglip_loss._backward_kernel", "patch_nce._dq_kernel",
+               "patch_nce._dk_kernel")
+    backward = [line for line in variants if line.split()[0] in kernels and "'SINGLE_D': True" not in line]
+    assert len(backward) >= 12, backward
+    slices = {line: int(re.search(r"'BLOCK_G': (\d+)", line).group(1)) for line in backward}
+    assert all(g >= 128 for g in slices.values()), slices
+    assert all(g == 256 for line, g in slices.items() if "tf32x3" not in line), slices
+
+
 def test_occupancy_arithmetic():
     from occupancy import occupancy_warps   # tests/occupancy.py, beside this file
 

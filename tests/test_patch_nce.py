@@ -332,3 +332,17 @@ def test_half_precision_overflowing_logits(dtype, device):
         assert not torch.isfinite(naive).all()
     loss = _check(q, k, B, False, detach_k=False)
     assert torch.isfinite(loss).all()
+
+
+@pytest.mark.parametrize("slices", ["wide", "narrow"])
+def test_gradient_slices(slices, device, launches, monkeypatch):
+    # Both gradient-slice settings of the backward (contrastive_tiles.GRADIENT_SLICES) give the
+    # reference's dq and dk at d = 300 in fp32: 3 slices of 128 (the last partial), or 10 of 32.
+    from fastnote.triton_kernels import contrastive_tiles
+
+    monkeypatch.setattr(contrastive_tiles, "GRADIENT_SLICES", slices)
+    launches.clear()
+    _check(*_feats(2, 40, 300, device), 2, True, detach_k=False)
+    grids = [grid for module, kernel, grid in launches
+             if module.endswith("patch_nce") and kernel in ("_dq_kernel", "_dk_kernel")]
+    assert len(grids) == 2 and all(g[1] == (3 if slices == "wide" else 10) for g in grids), grids

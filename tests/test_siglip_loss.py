@@ -439,3 +439,16 @@ def test_time_against_open_clip_gpu(device):
           f"fwd+bwd {both_ours:.3f} ms vs {both_theirs:.3f} ms")
     assert fwd_ours <= fwd_theirs
     assert both_ours <= 4 * both_theirs
+
+
+@pytest.mark.parametrize("slices", ["wide", "narrow"])
+def test_gradient_slices(slices, device, launches, monkeypatch):
+    # Both gradient-slice settings of the backward (contrastive_tiles.GRADIENT_SLICES) give the
+    # reference's gradients at SigLIP's d = 768 in bf16: 3 slices of 256, or 12 of 64.
+    from fastnote.triton_kernels import contrastive_tiles
+
+    monkeypatch.setattr(contrastive_tiles, "GRADIENT_SLICES", slices)
+    launches.clear()
+    _check(*_inputs(40, 768, device, dtype=torch.bfloat16))
+    grids = [grid for module, kernel, grid in launches if module.endswith("siglip_loss") and kernel == "_backward_kernel"]
+    assert len(grids) == 2 and all(g[1] == (3 if slices == "wide" else 12) for g in grids), grids

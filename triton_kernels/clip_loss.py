@@ -11,10 +11,10 @@ pointer so no host sync) and the positive of row i at column i + offset:
           lse_i = log sum_j exp(L_ij)) and ce_i = lse_i - L_{i,i+offset} (fp32 [n_x]): the
           cross-entropy of row i. The column LSE of the symmetric loss is the
           same kernel with X and Y swapped.
-``_backward_kernel`` grid (ceil(n_x / BLOCK_X), ceil(D / BLOCK_D)). With optional row LSEs of X
+``_backward_kernel`` grid (ceil(n_x / BLOCK_X), ceil(D / BLOCK_G)). With optional row LSEs of X
           (weight 1 each) and of Y, it recomputes each tile and forms
               W_ij = [exp(L_ij - lse_x_i)] + [exp(L_ij - lse_y_j)] - (number of LSEs) [j = i + offset]
-          and writes dx_i = c g s sum_j W_ij y_j for its BLOCK_D slice of channels (c the loss's
+          and writes dx_i = c g s sum_j W_ij y_j for its BLOCK_G slice of channels (c the loss's
           1 / count, g the upstream gradient, read from memory), and, if asked, the per-row part
           of the scale's gradient from the row LSE alone, r_i = c g sum_j (p_ij - [j = i +
           offset]) (x_i . y_j - x_i . y_{i+offset}) with p the row softmax (centred on the
@@ -34,7 +34,9 @@ inputs.
 Bytes model (minimum HBM traffic, n = n_x = n_y, itemsize b; Y blocks re-read from L2):
   fwd (symmetric)  read X, Y twice: 4 n D b; write stats, ce: 24 n      FLOPs 2 * 2 n^2 D
   bwd (symmetric)  read X, Y twice, write dX, dY: 6 n D b + 8 n        FLOPs 2 * 2 n^2 D (1 + n_slices)
-n_slices = ceil(D / BLOCK_D): 8 at CLIP's D = 512 in fp16/bf16 (BLOCK_D 64), 16 in fp32.
+n_slices = ceil(D / BLOCK_G), BLOCK_G the gradient slice (``contrastive_tiles.GRADIENT_SLICES``): 2 at
+CLIP's D = 512 in fp16/bf16 and fp32 with TF32 (BLOCK_G 256), 4 in fp32 with 3xTF32 (128); it was
+8 and 16 with slices as wide as the score chunk (BLOCK_D 64 and 32).
 """
 from __future__ import annotations
 
@@ -87,11 +89,12 @@ def _backward_kernel(x_ptr, y_ptr, scale_ptr, g_ptr, lse_x_ptr, lse_y_ptr, dx_pt
                      NX, NY, D, offset, coef,
                      HAS_LSE_X: tl.constexpr, HAS_LSE_Y: tl.constexpr, WITH_R: tl.constexpr,
                      PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_X: tl.constexpr,
-                     BLOCK_Y: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_D: tl.constexpr):
+                     BLOCK_Y: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_D: tl.constexpr,
+                     BLOCK_G: tl.constexpr):
     pid_d = tl.program_id(1)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_X + tl.arange(0, BLOCK_X)
     row_ok = rows < NX
-    co = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    co = pid_d * BLOCK_G + tl.arange(0, BLOCK_G)
     ch = tl.arange(0, BLOCK_D)
     scale = tl.load(scale_ptr).to(tl.float32)
     scale2 = scale * LOG2E
@@ -102,7 +105,7 @@ def _backward_kernel(x_ptr, y_ptr, scale_ptr, g_ptr, lse_x_ptr, lse_y_ptr, dx_pt
         m_x = tl.load(lse_x_ptr + rows, mask=row_ok, other=0.0)
         log_lx = tl.load(lse_x_ptr + NX + rows, mask=row_ok, other=0.0)
     n_lse: tl.constexpr = HAS_LSE_X + HAS_LSE_Y
-    acc = tl.zeros([BLOCK_X, BLOCK_D], tl.float32)
+    acc = tl.zeros([BLOCK_X, BLOCK_G], tl.float32)
     r = tl.zeros([BLOCK_X], tl.float32)       # sum_j w_ij raw_ij   (WITH_R: w from the row LSE only)
     sw = tl.zeros([BLOCK_X], tl.float32)      # sum_j w_ij
     diag = tl.zeros([BLOCK_X], tl.float32)    # raw_{i, i + offset}

@@ -13,12 +13,12 @@ forward   ``_forward_kernel``, grid (G * ceil(M / BLOCK_X),) -- groups and row b
           Writes loss [R] and the row statistics [2, R] (fp32: running max, log2 of the sum).
 saved     q, k, loss, stats. p0_i = softmax of the positive column = exp(-loss_i), so l_pos is not
           kept separately; every other probability is recomputed from q, k and the stats (flash style).
-backward  ``_dq_kernel``, grid (G * ceil(M / BLOCK_X), ceil(D / BLOCK_D)): the forward's walk,
+backward  ``_dq_kernel``, grid (G * ceil(M / BLOCK_X), ceil(D / BLOCK_G)): the forward's walk,
           recomputing P = exp(S - lse) with the diagonal zeroed (a constant logit has no
           gradient), and dq_i = g_i / T * (sum_j P_ij k_j + (p0_i - 1) k_i) for the program's
-          BLOCK_D slice of channels (D > BLOCK_D: S is recomputed once per slice).
+          BLOCK_G slice of channels (D > BLOCK_G: S is recomputed once per slice).
           ``_dk_kernel`` (only when the gradient reaches k, ``detach_k=False``), grid
-          (G * ceil(M / BLOCK_Y), ceil(D / BLOCK_D)): a program owns a block of keys and streams
+          (G * ceil(M / BLOCK_Y), ceil(D / BLOCK_G)): a program owns a block of keys and streams
           the group's query rows, dk_j = 1 / T * (sum_{i != j} g_i P_ij q_i + g_j (p0_j - 1) q_j).
           Every output element is written by one program: no atomics, deterministic.
           g arrives divided by max |g| (and that factor is applied at the end), so per-row
@@ -33,8 +33,10 @@ Bytes model (minimum HBM traffic, itemsize s; the streamed key blocks are re-rea
   fwd   read q, k: 2 R D s; write loss, stats: 12 R                    FLOPs 2 R M D (+ 2 R D l_pos)
   bwd   read q, k, g, loss, stats; write dq: 3 R D s + 16 R          FLOPs 2 R M D (1 + n_slices)
         with dk: read q, k again, write dk: + 3 R D s                 FLOPs doubled
-n_slices = ceil(D / BLOCK_D): 4 at CUT's D = 256 in fp16/bf16 (BLOCK_D 64), 8 in fp32 (32); the
-tiles are the largest ptxas compiles for sm_90 without spilling (``contrastive_tiles.config``).
+n_slices = ceil(D / BLOCK_G), BLOCK_G the gradient slice (``contrastive_tiles.GRADIENT_SLICES``): 1 at
+CUT's D = 256 in fp16/bf16 and fp32 with TF32 (BLOCK_G 256), 2 in fp32 with 3xTF32 (128); it was 4
+and 8 with slices as wide as the score chunk (BLOCK_D 64 and 32). The tiles are the largest ptxas
+compiles for sm_90 without spilling (``contrastive_tiles.config``).
 """
 from __future__ import annotations
 
@@ -85,9 +87,10 @@ def _forward_kernel(q_ptr, k_ptr, loss_ptr, stats_ptr, R, M, D, tiles, scale2,
 @triton.jit
 def _dq_kernel(q_ptr, k_ptr, g_ptr, loss_ptr, stats_ptr, gmax_ptr, dq_ptr, R, M, D, tiles, scale2, inv_t,
                PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_X: tl.constexpr,
-               BLOCK_Y: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_D: tl.constexpr):
+               BLOCK_Y: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_D: tl.constexpr,
+               BLOCK_G: tl.constexpr):
     pid = tl.program_id(0)
-    co = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    co = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
     base = (pid // tiles).to(tl.int64) * M
     loc = (pid % tiles) * BLOCK_X + tl.arange(0, BLOCK_X)
     row_ok = loc < M
@@ -98,7 +101,7 @@ def _dq_kernel(q_ptr, k_ptr, g_ptr, loss_ptr, stats_ptr, gmax_ptr, dq_ptr, R, M,
         qt = load_rows(q_ptr, rows, row_ok, ch, D)
     m_i = tl.load(stats_ptr + rows, mask=row_ok, other=0.0)
     log_l = tl.load(stats_ptr + R + rows, mask=row_ok, other=0.0)
-    acc = tl.zeros([BLOCK_X, BLOCK_D], tl.float32)
+    acc = tl.zeros([BLOCK_X, BLOCK_G], tl.float32)
     for start in range(0, M, BLOCK_Y):
         cols = start + tl.arange(0, BLOCK_Y)
         col_ok = cols < M
@@ -119,11 +122,12 @@ def _dq_kernel(q_ptr, k_ptr, g_ptr, loss_ptr, stats_ptr, gmax_ptr, dq_ptr, R, M,
 @triton.jit
 def _dk_kernel(q_ptr, k_ptr, g_ptr, loss_ptr, stats_ptr, gmax_ptr, dk_ptr, R, M, D, tiles, scale2, inv_t,
                PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_X: tl.constexpr,
-               BLOCK_Y: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_D: tl.constexpr):
+               BLOCK_Y: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_D: tl.constexpr,
+               BLOCK_G: tl.constexpr):
     # Transposed walk: a program owns a block of keys and streams the group's queries, so each
     # key block's dk stays in registers.
     pid = tl.program_id(0)
-    co = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    co = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
     base = (pid // tiles).to(tl.int64) * M
     locj = (pid % tiles) * BLOCK_Y + tl.arange(0, BLOCK_Y)
     key_ok = locj < M
@@ -131,7 +135,7 @@ def _dk_kernel(q_ptr, k_ptr, g_ptr, loss_ptr, stats_ptr, gmax_ptr, dk_ptr, R, M,
     ch = tl.arange(0, BLOCK_D)
     if SINGLE_D:
         kt = load_rows(k_ptr, keys, key_ok, ch, D)
-    acc = tl.zeros([BLOCK_Y, BLOCK_D], tl.float32)
+    acc = tl.zeros([BLOCK_Y, BLOCK_G], tl.float32)
     for start in range(0, M, BLOCK_X):
         loci = start + tl.arange(0, BLOCK_X)
         row_ok = loci < M

@@ -18,8 +18,8 @@ negated (column j's positive is row j - offset):
           BLOCK_Y rows at a time, each [BLOCK_X, BLOCK_Y] tile of x . y computed in fp32 registers
           (``score_tile``), and writes each row's sum_j softplus(-z_ij) (fp32 [n_x]); the op sums
           the rows and divides by n_x. No logits are written.
-``_backward_kernel`` grid (ceil(n_x / BLOCK_X), ceil(D / BLOCK_D)). Recomputes each tile, forms h
-          and writes dx_i = c g s sum_j h_ij y_j for its BLOCK_D slice of channels (c = 1 / n_img,
+``_backward_kernel`` grid (ceil(n_x / BLOCK_X), ceil(D / BLOCK_G)). Recomputes each tile, forms h
+          and writes dx_i = c g s sum_j h_ij y_j for its BLOCK_G slice of channels (c = 1 / n_img,
           the loss's normaliser, g the upstream gradient read from memory; applied after the matmul,
           so 1/n never meets a half operand), and, when asked (WITH_R, on the image side), each
           row's share of the two scalar gradients, c g sum_j h_ij x_i . y_j (logit_scale) and
@@ -39,12 +39,14 @@ Saved for backward: the inputs only (nothing O(n) or more is kept).
 Bytes and FLOPs (n = n_x = n_y, itemsize b; Y blocks re-read from L2, counted once):
   fwd  read X, Y: 2 n D b; write the row sums: 4 n               FLOPs 2 n^2 D (+ ~12 n^2 elementwise)
   bwd  read X, Y twice, write dX, dY: 6 n D b + 8 n              FLOPs 2 n^2 D (2 + 2 n_slices)
-       (each of the two passes recomputes the scores once per BLOCK_D slice of the gradient and
+       (each of the two passes recomputes the scores once per BLOCK_G slice of the gradient and
        multiplies h by the other side: 2 n^2 D for the products, n_slices * 2 n^2 D for scores)
   the minimum, which benchmarks/contrastive.py states results against (as CLIP's): fwd 2 n^2 D
   FLOPs and 2 n D b bytes, bwd 2 * 2 n^2 D FLOPs (the two gradient products, no recomputation) and
   4 n D b bytes (inputs read once, gradients written once).
-n_slices = ceil(D / BLOCK_D): 12 at D = 768 in fp16/bf16 (BLOCK_D 64), 24 in fp32 (BLOCK_D 32).
+n_slices = ceil(D / BLOCK_G), BLOCK_G the gradient slice (``contrastive_tiles.GRADIENT_SLICES``): 3 at
+D = 768 in fp16/bf16 and fp32 with TF32 (BLOCK_G 256), 6 in fp32 with 3xTF32 (128); it was 12 and
+24 with slices as wide as the score chunk (BLOCK_D 64 and 32).
 """
 from __future__ import annotations
 
@@ -96,18 +98,18 @@ def _forward_kernel(x_ptr, y_ptr, scale_ptr, bias_ptr, loss_ptr, NX, NY, D, offs
 def _backward_kernel(x_ptr, y_ptr, scale_ptr, bias_ptr, g_ptr, dx_ptr, r_ptr, NX, NY, D, offset, coef,
                      HAS_DIAG: tl.constexpr, WITH_R: tl.constexpr, PRECISION: tl.constexpr,
                      UPCAST: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_Y: tl.constexpr,
-                     BLOCK_D: tl.constexpr, SINGLE_D: tl.constexpr):
+                     BLOCK_D: tl.constexpr, SINGLE_D: tl.constexpr, BLOCK_G: tl.constexpr):
     pid_d = tl.program_id(1)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_X + tl.arange(0, BLOCK_X)
     row_ok = rows < NX
-    co = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    co = pid_d * BLOCK_G + tl.arange(0, BLOCK_G)
     ch = tl.arange(0, BLOCK_D)
     scale = tl.load(scale_ptr).to(tl.float32)
     bias = tl.load(bias_ptr).to(tl.float32)
     xt = rows
     if SINGLE_D:
         xt = load_rows(x_ptr, rows, row_ok, ch, D)
-    acc = tl.zeros([BLOCK_X, BLOCK_D], tl.float32)
+    acc = tl.zeros([BLOCK_X, BLOCK_G], tl.float32)
     r_s = tl.zeros([BLOCK_X], tl.float32)     # sum_j h_ij raw_ij
     r_b = tl.zeros([BLOCK_X], tl.float32)     # sum_j h_ij
     for start in range(0, NY, BLOCK_Y):
