@@ -40,8 +40,6 @@ sizes except CUT's default, which is launch-bound; the memory rows show what str
 
     python benchmarks/contrastive.py [--smoke] [--out DIR] [--modes fwd,bwd,both] [--dtypes bf16,fp32]
 """
-import contextlib
-
 import torch
 import torch.nn.functional as F
 
@@ -50,7 +48,7 @@ import harness
 from fastnote import reference
 from fastnote.triton_kernels import contrastive_tiles
 from harness import Benchmark, Case, Provider
-from harness.modes import _mode_callable
+from harness.modes import under_setting
 
 NCE_T = 0.07
 CLIP_SCALE = 100.0
@@ -196,28 +194,9 @@ def _siglip_providers():
                         Provider("fastnote narrow slices", _narrow_slices(_fastnote_siglip))]
 
 
-@contextlib.contextmanager
-def _gradient_slices(slices):
-    previous, contrastive_tiles.GRADIENT_SLICES = contrastive_tiles.GRADIENT_SLICES, slices
-    try:
-        yield
-    finally:
-        contrastive_tiles.GRADIENT_SLICES = previous
-
-
 def _narrow_slices(fastnote_setup):
     """fastnote with ``GRADIENT_SLICES = "narrow"`` in its backward: bwd and both modes only."""
-    def setup(inputs, case):
-        made = fastnote_setup(inputs, case)
-
-        def with_slices(fn):
-            def run():
-                with _gradient_slices("narrow"):
-                    return fn()
-            return run
-
-        return {mode: with_slices(_mode_callable(made, mode)) for mode in ("bwd", "both")}
-    return setup
+    return under_setting(fastnote_setup, contrastive_tiles, "GRADIENT_SLICES", "narrow")
 
 
 BENCHMARKS = [

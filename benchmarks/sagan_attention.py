@@ -30,8 +30,6 @@ Compute-bound, so the figure of merit is TFLOP/s; memory rows show what O(N) mem
 
     python benchmarks/sagan_attention.py [--smoke] [--out DIR] [--modes fwd,bwd,both] [--dtypes bf16,fp32]
 """
-import contextlib
-
 import torch
 import torch.nn.functional as F
 
@@ -39,7 +37,7 @@ import fastnote
 import harness
 from fastnote.triton_kernels import sagan_attention as kernels
 from harness import Benchmark, Case, Provider
-from harness.modes import _mode_callable
+from harness.modes import under_setting
 
 BATCH = 64
 # (label, C, W*H, N_k, batch)
@@ -96,27 +94,6 @@ def _provider(fn):
     return setup
 
 
-@contextlib.contextmanager
-def _backward_tiles(tiles):
-    previous, kernels.BACKWARD_TILES = kernels.BACKWARD_TILES, tiles
-    try:
-        yield
-    finally:
-        kernels.BACKWARD_TILES = previous
-
-
-def _square_tiles_provider(inputs, case):
-    made = _provider(fastnote.sagan_attention)(inputs, case)
-
-    def with_tiles(fn):
-        def run():
-            with _backward_tiles("square"):
-                return fn()
-        return run
-
-    return {mode: with_tiles(_mode_callable(made, mode)) for mode in ("bwd", "both")}
-
-
 def flops(case, mode):
     cfg = case.config
     d = cfg["C"] // 8 + cfg["C"]
@@ -132,7 +109,8 @@ BENCHMARKS = [Benchmark(
         Provider("torch.compile", _provider(_eager), compile=True),
         Provider("sdpa", _provider(_sdpa)),
         Provider("fastnote", _provider(fastnote.sagan_attention)),
-        Provider("fastnote square tiles", _square_tiles_provider),
+        Provider("fastnote square tiles",
+                 under_setting(_provider(fastnote.sagan_attention), kernels, "BACKWARD_TILES", "square")),
     ],
     cases=_cases(LAYERS, ["bf16", "fp32"]),
     smoke_cases=_cases(SMOKE_LAYERS, ["fp32", "bf16"]),

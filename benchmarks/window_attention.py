@@ -52,7 +52,6 @@ fastnote (``fastnote.nn.ShiftedWindowAttentionV2.from_torchvision`` on the same 
 
     python benchmarks/window_attention.py [--smoke] [--out DIR] [--modes fwd,bwd,both] [--dtypes bf16,fp16]
 """
-import contextlib
 import torch
 import torch.nn.functional as F
 import triton
@@ -63,7 +62,7 @@ from fastnote import reference
 from fastnote.triton_kernels import window_attention as kernels
 from fastnote.triton_kernels.utils import fp32_matmul_allows_tf32
 from harness import Benchmark, Case, Provider
-from harness.modes import _mode_callable
+from harness.modes import under_setting
 
 # (model, batch, [(H, W, C, heads)] per stage, window, shift)
 SWIN_T = ("swin_t_224", 128, [(56, 56, 96, 3), (28, 28, 192, 6), (14, 14, 384, 12), (7, 7, 768, 24)], 7, 3)
@@ -325,37 +324,19 @@ CASES_V2 = _v2_cases([SWIN_V2_T_W8, SWIN_V2_T_W16], ["bf16", "fp16", "fp32"])
 # fp32 with exact products: which tile (kernels.EXACT_FP32_TILE, forward and backward)
 # ------------------------------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def _exact_fp32_tile(tile):
-    previous, kernels.EXACT_FP32_TILE = kernels.EXACT_FP32_TILE, tile
-    try:
-        yield
-    finally:
-        kernels.EXACT_FP32_TILE = previous
-
-
 def _tile_provider(fastnote_setup, tile):
     """fastnote on ``tile`` x ``tile`` tiles (None: 64 x 64, one per window where it fits) for fp32
     with exact products (torch has not allowed TF32): the alternatives to the default
     ``EXACT_FP32_TILE``. The tile holds for the untimed forward of the bwd mode too (the backward
     recomputes that forward's logits). Only the backward modes, only such cases (others give no
     callable: n/a)."""
+    # the choice is the backward's (the forward does not spill)
+    in_tile = under_setting(fastnote_setup, kernels, "EXACT_FP32_TILE", tile)
+
     def setup(inputs, case):
         if case.dtype != torch.float32 or fp32_matmul_allows_tf32():
             return {}
-        made = fastnote_setup(inputs, case)
-
-        def with_tile(fn):
-            def run():
-                with _exact_fp32_tile(tile):
-                    return fn()
-            return run
-
-        callables = {}
-        for mode in ("bwd", "both"):   # the choice is the backward's (the forward does not spill)
-            with _exact_fp32_tile(tile):
-                callables[mode] = with_tile(_mode_callable(made, mode))
-        return callables
+        return in_tile(inputs, case)
     return setup
 
 

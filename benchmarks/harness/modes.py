@@ -2,8 +2,9 @@
 starts from, and the callable ``fwd`` / ``bwd`` / ``both`` time for a provider."""
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
-from typing import Any, Callable, List
+from typing import Any, Callable, List, Sequence
 
 import torch
 
@@ -75,3 +76,36 @@ def _retained_backward(outs, grads) -> Callable[[], Any]:
 def _clear_grads(leaves) -> None:
     for t in leaves:
         t.grad = None
+
+
+@contextlib.contextmanager
+def module_setting(module, name: str, value):
+    """``module.name = value`` inside, the previous value restored after (a kernel module's
+    launch-time switch, such as its tiles)."""
+    previous = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, previous)
+
+
+def under_setting(setup, module, name: str, value, modes: Sequence[str] = ("bwd", "both")):
+    """A provider setup giving ``setup``'s callables for ``modes`` only, each run with
+    ``module.name = value`` (their untimed setup too: the forward a bwd mode starts from). For
+    timing a kernel configuration beside the default one on the same cases."""
+    def wrapped(inputs, case):
+        made = setup(inputs, case)
+
+        def run_with(fn):
+            def run():
+                with module_setting(module, name, value):
+                    return fn()
+            return run
+
+        callables = {}
+        for mode in modes:
+            with module_setting(module, name, value):
+                callables[mode] = run_with(_mode_callable(made, mode))
+        return callables
+    return wrapped
