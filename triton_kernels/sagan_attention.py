@@ -292,9 +292,9 @@ def _tile(n: int, cap: int) -> int:
 # streams keys. The owned block sets how often the streamed operands are read again (q and dO once
 # per key block, k and v once per query block); the step sets only the granularity. "wide": in
 # fp16/bf16, 128 owned by 32 streamed, as Triton's fused-attention tutorial tiles its backward; in
-# fp32 the dk/dv program owns 64 keys and streams 16 queries, the dq program 64 queries by 32 keys.
-# "square": the tiles before, 64 x 64 in fp16/bf16, and in fp32 32 keys by 64 queries for dk/dv
-# (wgmma wants 64 rows per warpgroup, so those dots were Ampere's mma.sync). Kept so that
+# fp32 64 owned by 16 streamed. "square": the tiles before, 64 x 64 in fp16/bf16; in fp32 the dk/dv
+# program owned 32 keys and streamed 64 queries (wgmma wants 64 rows per warpgroup, so those dots
+# were Ampere's mma.sync), the dq program 64 queries by 32 keys. Kept so that
 # benchmarks/sagan_attention.py can time both on a GPU: the choice was made from the sm_90 build
 # (registers, stack, matrix instructions, resident warps; table in _blocks), not from timings.
 BACKWARD_TILES = "wide"
@@ -327,13 +327,15 @@ def _blocks(fp32: bool, d_qk: int, N: int, NK: int, DV: int, kernel: str, tiles:
                  d_qk 64, d_v 512:  dk/dv 189 -> 206, other 124 -> 88, dq 146 -> 160
       fp32, 3xTF32 (d_qk 8 / 32 / 64):  dk/dv 255 regs with 392 / 104 / 24 bytes of stack and
                  mma.sync -> 200 / 239 / 255 regs, no stack, wgmma; other 255 (24-64 bytes) ->
-                 80 / 83 / 126 (8 -> 24 / 16 / 16 warps)
+                 80 / 83 / 126 (8 -> 24 / 16 / 16 warps); dq 220 / 238 / 255 (112 bytes) ->
+                 192 / 199 / 247, no stack
       fp32, TF32:  dk/dv 255 / 255 / 248 -> 128 / 126 / 180 (8 -> 16 / 16 / 8 warps); other
-                 128 / 144 / 142 -> 58 / 56 / 60 (-> 32 warps)
+                 128 / 144 / 142 -> 58 / 56 / 60 (-> 32 warps); dq 174 / 182 / 202 -> 145 / 149 / 176
     No kernel keeps fewer warps resident or spills more with Triton 3.9, and each reads its
     streamed operands half as often (fp16/bf16; fp32's dk/dv). With Triton 3.6 the fp16/bf16 figures
     are within 4 registers of these (the d_qk 8 dk/dv 148 -> 128, so 8 -> 16 warps there too); its
-    3xTF32 dk/dv stack goes from 32 / 88 / 16 bytes (mma.sync) to 0 / 0 / 192 (wgmma)."""
+    3xTF32 dk/dv stack goes from 32 / 88 / 16 bytes (mma.sync) to 0 / 0 / 192 (wgmma), its dq stack
+    from 0 / 40 / 312 to 0 / 0 / 152."""
     if kernel == "forward":
         if fp32:
             block_m, block_n, max_dv, warps = 64, 32 if d_qk > 16 else 64, 64, 8
@@ -346,7 +348,7 @@ def _blocks(fp32: bool, d_qk: int, N: int, NK: int, DV: int, kernel: str, tiles:
             if tiles == "square":
                 owned, step = (32, 64) if kernel == "dkdv" else (64, 32)
             else:
-                owned, step = 64, 16 if kernel == "dkdv" else 32
+                owned, step = 64, 16
         else:
             # d_v > one tile: 64-wide chunks keep dv, dk and the dP accumulators in registers
             max_dv = 64 if DV > MAX_BLOCK_DV else MAX_BLOCK_DV
