@@ -322,18 +322,21 @@ def _blocks(fp32: bool, d_qk: int, N: int, NK: int, DV: int, kernel: str, tiles:
     change; dk/dv = the launch that also computes dk, "other" = its launch for the remaining d_v
     tiles):
       fp16/bf16  d_qk 8, d_v 64:    dk/dv 138 -> 124 (8 -> 16 warps), dq 110 -> 68 (16 -> 24)
-                 d_qk 16, d_v 128:  dk/dv 176 -> 160, dq 106 -> 74 (16 -> 24)
-                 d_qk 32, d_v 256:  dk/dv 172 -> 191, other 123 -> 91, dq 139
-                 d_qk 64, d_v 512:  dk/dv 189 -> 206, other 124 -> 88, dq 146 -> 160
+      (16 warps from d_v 128)
+                 d_qk 16, d_v 128:  dk/dv 176 -> 117 (8 -> 16), dq 106 -> 64 (16 -> 32)
+                 d_qk 32, d_v 256:  dk/dv 172 -> 112 (8 -> 16), other 123 -> 74, dq 139 -> 112 (8 -> 16)
+                 d_qk 64, d_v 512:  dk/dv 189 -> 118 (8 -> 16), other 124 -> 67, dq 146 -> 118 (8 -> 16)
+      (on 8 warps the wide tiles took 160, 191 / 91 / 139 and 206 / 88 / 160 registers there)
       fp32, 3xTF32 (d_qk 8 / 32 / 64):  dk/dv 255 regs with 392 / 104 / 24 bytes of stack and
                  mma.sync -> 200 / 239 / 255 regs, no stack, wgmma; other 255 (24-64 bytes) ->
                  80 / 83 / 126 (8 -> 24 / 16 / 16 warps); dq 220 / 238 / 255 (112 bytes) ->
                  192 / 199 / 247, no stack
       fp32, TF32:  dk/dv 255 / 255 / 248 -> 128 / 126 / 180 (8 -> 16 / 16 / 8 warps); other
                  128 / 144 / 142 -> 58 / 56 / 60 (-> 32 warps); dq 174 / 182 / 202 -> 145 / 149 / 176
-    No kernel keeps fewer warps resident or spills more with Triton 3.9, and each reads its
-    streamed operands half as often (fp16/bf16; fp32's dk/dv). With Triton 3.6 the fp16/bf16 figures
-    are within 4 registers of these (the d_qk 8 dk/dv 148 -> 128, so 8 -> 16 warps there too); its
+    No kernel keeps fewer warps resident or spills more with Triton 3.9, every fp16/bf16 one keeps
+    at least 16, and each reads its streamed operands half as often (fp16/bf16; fp32's dk/dv). With
+    Triton 3.6 the fp16/bf16 figures are within 10 registers of these (the d_qk 8 dk/dv 148 -> 128,
+    so 8 -> 16 warps there too; d_v 128's dk/dv 126); its
     3xTF32 dk/dv stack goes from 32 / 88 / 16 bytes (mma.sync) to 0 / 0 / 192 (wgmma), its dq stack
     from 0 / 40 / 312 to 0 / 0 / 152."""
     if kernel == "forward":
@@ -353,6 +356,8 @@ def _blocks(fp32: bool, d_qk: int, N: int, NK: int, DV: int, kernel: str, tiles:
             # d_v > one tile: 64-wide chunks keep dv, dk and the dP accumulators in registers
             max_dv = 64 if DV > MAX_BLOCK_DV else MAX_BLOCK_DV
             owned, step = (64, 64) if tiles == "square" else (128, 32)
+            if tiles != "square" and DV > 64:
+                warps = 16     # the accumulators of d_v >= 128 on 8 warps took 139-206 registers
         block_m, block_n = (step, owned) if kernel == "dkdv" else (owned, step)
     return (("BLOCK_M", _tile(N, block_m)), ("BLOCK_N", _tile(NK, block_n)),
             ("BLOCK_D", max(next_pow2(d_qk), MIN_DOT)), ("BLOCK_DV", _tile(DV, max_dv)), ("num_warps", warps))
