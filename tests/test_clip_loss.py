@@ -300,5 +300,6 @@ def test_gradient_slices(slices, dtype, device, launches, monkeypatch):
     _check(*_inputs(n, d, device, dtype=dtype))
     slice_width = {("wide", torch.float32): 128, ("wide", torch.bfloat16): 256,
                    ("narrow", torch.float32): 32, ("narrow", torch.bfloat16): 64}[(slices, dtype)]
-    grids = [grid for module, kernel, grid in launches if module.endswith("clip_loss") and kernel == "_backward_kernel"]
+    grids = [grid for module, kernel, grid in launches
+             if module.endswith("clip_loss") and kernel == "_backward_kernel"]
     assert len(grids) == 2 and all(g[1] == -(-d // slice_width) for g in grids), grids

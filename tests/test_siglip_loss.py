@@ -450,5 +450,6 @@ def test_gradient_slices(slices, device, launches, monkeypatch):
     monkeypatch.setattr(contrastive_tiles, "GRADIENT_SLICES", slices)
     launches.clear()
     _check(*_inputs(40, 768, device, dtype=torch.bfloat16))
-    grids = [grid for module, kernel, grid in launches if module.endswith("siglip_loss") and kernel == "_backward_kernel"]
+    grids = [grid for module, kernel, grid in launches
+             if module.endswith("siglip_loss") and kernel == "_backward_kernel"]
     assert len(grids) == 2 and all(g[1] == (3 if slices == "wide" else 12) for g in grids), grids

@@ -112,8 +112,9 @@ def _blocks(fp32: bool, tf32: bool, D: int, n_rows: int, n_cols: int, slices) ->
       fp32, 3xTF32 32 on 8 warps: 149, 8 -> 128 on 8 warps: 240, 8 (256 on 16 warps spilled 1160
                    bytes, 128 on 16 warps 456)
     none with stack: the same resident warps, and the score tiles computed 2, 2 and 4 times per
-    gradient at D = 512 in place of 8, 16 and 16 (beside the one product that makes the gradient). SigLIP's and PatchNCE's dq kernels build alike
-    (PatchNCE's dk, whose program owns 32 keys, keeps 16 warps resident where it kept 24). A D that
+    gradient at D = 512 in place of 8, 16 and 16 (beside the one product that makes the gradient).
+    SigLIP's and PatchNCE's dq kernels build alike (PatchNCE's dk, whose program owns 32 keys,
+    keeps 16 warps resident where it kept 24). A D that
     is not a multiple of 16 (the build's PatchNCE case at D = 1000) leaves the loads without the
     JIT's divisibility hint: its dq and dk spill 136 and 128 bytes on 16 warps. With Triton 3.6
     the fp16/bf16 and TF32 figures are within 4 registers of these; its 3xTF32 CLIP and SigLIP

@@ -417,7 +417,8 @@ def backward(*, grad, q, k, v, o, lse, gamma, dq, dk, dv, r) -> None:
     args = (q, k, v, grad, lse, r, gamma if has_gamma else r, dk, dv, N, NK, DQK, DV,
             *q.stride(), *k.stride(), *v.stride(), *grad.stride())
     key_tiles = cdiv(NK, cfg["BLOCK_N"])
-    launch(_dkdv_kernel, (B * key_tiles, 1), *args, 0, HAS_GAMMA=has_gamma, WITH_DK=True, SINGLE_DV=n_dv == 1, **cfg)
+    launch(_dkdv_kernel, (B * key_tiles, 1), *args, 0, HAS_GAMMA=has_gamma, WITH_DK=True, SINGLE_DV=n_dv == 1,
+           **cfg)
     if n_dv > 1:
         launch(_dkdv_kernel, (B * key_tiles, n_dv - 1), *args, 1, HAS_GAMMA=has_gamma, WITH_DK=False,
                SINGLE_DV=False, **cfg)
