@@ -498,3 +498,38 @@ def test_models_benchmark_step_rows_with_a_stand_in_timer(monkeypatch):
     got = {(r["provider"], r["mode"], r["metric"]): r["p50"] for r in rows}
     for p in ("eager", "fastnote"):
         assert got[(p, "step", "time")] == 2.0 and got[(p, "step", "memory")] == 12.5
+
+
+def test_sagan_square_tiles_provider_times_its_backward_on_them(device, launches):
+    # benchmarks/sagan_attention.py's "fastnote square tiles" provider (harness.modes.under_setting):
+    # its bwd and both callables run the backward on the square tiles (64 positions a program
+    # where the default owns 128), and the module's default is back in place afterwards.
+    import importlib.util
+
+    import torch
+
+    from fastnote.triton_kernels import sagan_attention as kernels
+
+    if BENCH not in sys.path:
+        sys.path.append(BENCH)
+    path = os.path.join(BENCH, "sagan_attention.py")
+    spec = importlib.util.spec_from_file_location("fastnote_benchmarks_sagan", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    provider = next(p for p in module.BENCHMARKS[0].providers if p.name == "fastnote square tiles")
+    B, N = 1, 200
+
+    def leaf(*shape):
+        return torch.randn(*shape, device=device).to(torch.bfloat16).requires_grad_()
+
+    inputs = {"q": leaf(B, 2, N), "k": leaf(B, 2, N), "v": leaf(B, 16, N), "x": leaf(B, 16, N),
+              "gamma": torch.full((1,), 0.5, device=device, requires_grad=True)}
+    callables = provider.setup(inputs, None)
+    assert sorted(callables) == ["both", "bwd"]
+    for mode, run in callables.items():
+        launches.clear()
+        run()
+        grids = {kernel: [g[0] for m, k, g in launches if m.endswith("sagan_attention") and k == kernel]
+                 for kernel in ("_dkdv_kernel", "_dq_kernel")}
+        assert grids == {"_dkdv_kernel": [B * -(-N // 64)], "_dq_kernel": [B * -(-N // 64)]}, (mode, grids)
+    assert kernels.BACKWARD_TILES == "wide"

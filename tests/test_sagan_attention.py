@@ -490,32 +490,3 @@ def test_backward_tiles(tiles, dtype, device, launches, monkeypatch):
     keys, queries = OWNED[(tiles, dtype)]
     assert [g[0] for g in _kernel_grids(launches, "_dkdv_kernel")][:1] == [B * -(-N_k // keys)]
     assert [g[0] for g in _kernel_grids(launches, "_dq_kernel")] == [B * -(-N // queries)]
-
-
-def test_benchmark_times_square_tiles_in_backward(device, launches):
-    # benchmarks/sagan_attention.py's "fastnote square tiles" provider: its backward runs on the
-    # square tiles, and the module's default is back in place afterwards.
-    import importlib.util
-    import os
-    import sys
-
-    from fastnote.triton_kernels import sagan_attention as kernels
-
-    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
-    if bench not in sys.path:
-        sys.path.append(bench)
-    path = os.path.join(bench, "sagan_attention.py")
-    spec = importlib.util.spec_from_file_location("fastnote_benchmarks_sagan", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    provider = next(p for p in module.BENCHMARKS[0].providers if p.name == "fastnote square tiles")
-    B, N = 1, 200
-    inputs = dict(zip(NAMES, _inputs(B, 2, 16, N, N, device, dtype=torch.bfloat16)))
-    callables = provider.setup(inputs, None)
-    assert sorted(callables) == ["both", "bwd"]
-    for mode, run in callables.items():
-        launches.clear()
-        run()
-        assert [g[0] for g in _kernel_grids(launches, "_dkdv_kernel")] == [B * -(-N // 64)], mode
-        assert [g[0] for g in _kernel_grids(launches, "_dq_kernel")] == [B * -(-N // 64)], mode
-    assert kernels.BACKWARD_TILES == "wide"

@@ -303,9 +303,9 @@ BACKWARD_TILES = "wide"
 def _config(q: torch.Tensor, N: int, NK: int, DV: int, kernel: str) -> dict:
     """Tiles and warps of ``kernel`` ("forward", "dkdv" or "dq"), chosen so that ptxas for sm_90
     (compiled ahead of time with Triton 3.9) reports no register spills at SAGAN's (d_qk, d_v) =
-    (8, 64) ... (64, 512), in fp16/bf16 and in fp32 with 3xTF32 or TF32 dots (which hold more registers:
-    smaller tiles), and where it can, two programs per SM. Not yet tuned by timing on a GPU. One
-    dict per shape and setting, shared: callers never change it."""
+    (8, 64) ... (64, 512), in fp16/bf16 and in fp32 with 3xTF32 or TF32 dots (which hold more
+    registers: smaller tiles), and where it can, two programs per SM. Not yet tuned by timing on a
+    GPU. One dict per shape and setting, shared: callers never change it."""
     return _cached_config(q.shape[1], N, NK, DV, kernel, BACKWARD_TILES, *dot_key(q.dtype, q.device))
 
 
@@ -336,9 +336,8 @@ def _blocks(fp32: bool, d_qk: int, N: int, NK: int, DV: int, kernel: str, tiles:
     No kernel keeps fewer warps resident or spills more with Triton 3.9, every fp16/bf16 one keeps
     at least 16, and each reads its streamed operands half as often (fp16/bf16; fp32's dk/dv). With
     Triton 3.6 the fp16/bf16 figures are within 10 registers of these (the d_qk 8 dk/dv 148 -> 128,
-    so 8 -> 16 warps there too; d_v 128's dk/dv 126); its
-    3xTF32 dk/dv stack goes from 32 / 88 / 16 bytes (mma.sync) to 0 / 0 / 192 (wgmma), its dq stack
-    from 0 / 40 / 312 to 0 / 0 / 152."""
+    so 8 -> 16 warps there too; d_v 128's dk/dv 126); its 3xTF32 dk/dv stack goes from 32 / 88 / 16
+    bytes (mma.sync) to 0 / 0 / 192 (wgmma), its dq stack from 0 / 40 / 312 to 0 / 0 / 152."""
     if kernel == "forward":
         if fp32:
             block_m, block_n, max_dv, warps = 64, 32 if d_qk > 16 else 64, 64, 8
