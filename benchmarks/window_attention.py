@@ -13,7 +13,10 @@ Shapes: Swin-T (224x224, window 7, shift 3; x axis = stage 1..4: 56x56 C=96 3 he
 In fp32 with exact products (torch's default: TF32 not allowed) forward and backward run on 32 x 32
 tiles, chosen from the build report (the 64 x 64 backward spills ~1 KB per thread there); two more
 providers ("fastnote tile 64", "fastnote tile 16") time them on 64 x 64 and 16 x 16 tiles (``EXACT_FP32_TILE`` in fastnote/triton_kernels/window_attention.py),
-for the GPU's numbers to confirm or change that default.
+for the GPU's numbers to confirm or change that default. In fp16/bf16 the V1 forward is
+software-pipelined over each program's windows (two stages: the next window's q, k, v load while
+this one computes); "fastnote one stage" times it built as before (``PIPELINED_FORWARD``), forward
+modes only.
 
 Bytes model (minimum traffic). Core, T = B*nW * heads * N * d * itemsize (bias and mask, at most
 ``nW*N*N``, are small next to T and ignored):
@@ -318,6 +321,7 @@ def _block_v2_provider(kind):
 
 
 CASES_V2 = _v2_cases([SWIN_V2_T_W8, SWIN_V2_T_W16], ["bf16", "fp16", "fp32"])
+SMOKE_CASES_V2 = _v2_cases([SMOKE_V2], ["fp32"])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -346,7 +350,24 @@ def _with_tiles(name, fastnote_setup):
     return [Provider(name, fastnote_setup)] + \
         [Provider(f"{name} tile {label}", _tile_provider(fastnote_setup, t), skip_in_smoke=label == "16")
          for label, t in (("64", None), ("16", 16))]
-SMOKE_CASES_V2 = _v2_cases([SMOKE_V2], ["fp32"])
+
+
+# ------------------------------------------------------------------------------------------------
+# fp16/bf16 V1 forward: pipelined over the program's windows (kernels.PIPELINED_FORWARD) or not
+# ------------------------------------------------------------------------------------------------
+
+def _one_stage_provider(fastnote_setup):
+    """fastnote with its fp16/bf16 V1 forward built with one stage, as before it was pipelined over
+    each program's windows (``PIPELINED_FORWARD``): the forward modes only, fp16 and bf16 only
+    (elsewhere the forward has one stage either way: n/a)."""
+    one_stage = under_setting(fastnote_setup, kernels, "PIPELINED_FORWARD", False, modes=("fwd", "both"))
+
+    def setup(inputs, case):
+        if case.dtype not in (torch.float16, torch.bfloat16):
+            return {}
+        return one_stage(inputs, case)
+    return setup
+
 
 BENCHMARKS = [
     Benchmark(
@@ -357,6 +378,7 @@ BENCHMARKS = [
             Provider("sdpa", _core_provider(sdpa_core)),
             Provider("torch.compile", _core_provider(eager_core), compile=True),
             *_with_tiles("fastnote", _core_provider(fastnote.window_attention)),
+            Provider("fastnote one stage", _one_stage_provider(_core_provider(fastnote.window_attention))),
         ],
         cases=CASES,
         smoke_cases=SMOKE_CASES,
@@ -372,6 +394,7 @@ BENCHMARKS = [
             Provider("sdpa", _block_provider(sdpa_core)),
             Provider("torch.compile", _block_provider(eager_core), compile=True),
             *_with_tiles("fastnote", fastnote_block),
+            Provider("fastnote one stage", _one_stage_provider(fastnote_block)),
         ],
         cases=CASES,
         smoke_cases=SMOKE_CASES,

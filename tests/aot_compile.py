@@ -14,8 +14,10 @@ CI honest about the GPU build.
 Prints one line per variant with ``--report``: registers per thread and stack (spill) bytes read
 from the sm_90 cubin with cuobjdump, shared memory per target, the count of approximate fp32
 divisions in its PTX, its matrix instructions (Hopper's ``wgmma.mma_async`` against Ampere's
-``mma.sync``) and the warps it keeps resident per sm_90 SM out of 64. Then "compiled <variants> variants of <kernels> kernels"; exits 1 after
-listing any variant that needs more shared memory than a target has.
+``mma.sync``), its software-pipelining stages and asynchronous copies (``cp.async``: loads issued
+ahead into shared memory) and the warps it keeps resident per sm_90 SM out of 64. Then
+"compiled <variants> variants of <kernels> kernels"; exits 1 after listing any variant that needs
+more shared memory than a target has.
 """
 import os
 import re
@@ -73,6 +75,7 @@ def jit_source(fn, args, kwargs, target):
 APPROX_DIV = re.compile(r"\b(div\.full\.f32|div\.approx(\.ftz)?\.f32)\b")
 WGMMA = re.compile(r"\bwgmma\.mma_async\b")       # Hopper's warpgroup MMA
 MMA_SYNC = re.compile(r"\bmma\.sync\b")            # Ampere's warp MMA
+CP_ASYNC = re.compile(r"\bcp\.async\.c[ag]\b")       # asynchronous global -> shared copies (pipelined loads)
 
 
 def variant_key(fn, args, kwargs):
@@ -113,6 +116,7 @@ def _report_line(fn, constexprs, signature, options, compiled, shared):
     ptx = compiled.asm["ptx"]
     approx = len(APPROX_DIV.findall(ptx))
     wgmma, mma_sync = len(WGMMA.findall(ptx)), len(MMA_SYNC.findall(ptx))
+    cp_async = len(CP_ASYNC.findall(ptx))
     names = [p.name for p in fn.params]
     # the upper-case constexprs: values, and the switches that are on (COSINE, FUSED, ...) by name
     consts = {names[k[0]] if isinstance(k, tuple) else k: v for k, v in constexprs.items()
@@ -122,8 +126,9 @@ def _report_line(fn, constexprs, signature, options, compiled, shared):
     smem = ",".join(f"{t}:{b}" for t, b in shared.items())
     warps = occupancy_warps(int(regs.group(1)) if regs else 255, shared.get(REPORT_TARGET, 0), options.num_warps)
     return (f"{fn.fn.__module__.rsplit('.', 1)[-1]}.{fn.fn.__qualname__:<28} {','.join(dtypes):<16} "
-            f"warps={options.num_warps} regs={regs.group(1) if regs else '?':>3} "
+            f"warps={options.num_warps} stages={options.num_stages} regs={regs.group(1) if regs else '?':>3} "
             f"stack={stack.group(1) if stack else '?':>5} approx_div={approx} wgmma={wgmma} mma_sync={mma_sync} "
+            f"cp_async={cp_async} "
             f"occupancy={warps}/{SM90_WARPS}{' LOW' if warps < SM90_WARPS // 4 else ''} smem={smem}  {consts}")
 
 

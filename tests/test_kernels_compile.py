@@ -32,8 +32,9 @@ def build_report():
 
 
 def _fields(line):
-    found = {k: int(v) for k, v in re.findall(r"(stack|approx_div|wgmma|mma_sync|occupancy)=\s*(\d+)", line)}
-    assert set(found) == {"stack", "approx_div", "wgmma", "mma_sync", "occupancy"}, line
+    found = {k: int(v) for k, v in
+             re.findall(r"(stages|stack|approx_div|wgmma|mma_sync|cp_async|occupancy)=\s*(\d+)", line)}
+    assert set(found) == {"stages", "stack", "approx_div", "wgmma", "mma_sync", "cp_async", "occupancy"}, line
     found["low"] = " LOW " in line
     found["tiles"] = [int(v) for v in re.findall(r"'BLOCK_[MNXY]': (\d+)", line)]
     found["half"] = "*fp16" in line or "*bf16" in line
@@ -116,6 +117,20 @@ def test_fused_window_forward_fits_two_programs_per_sm(build_report):
              if line.startswith("window_attention._fwd_kernel") and f["half"]
              and "'FUSED': True" in line and "'SINGLE': True" in line}
     assert len(fused) >= 8 and all(o >= 16 for o in fused.values()), fused
+
+
+def test_window_forward_pipelines_its_windows_in_half_precision(build_report):
+    # The V1 forward in fp16/bf16 with one tile per window is built with two stages
+    # (``_forward_stages`` in triton_kernels/window_attention.py): Triton's pipeliner then loads the
+    # program's next window (cp.async into shared memory) while this one computes, and the
+    # variants keep two 8-warp programs per SM. One stage, as before, had no asynchronous copies.
+    _, variants = build_report
+    forward = {line: f for line, f in variants.items()
+               if line.startswith("window_attention._fwd_kernel") and f["half"]
+               and "'SINGLE': True" in line and "'COSINE': True" not in line}
+    assert len(forward) >= 6, forward
+    for line, f in forward.items():
+        assert f["stages"] == 2 and f["cp_async"] > 0 and f["occupancy"] >= 16, line
 
 
 def test_sagan_backward_uses_wgmma_and_keeps_16_warps_resident(build_report):

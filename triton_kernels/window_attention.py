@@ -33,8 +33,10 @@ thread with Triton 3.6 (Swin-T stage 1). Heads vary fastest
 across programs, so neighbouring programs read the same qkv rows. ``GROUP`` is chosen to leave ~1024
 programs (8 per SM on an H100), and in the backward it also amortises the dbias write.
 
-Launch: 8 warps for 64 x 64 tiles (4 below), ``num_stages=1`` (the key loop has one iteration for
-N <= 64, so software pipelining only costs registers). In the fused layout with one tile per window
+Launch: 8 warps for 64 x 64 tiles (4 below). The backward and most forwards take ``num_stages=1``
+(the key loop has one iteration for N <= 64, so pipelining it only costs registers); the fp16/bf16
+V1 forward with one tile per window takes 2 and pipelines the loop over its program's windows
+instead, loading the next window while this one computes (``_forward_stages``). In the fused layout with one tile per window
 the kernels take ``N = WS * WS`` as a compile-time constant: the masks of the padded rows and
 columns (N = 49 in 64 x 64 tiles) and the single-iteration loops then fold away, which took the
 fused fp16/bf16 forwards from 132-176 registers to 90-128 (at most 128 is two programs of 8 warps
@@ -257,42 +259,44 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, bias_ptr, mask_ptr, qkvb_pt
         add = _place_additive(bias_ptr, mask_ptr, h, j, rows, cols, N, nW, nWw, H, W, Rh, Rw, shift_h, shift_w,
                               mask_value,
                               WS, HAS_BIAS, HAS_MASK, FUSED, BLOCK_M, BLOCK_N)
-    for i in range(0, GROUP):
-        img = first + i
-        if img < num_images:
-            w = img.to(tl.int64) * nW + j
-            tok_q, in_q, lab_q = _tokens(w, rows, N, nW, nWw, H, W, Rh, Rw, shift_h, shift_w, WS, FUSED)
-            q = _load_rows(q_ptr, w, h, tok_q, in_q, cols_d, d_ok, sq_b, sq_h, sq_n)
-            if FUSED:
-                q = _with_pad_value(q, rows < N, in_q, qkvb_ptr, h * D, cols_d, d_ok, HAS_QKV_BIAS)
+    # The program's images: a loop whose trip count is known on entry (no per-image branch), so
+    # that with num_stages=2 (``_forward_stages``) Triton's pipeliner loads the next window's q, k
+    # and v (cp.async into shared memory) while this one computes. With one tile per window the key
+    # loop below has a single, constant trip and folds away, which leaves this the loop to pipeline.
+    for i in range(0, tl.minimum(GROUP, num_images - first)):
+        w = (first + i).to(tl.int64) * nW + j
+        tok_q, in_q, lab_q = _tokens(w, rows, N, nW, nWw, H, W, Rh, Rw, shift_h, shift_w, WS, FUSED)
+        q = _load_rows(q_ptr, w, h, tok_q, in_q, cols_d, d_ok, sq_b, sq_h, sq_n)
+        if FUSED:
+            q = _with_pad_value(q, rows < N, in_q, qkvb_ptr, h * D, cols_d, d_ok, HAS_QKV_BIAS)
+        if COSINE:
+            q = _unit_rows(q, eps)[0]
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        for n0 in range(0, BLOCK_N if SINGLE else N, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            tok_k, in_k, lab_k, k, v = _load_kv(k_ptr, v_ptr, qkvb_ptr, w, h, cols, cols_d, d_ok,
+                                                sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
+                                                N, nW, nWw, H, W, Rh, Rw, shift_h, shift_w, C,
+                                                D, WS, FUSED, HAS_QKV_BIAS)
             if COSINE:
-                q = _unit_rows(q, eps)[0]
-            m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-            l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-            acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-            for n0 in range(0, N, BLOCK_N):
-                cols = n0 + tl.arange(0, BLOCK_N)
-                tok_k, in_k, lab_k, k, v = _load_kv(k_ptr, v_ptr, qkvb_ptr, w, h, cols, cols_d, d_ok,
-                                                    sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
-                                                    N, nW, nWw, H, W, Rh, Rw, shift_h, shift_w, C,
-                                                    D, WS, FUSED, HAS_QKV_BIAS)
-                if COSINE:
-                    k = _unit_rows(k, eps)[0]
-                if not SINGLE:
-                    add = _additive(bias_ptr, mask_ptr, h, j, rows, cols, lab_q, lab_k, N, mask_value,
-                                    HAS_BIAS, HAS_MASK, FUSED, BLOCK_M, BLOCK_N)
-                # Scores in base-2 units: (q k^T * scale + bias + mask) * log2(e).
-                s = dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale + add
-                m_new = tl.maximum(m_i, tl.max(s, axis=1))
-                alpha = tl.exp2(m_i - m_new)
-                p = tl.exp2(s - m_new[:, None])
-                l_i = l_i * alpha + tl.sum(p, axis=1)
-                acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, PRECISION, UPCAST)
-                m_i = m_new
-            o = acc / l_i[:, None]
-            o_offs = _row_offsets(w, h, tok_q, cols_d, so_b, so_h, so_n)
-            tl.store(o_ptr + o_offs, o.to(o_ptr.dtype.element_ty), mask=in_q[:, None] & d_ok[None, :])
-            tl.store(lse_ptr + (w * HEADS + h) * N + rows, m_i + tl.log2(l_i), mask=rows < N)
+                k = _unit_rows(k, eps)[0]
+            if not SINGLE:
+                add = _additive(bias_ptr, mask_ptr, h, j, rows, cols, lab_q, lab_k, N, mask_value,
+                                HAS_BIAS, HAS_MASK, FUSED, BLOCK_M, BLOCK_N)
+            # Scores in base-2 units: (q k^T * scale + bias + mask) * log2(e).
+            s = dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale + add
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, PRECISION, UPCAST)
+            m_i = m_new
+        o = acc / l_i[:, None]
+        o_offs = _row_offsets(w, h, tok_q, cols_d, so_b, so_h, so_n)
+        tl.store(o_ptr + o_offs, o.to(o_ptr.dtype.element_ty), mask=in_q[:, None] & d_ok[None, :])
+        tl.store(lse_ptr + (w * HEADS + h) * N + rows, m_i + tl.log2(l_i), mask=rows < N)
 
 
 @triton.jit
@@ -687,7 +691,7 @@ def _fwd(*, q, k, v, q_strides, k_strides, v_strides, out, out_strides, lse, bia
         HEADS=heads, D=d, WS=g.window_size, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, GROUP=group,
         HAS_BIAS=bias is not None, HAS_MASK=has_mask, FUSED=fused, HAS_QKV_BIAS=qkv_bias is not None,
         SINGLE=single, COSINE=head_scale is not None, **dot_switches(q.dtype, q.device),
-        num_warps=8 if bm * bn >= 64 * 64 else 4, num_stages=1,
+        num_warps=8 if bm * bn >= 64 * 64 else 4, num_stages=_forward_stages(q.dtype, single, head_scale is not None),
     )
 
 
@@ -726,6 +730,28 @@ def _bwd(*, q, k, v, q_strides, k_strides, v_strides, out, do, out_strides, lse,
         HAS_MASK=has_mask, FUSED=fused, HAS_QKV_BIAS=qkv_bias is not None and dpad_partial is not None,
         SINGLE=single, COSINE=head_scale is not None, **switches, num_warps=_backward_warps(bm, bn, switches), num_stages=1,
     )
+
+
+# Whether the fp16/bf16 V1 forward is software-pipelined (``_forward_stages``); False builds it as
+# before, one stage. benchmarks/window_attention.py times both ("fastnote one stage").
+PIPELINED_FORWARD = True
+
+
+def _forward_stages(dtype: torch.dtype, single: bool, cosine: bool) -> int:
+    """``num_stages`` of the forward: 2 for V1 in fp16/bf16 with one tile per window, else 1.
+
+    With 2, Triton's pipeliner issues the loads of the program's next window (q, k and v, cp.async
+    into shared memory) before this window's dots and softmax, so that a program no longer waits a
+    whole memory latency per window: with two programs per SM, little else hides it. Built for
+    sm_90 with Triton 3.9, those variants stay at <= 128 registers (two 8-warp programs per SM, as
+    at one stage) and take 12 KB more shared memory: Swin-T stage 1's core 120 -> 121 registers,
+    its fused block 103 -> 111. Elsewhere the second stage cost occupancy or spilled: the tiled
+    path (N > 64, where it pipelines the key loop) went to 130 registers in bf16, Swin V2's
+    cosine attention to 140-186 (one program per SM), and fp32's 3xTF32 products to 255 with
+    stack, so those keep one stage."""
+    if not PIPELINED_FORWARD or not single or cosine or dtype not in (torch.float16, torch.bfloat16):
+        return 1
+    return 2
 
 
 def _backward_warps(bm: int, bn: int, switches: dict) -> int:
