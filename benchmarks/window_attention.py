@@ -13,10 +13,9 @@ Shapes: Swin-T (224x224, window 7, shift 3; x axis = stage 1..4: 56x56 C=96 3 he
 In fp32 with exact products (torch's default: TF32 not allowed) forward and backward run on 32 x 32
 tiles, chosen from the build report (the 64 x 64 backward spills ~1 KB per thread there); two more
 providers ("fastnote tile 64", "fastnote tile 16") time them on 64 x 64 and 16 x 16 tiles (``EXACT_FP32_TILE`` in fastnote/triton_kernels/window_attention.py),
-for the GPU's numbers to confirm or change that default. In fp16/bf16 the V1 forward is
-software-pipelined over each program's windows (two stages: the next window's q, k, v load while
-this one computes); "fastnote one stage" times it built as before (``PIPELINED_FORWARD``), forward
-modes only.
+for the GPU's numbers to confirm or change that default. In fp16/bf16 the V1 kernels (one tile
+per window) are software-pipelined over each program's windows (two stages: the next window loads
+while this one computes); "fastnote one stage" times them built as before (``PIPELINED``).
 
 Bytes model (minimum traffic). Core, T = B*nW * heads * N * d * itemsize (bias and mask, at most
 ``nW*N*N``, are small next to T and ignored):
@@ -353,14 +352,14 @@ def _with_tiles(name, fastnote_setup):
 
 
 # ------------------------------------------------------------------------------------------------
-# fp16/bf16 V1 forward: pipelined over the program's windows (kernels.PIPELINED_FORWARD) or not
+# fp16/bf16 V1: pipelined over the program's windows (kernels.PIPELINED) or not
 # ------------------------------------------------------------------------------------------------
 
 def _one_stage_provider(fastnote_setup):
-    """fastnote with its fp16/bf16 V1 forward built with one stage, as before it was pipelined over
-    each program's windows (``PIPELINED_FORWARD``): the forward modes only, fp16 and bf16 only
-    (elsewhere the forward has one stage either way: n/a)."""
-    one_stage = under_setting(fastnote_setup, kernels, "PIPELINED_FORWARD", False, modes=("fwd", "both"))
+    """fastnote with its fp16/bf16 V1 kernels built with one stage, as before they were pipelined
+    over each program's windows (``PIPELINED``): fp16 and bf16 only (elsewhere the kernels have one
+    stage either way: n/a)."""
+    one_stage = under_setting(fastnote_setup, kernels, "PIPELINED", False, modes=("fwd", "bwd", "both"))
 
     def setup(inputs, case):
         if case.dtype not in (torch.float16, torch.bfloat16):

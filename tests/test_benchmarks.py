@@ -535,11 +535,11 @@ def test_sagan_square_tiles_provider_times_its_backward_on_them(device, launches
     assert kernels.BACKWARD_TILES == "wide"
 
 
-def test_window_one_stage_provider_builds_the_forward_unpipelined(device, monkeypatch):
-    # benchmarks/window_attention.py's "fastnote one stage" provider: in bf16 its fwd and both
-    # callables launch the V1 forward with one stage (PIPELINED_FORWARD off), where the default
-    # "fastnote" provider launches it with two; in fp32 it gives nothing (the forward has one
-    # stage there either way), and the module's default is back in place afterwards.
+def test_window_one_stage_provider_builds_the_kernels_unpipelined(device, monkeypatch):
+    # benchmarks/window_attention.py's "fastnote one stage" provider: in bf16 its callables launch
+    # the V1 kernels with one stage (PIPELINED off), where the default "fastnote" provider launches
+    # them with two; in fp32 it gives nothing (one stage there either way), and the module's
+    # default is back in place afterwards.
     import dataclasses
     import importlib.util
 
@@ -551,22 +551,23 @@ def test_window_one_stage_provider_builds_the_forward_unpipelined(device, monkey
                                                   os.path.join(BENCH, "window_attention.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    stages = []
-    real = kernels._forward_stages
-    monkeypatch.setattr(kernels, "_forward_stages", lambda *a: stages.append(real(*a)) or stages[-1])
+    launched = []
+    real = kernels._stages
+    monkeypatch.setattr(kernels, "_stages", lambda *a: launched.append(real(*a)) or launched[-1])
     smoke = module.SMOKE_CASES[1]   # stage 2 of the smoke model: a 7x7 map, one window per image
     bf16 = dataclasses.replace(smoke, config={**smoke.config, "dtype": "bf16"})
     for bench, make_inputs in ((module.BENCHMARKS[0], module.core_inputs), (module.BENCHMARKS[1], module.block_inputs)):
         providers = {p.name: p for p in bench.providers}
         inputs = make_inputs(bf16, device)
         assert providers["fastnote one stage"].setup(inputs, smoke) == {}   # fp32: n/a
-        stages.clear()
-        providers["fastnote"].setup(inputs, bf16)()   # the forward
-        assert stages == [2], bench.op
+        launched.clear()
+        out = providers["fastnote"].setup(inputs, bf16)()   # forward and backward, as the provider runs them
+        out.float().sum().backward()
+        assert launched == [2, 2], bench.op
         one_stage = providers["fastnote one stage"].setup(inputs, bf16)
-        assert sorted(one_stage) == ["both", "fwd"]
-        for mode in ("fwd", "both"):
-            stages.clear()
+        assert sorted(one_stage) == ["both", "bwd", "fwd"]
+        for mode, expected in (("fwd", [1]), ("bwd", [1]), ("both", [1, 1])):
+            launched.clear()
             one_stage[mode]()
-            assert stages == [1], (bench.op, mode)
-        assert kernels.PIPELINED_FORWARD is True
+            assert launched == expected, (bench.op, mode)
+        assert kernels.PIPELINED is True

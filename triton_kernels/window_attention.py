@@ -33,11 +33,11 @@ thread with Triton 3.6 (Swin-T stage 1). Heads vary fastest
 across programs, so neighbouring programs read the same qkv rows. ``GROUP`` is chosen to leave ~1024
 programs (8 per SM on an H100), and in the backward it also amortises the dbias write.
 
-Launch: 8 warps for 64 x 64 tiles (4 below). The backward and most forwards take ``num_stages=1``
-(the key loop has one iteration for N <= 64, so pipelining it only costs registers); the fp16/bf16
-V1 forward with one tile per window takes 2 and pipelines the loop over its program's windows
-instead, loading the next window while this one computes (``_forward_stages``). In the fused layout with one tile per window
-the kernels take ``N = WS * WS`` as a compile-time constant: the masks of the padded rows and
+Launch: 8 warps for 64 x 64 tiles (4 below). Most variants take ``num_stages=1`` (the key loop
+has one iteration for N <= 64, so pipelining it only costs registers); the fp16/bf16 V1 kernels
+with one tile per window take 2 and pipeline the loop over their program's windows instead,
+loading the next window while this one computes (``_stages``). In the fused layout with one tile
+per window the kernels take ``N = WS * WS`` as a compile-time constant: the masks of the padded rows and
 columns (N = 49 in 64 x 64 tiles) and the single-iteration loops then fold away, which took the
 fused fp16/bf16 forwards from 132-176 registers to 90-128 (at most 128 is two programs of 8 warps
 per SM, twice the occupancy) and Swin V2's fused backward off the stack with Triton 3.6 (120 bytes
@@ -260,7 +260,7 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, bias_ptr, mask_ptr, qkvb_pt
                               mask_value,
                               WS, HAS_BIAS, HAS_MASK, FUSED, BLOCK_M, BLOCK_N)
     # The program's images: a loop whose trip count is known on entry (no per-image branch), so
-    # that with num_stages=2 (``_forward_stages``) Triton's pipeliner loads the next window's q, k
+    # that with num_stages=2 (``_stages``) Triton's pipeliner loads the next window's q, k
     # and v (cp.async into shared memory) while this one computes. With one tile per window the key
     # loop below has a single, constant trip and folds away, which leaves this the loop to pipeline.
     for i in range(0, tl.minimum(GROUP, num_images - first)):
@@ -337,9 +337,14 @@ def _bwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, bias_ptr, mask_ptr,
             add = _place_additive(bias_ptr, mask_ptr, h, j, tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_N), N, nW,
                                   nWw, H, W, Rh, Rw, shift_h, shift_w, mask_value,
                                   WS, HAS_BIAS, HAS_MASK, FUSED, BLOCK_M, BLOCK_N)
-    for i in range(0, GROUP):
+    # V1: the images' loop has a trip count known on entry and nothing to check per image, and with
+    # one tile per window the single-trip key and query loops below fold away, so that with
+    # num_stages=2 (``_stages``) Triton's pipeliner loads the next window while this one computes,
+    # as in the forward. V2 keeps a constant trip and the per-image check: built the V1 way, its
+    # fused window-7 backward spilled 56 bytes (Triton 3.9).
+    for i in range(0, GROUP if COSINE else tl.minimum(GROUP, num_images - first)):
         img = first + i
-        if img < num_images:
+        if not COSINE or img < num_images:
             w = img.to(tl.int64) * nW + j
             lse_base = (w * HEADS + h) * N
             pad_base = (w * HEADS + h) * 2 * D
@@ -347,7 +352,7 @@ def _bwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, bias_ptr, mask_ptr,
                 if HAS_QKV_BIAS:
                     pad_dk = tl.zeros([BLOCK_D], dtype=tl.float32)
                     pad_dv = tl.zeros([BLOCK_D], dtype=tl.float32)
-            for n0 in range(0, N, BLOCK_N):
+            for n0 in range(0, BLOCK_N if SINGLE and not COSINE else N, BLOCK_N):
                 cols = n0 + tl.arange(0, BLOCK_N)
                 tok_k, in_k, lab_k, k, v = _load_kv(k_ptr, v_ptr, qkvb_ptr, w, h, cols, cols_d, d_ok,
                                                     sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
@@ -357,7 +362,7 @@ def _bwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, bias_ptr, mask_ptr,
                     k, r_k, unclamped_k = _unit_rows(k, eps)
                 dk_acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
                 dv_acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-                for m0 in range(0, N, BLOCK_M):
+                for m0 in range(0, BLOCK_M if SINGLE and not COSINE else N, BLOCK_M):
                     rows = m0 + tl.arange(0, BLOCK_M)
                     tok_q, in_q, lab_q = _tokens(w, rows, N, nW, nWw, H, W, Rh, Rw, shift_h, shift_w, WS, FUSED)
                     q = _load_rows(q_ptr, w, h, tok_q, in_q, cols_d, d_ok, sq_b, sq_h, sq_n)
@@ -691,7 +696,7 @@ def _fwd(*, q, k, v, q_strides, k_strides, v_strides, out, out_strides, lse, bia
         HEADS=heads, D=d, WS=g.window_size, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, GROUP=group,
         HAS_BIAS=bias is not None, HAS_MASK=has_mask, FUSED=fused, HAS_QKV_BIAS=qkv_bias is not None,
         SINGLE=single, COSINE=head_scale is not None, **dot_switches(q.dtype, q.device),
-        num_warps=8 if bm * bn >= 64 * 64 else 4, num_stages=_forward_stages(q.dtype, single, head_scale is not None),
+        num_warps=8 if bm * bn >= 64 * 64 else 4, num_stages=_stages(q.dtype, single, head_scale is not None),
     )
 
 
@@ -728,28 +733,36 @@ def _bwd(*, q, k, v, q_strides, k_strides, v_strides, out, do, out_strides, lse,
         HEADS=heads, D=d, WS=g.window_size, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, GROUP=plan.group,
         HAS_BIAS=bias is not None, BIAS_GRAD=dbias_partial is not None, SHARED_SLOTS=slots < plan.programs,
         HAS_MASK=has_mask, FUSED=fused, HAS_QKV_BIAS=qkv_bias is not None and dpad_partial is not None,
-        SINGLE=single, COSINE=head_scale is not None, **switches, num_warps=_backward_warps(bm, bn, switches), num_stages=1,
+        SINGLE=single, COSINE=head_scale is not None, **switches, num_warps=_backward_warps(bm, bn, switches), num_stages=_stages(q.dtype, single, head_scale is not None),
     )
 
 
-# Whether the fp16/bf16 V1 forward is software-pipelined (``_forward_stages``); False builds it as
-# before, one stage. benchmarks/window_attention.py times both ("fastnote one stage").
-PIPELINED_FORWARD = True
+# Whether the fp16/bf16 V1 kernels with one tile per window are software-pipelined over their
+# program's windows (``_stages``); False builds them as before, with one stage.
+# benchmarks/window_attention.py times both ("fastnote one stage").
+PIPELINED = True
 
 
-def _forward_stages(dtype: torch.dtype, single: bool, cosine: bool) -> int:
-    """``num_stages`` of the forward: 2 for V1 in fp16/bf16 with one tile per window, else 1.
+def _stages(dtype: torch.dtype, single: bool, cosine: bool) -> int:
+    """``num_stages`` of both kernels: 2 for V1 in fp16/bf16 with one tile per window, else 1.
 
-    With 2, Triton's pipeliner issues the loads of the program's next window (q, k and v, cp.async
-    into shared memory) before this window's dots and softmax, so that a program no longer waits a
-    whole memory latency per window: with two programs per SM, little else hides it. Built for
-    sm_90 with Triton 3.9, those variants stay at <= 128 registers (two 8-warp programs per SM, as
-    at one stage) and take 12 KB more shared memory: Swin-T stage 1's core 120 -> 121 registers,
-    its fused block 103 -> 111. Elsewhere the second stage cost occupancy or spilled: the tiled
-    path (N > 64, where it pipelines the key loop) went to 130 registers in bf16, Swin V2's
-    cosine attention to 140-186 (one program per SM), and fp32's 3xTF32 products to 255 with
-    stack, so those keep one stage."""
-    if not PIPELINED_FORWARD or not single or cosine or dtype not in (torch.float16, torch.bfloat16):
+    With 2, Triton's pipeliner issues the loads of the program's next window (q, k and v, and the
+    backward's dO and lse: cp.async into shared memory) before this window's dots and softmax,
+    so that a program no longer waits a whole memory latency per window: with two programs per SM
+    in the forward and one in the backward, little else hides it. Built for sm_90 (Triton 3.9;
+    3.6 in parentheses), Swin-T stage 1 (real batches, window 7):
+
+    - forward: the core 120 -> 121 registers (121 -> 115), the fused block 103 -> 111
+      (123 -> 128): two 8-warp programs per SM, as at one stage; 12 KB more shared memory.
+    - backward: the core 218 -> 244 (246 -> 240), the fused block 226 -> 236 (221 -> 226): one
+      program per SM, as before; 16 KB more shared memory. No stack either way.
+
+    Elsewhere a second stage cost occupancy or spilled: the tiled path (N > 64, where it pipelines
+    the key loop) went to 130 registers in the bf16 forward and spilled 144 bytes in the head_dim
+    128 backward; Swin V2's cosine attention went to 140-186 registers in the forward (one program
+    per SM) and spilled 16-56 bytes in the backward; fp32's 3xTF32 products reached 255 registers
+    with stack. Those keep one stage."""
+    if not PIPELINED or not single or cosine or dtype not in (torch.float16, torch.bfloat16):
         return 1
     return 2
 
