@@ -9,6 +9,10 @@ Providers, on the same L2-normalised features:
   open_clip      open_clip's SigLipLoss (SigLIP only; left out where open_clip does not import):
                  the same maths as eager, with its [n, n] label matrix besides the logits
   fastnote       fastnote.patch_nce_loss / clip_loss / siglip_loss (streaming; O(rows * d) memory)
+  fastnote layers
+                 PatchNCE only: ``fastnote.patch_nce_loss_layers``, every NCE layer in one launch
+                 each way where the layers stack (CUT's default: 5 layers of [256, 256]), summed
+                 as CUT sums them; n/a for one layer
   fastnote narrow slices
                  the same op with the backward's gradient slices it had before
                  (``GRADIENT_SLICES = "narrow"`` in fastnote/triton_kernels/contrastive_tiles.py:
@@ -106,6 +110,17 @@ def _eager_nce(q, k, B, all_neg):
 
 def _fastnote_nce(q, k, B, all_neg):
     return fastnote.patch_nce_loss(q, k, B, NCE_T, all_neg)
+
+
+def _fastnote_nce_layers(inputs, case):
+    c = case.config
+    if c["layers"] == 1:
+        return {}
+    qs, ks = [q for q, _ in inputs["feats"]], [k for _, k in inputs["feats"]]
+
+    def run():   # CUT's total: each layer's mean, summed, / n_layers
+        return sum(fastnote.patch_nce_loss_layers(qs, ks, c["B"], NCE_T, c["all_negatives"], "mean")) / len(qs)
+    return run
 
 
 def _nce_rows(case):
@@ -206,6 +221,7 @@ BENCHMARKS = [
         providers=[Provider("eager", _nce_provider(_eager_nce)),
                    Provider("torch.compile", _nce_provider(_eager_nce), compile=True),
                    Provider("fastnote", _nce_provider(_fastnote_nce)),
+                   Provider("fastnote layers", _fastnote_nce_layers),
                    Provider("fastnote narrow slices", _narrow_slices(_nce_provider(_fastnote_nce)))],
         cases=_nce_cases(NCE_CASES, ["bf16", "fp32"]),
         smoke_cases=_nce_cases(NCE_SMOKE, ["fp32"]),

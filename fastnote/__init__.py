@@ -7,7 +7,7 @@ from . import nn, reference
 from .ops.clip_loss import clip_loss
 from .ops.gram import gram, style_loss
 from .ops.hardswish import hard_sigmoid, hard_swish
-from .ops.patch_nce import patch_nce_logits, patch_nce_loss, patch_sample
+from .ops.patch_nce import patch_nce_logits, patch_nce_loss, patch_nce_loss_layers, patch_sample
 from .ops.power_iteration import power_iteration
 from .ops.sagan_attention import sagan_attention
 from .ops.siglip_loss import siglip_loss
@@ -27,6 +27,7 @@ __all__ = [
     "hswish_se",
     "patch_nce_logits",
     "patch_nce_loss",
+    "patch_nce_loss_layers",
     "patch_sample",
     "power_iteration",
     "sagan_attention",

@@ -346,3 +346,108 @@ def test_gradient_slices(slices, device, launches, monkeypatch):
     grids = [grid for module, kernel, grid in launches
              if module.endswith("patch_nce") and kernel in ("_dq_kernel", "_dk_kernel")]
     assert len(grids) == 2 and all(g[1] == (3 if slices == "wide" else 10) for g in grids), grids
+
+
+def _nce_launches(launches, kernel):
+    return [grid for module, name, grid in launches if module.endswith("patch_nce") and name == kernel]
+
+
+@pytest.mark.parametrize("all_neg", [False, True], ids=["per-image", "all"])
+@pytest.mark.parametrize("detach_k", [True, False], ids=["detach_k", "grad_k"])
+def test_layers_stacked_in_one_launch(all_neg, detach_k, device, launches):
+    # CUT's calculate_NCE_loss over 5 NCE layers of one shape (its MLP head's): one forward launch
+    # and one backward launch per kernel for all of them, each layer's loss bitwise the one its own
+    # patch_nce_loss gives, and so are the gradients of CUT's total (every upstream gradient the
+    # same, so the backward's scaling matches); CUT's own criterion gives the same total.
+    B, P, d, L = 2, 19, 24, 5
+    feats = [_feats(B, P, d, device) for _ in range(L)]
+    qs, ks = [q for q, _ in feats], [k for _, k in feats]
+    launches.clear()
+    losses = fastnote.patch_nce_loss_layers(qs, ks, B, 0.07, all_neg, detach_k=detach_k)
+    total = sum(loss.mean() for loss in losses) / L
+    inputs = qs if detach_k else qs + ks
+    grads = torch.autograd.grad(total, inputs)
+    assert len(_nce_launches(launches, "_forward_kernel")) == 1
+    assert len(_nce_launches(launches, "_dq_kernel")) == 1
+    assert len(_nce_launches(launches, "_dk_kernel")) == (0 if detach_k else 1)
+    singles = [fastnote.patch_nce_loss(q, k, B, 0.07, all_neg, detach_k=detach_k) for q, k in feats]
+    assert len(losses) == L and all(torch.equal(a, b) for a, b in zip(losses, singles))
+    single_total = sum(loss.mean() for loss in singles) / L
+    for g, e in zip(grads, torch.autograd.grad(single_total, inputs)):
+        assert torch.equal(g, e)
+    opt = types.SimpleNamespace(nce_T=0.07, batch_size=B, nce_includes_all_negatives_from_minibatch=all_neg)
+    crit = CUTPatchNCELoss(opt)
+    theirs = sum(crit(q, k).mean() for q, k in feats) / L
+    assert_close(total, theirs, "reduction")
+    if detach_k:
+        assert all(k.grad is None for k in ks)
+
+
+def test_layers_with_other_upstream_gradients(device):
+    # Different upstream gradients per layer: the stacked backward scales them by one largest
+    # magnitude, so each layer's gradient agrees with its own call to fp32 rounding.
+    feats = [_feats(2, 12, 16, device) for _ in range(3)]
+    qs, ks = [q for q, _ in feats], [k for _, k in feats]
+    losses = fastnote.patch_nce_loss_layers(qs, ks, 2)
+    ups = [torch.randn_like(loss) * 10.0 ** i for i, loss in enumerate(losses)]
+    got = torch.autograd.grad(losses, qs, ups)
+    singles = [fastnote.patch_nce_loss(q, k, 2) for q, k in feats]
+    want = torch.autograd.grad(singles, qs, ups)
+    for g, e in zip(got, want):
+        assert_close(g, e, "reduction")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_layers_reductions(reduction, device):
+    feats = [_feats(1, 20, 8, device) for _ in range(4)]
+    got = fastnote.patch_nce_loss_layers([q for q, _ in feats], [k for _, k in feats], 1, reduction=reduction)
+    want = [fastnote.patch_nce_loss(q, k, 1, reduction=reduction) for q, k in feats]
+    assert [t.shape for t in got] == [torch.Size([])] * 4
+    for g, e in zip(got, want):
+        assert_close(g, e, "reduction")
+
+
+def test_layers_that_do_not_stack(device, launches):
+    # CUT without its MLP head samples each layer at its own width: one call per layer.
+    feats = [_feats(2, 10, d, device) for d in (3, 16, 16)]
+    launches.clear()
+    losses = fastnote.patch_nce_loss_layers([q for q, _ in feats], [k for _, k in feats], 2)
+    assert len(_nce_launches(launches, "_forward_kernel")) == 3
+    for loss, (q, k) in zip(losses, feats):
+        assert torch.equal(loss, fastnote.patch_nce_loss(q, k, 2))
+
+
+@pytest.mark.no_kernel
+def test_layers_errors(device):
+    q, k = _feats(2, 5, 8, device)
+    with pytest.raises(TypeError, match="sequences of tensors"):
+        fastnote.patch_nce_loss_layers(q, k, 2)
+    with pytest.raises(ValueError, match="same number of layers"):
+        fastnote.patch_nce_loss_layers([q, q], [k], 2)
+    with pytest.raises(ValueError, match="same number of layers"):
+        fastnote.patch_nce_loss_layers([], [], 2)
+    with pytest.raises(ValueError, match="batch_size must divide"):
+        fastnote.patch_nce_loss_layers([q, q], [k, k], 3)
+    with pytest.raises(ValueError, match="reduction"):
+        fastnote.patch_nce_loss_layers([q, q], [k, k], 2, reduction="max")
+
+
+def test_layers_compile_fullgraph_and_autocast(device, compile_backend):
+    # CUT's loop over its layers, compiled whole, and under bf16 autocast (the stacked features
+    # are cast once, as each layer's would be).
+    feats = [_feats(1, 16, 24, device) for _ in range(3)]
+    qs, ks = [q for q, _ in feats], [k for _, k in feats]
+
+    def total(qs, ks):
+        return sum(fastnote.patch_nce_loss_layers(qs, ks, 1, reduction="mean")) / 3
+
+    compiled = torch.compile(total, fullgraph=True, backend=compile_backend)
+    out = compiled(qs, ks)
+    want = sum(reference.patch_nce_loss(q, k, 0.07, 1).mean() for q, k in feats) / 3
+    assert_close(out, want, "reduction")
+    for g, e in zip(torch.autograd.grad(out, qs), torch.autograd.grad(want, qs)):
+        assert_close(g, e, "reduction")
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        got = fastnote.patch_nce_loss_layers(qs, ks, 1)
+        each = [fastnote.patch_nce_loss(q, k, 1) for q, k in feats]
+    assert all(torch.equal(a, b) for a, b in zip(got, each))

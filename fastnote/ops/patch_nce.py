@@ -8,7 +8,7 @@ backward; the gradient adds dq (and dk with ``detach_k=False``). Eager CUT mater
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -152,6 +152,68 @@ def patch_nce_loss(feat_q: Tensor, feat_k: Tensor, batch_size: int, nce_T: float
     if reduction == "sum":
         return loss.sum()
     return loss
+
+
+def patch_nce_loss_layers(feats_q: Sequence[Tensor], feats_k: Sequence[Tensor], batch_size: int,
+                          nce_T: float = 0.07, include_all_negatives_from_minibatch: bool = False,
+                          reduction: str = "none", detach_k: bool = True) -> List[Tensor]:
+    """``patch_nce_loss`` of every NCE layer at once: ``[patch_nce_loss(q, k, ...) for q, k in
+    zip(feats_q, feats_k)]``, the per-layer losses CUT's ``calculate_NCE_loss`` sums, with the
+    same arguments for every layer.
+
+    Where the layers stack (every feat_q one shape, dtype and device, as CUT's MLP head makes
+    them: ``[B * num_patches, 256]``), their rows are concatenated and one kernel launch computes
+    every layer's loss, each row against its own layer's and image's keys (the layers become more
+    groups), and one backward launch their gradients: at CUT's default (batch 1, 256 patches, 5
+    layers) each layer is far too small to fill a GPU, so the per-layer calls cost their launches.
+    The concatenation copies the features once (``[L * B * P, d]``, queries and keys), and the
+    op holds both copies until its backward: at CUT's default 2.5 MiB in fp32, which in
+    ``examples/cut_patchnce.py``'s whole step (``benchmarks/memory.py``) turns fastnote's 2.1 MiB
+    saving on the loss into 0.4 MiB more than eager at the peak. So the example keeps one
+    ``patch_nce_loss`` per layer, which copies nothing; take this where launches cost more than
+    that memory. The gradients come back through the concatenation as views. Layers that do not
+    stack (different widths, as without the MLP head) take one call each. Each result equals that layer's own ``patch_nce_loss``: the forward bitwise;
+    the backward scales the upstream gradient by its largest magnitude over all stacked rows, so
+    with different upstream gradients per layer it may differ from the per-layer calls in the
+    last bits.
+
+    Returns a list with one loss per layer (``reduction`` as in ``patch_nce_loss``; where the
+    layers stack, views of one result).
+
+    >>> import torch, torch.nn.functional as F, fastnote
+    >>> qs = [F.normalize(torch.randn(16, 32), dim=1) for _ in range(3)]
+    >>> ks = [F.normalize(q + 0.1 * torch.randn_like(q), dim=1) for q in qs]
+    >>> losses = fastnote.patch_nce_loss_layers(qs, ks, batch_size=1, reduction="mean")
+    >>> len(losses), losses[0].shape
+    (3, torch.Size([]))
+    >>> torch.allclose(losses[2], fastnote.patch_nce_loss(qs[2], ks[2], 1, reduction="mean"))
+    True
+    """
+    if isinstance(feats_q, Tensor) or isinstance(feats_k, Tensor):
+        raise TypeError("feats_q and feats_k must be sequences of tensors, one per layer (use patch_nce_loss "
+                        "for one layer)")
+    feats_q, feats_k = list(feats_q), list(feats_k)
+    if not feats_q or len(feats_q) != len(feats_k):
+        raise ValueError(f"feats_q and feats_k must hold the same number of layers, at least one; got "
+                         f"{len(feats_q)} and {len(feats_k)}")
+    groups = [_check(q, k, batch_size, nce_T, include_all_negatives_from_minibatch) for q, k in zip(feats_q, feats_k)]
+    if reduction not in _REDUCTIONS:
+        checks.choice("reduction", reduction, _REDUCTIONS)
+    checks.boolean("detach_k", detach_k)
+    first = feats_q[0]
+    if len(feats_q) == 1 or any(q.shape != first.shape or q.dtype != first.dtype or q.device != first.device
+                                for q in feats_q[1:]):
+        return [patch_nce_loss(q, k, batch_size, nce_T, include_all_negatives_from_minibatch, reduction, detach_k)
+                for q, k in zip(feats_q, feats_k)]
+    layers, rows = len(feats_q), first.shape[0]
+    q = torch.cat(feats_q)
+    k = torch.cat([f.detach() for f in feats_k] if detach_k else feats_k)
+    # each layer's G groups of M rows become G of the L * G groups of the stacked rows
+    loss = patch_nce_loss(q, k, layers * groups[0], nce_T, False, "none", detach_k)
+    if reduction == "none":
+        return list(loss.split(rows))
+    per_layer = loss.view(layers, rows)
+    return list((per_layer.mean(1) if reduction == "mean" else per_layer.sum(1)).unbind(0))
 
 
 def patch_nce_logits(feat_q: Tensor, feat_k: Tensor, batch_size: int, nce_T: float = 0.07,
