@@ -733,7 +733,8 @@ def _bwd(*, q, k, v, q_strides, k_strides, v_strides, out, do, out_strides, lse,
         HEADS=heads, D=d, WS=g.window_size, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, GROUP=plan.group,
         HAS_BIAS=bias is not None, BIAS_GRAD=dbias_partial is not None, SHARED_SLOTS=slots < plan.programs,
         HAS_MASK=has_mask, FUSED=fused, HAS_QKV_BIAS=qkv_bias is not None and dpad_partial is not None,
-        SINGLE=single, COSINE=head_scale is not None, **switches, num_warps=_backward_warps(bm, bn, switches), num_stages=_stages(q.dtype, single, head_scale is not None),
+        SINGLE=single, COSINE=head_scale is not None, **switches, num_warps=_backward_warps(bm, bn, switches),
+        num_stages=_stages(q.dtype, single, head_scale is not None),
     )
 
 
@@ -752,8 +753,8 @@ def _stages(dtype: torch.dtype, single: bool, cosine: bool) -> int:
     in the forward and one in the backward, little else hides it. Built for sm_90 (Triton 3.9;
     3.6 in parentheses), Swin-T stage 1 (real batches, window 7):
 
-    - forward: the core 120 -> 121 registers (121 -> 115), the fused block 103 -> 111
-      (123 -> 128): two 8-warp programs per SM, as at one stage; 12 KB more shared memory.
+    - forward: the core 118 -> 121 registers (127 -> 115), the fused block 126 -> 111
+      (125 -> 128): two 8-warp programs per SM, as before; 12 KB more shared memory.
     - backward: the core 218 -> 244 (246 -> 240), the fused block 226 -> 236 (221 -> 226): one
       program per SM, as before; 16 KB more shared memory. No stack either way.
 

@@ -172,10 +172,12 @@ def patch_nce_loss_layers(feats_q: Sequence[Tensor], feats_k: Sequence[Tensor], 
     saving on the loss into 0.4 MiB more than eager at the peak. So the example keeps one
     ``patch_nce_loss`` per layer, which copies nothing; take this where launches cost more than
     that memory. The gradients come back through the concatenation as views. Layers that do not
-    stack (different widths, as without the MLP head) take one call each. Each result equals that layer's own ``patch_nce_loss``: the forward bitwise;
-    the backward scales the upstream gradient by its largest magnitude over all stacked rows, so
-    with different upstream gradients per layer it may differ from the per-layer calls in the
-    last bits.
+    stack (different widths, as without the MLP head) take one call each.
+
+    Each result equals that layer's own ``patch_nce_loss``: the forward bitwise; the backward
+    scales the upstream gradient by its largest magnitude over all stacked rows, so it is bitwise
+    the per-layer one when every layer's upstream gradient is the same (CUT's sum of layer
+    means), and otherwise may differ from it in the last bits.
 
     Returns a list with one loss per layer (``reduction`` as in ``patch_nce_loss``; where the
     layers stack, views of one result).
