@@ -10,7 +10,12 @@
 #   the gpu-marked tests, all families in one pytest run
 #     with pytest-xdist (-n 12 --dist loadfile: the Triton
 #     compiles spread over the cores)                      budget 180 s   (took 55 s)
-#   each op family's quick benchmark, no torch.compile     budget 75 s each (took 17-30 s)
+#   the benchmarks' Triton kernels built in parallel
+#     (benchmarks/precompile.py: their launches recorded
+#     on the CPU, then built on every core into Triton's
+#     cache, where the benchmarks' own launches find them) budget 90 s
+#   each op family's quick benchmark, no torch.compile     budget 75 s each (took 17-30 s, compiling
+#     its kernels one at a time; the window attention family now launches 48 distinct variants)
 #   the whole-model headline (SAGAN, timm Swin-T), no
 #     torch.compile                                        budget 120 s
 #   host overhead per op call (host time, CUDA-graph GPU time)  budget 60 s
@@ -115,6 +120,8 @@ PYEOF
 )
 if [ "$SIMULATE" = 1 ]; then
   bench_mode=(--smoke --out "$LOGS/bench")
+  # the smoke benchmarks run under the interpreter: building one family's kernels checks the step
+  precompile=(--smoke --only gram --jobs 2)
   # one quick test per family (CPU-runnable: the gpu-marked ones skip here)
   tests=(tests/test_squeeze_excitation.py::test_no_bias
          tests/test_gram.py::test_target_shapes tests/test_tv_loss.py::test_strides
@@ -126,6 +133,7 @@ if [ "$SIMULATE" = 1 ]; then
   tables=(--stdout)
 else
   bench_mode=(--quick)
+  precompile=(--quick)
   pytest_sel=(-m "(gpu or autocast) and not slow" tests)
   tables=()
 fi
@@ -140,6 +148,8 @@ if [ "$stage" = quick ]; then
   step "gpu tests" 180 pytest.log "$PY" -m pytest -q -rfE "${xdist[@]}" --durations=15 \
     --junitxml="$LOGS/pytest.xml" "${pytest_sel[@]}"
   tail -n 25 "$LOGS/pytest.log" | tee -a "$summary"
+  step "precompile (benchmark kernels)" 90 precompile.log "$PY" benchmarks/precompile.py "${precompile[@]}"
+  grep -E "^(recorded|built|problem)" "$LOGS/precompile.log" | tee -a "$summary"
   for fam in $families; do
     step "bench $fam (quick, no compile)" 75 "bench-$fam.log" \
       "$PY" benchmarks/run_all.py "${bench_mode[@]}" --no-compile --only "$fam" "$@"

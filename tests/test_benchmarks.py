@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -571,3 +572,27 @@ def test_window_one_stage_provider_builds_the_kernels_unpipelined(device, monkey
             one_stage[mode]()
             assert launched == expected, (bench.op, mode)
         assert kernels.PIPELINED is True
+
+
+def test_precompile_builds_the_benchmarks_kernels_into_tritons_cache(tmp_path):
+    # benchmarks/precompile.py (run_gpu.sh quick's step before the benchmarks): the gram family's
+    # smoke cases record their launches (gram, style loss and TV loss, forward and backward,
+    # through Triton's own binder) and build each distinct variant for sm_90 into the cache
+    # directory it is given; a second run finds every one there and adds nothing.
+    pytest.importorskip("triton.backends.nvidia")
+    env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path / "cache"))
+    command = [sys.executable, os.path.join(BENCH, "precompile.py"), "--smoke", "--only", "gram", "--jobs", "2",
+               "--arch", "90"]
+
+    def run():
+        proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        recorded = re.search(r"recorded (\d+) distinct variants \(smoke cases\)", proc.stdout)
+        built = re.search(r"built (\d+) of (\d+)", proc.stdout)
+        assert recorded and built, proc.stdout
+        return int(recorded.group(1)), int(built.group(1)), int(built.group(2)), sorted(os.listdir(tmp_path / "cache"))
+
+    variants, built, of, entries = run()
+    assert variants >= 12 and built == of == variants, (variants, built, of)
+    assert len(entries) >= variants   # one cache entry per built kernel (at least)
+    assert run() == (variants, variants, variants, entries)

@@ -10,8 +10,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "benchmarks")
-STEPS = ["install (simulated: import check)", "parity", "gpu tests", "models (quick, no compile)", "host overhead",
-         "README tables"]
+STEPS = ["install (simulated: import check)", "parity", "gpu tests", "precompile (benchmark kernels)",
+         "models (quick, no compile)", "host overhead", "README tables"]
 
 
 @pytest.mark.serial
@@ -36,7 +36,8 @@ def test_quick_plan_simulated(tmp_path):
         assert f"== bench {fam} (quick, no compile): exit 0" in summary, fam
     with tarfile.open(tmp_path / "gpu-run-quick.tar.gz") as tar:
         names = set(tar.getnames())
-    for want in ("./parity.csv", "./pytest.xml", "./overhead.csv", "./README.md", "./bench-gram.log"):
+    for want in ("./parity.csv", "./pytest.xml", "./overhead.csv", "./README.md", "./bench-gram.log",
+                 "./precompile.log"):
         assert want in names, want
     assert any(n.startswith("./bench/") and n.endswith("/window_attention.csv") for n in names)
     assert any(n.startswith("./bench/") and n.endswith("/models.csv") for n in names)
