@@ -58,7 +58,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def record(scripts, which: str):
     """Run the fastnote providers of each script's benchmarks with launches recorded; returns
-    ({variant key: (kernel, args, kwargs)}, [(script, op, variants)], [problems])."""
+    ({variant key: index of its first launch in aot_compile.captured}, [(script, op, new variants,
+    seconds)], [problems])."""
     import importlib.util
 
     import torch
@@ -111,7 +112,7 @@ def record(scripts, which: str):
             for i in range(start, len(aot_compile.captured)):
                 key = aot_compile.variant_key(*aot_compile.captured[i])
                 if key not in variants:
-                    variants[key] = aot_compile.captured[i]
+                    variants[key] = i
                     found += 1
             per_op.append((name, bench.op, found, time.perf_counter() - started))
     return variants, per_op, problems
@@ -120,21 +121,17 @@ def record(scripts, which: str):
 def _build(index):
     """Build recorded launch ``index`` for the target (in a forked pool process, which has the
     recorded launches: kernels do not pickle); returns an error or None."""
-    import triton
-
     import aot_compile
 
-    fn, args, kwargs = _LAUNCHES[index]
+    fn, args, kwargs = aot_compile.captured[index]
     try:
-        src, options = aot_compile.jit_source(fn, args, kwargs, _TARGET)
-        triton.compile(src, target=_TARGET, options=options.__dict__)
+        aot_compile.build(fn, args, kwargs, _TARGET)
     except Exception as exc:
         return f"{fn.fn.__name__}: {type(exc).__name__}: {exc}"
     return None
 
 
 _TARGET = None
-_LAUNCHES: list = []
 
 
 def main(argv=None) -> int:
@@ -171,9 +168,8 @@ def main(argv=None) -> int:
     print(f"recorded {len(variants)} distinct variants ({which} cases) in {t1 - t0:.1f} s; "
           f"building them for sm_{arch} in {args.jobs} processes")
     _TARGET = GPUTarget("cuda", arch, 32)
-    _LAUNCHES[:] = variants.values()
     with multiprocessing.get_context("fork").Pool(max(1, args.jobs)) as pool:
-        errors = [e for e in pool.map(_build, range(len(_LAUNCHES)), chunksize=1) if e]
+        errors = [e for e in pool.map(_build, list(variants.values()), chunksize=1) if e]
     print(f"built {len(variants) - len(errors)} of {len(variants)} in {time.perf_counter() - t1:.1f} s")
     for line in problems + errors:
         print("problem:", line)

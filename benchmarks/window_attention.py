@@ -334,13 +334,8 @@ def _tile_provider(fastnote_setup, tile):
     recomputes that forward's logits). Only the backward modes, only such cases (others give no
     callable: n/a)."""
     # the choice is the backward's (the forward does not spill)
-    in_tile = under_setting(fastnote_setup, kernels, "EXACT_FP32_TILE", tile)
-
-    def setup(inputs, case):
-        if case.dtype != torch.float32 or fp32_matmul_allows_tf32():
-            return {}
-        return in_tile(inputs, case)
-    return setup
+    return under_setting(fastnote_setup, kernels, "EXACT_FP32_TILE", tile,
+                         applies=lambda case: case.dtype == torch.float32 and not fp32_matmul_allows_tf32())
 
 
 def _with_tiles(name, fastnote_setup):
@@ -359,13 +354,8 @@ def _one_stage_provider(fastnote_setup):
     """fastnote with its fp16/bf16 V1 kernels built with one stage, as before they were pipelined
     over each program's windows (``PIPELINED``): fp16 and bf16 only (elsewhere the kernels have one
     stage either way: n/a)."""
-    one_stage = under_setting(fastnote_setup, kernels, "PIPELINED", False, modes=("fwd", "bwd", "both"))
-
-    def setup(inputs, case):
-        if case.dtype not in (torch.float16, torch.bfloat16):
-            return {}
-        return one_stage(inputs, case)
-    return setup
+    return under_setting(fastnote_setup, kernels, "PIPELINED", False, modes=("fwd", "bwd", "both"),
+                         applies=lambda case: case.dtype in (torch.float16, torch.bfloat16))
 
 
 BENCHMARKS = [

@@ -85,13 +85,19 @@ def variant_key(fn, args, kwargs):
             repr(sorted(src.constants.items(), key=repr)), options.num_warps, options.num_stages)
 
 
+def build(fn, args, kwargs, target):
+    """Build one captured launch for ``target`` as the JIT would (Triton keeps it in its cache);
+    returns (source, options, compiled kernel)."""
+    src, options = jit_source(fn, args, kwargs, target)
+    return src, options, triton.compile(src, target=target, options=options.__dict__)
+
+
 def compile_launch(fn, args, kwargs, targets=tuple(TARGETS)):
     """Build one captured launch for ``targets``; returns ({target: shared bytes}, report line)."""
     shared = {}
     for name in targets:
         target, _ = TARGETS[name]
-        src, options = jit_source(fn, args, kwargs, target)
-        built = triton.compile(src, target=target, options=options.__dict__)
+        src, options, built = build(fn, args, kwargs, target)
         shared[name] = built.metadata.shared
         if name == REPORT_TARGET:
             compiled, signature, constexprs, opts = built, src.signature, src.constants, options

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Mapping
-from typing import Any, Callable, List, Sequence
+from typing import Any, Callable, List, Optional, Sequence
 
 import torch
 
@@ -90,11 +90,15 @@ def module_setting(module, name: str, value):
         setattr(module, name, previous)
 
 
-def under_setting(setup, module, name: str, value, modes: Sequence[str] = ("bwd", "both")):
+def under_setting(setup, module, name: str, value, modes: Sequence[str] = ("bwd", "both"),
+                  applies: Optional[Callable[[Any], bool]] = None):
     """A provider setup giving ``setup``'s callables for ``modes`` only, each run with
     ``module.name = value`` (their untimed setup too: the forward a bwd mode starts from). For
-    timing a kernel configuration beside the default one on the same cases."""
+    timing a kernel configuration beside the default one on the same cases. ``applies(case)``
+    False: no callable for that case (n/a), where the setting changes nothing."""
     def wrapped(inputs, case):
+        if applies is not None and not applies(case):
+            return {}
         made = setup(inputs, case)
 
         def run_with(fn):
