@@ -168,3 +168,66 @@ def test_bf16_conversion_rounds_to_nearest_even():
     out = torch.empty(4, dtype=torch.bfloat16, device=device)
     to_bf16[(1,)](nan, out, 4, BLOCK=16)
     assert torch.isnan(out.float()).all()
+
+
+
+def _softmax_kernel_with_helpers():
+    """Row softmax of 6 x: a kernel that calls a helper of its own and Triton's tl.zeros, tl.max and tl.sum (each a
+    @triton.jit helper too) in a loop. Defined at module level: the interpreter resolves helpers
+    through the kernel's globals."""
+    global _scaled, _rows_softmax
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _scaled(x, s):
+        return x * s
+
+    @triton.jit
+    def _rows_softmax(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+        cols = tl.arange(0, BLOCK)
+        offs = tl.program_id(0) * n + cols
+        x = tl.load(x_ptr + offs, mask=cols < n, other=float("-inf"))
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for i in range(3):
+            acc += _scaled(x, i + 1.0)
+        e = tl.exp(acc - tl.max(acc, axis=0))
+        tl.store(y_ptr + offs, e / tl.sum(e, axis=0), mask=cols < n)
+
+    return _rows_softmax
+
+
+def test_interpreter_patches_the_language_once_per_launch(monkeypatch):
+    # Triton's interpreter patches triton.language at each launch and again at every call of a
+    # @triton.jit helper; fastnote's kernel modules make the helpers skip that (a third of the
+    # interpreter's time in a Swin-T step). Same results bit for bit, one patching per launch,
+    # and the language modules as they were once the launch is over.
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    from fastnote.triton_kernels import utils
+
+    if not backend.interpreter_on():
+        pytest.skip("the interpreter is off: compiled kernels patch nothing")
+    assert utils.interpreter_patch_language_once_per_launch()
+    kernel = _softmax_kernel_with_helpers()
+    calls = []
+    real = interpreter._patch_lang
+    monkeypatch.setattr(interpreter, "_patch_lang", lambda fn: calls.append(fn.__name__) or real(fn))
+    x = torch.randn(4, 100, generator=torch.Generator().manual_seed(0))
+
+    def run():
+        calls.clear()
+        y = torch.empty_like(x)
+        kernel[(4,)](x, y, x.shape[1], BLOCK=128)     # a row a program
+        return y, list(calls)
+
+    y, patched = run()
+    assert patched == ["_rows_softmax"], patched                # the launch's own, the helpers' none
+    assert all(tl.core.is_builtin(f) for f in (tl.full, tl.core.full, tl.tensor.__add__, tl.math.exp))
+    monkeypatch.setattr(interpreter.GridExecutor, "__call__", interpreter.GridExecutor.__call__.original)
+    monkeypatch.setattr(interpreter.InterpretedFunction, "__call__", interpreter.InterpretedFunction.__call__.original)
+    y_triton, unpatched = run()
+    assert len(unpatched) == 1 + 4 * 6, unpatched                 # per program: 3 x _scaled, zeros, max, sum
+    assert torch.equal(y, y_triton)
+    torch.testing.assert_close(y, torch.softmax(6 * x, dim=1))

@@ -48,6 +48,68 @@ def interpreter_round_bf16_to_nearest() -> bool:
 
 interpreter_round_bf16_to_nearest()
 
+
+def interpreter_patch_language_once_per_launch() -> bool:
+    """Make Triton's interpreter patch ``triton.language`` once per kernel launch instead of once
+    per call of a ``@triton.jit`` helper as well. Triton 3.6 to 3.9's interpreter swaps every
+    builtin of ``tl``, ``tl.tensor`` and ``tl.math`` for an interpreted one when a launch starts
+    (``GridExecutor.__call__``, undone when it ends), and again at every device-function call
+    (``InterpretedFunction.__call__``: ours, and Triton's own ``tl.zeros``, ``tl.sum``,
+    ``tl.max``, which see ``tl.core``), scanning those modules with ``inspect.getmembers`` each
+    time. Inside a launch that scan finds nothing left to swap, yet a kernel that calls helpers
+    in its loops pays it thousands of times. Here each launch swaps the builtins of both
+    ``tl`` and ``tl.core`` once, through Triton's own ``_patch_lang``, and undoes both when it
+    ends; the helpers it calls then run without patching anything. (Triton never undid a
+    helper's ``tl.core`` swap; now it lasts as long as the launch.) Nothing a kernel computes
+    changes, and compiled kernels are untouched. Called when this module is imported;
+    idempotent; False where the interpreter's structure differs."""
+    try:
+        import threading
+        import types
+
+        from triton.runtime import interpreter
+    except ImportError:
+        return False
+    grid_cls = getattr(interpreter, "GridExecutor", None)
+    fn_cls = getattr(interpreter, "InterpretedFunction", None)
+    patch_lang = getattr(interpreter, "_patch_lang", None)
+    if grid_cls is None or fn_cls is None or patch_lang is None or not hasattr(fn_cls, "rewrite") \
+            or not hasattr(interpreter, "InterpreterError"):
+        return False
+    if getattr(fn_cls.__call__, "_fastnote_once_per_launch", False):
+        return True
+    launch_call, helper_call = grid_cls.__call__, fn_cls.__call__
+    # _patch_lang patches the language modules a function's globals hold: this one holds both.
+    sees_both = types.FunctionType((lambda: None).__code__, {"tl": tl, "core": tl.core})
+    running = threading.local()      # .depth: launches running on this thread
+
+    def run_launch(self, *args, **kwargs):
+        scope = patch_lang(sees_both)
+        running.depth = getattr(running, "depth", 0) + 1
+        try:
+            return launch_call(self, *args, **kwargs)
+        finally:
+            running.depth -= 1
+            scope.restore()
+
+    def call_helper(self, *args, **kwargs):
+        if not getattr(running, "depth", 0):
+            return helper_call(self, *args, **kwargs)
+        fn = self.rewrite()
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            raise interpreter.InterpreterError(repr(e)) from e
+
+    call_helper._fastnote_once_per_launch = True
+    run_launch.original, call_helper.original = launch_call, helper_call     # for the test that compares
+    grid_cls.__call__ = run_launch
+    fn_cls.__call__ = call_helper
+    return True
+
+
+interpreter_patch_language_once_per_launch()
+
 # One program per BLOCK elements for streaming kernels. Large enough that the interpreter (which
 # runs programs one after another) stays fast, and that each GPU program moves >= 16 KB.
 ELEMENTWISE_BLOCK = 4096
