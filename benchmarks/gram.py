@@ -7,6 +7,10 @@ Providers, on the same features x [B, C, H, W] (and a style target):
                  batch; TV from four slices
   torch.compile  of that eager function
   fastnote       fastnote.gram / style_loss (target [1, C, C]) / tv_loss
+  fastnote no split  gram and style loss with the forward's split-K off (``SPLIT_K``): one launch
+                 and no fp32 scratch where the default splits K in several programs and sums their
+                 partial tiles in a second launch (cases where it splits only; fwd and both, the
+                 backward being the same)
 
 Shapes: VGG-16 relu1_2, relu2_2, relu3_3, relu4_3 at a 256x256 input (C/HW = 64/256^2,
 128/128^2, 256/64^2, 512/32^2), batch 4 and 16, bf16 and fp32 (fp32 with torch's default, TF32
@@ -31,7 +35,9 @@ import torch
 
 import fastnote
 import harness
+from fastnote.triton_kernels import gram as kernels
 from harness import Benchmark, Case, Provider
+from harness.modes import under_setting
 
 # (layer, C, H = W) of VGG-16 at a 256x256 input
 LAYERS = [("relu4_3", 512, 32), ("relu1_2", 64, 256), ("relu2_2", 128, 128), ("relu3_3", 256, 64)]
@@ -123,11 +129,25 @@ def _providers(eager_fn, ours_fn, names):
     return [Provider("eager", eager), Provider("torch.compile", eager, compile=True), Provider("fastnote", ours)]
 
 
+def _splits(case, style: bool) -> bool:
+    """Whether the default forward splits K at this case (on an H100/H200's 132 SMs)."""
+    B, C, H, W = case.config["shape"]
+    f = torch.empty(B, C, H * W, dtype=case.dtype, device="meta")
+    return kernels.forward_plan(f, style=style).n_split > 1
+
+
+def _no_split(providers, style: bool, modes):
+    ours = next(p for p in providers if p.name == "fastnote")
+    return providers + [Provider("fastnote no split", under_setting(ours.setup, kernels, "SPLIT_K", False,
+                                                                     modes=modes,
+                                                                     applies=lambda case: _splits(case, style)))]
+
+
 BENCHMARKS = [
     Benchmark(
         op="gram",
         make_inputs=make_features,
-        providers=_providers(eager_gram, fastnote.gram, ["x"]),
+        providers=_no_split(_providers(eager_gram, fastnote.gram, ["x"]), False, ("fwd",)),
         cases=_cases(LAYERS, BATCHES, ["bf16", "fp32"]),
         smoke_cases=_cases(SMOKE_LAYERS, SMOKE_BATCHES, ["fp32", "bf16"]),
         modes=("fwd",),
@@ -138,7 +158,8 @@ BENCHMARKS = [
     Benchmark(
         op="style_loss",
         make_inputs=make_features,
-        providers=_providers(eager_style, fastnote.style_loss, ["x", "target"]),
+        providers=_no_split(_providers(eager_style, fastnote.style_loss, ["x", "target"]), True,
+                            ("fwd", "both")),
         cases=_cases(LAYERS, BATCHES, ["bf16", "fp32"]),
         smoke_cases=_cases(SMOKE_LAYERS, SMOKE_BATCHES, ["fp32", "bf16"]),
         bytes_moved=style_bytes,

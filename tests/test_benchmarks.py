@@ -536,6 +536,47 @@ def test_sagan_square_tiles_provider_times_its_backward_on_them(device, launches
     assert kernels.BACKWARD_TILES == "wide"
 
 
+def test_gram_no_split_provider_times_one_launch(device, launches):
+    # benchmarks/gram.py's "fastnote no split" provider: where the default forward splits K (two
+    # programs and a reduce launch for one 8-channel image of 256 positions in fp32), its callables
+    # launch one forward program over all of K and no reduce kernel; where the default does not
+    # split (the smoke cases) it gives nothing; the module's default is back afterwards.
+    import dataclasses
+    import importlib.util
+
+    import torch
+
+    from fastnote.triton_kernels import gram as kernels
+
+    if BENCH not in sys.path:
+        sys.path.append(BENCH)
+    spec = importlib.util.spec_from_file_location("fastnote_benchmarks_gram", os.path.join(BENCH, "gram.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    smoke = module.BENCHMARKS[0].smoke_cases[0]
+    case = dataclasses.replace(smoke, config={**smoke.config, "dtype": "fp32", "shape": [1, 8, 16, 16]})
+    inputs = module.make_features(case, device)
+
+    def forward_grids():
+        return [(k, tuple(g)) for m, k, g in launches if m.endswith("gram") and k != "_backward_kernel"]
+
+    for bench, modes in ((module.BENCHMARKS[0], ["fwd"]), (module.BENCHMARKS[1], ["both", "fwd"])):
+        providers = {p.name: p for p in bench.providers}
+        assert providers["fastnote no split"].setup(module.make_features(smoke, device), smoke) == {}
+        launches.clear()
+        default = providers["fastnote"].setup(inputs, case)()
+        grids = forward_grids()
+        assert grids[0] == ("_forward_kernel", (1, 2)) and [k for k, _ in grids] == [
+            "_forward_kernel", "_reduce_kernel"], (bench.op, grids)
+        no_split = providers["fastnote no split"].setup(inputs, case)
+        assert sorted(no_split) == modes, bench.op
+        launches.clear()
+        out = no_split["fwd"]()
+        assert forward_grids() == [("_forward_kernel", (1, 1))], bench.op
+        torch.testing.assert_close(out, default, rtol=1e-5, atol=1e-6)
+        assert kernels.SPLIT_K is True
+
+
 def test_window_one_stage_provider_builds_the_kernels_unpipelined(device, monkeypatch):
     # benchmarks/window_attention.py's "fastnote one stage" provider: in bf16 its callables launch
     # the V1 kernels with one stage (PIPELINED off), where the default "fastnote" provider launches

@@ -71,6 +71,11 @@ from .utils import CPU, MIN_DOT, cdiv, dot, dot_key, dot_switches, launch, next_
 DEFAULT_SMS = 132       # H100 / H200 SXM
 PROGRAMS_PER_SM = 3
 MIN_K_STEPS = 4         # BLOCK_K steps per split-K program, at least
+# Whether the forward splits K where its tiles alone cannot fill the GPU (``_split``). False: one
+# launch and no fp32 scratch at every shape. At VGG relu4_3, batch 4, bf16 (split 4 and a second,
+# reduce launch) the first GPU run had the Gram at 17.7 us against bmm's 12.3; the benchmarks time
+# both ("fastnote no split") so that a GPU can say which small shapes the split helps.
+SPLIT_K = True
 
 
 # ------------------------------------------------------------------------------------------------
@@ -335,8 +340,11 @@ def _forward_plan(style: bool, B: int, C: int, K: int, sms: int, split, *key) ->
 
 
 def forward_plan(f: torch.Tensor, style: bool, split: Optional[int] = None) -> ForwardPlan:
-    """The plan of ``forward`` for f [B, C, K]; ``split`` forces the K-split (tests)."""
+    """The plan of ``forward`` for f [B, C, K]; ``split`` forces the K-split (tests; 1 wherever
+    ``SPLIT_K`` is off)."""
     B, C, K = f.shape
+    if split is None and not SPLIT_K:
+        split = 1
     return _forward_plan(style, B, C, K, _sm_count(f.device), split, *dot_key(f.dtype, f.device))
 
 
