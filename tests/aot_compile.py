@@ -104,17 +104,13 @@ def build(fn, args, kwargs, target):
 def compile_launch(fn, args, kwargs, targets=tuple(TARGETS)):
     """Build one captured launch for ``targets`` (a target in ``BUILT_AS`` takes the shared memory
     of the build it stands for); returns ({target: shared bytes}, report line)."""
-    shared = {}
-    for name in [t for t in targets if t not in BUILT_AS] + [t for t in targets if t in BUILT_AS]:
-        if name in BUILT_AS:
-            shared[name] = shared[BUILT_AS[name]]
-            continue
-        target, _ = TARGETS[name]
-        src, options, built = build(fn, args, kwargs, target)
-        shared[name] = built.metadata.shared
+    built_shared = {}
+    for name in {BUILT_AS.get(t, t) for t in targets}:
+        src, options, built = build(fn, args, kwargs, TARGETS[name][0])
+        built_shared[name] = built.metadata.shared
         if name == REPORT_TARGET:
             compiled, signature, constexprs, opts = built, src.signature, src.constants, options
-    shared = {name: shared[name] for name in targets}
+    shared = {name: built_shared[BUILT_AS.get(name, name)] for name in targets}
     return shared, _report_line(fn, constexprs, signature, opts, compiled, shared)
 
 
@@ -196,10 +192,11 @@ def main():
 
     with multiprocessing.get_context("fork").Pool(max(1, os.cpu_count() or 1)) as pool:
         results = pool.map(_compile_captured, sorted(unique.values()), chunksize=1)
-        # the targets built as another: really built where it matters most, nearest their limit
-        confirm = [(i, name, shared[name]) for name in BUILT_AS
-                   for i, (shared, _) in sorted(zip(sorted(unique.values()), results),
-                                                key=lambda r: -r[1][0][name])[:CONFIRM]]
+        # each target built as another is built for real where it matters most: nearest its limit
+        confirm = []
+        for name in BUILT_AS:
+            nearest = sorted(zip(sorted(unique.values()), results), key=lambda r: -r[1][0][name])[:CONFIRM]
+            confirm += [(i, name, shared[name]) for i, (shared, _) in nearest]
         real = pool.starmap(_shared_on, [(i, name) for i, name, _ in confirm], chunksize=1)
     lines, too_big = [], []
     differ = [f"{variant_key(*captured[i])[0]} needs {b} bytes of shared memory on {name}, {a} on "

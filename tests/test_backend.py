@@ -1,6 +1,8 @@
 """The backend switch, the NaN-poisoned allocator, input checks and the tolerance table."""
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import fastnote
 from fastnote import backend, checks, testing
@@ -143,9 +145,6 @@ def test_bf16_conversion_rounds_to_nearest_even():
     # round to nearest, ties to even. Triton's interpreter truncates unless fastnote's kernel
     # modules have made it round (triton_kernels/utils.py's interpreter_round_bf16_to_nearest); on a GPU
     # this checks the hardware's conversion.
-    import triton
-    import triton.language as tl
-
     import fastnote.triton_kernels.utils  # noqa: F401  (what every kernel module imports)
 
     @triton.jit
@@ -171,30 +170,23 @@ def test_bf16_conversion_rounds_to_nearest_even():
 
 
 
-def _softmax_kernel_with_helpers():
-    """Row softmax of 6 x: a kernel that calls a helper of its own and Triton's tl.zeros, tl.max and tl.sum (each a
-    @triton.jit helper too) in a loop. Defined at module level: the interpreter resolves helpers
-    through the kernel's globals."""
-    global _scaled, _rows_softmax
-    import triton
-    import triton.language as tl
+@triton.jit
+def _scaled(x, s):
+    return x * s
 
-    @triton.jit
-    def _scaled(x, s):
-        return x * s
 
-    @triton.jit
-    def _rows_softmax(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
-        cols = tl.arange(0, BLOCK)
-        offs = tl.program_id(0) * n + cols
-        x = tl.load(x_ptr + offs, mask=cols < n, other=float("-inf"))
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for i in range(3):
-            acc += _scaled(x, i + 1.0)
-        e = tl.exp(acc - tl.max(acc, axis=0))
-        tl.store(y_ptr + offs, e / tl.sum(e, axis=0), mask=cols < n)
-
-    return _rows_softmax
+@triton.jit
+def _rows_softmax(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    """Row softmax of 6 x, calling a helper of its own and Triton's tl.zeros, tl.max and tl.sum
+    (each a @triton.jit helper too) in a loop."""
+    cols = tl.arange(0, BLOCK)
+    offs = tl.program_id(0) * n + cols
+    x = tl.load(x_ptr + offs, mask=cols < n, other=float("-inf"))
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in range(3):
+        acc += _scaled(x, i + 1.0)
+    e = tl.exp(acc - tl.max(acc, axis=0))
+    tl.store(y_ptr + offs, e / tl.sum(e, axis=0), mask=cols < n)
 
 
 def test_interpreter_patches_the_language_once_per_launch(monkeypatch):
@@ -202,7 +194,6 @@ def test_interpreter_patches_the_language_once_per_launch(monkeypatch):
     # @triton.jit helper; fastnote's kernel modules make the helpers skip that (a third of the
     # interpreter's time in a Swin-T step). Same results bit for bit, one patching per launch,
     # and the language modules as they were once the launch is over.
-    import triton.language as tl
     from triton.runtime import interpreter
 
     from fastnote.triton_kernels import utils
@@ -210,7 +201,7 @@ def test_interpreter_patches_the_language_once_per_launch(monkeypatch):
     if not backend.interpreter_on():
         pytest.skip("the interpreter is off: compiled kernels patch nothing")
     assert utils.interpreter_patch_language_once_per_launch()
-    kernel = _softmax_kernel_with_helpers()
+    kernel = _rows_softmax
     calls = []
     real = interpreter._patch_lang
     monkeypatch.setattr(interpreter, "_patch_lang", lambda fn: calls.append(fn.__name__) or real(fn))
