@@ -146,6 +146,18 @@ def scalar(name: str, t) -> torch.Tensor:
     return t
 
 
+def scalar_operand(name: str, value, like) -> torch.Tensor:
+    """A loss's one-value operand (``logit_scale``, ``logit_bias``) as the ops take it: an fp32,
+    fp16 or bf16 tensor as it is; an fp64 tensor cast to fp32 (differentiably: its gradient comes
+    back in fp64); a Python real as a 0-dim fp32 tensor on ``like``'s device (a fill kernel, not
+    a host-to-device copy: capturable in a CUDA graph). Other tensors are left to ``scalar``."""
+    if isinstance(value, torch.Tensor):
+        return value.float() if value.dtype == torch.float64 else value
+    real(name, value)
+    return torch.full((), float(value), dtype=torch.float32,
+                      device=like.device if isinstance(like, torch.Tensor) else None)
+
+
 def boolean(name: str, value) -> bool:
     """A real bool (not 0/1, not a tensor): flags that pick a code path."""
     if not isinstance(value, bool):

@@ -129,6 +129,27 @@ def test_non_contiguous_and_one_element_scale(device):
     _check(img, txt, scale)
 
 
+def test_float64_scale(device):
+    """An fp64 scale (a model kept in double, or a Python float under a float64 default dtype)
+    gives the fp32 scale's loss, and its gradient comes back in fp64."""
+    img, txt, scale = _inputs(13, 8, device)
+    scale64 = scale.detach().double().requires_grad_()
+    loss, loss64 = fastnote.clip_loss(img, txt, scale), fastnote.clip_loss(img, txt, scale64)
+    assert loss64.dtype == torch.float32 and torch.equal(loss, loss64)
+    got = torch.autograd.grad(loss64, (img, txt, scale64))
+    want = torch.autograd.grad(loss, (img, txt, scale))
+    assert [g.dtype for g in got] == [torch.float32, torch.float32, torch.float64]
+    for g, e in zip(got, want):
+        assert torch.equal(g, e.to(g.dtype))
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        floats = fastnote.clip_loss(img, txt, 14.3)
+    finally:
+        torch.set_default_dtype(default)
+    assert floats.dtype == torch.float32 and torch.equal(floats, loss)
+
+
 @pytest.mark.no_kernel
 def test_empty(device):
     img, txt, scale = _inputs(0, 8, device)

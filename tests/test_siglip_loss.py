@@ -93,6 +93,39 @@ def test_matches_open_clip(n, d, shape, device):
     assert set(out) == set(oc.SigLipLoss()(img, txt, scale, bias, output_dict=True)) == {"contrastive_loss"}
 
 
+def test_no_bias_matches_open_clip(device):
+    # open_clip's get_logits adds no bias when logit_bias is None
+    oc = _open_clip()
+    img, txt, scale, _ = _inputs(17, 12, device, scale=10.0)
+    loss = fastnote.nn.SigLipLoss()(img, txt, scale, None)
+    want = oc.SigLipLoss()(img, txt, scale, None)
+    assert_close(loss, want, "reduction")
+    assert torch.equal(loss, fastnote.siglip_loss(img, txt, scale, 0.0))
+    for name, g, e in zip(NAMES, torch.autograd.grad(loss, (img, txt, scale)),
+                          torch.autograd.grad(want, (img, txt, scale))):
+        assert_close(g, e, "reduction", msg=f"gradient of {name}")
+
+
+def test_float64_scale_and_bias(device):
+    """fp64 scale and bias (a model kept in double, or Python floats under a float64 default
+    dtype) give the fp32 operands' loss, and their gradients come back in fp64."""
+    img, txt, scale, bias = _inputs(13, 8, device, scale=10.0, bias=-10.0)
+    scale64, bias64 = (t.detach().double().requires_grad_() for t in (scale, bias))
+    loss, loss64 = fastnote.siglip_loss(img, txt, scale, bias), fastnote.siglip_loss(img, txt, scale64, bias64)
+    assert loss64.dtype == torch.float32 and torch.equal(loss, loss64)
+    got = torch.autograd.grad(loss64, (img, txt, scale64, bias64))
+    for name, g, e in zip(NAMES, got, torch.autograd.grad(loss, (img, txt, scale, bias))):
+        assert g.dtype == (torch.float64 if name in ("logit_scale", "logit_bias") else torch.float32), name
+        assert torch.equal(g, e.to(g.dtype)), name
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        floats = fastnote.siglip_loss(img, txt, 10.0, -10.0)
+    finally:
+        torch.set_default_dtype(default)
+    assert floats.dtype == torch.float32 and torch.equal(floats, loss)
+
+
 @pytest.mark.parametrize("offset,has_diag", [(3, True), (-2, True), (0, False)])
 def test_offset_and_negative_only(offset, has_diag, device):
     # the kernels' own arguments: the positives at column i + offset, or none (another rank's chunk)

@@ -99,6 +99,27 @@ def test_non_contiguous_and_empty(device):
     assert e.grad.shape == e.shape
 
 
+@pytest.mark.parametrize("fn", [fastnote.squeeze_excitation, fastnote.hswish_se], ids=["se", "hswish_se"])
+def test_strided_weights_and_biases(fn, device):
+    """Weights and biases that are views (every other element of a larger buffer, an expanded
+    scalar, a transposed matrix) give what their contiguous copies give, forward and backward:
+    the kernels read them as packed memory, so the op must copy them first."""
+    x, w1, b1, w2, b2 = _inputs(2, 8, 3, 3, 4, device)
+    views = (x,
+             torch.randn(8, 4, device=device).t().requires_grad_(),         # [4, 8] transposed
+             torch.randn(8, device=device)[::2].requires_grad_(),           # stride 2
+             torch.randn(8, 6, device=device)[:, 1:5].requires_grad_(),     # row stride 6
+             torch.randn(1, device=device).expand(8).requires_grad_())       # stride 0
+    assert not any(v.is_contiguous() for v in views[1:])
+    copies = tuple(v.detach().contiguous().requires_grad_() for v in views)
+    grad = torch.randn(2, 8, 3, 3, device=device)
+    got = fn(*views, activation="relu", gate="sigmoid")
+    want = fn(*copies, activation="relu", gate="sigmoid")
+    assert torch.equal(got, want)
+    for g, w in zip(torch.autograd.grad(got, views, grad), torch.autograd.grad(want, copies, grad)):
+        assert torch.equal(g, w)
+
+
 def test_no_bias(device):
     x, w1, _, w2, _ = _inputs(2, 8, 4, 4, 4, device)
     got = fastnote.squeeze_excitation(x, w1, None, w2, None)

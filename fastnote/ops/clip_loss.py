@@ -207,11 +207,7 @@ def clip_loss(image_emb: Tensor, text_emb: Tensor, logit_scale, *, group=None, l
     >>> torch.allclose(loss, ref, atol=1e-5)
     True
     """
-    if not isinstance(logit_scale, torch.Tensor):
-        checks.real("logit_scale", logit_scale)
-        device = image_emb.device if isinstance(image_emb, torch.Tensor) else None
-        # a fill kernel, not a host-to-device copy: capturable in a CUDA graph
-        logit_scale = torch.full((), float(logit_scale), device=device)
+    logit_scale = checks.scalar_operand("logit_scale", logit_scale, image_emb)
     checks.embedding_pair(image_emb, text_emb, logit_scale)
     checks.boolean("local_loss", local_loss)
     img, txt = checks.autocast(image_emb, text_emb)

@@ -255,14 +255,6 @@ def _collective_loss(image, text, logit_scale, logit_bias, group, dist_impl: str
 
 # ------------------------------------------------------------------------------------------------
 
-def _as_tensor(name: str, value, like) -> Tensor:
-    if isinstance(value, torch.Tensor):
-        return value
-    checks.real(name, value)
-    # a fill kernel, not a host-to-device copy: capturable in a CUDA graph
-    return torch.full((), float(value), device=like.device if isinstance(like, torch.Tensor) else None)
-
-
 def siglip_loss(image_emb: Tensor, text_emb: Tensor, logit_scale, logit_bias, *, group=None,
                 dist_impl: str = "bidir") -> Tensor:
     """SigLIP's sigmoid loss: ``logits = logit_scale * image_emb @ text_emb^T + logit_bias``,
@@ -272,8 +264,8 @@ def siglip_loss(image_emb: Tensor, text_emb: Tensor, logit_scale, logit_bias, *,
     image_emb, text_emb: [n, d], one dtype (fp32, fp16, bf16; under autocast cast to its dtype),
     rows L2-normalised by the caller. ``logit_scale``: the multiplier itself, already
     exponentiated (``model.logit_scale.exp()``), ``logit_bias``: the bias (SigLIP initialises them
-    to 10 and -10); each a 0-dim or one-element tensor of any float dtype, or a Python float.
-    Gradients reach all four.
+    to 10 and -10); each a 0-dim or one-element tensor of any float dtype, or a Python float;
+    ``logit_bias=None`` adds no bias, as open_clip's ``get_logits``. Gradients reach all four.
 
     The kernels stream blocks of text rows past each block of image rows and never store the
     [n, n] logits; backward recomputes them in two passes (image rows against the text, text rows
@@ -300,8 +292,9 @@ def siglip_loss(image_emb: Tensor, text_emb: Tensor, logit_scale, logit_bias, *,
     >>> torch.allclose(loss, fastnote.reference.siglip_loss(img, txt, scale, bias), atol=1e-5)
     True
     """
-    logit_scale = _as_tensor("logit_scale", logit_scale, image_emb)
-    logit_bias = _as_tensor("logit_bias", logit_bias, image_emb)
+    logit_scale = checks.scalar_operand("logit_scale", logit_scale, image_emb)
+    # None: no bias, as open_clip's get_logits skips it
+    logit_bias = checks.scalar_operand("logit_bias", 0.0 if logit_bias is None else logit_bias, image_emb)
     checks.embedding_pair(image_emb, text_emb, logit_scale, logit_bias)
     checks.choice("dist_impl", dist_impl, DIST_IMPLS)
     img, txt = checks.autocast(image_emb, text_emb)

@@ -26,7 +26,10 @@ def _forward_op(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
     s = backend.empty(x.shape[:2], torch.float32, x.device)   # s and g are outputs: no shared storage
     g = backend.empty(x.shape[:2], torch.float32, x.device)
     kernels.plane_reduce(x=x, grad=None, hswish=hswish, scale=1.0 / max(x.shape[2] * x.shape[3], 1), out=s)
-    kernels.mlp_forward(s=s, w1=_matrix(w1), b1=b1, w2=_matrix(w2), b2=b2, activation=activation, gate=gate, g=g)
+    # The kernels read every weight and bias as packed memory: strided ones are copied (views of a
+    # larger buffer, an expanded scalar bias); contiguous ones go as they are.
+    kernels.mlp_forward(s=s, w1=_matrix(w1), b1=b1.contiguous(), w2=_matrix(w2), b2=b2.contiguous(),
+                        activation=activation, gate=gate, g=g)
     out = kernels.apply(x=x, g=g, hswish=hswish, out=backend.empty_like(x))
     return [out, s, g]     # s and g, [B, C] fp32 each, are kept for backward
 
@@ -60,8 +63,9 @@ def _backward_op(grad: Tensor, x: Tensor, s: Tensor, g: Tensor, w1: Tensor, b1: 
     kernels.plane_reduce(x=x, grad=grad, hswish=hswish, scale=1.0, out=dg)
     a, dz1 = backend.empty((2, B, CR), torch.float32, x.device).unbind(0)
     dz2, ds = backend.empty((2, B, C), torch.float32, x.device).unbind(0)
-    ds, dw1, db1, dw2, db2 = kernels.mlp_backward(s=s, w1=m1, b1=b1, w2=m2, b2=b2, dg=dg, activation=activation,
-                                                  gate=gate, a=a, dz1=dz1, dz2=dz2, ds=ds)
+    ds, dw1, db1, dw2, db2 = kernels.mlp_backward(s=s, w1=m1, b1=b1.contiguous(), w2=m2, b2=b2.contiguous(),
+                                                  dg=dg, activation=activation, gate=gate, a=a, dz1=dz1, dz2=dz2,
+                                                  ds=ds)
     del dg, a, dz1   # freed before dx is allocated (the backward's peak)
     dx = kernels.input_grad(grad=grad, x=x, g=g, ds=ds, hswish=hswish, out=backend.empty_like(x))
     return [dx, _like(dw1, w1), _like(db1, b1), _like(dw2, w2), _like(db2, b2)]
