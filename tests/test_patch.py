@@ -564,6 +564,37 @@ def test_timm_swin_set_input_size_on_a_replaced_core(device, launches):
     assert launches
 
 
+@pytest.mark.parametrize("window_size", [4, None], ids=["shifts-0-2", "window-4x6"])
+def test_timm_swin_set_input_size_to_unequal_geometry(window_size, device, launches):
+    """Blocks fused at square windows and equal shifts, then set_input_size to 32 x 48: stage 2's
+    4 x 6 map gives shifts (0, 2) with window 4, or a 4 x 6 window when the window follows the map.
+    Those blocks run timm's own _attn (the fused kernels take one window side and one shift), the
+    square ones stay fused, and the model matches timm's at the new size, forward and every gradient."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    eager, patched = _twins(lambda: timm.create_model(
+        "swin_tiny_patch4_window7_224", pretrained=False, img_size=32, window_size=4, num_classes=3,
+        embed_dim=16, depths=(2, 2), num_heads=(1, 2), drop_path_rate=0.0), device)
+    assert fastnote.patch(patched).counts() == {
+        "SwinTransformerBlock -> fastnote.nn.timm_swin.FusedSwinTransformerBlock": 4}
+    for model in (eager, patched):
+        model.set_input_size(img_size=(32, 48), window_size=window_size)
+    blocks = _timm_swin_blocks(patched)
+    square = [b.window_size[0] == b.window_size[1] and b.shift_size[0] == b.shift_size[1] for b in blocks]
+    assert not all(square) and (any(square) == (window_size == 4))
+    x = torch.randn(2, 3, 32, 48, device=device)
+    launches.clear()
+    out = patched(x)
+    assert {name for _, name, _ in launches} == ({"_fwd_kernel"} if any(square) else set())
+    want = eager(x)
+    assert_close(out, want, "reduction")
+    grad = torch.randn_like(want)
+    got = torch.autograd.grad(out, list(patched.parameters()), grad)
+    expected = torch.autograd.grad(want, list(eager.parameters()), grad)
+    for (name, _), g, e in zip(patched.named_parameters(), got, expected):
+        assert_close(g, e, "reduction", msg=name)
+
+
 def test_timm_swin_unpatch_after_set_input_size(device, tmp_path):
     """A timm Swin block is patched in place (its class switched, no copy), so timm's
     set_input_size after patching changes the very block unpatch gives back: the restored model is

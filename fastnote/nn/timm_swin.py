@@ -15,9 +15,10 @@
 - ``FusedSwinTransformerV2Block``: the same for timm's ``SwinTransformerV2Block``, its ``_attn``
   on ``fastnote.swin_window_attention_v2`` (cosine attention, ``logit_scale``, the position bias
   ``16 * sigmoid(cpb_mlp(coords))`` computed per call from the block's ``attn``), in timm's order.
-  The geometry is read from the block on every call, so ``set_input_size`` needs nothing more; a
-  window or shift that ``set_input_size`` made unequal along the two axes runs timm's own
-  ``_attn`` (the fused kernels take square windows and one shift).
+
+Both read the geometry from the block on every call, so ``set_input_size`` needs nothing more; a
+window or shift that ``set_input_size`` made unequal along the two axes runs timm's own ``_attn``
+(the fused kernels take square windows and one shift).
 """
 from __future__ import annotations
 
@@ -89,11 +90,13 @@ class _FusedAttention:
 
     def _attn(self, x):
         attn = self.attn
+        (wh, ww), (sh, sw) = self.window_size, self.shift_size
+        if wh != ww or sh != sw:
+            return super()._attn(x)   # timm's own path: the fused one takes square windows, one shift
         if attn.training and attn.attn_drop.p > 0:
             raise ValueError("fastnote's fused Swin block has no attention dropout: attn_drop must be 0 in training")
         out = swin_window_attention(x, attn.qkv.weight, attn.qkv.bias, attn.proj.weight, attn.proj.bias,
-                                    attn.relative_position_bias_table, self.window_size[0], attn.num_heads,
-                                    shift_size=self.shift_size[0],
+                                    attn.relative_position_bias_table, wh, attn.num_heads, shift_size=sh,
                                     relative_position_index=attn.relative_position_index, scale=attn.scale,
                                     roll_first=True)
         return attn.proj_drop(out)
