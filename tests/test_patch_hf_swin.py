@@ -196,3 +196,31 @@ def test_v2_mask_added_twice_is_measured():
     assert _v2_mask_count(sa, 8) == 2.0
     cls = fused_layer_class(type(model.encoder.layers[0].blocks[1]), 2)
     assert cls._fastnote_mask_value == -200.0
+
+
+def test_v2_half_model_is_probed_in_float32(device, launches):
+    """A model cast to fp16 (model.half()): the probe's zero key would give NaN through
+    F.normalize in fp16 (its eps is 0 there), so it runs on an fp32 copy; every layer is fused as
+    in fp32, with the same mask count, the module probed is left as it was, and the patched
+    half model is as close to the fp32 one as the library's half model (within 4x its error)."""
+    from fastnote.patch.hf_swin import _v2_mask_count
+
+    model = _model("Swinv2").to(device).half()
+    sa = model.encoder.layers[0].blocks[1].attention.self
+    before = {k: v.clone() for k, v in sa.state_dict().items()}
+    assert _v2_mask_count(sa, 8) == 2.0
+    assert sa.query.weight.dtype == torch.float16
+    assert all(torch.equal(v, before[k]) for k, v in sa.state_dict().items())
+    exact = _model("Swinv2").to(device).eval()
+    eager = copy.deepcopy(exact).half()
+    report = fastnote.patch(model.eval())
+    assert len(report.replaced) == len(_blocks(exact)) and not report.left
+    x = torch.randn(1, 3, 64, 64, device=device)
+    launches.clear()
+    with torch.no_grad():
+        truth = exact(pixel_values=x).last_hidden_state
+        theirs = eager(pixel_values=x.half()).last_hidden_state
+        ours = model(pixel_values=x.half()).last_hidden_state
+    assert any(k.endswith("window_attention") for k, _, _ in launches), launches
+    assert ours.dtype == torch.float16 and torch.isfinite(ours).all()
+    assert rms_relative_error(ours, truth) <= FACTOR * rms_relative_error(theirs, truth)

@@ -31,6 +31,7 @@ forward that is not the library's. At run time the fused block hands over to the
 """
 from __future__ import annotations
 
+import copy
 import weakref
 from typing import Optional, Tuple
 
@@ -123,6 +124,10 @@ def _v2_mask_count(sa: nn.Module, ws: int) -> Optional[float]:
     tol = PROBE_TOLERANCE.get(w.dtype)
     if tol is None or w.is_meta:
         return None
+    if w.dtype == torch.float16:
+        # F.normalize's eps (1e-12) is 0 in fp16, so the zero key gives NaN: probe an fp32 copy
+        sa, tol = copy.deepcopy(sa).float(), PROBE_TOLERANCE[torch.float32]
+        w = sa.query.weight
     with torch.no_grad():
         x = torch.zeros(1, n, sa.query.in_features, device=w.device, dtype=w.dtype)
         mask = -(torch.arange(n, device=w.device) % 2).to(w.dtype).expand(1, n, n)
