@@ -8,6 +8,10 @@
 - ``triton``: always the kernels (on CPU this needs the interpreter).
 - ``reference``: always the plain-PyTorch reference.
 
+float64 inputs run the reference whatever the choice (``kernels_for``): the kernels take fp32,
+fp16 and bf16, and float64 is for checking (gradcheck, a model cast with ``.double()``), where
+exact maths matters more than speed, as torch's own fused attention falls back to its math path.
+
 ``FASTNOTE_BACKEND``, ``TRITON_INTERPRET`` and ``FASTNOTE_POISON_ALLOC`` are read once, when first
 needed (the first op call), not on every call: an op's host time is part of every training step.
 Code that changes them afterwards (tests, scripts) calls ``refresh()`` to have them read again.
@@ -83,6 +87,18 @@ def use_triton(device: torch.device) -> bool:
     if decided is not None:
         return decided
     return _decide(device)
+
+
+def kernels_for(t: torch.Tensor, *others: Optional[torch.Tensor]) -> bool:
+    """True when an op whose leading input is ``t`` should run the kernels: ``use_triton`` for
+    its device, unless ``t`` or any of ``others`` (its other float inputs; None for one not
+    given) is float64, which the reference runs, with torch's type promotion."""
+    if t.dtype is torch.float64:
+        return False
+    for o in others:
+        if o is not None and o.dtype is torch.float64:
+            return False
+    return use_triton(t.device)
 
 
 def _decide(device: torch.device) -> bool:

@@ -12,7 +12,8 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# float64 is taken too, and runs the plain-PyTorch reference (backend.kernels_for)
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # The exact tensor types the ops' quick checks accept; others (subclasses) go through the full checks
 PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
@@ -147,14 +148,16 @@ def scalar(name: str, t) -> torch.Tensor:
 
 
 def scalar_operand(name: str, value, like) -> torch.Tensor:
-    """A loss's one-value operand (``logit_scale``, ``logit_bias``) as the ops take it: an fp32,
-    fp16 or bf16 tensor as it is; an fp64 tensor cast to fp32 (differentiably: its gradient comes
-    back in fp64); a Python real as a 0-dim fp32 tensor on ``like``'s device (a fill kernel, not
-    a host-to-device copy: capturable in a CUDA graph). Other tensors are left to ``scalar``."""
+    """A loss's one-value operand (``logit_scale``, ``logit_bias``) as the ops take it: a tensor
+    as it is, but an fp64 one with lower-precision embeddings ``like`` cast to fp32 (differentiably:
+    its gradient comes back in fp64; the kernels read an fp32 value); a Python real as a 0-dim
+    tensor on ``like``'s device, fp32 (fp64 with fp64 embeddings), made by a fill kernel, not a
+    host-to-device copy (capturable in a CUDA graph). Other tensors are left to ``scalar``."""
+    wide = isinstance(like, torch.Tensor) and like.dtype is torch.float64
     if isinstance(value, torch.Tensor):
-        return value.float() if value.dtype == torch.float64 else value
+        return value.float() if value.dtype is torch.float64 and not wide else value
     real(name, value)
-    return torch.full((), float(value), dtype=torch.float32,
+    return torch.full((), float(value), dtype=torch.float64 if wide else torch.float32,
                       device=like.device if isinstance(like, torch.Tensor) else None)
 
 
@@ -180,10 +183,12 @@ def module(name: str, m) -> torch.nn.Module:
 
 def autocast(*tensors: Optional[torch.Tensor]):
     """Each tensor in the autocast dtype when autocast is on for the first one's device (as
-    torch.bmm would cast it); None stays None. One tensor in, one out; several in, a tuple out."""
+    torch.bmm would cast it: float64 tensors stay as they are); None stays None. One tensor in,
+    one out; several in, a tuple out."""
     dtype = autocast_dtype(tensors[0].device)
     if dtype is not None:
-        tensors = tuple(t.to(dtype) if t is not None and t.dtype != dtype else t for t in tensors)
+        tensors = tuple(t.to(dtype) if t is not None and t.dtype != dtype and t.dtype is not torch.float64 else t
+                        for t in tensors)
     return tensors[0] if len(tensors) == 1 else tuple(tensors)
 
 

@@ -5,7 +5,7 @@ import triton
 import triton.language as tl
 
 import fastnote
-from fastnote import backend, checks, testing
+from fastnote import backend, cases, checks, testing
 
 
 @pytest.fixture(autouse=True)
@@ -80,6 +80,60 @@ def test_reference_backend_bypasses_kernels(monkeypatch):
         _setenv(monkeypatch, "FASTNOTE_BACKEND", "auto")
         fastnote.tv_loss(x)
         assert len(calls) == 1
+
+
+def _double_leaves(inputs):
+    return {k: v.detach().double().requires_grad_(v.requires_grad)
+            if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in inputs.items()}
+
+
+def _tensor_outputs(out):
+    return [out] if isinstance(out, torch.Tensor) else [t for t in out if isinstance(t, torch.Tensor)]
+
+
+# the distributed losses' per-chunk custom ops, which their cases call through torch.ops: the public
+# clip_loss and siglip_loss choose the backend (float64 included) before reaching them
+_CUSTOM_OP_CASES = {"clip_row_loss", "siglip_chunk_loss"}
+
+
+@pytest.mark.parametrize("op", [c.name for c in cases.all_cases() if c.name not in _CUSTOM_OP_CASES])
+def test_float64_runs_the_reference(op, device, launches):
+    """Every op's parity inputs in float64: no kernel launches, and the outputs and every
+    gradient are float64 and agree with the case's plain-PyTorch reference in float64 (to
+    float64 rounding: an fp32 path anywhere would be ~1e9 times further off)."""
+    (case,) = cases.by_name([op])
+    torch.manual_seed(0)
+    inputs = case.inputs(torch.float32, device)
+    ours_in, ref_in = _double_leaves(inputs), _double_leaves(inputs)
+    launches.clear()
+    ours = _tensor_outputs(case.ours(**ours_in))
+    assert launches == []
+    want = _tensor_outputs(case.reference(**ref_in))
+    assert len(ours) == len(want)
+    for got, expected in zip(ours, want):
+        assert got.dtype == torch.float64 or not expected.is_floating_point()
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    pairs = [(a, e) for a, e in zip(ours, want) if a.requires_grad]
+    grads = [torch.randn(a.shape, dtype=torch.float64, device=device) for a, _ in pairs]
+    torch.autograd.backward([a for a, _ in pairs], grads)
+    torch.autograd.backward([e for _, e in pairs], grads)
+    leaves = [k for k, v in ours_in.items() if isinstance(v, torch.Tensor) and v.requires_grad]
+    assert leaves or not pairs
+    for k in leaves:
+        assert ours_in[k].grad.dtype == torch.float64, k
+        torch.testing.assert_close(ours_in[k].grad, ref_in[k].grad, rtol=1e-12, atol=1e-12, msg=k)
+
+
+def test_float64_gradcheck_and_autocast(device, launches):
+    """gradcheck passes on a fastnote op in float64, and float64 inputs stay float64 under
+    autocast, as torch's autocast leaves them (so they still take the reference)."""
+    q, k, v = (torch.randn(2, 1, 9, 4, dtype=torch.float64, device=device, requires_grad=True) for _ in range(3))
+    assert torch.autograd.gradcheck(lambda q, k, v: fastnote.window_attention(q, k, v), (q, k, v))
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64, device=device)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        assert fastnote.gram(x).dtype == torch.float64
+        assert fastnote.sagan_attention(q[:, 0], k[:, 0], v[:, 0]).dtype == torch.float64
+    assert launches == []
 
 
 def test_poisoned_allocations(monkeypatch):

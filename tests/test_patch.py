@@ -595,6 +595,30 @@ def test_timm_swin_set_input_size_to_unequal_geometry(window_size, device, launc
         assert_close(g, e, "reduction", msg=name)
 
 
+@pytest.mark.parametrize("name", ["swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256"], ids=["v1", "v2"])
+def test_timm_swin_in_float64(name, device, launches):
+    """A patched model cast with .double() (for gradcheck or a float64 check) runs: float64 takes
+    fastnote.reference, and the model matches timm's own in float64, forward and every gradient."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    eager, patched = _twins(lambda: timm.create_model(
+        name, pretrained=False, img_size=32, window_size=4, num_classes=3, embed_dim=16, depths=(2, 2),
+        num_heads=(1, 2), drop_path_rate=0.0), device)
+    assert len(fastnote.patch(patched).replaced) == 4
+    eager.double()
+    patched.double()
+    x = torch.randn(2, 3, 32, 32, device=device, dtype=torch.float64)
+    launches.clear()
+    out, want = patched(x), eager(x)
+    assert launches == [] and out.dtype == torch.float64
+    torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-12)
+    grad = torch.randn_like(want)
+    got = torch.autograd.grad(out, list(patched.parameters()), grad)
+    expected = torch.autograd.grad(want, list(eager.parameters()), grad)
+    for (param, _), g, e in zip(patched.named_parameters(), got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12, msg=param)
+
+
 def test_timm_swin_unpatch_after_set_input_size(device, tmp_path):
     """A timm Swin block is patched in place (its class switched, no copy), so timm's
     set_input_size after patching changes the very block unpatch gives back: the restored model is

@@ -227,7 +227,7 @@ def test_errors(device):
     with pytest.raises(TypeError, match="all tensors must have one dtype"):
         fastnote.patch_nce_loss(q, k.detach().half(), 2)
     with pytest.raises(TypeError, match="feat_q must have dtype"):
-        fastnote.patch_nce_loss(q.detach().double(), k.detach().double(), 2)
+        fastnote.patch_nce_loss(q.detach().long(), k.detach().long(), 2)
     with pytest.raises(ValueError, match="one device.*feat_k on meta"):
         fastnote.patch_nce_loss(q, k.detach().to("meta"), 2)
     with pytest.raises(ValueError, match="feat_q must have at least one channel"):

@@ -262,9 +262,9 @@ def test_errors(device):
     with pytest.raises(TypeError, match="all tensors must have one dtype"):
         fastnote.sagan_attention(q, k.detach().half(), v)
     with pytest.raises(TypeError, match="x must have dtype"):
-        fastnote.sagan_attention(q, k, v, x.detach().double(), gamma)
+        fastnote.sagan_attention(q, k, v, x.detach().long(), gamma)
     with pytest.raises(TypeError, match="v must have dtype"):
-        fastnote.sagan_attention(q, k, v.detach().double())
+        fastnote.sagan_attention(q, k, v.detach().long())
     with pytest.raises(ValueError, match="k must have at least one position"):
         fastnote.sagan_attention(q, k[..., :0], v[..., :0])
     with pytest.raises(ValueError, match="q must have at least one channel"):

@@ -141,7 +141,7 @@ def test_errors(device):
     with pytest.raises(ValueError, match="activation must be one of"):
         fastnote.hswish_se(x, w1, b1, w2, b2, activation="gelu")
     with pytest.raises(TypeError, match="x must have dtype"):
-        fastnote.squeeze_excitation(x.detach().double(), w1, b1, w2, b2)
+        fastnote.squeeze_excitation(x.detach().long(), w1, b1, w2, b2)
 
 
 def test_opcheck(device):

@@ -120,7 +120,7 @@ def test_errors(device):
     with pytest.raises(ValueError, match="y must have 4 dimensions"):
         fastnote.tv_loss(y[0])
     with pytest.raises(TypeError, match="y must have dtype"):
-        fastnote.tv_loss(y.double())
+        fastnote.tv_loss(y.long())
     with pytest.raises(TypeError, match="y must be a torch.Tensor"):
         fastnote.tv_loss(1.0)
     with pytest.raises(ValueError, match="y must have C, H and W >= 1"):

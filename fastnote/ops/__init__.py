@@ -2,7 +2,8 @@
 autograd registrations, and the functional entry point.
 
 Pattern (every Triton op follows it):
-- the functional entry checks its inputs, then asks ``backend.use_triton(device)``; the checks
+- the functional entry checks its inputs, then asks ``backend.kernels_for(input)`` (its device's
+  backend choice; float64 always takes the reference); the checks
   accept the common case in a few comparisons and leave anything else to ``fastnote.checks``,
   which raises the message (host time per call matters: see ``benchmarks/overhead.py``);
 - the reference path calls ``fastnote.reference`` directly (plain torch ops: autograd, AMP and

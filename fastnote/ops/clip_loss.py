@@ -213,7 +213,7 @@ def clip_loss(image_emb: Tensor, text_emb: Tensor, logit_scale, *, group=None, l
     img, txt = checks.autocast(image_emb, text_emb)
     if group is None and local_loss:
         raise ValueError("local_loss=True needs a process group (group=...): without one every row is local")
-    use_kernels = backend.use_triton(img.device)
+    use_kernels = backend.kernels_for(img)
     if group is not None:
         import torch.distributed as dist
 

@@ -146,7 +146,7 @@ def gram(x: Tensor, normalize: str = "chw") -> Tensor:
     x = checks.autocast(x)
     if x.shape[0] == 0:
         return x.new_zeros((0, x.shape[1], x.shape[1])) + x.sum() * 0   # keeps the graph
-    if not backend.use_triton(x.device):
+    if not backend.kernels_for(x):
         return reference.gram(x, normalize)
     return _gram_op(x, normalize)
 
@@ -272,7 +272,7 @@ def style_loss(x: Tensor, target_gram: Tensor, normalize: str = "chw") -> Tensor
     _check_target(x, target_gram)
     if x.shape[0] == 0:  # no image: the sum is empty
         return (x.float().sum() + target_gram.float().sum()) * 0.0
-    if not backend.use_triton(x.device):
+    if not backend.kernels_for(x, target_gram):
         return reference.style_loss(x, target_gram, normalize)
     save_diff = torch.is_grad_enabled() and (x.requires_grad or target_gram.requires_grad)
     return _style_op(x, target_gram, normalize, save_diff)[0]

@@ -141,7 +141,7 @@ def patch_nce_loss(feat_q: Tensor, feat_k: Tensor, batch_size: int, nce_T: float
     q, k = checks.autocast(feat_q, feat_k)
     if detach_k:
         k = k.detach()
-    if not backend.use_triton(q.device):
+    if not backend.kernels_for(q):
         loss = reference.patch_nce_loss(q, k, nce_T=float(nce_T), batch_size=groups,
                                         include_all_negatives_from_minibatch=groups == 1,
                                         detach_k=detach_k)

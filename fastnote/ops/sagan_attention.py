@@ -192,7 +192,7 @@ def sagan_attention(q: Tensor, k: Tensor, v: Tensor, x: Optional[Tensor] = None,
     q, k, v = checks.autocast(q, k, v)
     if not (k.dtype == q.dtype and v.dtype == q.dtype):
         checks.same_dtype(q=q, k=k, v=v)
-    if not backend.use_triton(q.device):
+    if not backend.kernels_for(q, x, gamma):
         return reference.sagan_attention(q, k, v, x=x, gamma=gamma, return_attention=return_attention)
     out = _forward_op(q, k, v, x, gamma)[0]
     if return_attention:

@@ -298,7 +298,7 @@ def siglip_loss(image_emb: Tensor, text_emb: Tensor, logit_scale, logit_bias, *,
     checks.embedding_pair(image_emb, text_emb, logit_scale, logit_bias)
     checks.choice("dist_impl", dist_impl, DIST_IMPLS)
     img, txt = checks.autocast(image_emb, text_emb)
-    use_kernels = backend.use_triton(img.device)
+    use_kernels = backend.kernels_for(img)
     if group is not None:
         import torch.distributed as dist
 

@@ -139,7 +139,7 @@ def _se(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, gate, hswish)
     if gate not in GATES:
         checks.choice("gate", gate, GATES)
     w1, b1, w2, b2 = _weights(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
-    if not backend.use_triton(x.device) or w1.shape[0] > MAX_SQUEEZE:
+    if not backend.kernels_for(x, w1, b1, w2, b2) or w1.shape[0] > MAX_SQUEEZE:
         fn = reference.hswish_se if hswish else reference.squeeze_excitation
         return fn(x, w1, b1, w2, b2, activation=activation, gate=gate)
     return _forward_op(x, w1, b1, w2, b2, activation, gate, hswish)[0]

@@ -67,6 +67,6 @@ def tv_loss(y: Tensor) -> Tensor:
         raise ValueError(f"y must have C, H and W >= 1, got shape {list(y.shape)}")
     if y.shape[0] == 0:
         return y.float().sum() * 0.0
-    if not backend.use_triton(y.device):
+    if not backend.kernels_for(y):
         return reference.tv_loss(y)
     return _tv_op(y)

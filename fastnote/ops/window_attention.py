@@ -156,7 +156,7 @@ def window_attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = N
         _check_core(q, k, v, bias, mask)
     scale = checks.scale(scale, q.shape[3])
     q, k, v, bias = checks.autocast(q, k, v, bias)
-    if not backend.use_triton(q.device):
+    if not backend.kernels_for(q, bias, mask):
         return reference.window_attention(q, k, v, bias=bias, mask=mask, scale=scale)
     return _forward_op(q, k, v, bias, mask, scale)[0]
 
@@ -411,7 +411,7 @@ def swin_window_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tens
                                                     shift_size, relative_position_index, scale, mask_value)
     if relative_position_index is None:
         relative_position_index = reference.relative_position_index(ws, device=x.device)
-    if not backend.use_triton(x.device):
+    if not backend.kernels_for(x, qkv_weight, qkv_bias, proj_weight, proj_bias, relative_position_bias_table):
         return reference.swin_block_attention(x, qkv_weight, qkv_bias, proj_weight, proj_bias,
                                               relative_position_bias_table, ws, num_heads, shift_size,
                                               index=relative_position_index, scale=scale,

@@ -153,7 +153,7 @@ def window_attention_v2(q: Tensor, k: Tensor, v: Tensor, logit_scale: Tensor, bi
         _check_logit_scale(logit_scale, q.shape[1])
         checks.same_device(q=q, logit_scale=logit_scale)
     q, k, v, bias = checks.autocast(q, k, v, bias)
-    if not backend.use_triton(q.device):
+    if not backend.kernels_for(q, logit_scale, bias, mask):
         return reference.window_attention_v2(q, k, v, logit_scale, bias=bias, mask=mask)
     return _forward_op(q, k, v, logit_scale, bias, mask)[0]
 
@@ -282,7 +282,8 @@ def swin_window_attention_v2(x: Tensor, qkv_weight: Tensor, q_bias: Optional[Ten
     ws, num_heads, shift_size = _check_block_v2(x, qkv_weight, q_bias, v_bias, proj_weight, proj_bias, logit_scale,
                                                 relative_position_bias, window_size, num_heads, shift_size,
                                                 relative_position_index, mask_value)
-    if not backend.use_triton(x.device):
+    if not backend.kernels_for(x, qkv_weight, q_bias, v_bias, proj_weight, proj_bias, logit_scale,
+                               relative_position_bias):
         return reference.swin_block_attention_v2(x, qkv_weight, q_bias, v_bias, proj_weight, proj_bias, logit_scale,
                                                  relative_position_bias, ws, num_heads, shift_size,
                                                  index=relative_position_index, mask_value=float(mask_value),
