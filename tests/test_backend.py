@@ -96,6 +96,7 @@ def _tensor_outputs(out):
 _CUSTOM_OP_CASES = {"clip_row_loss", "siglip_chunk_loss"}
 
 
+@pytest.mark.no_kernel
 @pytest.mark.parametrize("op", [c.name for c in cases.all_cases() if c.name not in _CUSTOM_OP_CASES])
 def test_float64_runs_the_reference(op, device, launches):
     """Every op's parity inputs in float64: no kernel launches, and the outputs and every
@@ -124,6 +125,7 @@ def test_float64_runs_the_reference(op, device, launches):
         torch.testing.assert_close(ours_in[k].grad, ref_in[k].grad, rtol=1e-12, atol=1e-12, msg=k)
 
 
+@pytest.mark.no_kernel
 def test_float64_gradcheck_and_autocast(device, launches):
     """gradcheck passes on a fastnote op in float64, and float64 inputs stay float64 under
     autocast, as torch's autocast leaves them (so they still take the reference)."""

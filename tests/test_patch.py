@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import prune
 
 import fastnote
 from fastnote.testing import assert_close, rms_relative_error
@@ -117,11 +118,14 @@ def test_patch_expect_and_include_errors():
     def sn_conv():
         return nn.utils.spectral_norm(nn.Conv2d(4, 4, 1))
 
-    with pytest.raises(RuntimeError, match="expected to replace 3 modules, replaced 1"):
-        fastnote.patch(nn.Sequential(sn_conv()), expect=3)
+    model = nn.Sequential(sn_conv())
+    hook = model[0]._forward_pre_hooks.copy()
+    with pytest.raises(RuntimeError, match=r"expected to replace 3 modules, found 1 \(the model is left unpatched\)"):
+        fastnote.patch(model, expect=3)
+    assert model[0]._forward_pre_hooks == hook and fastnote.unpatch(model) == []   # left as it was
     assert len(fastnote.patch(nn.Sequential(sn_conv()), expect=1)) == 1
     # standalone h-swish / h-sigmoid are not replaced: they do not count
-    with pytest.raises(RuntimeError, match="expected to replace 1 modules, replaced 0"):
+    with pytest.raises(RuntimeError, match="expected to replace 1 modules, found 0"):
         fastnote.patch(nn.Sequential(nn.Hardswish(), nn.Hardsigmoid()), expect=1)
     with pytest.raises(ValueError, match=r"include must name families among \[.*'SqueezeExcitation'.*got \['Conv2d'\]"):
         fastnote.patch(nn.Sequential(), include=["Conv2d"])
@@ -564,7 +568,8 @@ def test_timm_swin_set_input_size_on_a_replaced_core(device, launches):
     assert launches
 
 
-@pytest.mark.parametrize("window_size", [4, None], ids=["shifts-0-2", "window-4x6"])
+@pytest.mark.parametrize("window_size", [pytest.param(4, id="shifts-0-2"),
+                                         pytest.param(None, id="window-4x6", marks=pytest.mark.no_kernel)])
 def test_timm_swin_set_input_size_to_unequal_geometry(window_size, device, launches):
     """Blocks fused at square windows and equal shifts, then set_input_size to 32 x 48: stage 2's
     4 x 6 map gives shifts (0, 2) with window 4, or a 4 x 6 window when the window follows the map.
@@ -595,6 +600,7 @@ def test_timm_swin_set_input_size_to_unequal_geometry(window_size, device, launc
         assert_close(g, e, "reduction", msg=name)
 
 
+@pytest.mark.no_kernel
 @pytest.mark.parametrize("name", ["swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256"], ids=["v1", "v2"])
 def test_timm_swin_in_float64(name, device, launches):
     """A patched model cast with .double() (for gradcheck or a float64 check) runs: float64 takes
@@ -684,3 +690,212 @@ def test_patched_model_compiles_fullgraph(device, compile_backend):
     compiled = torch.compile(model, fullgraph=True, backend=compile_backend)
     x = torch.randn(2, 8, 5, 5, device=device)
     assert_close(compiled(x), eager(x), "reduction")
+
+
+# ------------------------------------------------------------------------------------------------
+# Hooks, failures part way, the meta device
+# ------------------------------------------------------------------------------------------------
+
+def _se_model():
+    # a ReLU before the SE: no h-swish to fuse, so the SE alone is replaced
+    return nn.Sequential(nn.Conv2d(4, 16, 1), nn.ReLU(), SqueezeExcitation(16, 8, scale_activation=nn.Hardsigmoid))
+
+
+@pytest.mark.no_kernel
+@pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")
+@pytest.mark.parametrize("how", ["prune", "weight_norm", "user_hook"])
+def test_se_whose_convs_hold_hooks_is_left(how, device):
+    """The fused SE reads fc1/fc2's weights and calls neither: an SE whose conv holds a hook
+    (a pruning mask or weight_norm recomputing the weight, a user's hook) is left, with the
+    reason, and trains exactly as the eager model over two steps. Nothing runs it while patching."""
+    eager, patched = _twins(_se_model, device)
+    calls = []
+    for model in (eager, patched):
+        fc1 = model[2].fc1
+        if how == "prune":
+            prune.l1_unstructured(fc1, "weight", amount=0.5)
+        elif how == "weight_norm":
+            torch.nn.utils.weight_norm(fc1)
+        else:
+            fc1.register_forward_hook(lambda m, i, o: calls.append(o.shape))
+    report = fastnote.patch(patched)
+    assert not report.replaced and calls == []
+    (left,) = report.left
+    assert left.path == "2" and "'fc1' holds a forward or backward hook" in left.reason
+    opts = [torch.optim.SGD(m.parameters(), lr=0.5) for m in (eager, patched)]
+    x = torch.randn(2, 4, 5, 5, device=device)
+    for _ in range(2):
+        losses = [m(x).square().mean() for m in (eager, patched)]
+        for loss, opt in zip(losses, opts):
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        assert torch.equal(losses[0], losses[1])
+    for a, b in zip(eager.parameters(), patched.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_se_whose_conv_weight_is_parametrized_is_replaced(device):
+    """A parametrization (here weight_norm's) is no hook: the weight the fused SE reads is
+    computed on each access, so the SE is replaced and trains as the eager model does."""
+    eager, patched = _twins(_se_model, device)
+    for model in (eager, patched):
+        torch.nn.utils.parametrizations.weight_norm(model[2].fc1)
+    assert len(fastnote.patch(patched)) == 1
+    _same_forward_backward(eager, patched, torch.randn(2, 4, 5, 5, device=device))
+
+
+def test_hooks_of_a_replaced_module_go_to_its_replacement(device):
+    """A forward hook and a forward pre-hook on the SE run on its replacement with what they saw
+    before, and the user's handles still remove them."""
+    eager, patched = _twins(_se_model, device)
+    seen = {"eager": [], "patched": []}
+    handles = []
+    for key, model in (("eager", eager), ("patched", patched)):
+        handles.append(model[2].register_forward_hook(lambda m, i, o, key=key: seen[key].append(o.detach())))
+        handles.append(model[2].register_forward_pre_hook(lambda m, i, key=key: seen[key].append(i[0].detach())))
+    assert fastnote.patch(patched).counts() == {
+        "SqueezeExcitation -> fastnote.nn.SqueezeExcitation": 1}
+    x = torch.randn(2, 4, 5, 5, device=device)
+    assert_close(patched(x), eager(x), "reduction")
+    assert len(seen["patched"]) == len(seen["eager"]) == 2
+    for a, b in zip(seen["patched"], seen["eager"]):
+        assert_close(a, b, "reduction")
+    for h in handles:
+        h.remove()
+    patched(x)
+    assert len(seen["patched"]) == 2
+
+
+def test_hswish_se_pair_with_a_hook_is_not_fused(device):
+    """A hook on the h-swish (or on the SE) would see other tensors once the pair is fused: the
+    pair is left (the SE alone replaced) and the hook sees what it saw."""
+    def make():
+        return nn.Sequential(nn.Conv2d(4, 16, 1), nn.Sequential(nn.Conv2d(16, 16, 1), nn.Hardswish()),
+                             SqueezeExcitation(16, 8, scale_activation=nn.Hardsigmoid))
+
+    eager, patched = _twins(make, device)
+    seen = []
+    for model in (eager, patched):
+        model[1][1].register_forward_hook(lambda m, i, o: seen.append(o.detach()))
+    report = fastnote.patch(patched)
+    assert type(patched[1][1]) is nn.Hardswish
+    assert report.counts() == {"SqueezeExcitation -> fastnote.nn.SqueezeExcitation": 1}
+    assert [(e.path, e.kind) for e in report.left] == [("2", "hswish_se")]
+    assert "1.1 holds a forward or backward hook" in report.left[0].reason
+    x = torch.randn(2, 4, 5, 5, device=device)
+    assert_close(patched(x), eager(x), "reduction")
+    assert len(seen) == 2 and torch.equal(seen[0], seen[1])
+
+
+def test_sequential_with_its_own_forward_is_not_fused(device):
+    """A Sequential subclass with its own forward may use its children in another order: its
+    h-swish is not fused into the SE after it (only the SE is replaced, where it stands)."""
+    class ActSE(nn.Sequential):
+        def forward(self, x):
+            a = self[0](x)
+            return a + self[1](a)
+
+    def make():
+        return nn.Sequential(nn.Conv2d(3, 16, 1), ActSE(nn.Hardswish(), SqueezeExcitation(16, 8, scale_activation=nn.Hardsigmoid)))
+
+    eager, patched = _twins(make, device)
+    report = fastnote.patch(patched)
+    assert report.counts() == {"SqueezeExcitation -> fastnote.nn.SqueezeExcitation": 1}
+    assert type(patched[1][0]) is nn.Hardswish
+    _same_forward_backward(eager, patched, torch.randn(2, 3, 4, 4, device=device))
+
+
+@pytest.mark.no_kernel
+def test_an_se_replaced_earlier_is_reported_when_its_hswish_could_fuse(device):
+    model = nn.Sequential(nn.Conv2d(4, 16, 1), nn.Hardswish(), SqueezeExcitation(16, 8, scale_activation=nn.Hardsigmoid))
+    assert len(fastnote.patch(model, include=["SqueezeExcitation"])) == 1
+    report = fastnote.patch(model)
+    assert not report.replaced
+    assert [(e.path, e.kind) for e in report.left] == [("2", "hswish_se")]
+    assert "unpatch and patch again" in report.left[0].reason
+
+
+@pytest.mark.no_kernel
+def test_window_attention_with_an_attention_map_hook_is_left(device):
+    """A hook on the attention's softmax (how attention maps are read out) would stop running on
+    the core op: the module is left with the reason, and the hook still sees the maps."""
+    eager, patched = _twins(lambda: nn.Sequential(SwinWindowAttention(16, (4, 4), 2)), device)
+    maps = []
+    for model in (eager, patched):
+        model[0].softmax.register_forward_hook(lambda m, i, o: maps.append(o.detach()))
+    report = fastnote.patch(patched)
+    assert not report.replaced and [e.path for e in report.left] == ["0"]
+    assert "'softmax' holds a forward or backward hook" in report.left[0].reason
+    x = torch.randn(3, 16, 16, device=device)
+    assert torch.equal(patched(x), eager(x)) and len(maps) == 2 and torch.equal(maps[0], maps[1])
+
+
+def test_timm_block_whose_attention_is_hooked_is_not_fused(device):
+    """The fused timm block reads attn's parameters and never calls attn: a hook on attn (or in
+    it) leaves the block; attn itself is then replaced by the core op, its hook going with it."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    eager, patched = _twins(lambda: timm.create_model(
+        "swin_tiny_patch4_window7_224", pretrained=False, img_size=32, window_size=4, num_classes=3,
+        embed_dim=16, depths=(2,), num_heads=(1,), drop_path_rate=0.0), device)
+    seen = []
+    for model in (eager, patched):
+        model.layers[0].blocks[1].attn.register_forward_hook(lambda m, i, o: seen.append(o.detach()))
+    report = fastnote.patch(patched)
+    assert report.counts() == {"SwinTransformerBlock -> fastnote.nn.timm_swin.FusedSwinTransformerBlock": 1,
+                               "WindowAttention -> fastnote.nn.timm_swin.TimmWindowAttention": 1}
+    assert [e.path for e in report.left] == ["layers.0.blocks.1"] and "'attn' holds" in report.left[0].reason
+    x = torch.randn(1, 3, 32, 32, device=device)
+    assert_close(patched(x), eager(x), "reduction")
+    assert len(seen) == 2
+    assert_close(seen[1], seen[0], "reduction")
+
+
+@pytest.mark.no_kernel
+def test_patch_is_all_or_nothing(device, monkeypatch):
+    """An error part way (here, raised by the SE probe after the spectral-norm hook was swapped)
+    undoes what was done before it is raised; unpatch then has nothing to undo."""
+    from fastnote.patch import squeeze_excitation as se_family
+
+    model = nn.Sequential(nn.utils.spectral_norm(nn.Conv2d(4, 16, 1)), nn.ReLU(),
+                          SqueezeExcitation(16, 8, scale_activation=nn.Hardsigmoid)).to(device)
+    hooks = dict(model[0]._forward_pre_hooks)
+
+    def fail(*args):
+        raise RuntimeError("probe failed")
+
+    monkeypatch.setattr(se_family, "_probe_input", fail)
+    with pytest.raises(RuntimeError, match="probe failed"):
+        fastnote.patch(model)
+    assert dict(model[0]._forward_pre_hooks) == hooks and type(model[2]) is SqueezeExcitation
+    assert fastnote.unpatch(model) == []
+
+
+@pytest.mark.no_kernel
+def test_sagan_attention_that_cannot_be_copied_is_left(device):
+    """A Self_Attn keeping the attention map of its last training forward (a non-leaf tensor,
+    which deepcopy refuses) is left with the reason instead of failing the whole patch."""
+    class KeepsMap(Self_Attn):
+        def forward(self, x):
+            out, attention = super().forward(x)
+            self.last_attention = attention
+            return out, attention
+
+    model = nn.Sequential(nn.utils.spectral_norm(nn.Conv2d(16, 16, 1)), KeepsMap(16)).to(device)
+    model(torch.randn(1, 16, 4, 4, device=device, requires_grad=True))
+    report = fastnote.patch(model)
+    assert report.counts() == {SN: 1}
+    assert [e.path for e in report.left] == ["1"] and "could not be copied to probe" in report.left[0].reason
+
+
+def test_meta_model_is_left_with_the_reason():
+    """Parameters on the meta device have no values for the probes: those modules are left with
+    the reason (patch after to_empty and loading), no error."""
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Conv2d(4, 16, 1), nn.ReLU(), SqueezeExcitation(16, 8, scale_activation=nn.Hardsigmoid),
+                              Self_Attn(16))
+    report = fastnote.patch(model)
+    assert not report.replaced
+    assert [e.path for e in report.left] == ["2", "3"]
+    assert all("meta device" in e.reason for e in report.left)

@@ -224,3 +224,29 @@ def test_v2_half_model_is_probed_in_float32(device, launches):
     assert any(k.endswith("window_attention") for k, _, _ in launches), launches
     assert ours.dtype == torch.float16 and torch.isfinite(ours).all()
     assert rms_relative_error(ours, truth) <= FACTOR * rms_relative_error(theirs, truth)
+
+
+@pytest.mark.parametrize("version", ["Swin", "Swinv2"])
+def test_layer_whose_attention_is_hooked_is_left(version, launches):
+    """The fused layer never calls its attention: a layer whose attention (or a module in it)
+    holds a hook is left, with the reason, the others fused; the hook sees what it saw, and the
+    probe did not run it while patching."""
+    eager, patched = _model(version).eval(), _model(version).eval()
+    seen = {"eager": [], "patched": []}
+    hooked = "q_proj" if version == "Swin" else "self"   # V1's attention holds its projections itself
+    for key, model in (("eager", eager), ("patched", patched)):
+        module = getattr(model.encoder.layers[0].blocks[1].attention, hooked)
+        module.register_forward_hook(lambda m, i, o, key=key: seen[key].append((o[0] if isinstance(o, tuple) else o).detach()))
+    report = fastnote.patch(patched)
+    assert seen["patched"] == []
+    assert len(report.replaced) == len(_blocks(eager)) - 1
+    (left,) = report.left
+    assert left.path == "encoder.layers.0.blocks.1.attention" + ("" if version == "Swin" else ".self")
+    assert f"'{hooked}' holds a forward or backward hook" in left.reason
+    x = torch.randn(1, 3, 64, 64)
+    launches.clear()
+    with torch.no_grad():
+        assert_close(patched(pixel_values=x).last_hidden_state, eager(pixel_values=x).last_hidden_state, "reduction")
+    assert launches
+    assert len(seen["patched"]) == len(seen["eager"]) == 1
+    assert_close(seen["patched"][0], seen["eager"][0], "reduction")

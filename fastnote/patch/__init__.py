@@ -18,9 +18,10 @@ found too), with the family name ``include`` takes:
   at most an average pool, whose forward is ``x * gate(conv2(act(conv1(mean(x)))))`` (checked on a
   small probe input): torchvision's ``SqueezeExcitation`` (``fc1``, ``fc2``), timm's
   ``SqueezeExcite`` (``conv_reduce``, ``conv_expand``) and copies using either pair of names.
-- ``hswish_se``: in an ``nn.Sequential``, an ``nn.Hardswish`` (or a Sequential ending in one, as
-  torchvision's ``Conv2dNormActivation``) directly followed by such an SE: the h-swish becomes an
-  ``nn.Identity`` and the SE the fused ``hswish_se`` module. Where the order is not given by a
+- ``hswish_se``: in an ``nn.Sequential`` (not a subclass with a ``forward`` of its own), an
+  ``nn.Hardswish`` (or such a Sequential ending in one, as torchvision's ``Conv2dNormActivation``)
+  directly followed by such an SE: the h-swish becomes an ``nn.Identity`` and the SE the fused
+  ``hswish_se`` module (so the Sequential that held the h-swish now returns its input). Where the order is not given by a
   Sequential (timm's ``InvertedResidual``), the pair is reported as left, and the SE is
   replaced alone (the h-swish stays torch's).
 - ``WindowAttention``: Swin's / timm's ``WindowAttention`` (``qkv``, ``proj``,
@@ -57,9 +58,23 @@ drawn from the random generators.
 The report lists what was replaced, in the ``"<path>: Old -> New"`` form (``list(report)``,
 ``len(report)``), and, in ``report.left``, what looked like a candidate but was left, with the
 reason: a patch that stops applying shows there instead of passing silently; ``expect`` turns a
-count mismatch into an error. A module that looks like attention (a relative position bias, or
-query/key/value projections with a softmax) but that no family recognises is listed there too,
-under the kind ``"attention"`` (the rule: ``fastnote.patch.attention_like``).
+count mismatch into an error (the model left unpatched). A module that looks like attention (a
+relative position bias, or query/key/value projections with a softmax) but that no family
+recognises is listed there too, under the kind ``"attention"`` (the rule:
+``fastnote.patch.attention_like``).
+
+Hooks: a replaced module's own forward and backward hooks go to its replacement (the user's
+handles still remove them). A fused replacement reads its submodules' parameters instead of
+calling them, so a module whose submodules hold hooks (a pruning mask or ``weight_norm`` on an
+SE's conv, an attention-map hook on a ``softmax``, a user's feature hook) is left, with the
+reason, rather than have the hook silently stop running; so is an h-swish + SE pair where a hook
+would see the h-swish's output or the SE's input, which the fused module never forms.
+Parametrizations are not hooks: a parametrized weight is read through them.
+
+All or nothing: an error part way through undoes what the call had changed before it is raised.
+Probes run a candidate's forward without its own hooks, on a copy where it has state to change (a
+spectral-norm conv in training), and a model on the meta device has no values to probe: its
+candidates are left, with that reason (patch after ``to_empty`` and loading the weights).
 
 The code: ``engine`` (the walk, the undo records, ``patch``, ``unpatch``), ``report``,
 ``registry`` (the families, from which ``KINDS`` comes), ``probe`` (what the converters share),

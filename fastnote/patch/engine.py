@@ -20,7 +20,7 @@ from typing import FrozenSet, List, Optional, Sequence, Tuple
 from torch import nn
 
 from . import registry
-from .probe import _is_fastnote, _join
+from .probe import _hooked, _is_fastnote, _join, _transfer_hooks
 from .registry import Site
 from .report import Left, PatchReport, Replaced, _display
 
@@ -125,6 +125,21 @@ class _ListSwap:
 # The walk
 # ------------------------------------------------------------------------------------------------
 
+def _fused_children_hooked(module: nn.Module, cls: type) -> Optional[str]:
+    """Why ``module`` cannot be switched to the fused ``cls``, whose forward reads the children
+    named in ``_fastnote_fused_children`` instead of calling them: one of them, or a module in
+    one, holds a hook that would stop running. None when none does."""
+    for name in getattr(cls, "_fastnote_fused_children", ()):
+        child = getattr(module, name, None)
+        hooked = _hooked(child) if isinstance(child, nn.Module) else None
+        if hooked is not None:
+            where = f"{name}.{hooked}" if hooked else name
+            return (f"{where!r} holds a forward or backward hook (an attention-map hook, a user's): the "
+                    f"fused path reads {name}'s parameters and calls none of its modules, so the hook would stop "
+                    "running")
+    return None
+
+
 class _Patcher:
     """One ``patch`` call: the families wanted, the report, the undo records. The families'
     ``before_children`` passes and converters act on the model only through its methods."""
@@ -137,6 +152,12 @@ class _Patcher:
     def wants(self, kind: str) -> bool:
         return kind in self.wanted
 
+    def undo(self) -> None:
+        """Undo this call's changes, newest first (patch failed or found the wrong count)."""
+        for _, rec in reversed(self.records):
+            rec.undo()
+        self.records.clear()
+
     def record(self, rec) -> None:
         self.records.append((next(_ORDER), rec))
 
@@ -147,8 +168,10 @@ class _Patcher:
         self.report.left.append(Left(path, kind, reason))
 
     def swap(self, parent: nn.Module, name: str, new: nn.Module, path: str, note: str = "") -> None:
-        """Put ``new`` in the place of ``parent``'s child ``name``."""
+        """Put ``new`` in the place of ``parent``'s child ``name``; the child's own forward and
+        backward hooks go with it (the converters leave modules whose submodules hold hooks)."""
         old = parent._modules[name]
+        _transfer_hooks(old, new)
         parent._modules[name] = new
         self.record(_ChildSwap(parent, name, old, new, path))
         self.replaced(Replaced(path, type(old).__name__, _display(type(new)), note))
@@ -196,6 +219,10 @@ class _Patcher:
                 if result is not None:
                     new, note = result
                     if isinstance(new, type):   # the same module, its class switched
+                        reason = _fused_children_hooked(child, new)
+                        if reason is not None:
+                            self.left(path, family.kind, reason)
+                            return None, True
                         return self.reclass(child, new, path, note), True
                     self.swap(parent, name, new, path, note)
                     return new, True
@@ -246,8 +273,9 @@ def patch(model: nn.Module, include: Optional[Sequence[str]] = None, expect: Opt
     buffers, device, dtype, train/eval mode and state_dict keys.
 
     include: families to replace, among ``fastnote.patch.KINDS`` (default: all). expect: raise
-    RuntimeError unless exactly this many replacements were made. Returns a ``PatchReport``.
-    Patching twice replaces nothing more; ``fastnote.unpatch(model)`` undoes it.
+    RuntimeError unless exactly this many replacements are found, leaving the model unpatched.
+    Returns a ``PatchReport``. All or nothing: an error part way undoes what was done before it
+    is raised. Patching twice replaces nothing more; ``fastnote.unpatch(model)`` undoes it.
     """
     kinds = registry.kinds()
     if not isinstance(model, nn.Module):
@@ -261,12 +289,18 @@ def patch(model: nn.Module, include: Optional[Sequence[str]] = None, expect: Opt
     if expect is not None and (isinstance(expect, bool) or not isinstance(expect, int)):
         raise TypeError(f"expect must be an int or None, got {type(expect).__name__}")
     patcher = _Patcher(wanted)
-    patcher.visit(model, "")
-    if patcher.records:
-        model.__dict__.setdefault(_UNDO_ATTR, []).extend(patcher.records)
+    try:
+        patcher.visit(model, "")
+    except BaseException:
+        patcher.undo()   # all or nothing: a failure part way leaves the model as it was
+        raise
     report = patcher.report
     if expect is not None and len(report) != expect:
-        raise RuntimeError(f"patch expected to replace {expect} modules, replaced {len(report)}:\n{report}")
+        patcher.undo()
+        raise RuntimeError(f"patch expected to replace {expect} modules, found {len(report)} (the model is left "
+                           f"unpatched):\n{report}")
+    if patcher.records:
+        model.__dict__.setdefault(_UNDO_ATTR, []).extend(patcher.records)
     return report
 
 

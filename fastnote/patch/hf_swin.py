@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from ..nn.hf_swin import HF_SWIN_V2_MASK_VALUE, fused_layer_class
-from .probe import PROBE_TOLERANCE, _is_fastnote
+from .probe import PROBE_TOLERANCE, _hook_reason, _is_fastnote
 from .registry import Result, Site, register
 
 _V1_MODULE = "transformers.models.swin.modeling_swin"
@@ -132,7 +132,7 @@ def _v2_mask_count(sa: nn.Module, ws: int) -> Optional[float]:
         x = torch.zeros(1, n, sa.query.in_features, device=w.device, dtype=w.dtype)
         mask = -(torch.arange(n, device=w.device) % 2).to(w.dtype).expand(1, n, n)
         try:
-            probs = sa(x, mask, output_attentions=True)[1]
+            probs = sa.forward(x, mask, output_attentions=True)[1]   # its own hooks not run
         except Exception:   # noqa: BLE001 - a forward of another signature: not the library's attention
             return None
         table = 16 * torch.sigmoid(sa.continuous_position_bias_mlp(sa.relative_coords_table).view(-1, heads))
@@ -176,12 +176,16 @@ def _hf_swin_layer(old: nn.Module, site: Optional[Site] = None) -> Result:
     version = _version(old)
     if version == 0:
         return None
-    if version == 1:
+    # hooks first: the V2 probe runs the attention, and the fused layer would never call it
+    hooked = _hook_reason(old.attention, "Swin layer", "the fused path reads the attention's parameters and calls "
+                          "none of its modules, so the hook would stop running")
+    attention = old.attention if version == 1 else old.attention.self
+    if hooked is not None:
+        reason, count = hooked, 1.0
+    elif version == 1:
         reason, count = _v1_reason(old), 1.0
-        attention = old.attention
     else:
         reason, count = _v2_reason(old)
-        attention = old.attention.self
     if reason is not None:
         _LEFT[attention] = reason   # reported where the walk meets the attention
         return None

@@ -2,8 +2,9 @@
 the probe that checks a candidate's forward is the formula fastnote computes."""
 from __future__ import annotations
 
+import functools
 import itertools
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -39,6 +40,70 @@ def _is_fastnote(m) -> bool:
 
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
+
+
+def _hooked(m: nn.Module, own: bool = True) -> Optional[str]:
+    """The name of the first of ``m`` (``""``; skipped unless ``own``) and its submodules holding
+    a forward or backward hook or pre-hook (pruning, ``weight_norm``, spectral norm, a user's
+    feature hook), or None. A replacement that does not call a submodule would silently stop
+    running that submodule's hooks, so a converter leaves such a module."""
+    for name, sub in m.named_modules():
+        if (own or sub is not m) and (sub._forward_hooks or sub._forward_pre_hooks or sub._backward_hooks
+                                      or sub._backward_pre_hooks):
+            return name
+    return None
+
+
+def _hook_reason(m: nn.Module, what: str, why: str, own: bool = True) -> Optional[str]:
+    """The reason to leave ``m`` when ``_hooked(m, own)`` finds a hook, else None; ``why``: what
+    the replacement would do to it."""
+    name = _hooked(m, own)
+    if name is None:
+        return None
+    where = f"its submodule {name!r}" if name else "it"
+    return f"{what}, but {where} holds a forward or backward hook (pruning, weight_norm, a user's hook): {why}"
+
+
+def _leave_if_hooked(convert):
+    """A converter whose replacement reads its submodules' parameters instead of calling them (a
+    fused attention): a module whose submodules hold hooks (an attention-map hook on ``softmax``,
+    a user's on ``qkv``) is left with the reason instead; its own hooks go to the replacement."""
+    @functools.wraps(convert)
+    def converter(old: nn.Module, site=None):
+        result = convert(old, site)
+        if isinstance(result, tuple) and not isinstance(result[0], type):
+            reason = _hook_reason(old, type(old).__name__, "the fused op reads its submodules' parameters and "
+                                  "calls none of them, so the hook would stop running", own=False)
+            if reason is not None:
+                return reason
+        return result
+    return converter
+
+
+def _meta_reason(weight: torch.Tensor, what: str) -> Optional[str]:
+    """The reason to leave a module whose parameters have no values (the meta device), else None:
+    the probe that recognises it runs its forward."""
+    if weight.is_meta:
+        return (f"{what}, but its parameters are on the meta device: the probe that recognises it needs "
+                "values (patch after to_empty and loading the weights)")
+    return None
+
+
+def _transfer_hooks(old: nn.Module, new: nn.Module) -> None:
+    """Hand ``old``'s own forward and backward hooks to ``new`` (the same dicts: the handles the
+    user holds still remove them, and an undo gives them back with the original)."""
+    for attr in _HOOK_DICTS:
+        hooks = getattr(old, attr, None)
+        if hooks:
+            if getattr(new, attr):
+                raise RuntimeError(f"fastnote.patch: the replacement already holds {attr} (internal error)")
+            setattr(new, attr, hooks)
+    if old._backward_hooks or old._backward_pre_hooks:
+        new._is_full_backward_hook = old._is_full_backward_hook
+
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+               "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
 
 
 def _probe_input(shape, like: torch.Tensor) -> torch.Tensor:

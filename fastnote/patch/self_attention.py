@@ -23,7 +23,7 @@ from torch import nn
 
 from .. import nn as fnn
 from .. import reference
-from .probe import _is_fastnote, _mode_of, _no_meta_left, _on_meta, _probe_close, _probe_input
+from .probe import _is_fastnote, _meta_reason, _mode_of, _no_meta_left, _on_meta, _probe_close, _probe_input
 from .registry import Result, Site, register
 
 
@@ -43,15 +43,20 @@ def _self_attention(old: nn.Module, site: Optional[Site] = None) -> Result:
     extra = [n for n, _ in old.named_parameters() if n not in ("gamma",) and not n.split(".")[0].endswith("_conv")]
     if extra:
         return f"SAGAN-shaped, but it has other parameters ({', '.join(extra)})"
+    reason = _meta_reason(v.weight, "SAGAN-shaped")
+    if reason is not None:
+        return reason
     # The probe, on a copy with gamma != 0 (SAGAN starts at 0, where out == x says nothing).
-    probe = copy.deepcopy(old)
+    probe = _probe_copy(old, "SAGAN-shaped")
+    if isinstance(probe, str):
+        return probe
     with torch.no_grad():
         probe.gamma.fill_(0.5)
         x = _probe_input((2, C, 3, 2), v.weight)
         qq, kk, vv = (c(x).flatten(2) for c in (probe.query_conv, probe.key_conv, probe.value_conv))
         want, want_attn = reference.sagan_attention(qq, kk, vv, x=x, gamma=probe.gamma, return_attention=True)
         try:
-            got = probe(x)
+            got = probe.forward(x)   # its own hooks (a user's) not run
         except Exception as e:  # noqa: BLE001
             return f"SAGAN-shaped, but its forward failed on a probe input ({type(e).__name__}: {e})"
     if not (isinstance(got, tuple) and len(got) == 2):
@@ -132,7 +137,13 @@ def _pooled_probe(old: nn.Module, C: int, weight: torch.Tensor, convs, what: str
     g' (BigGAN's non-local block; ``convs``: the names of its theta, phi, g, o convs), else the
     reason. The probe runs on a copy in eval mode (a spectral-norm conv then leaves its vectors
     alone, so both passes see the same weights) with gamma != 0."""
-    probe = copy.deepcopy(old).eval()
+    reason = _meta_reason(weight, what)
+    if reason is not None:
+        return reason
+    probe = _probe_copy(old, what)
+    if isinstance(probe, str):
+        return probe
+    probe.eval()
     theta, phi, g, o = (getattr(probe, n) for n in convs)
     with torch.no_grad():
         probe.gamma.fill_(0.5)
@@ -142,12 +153,22 @@ def _pooled_probe(old: nn.Module, C: int, weight: torch.Tensor, convs, what: str
         pp, gg = (pool(c(x), [2, 2]).flatten(2) for c in (phi, g))
         want = probe.gamma * o(reference.sagan_attention(tt, pp, gg).reshape(2, C // 2, 4, 2)) + x
         try:
-            got = probe(x)
+            got = probe.forward(x)   # its own hooks (a user's) not run
         except Exception as e:  # noqa: BLE001
             return f"{what}, but its forward failed on a probe input ({type(e).__name__}: {e})"
     if not _probe_close(got, want, weight.dtype):
         return f"{what}, but its forward is not x + gamma * o(g' softmax(theta^T phi')^T) with 2x2-pooled phi', g'"
     return None
+
+
+def _probe_copy(old: nn.Module, what: str):
+    """A copy to probe (its gamma is set, its forward run), or the reason it cannot be made: a
+    module holding a tensor computed with gradient (an attention map kept from the last training
+    forward) does not deep-copy."""
+    try:
+        return copy.deepcopy(old)
+    except Exception as e:  # noqa: BLE001
+        return f"{what}, but it could not be copied to probe ({type(e).__name__}: {e})"
 
 
 def _pair(v):

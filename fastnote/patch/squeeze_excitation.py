@@ -18,7 +18,8 @@ from torch import nn
 
 from .. import nn as fnn
 from .. import reference
-from .probe import _is_fastnote, _join, _mode_of, _no_meta_left, _on_meta, _probe_close, _probe_input
+from .probe import (_hook_reason, _hooked, _is_fastnote, _join, _meta_reason, _mode_of, _no_meta_left, _on_meta, _probe_close,
+                    _probe_input)
 from .registry import Result, Site, register
 
 _POOLS = (nn.AdaptiveAvgPool2d, nn.Identity)
@@ -71,14 +72,22 @@ def _squeeze_excitation(old: nn.Module, hardswish_input: bool = False) -> Result
                     "torchvision's (fc1, fc2) or timm's (conv_reduce, conv_expand) state_dict keys")
     except ValueError as e:
         return f"unsupported activation or gate: {e}"
-    # The probe: the module's own forward must be the SE formula.
+    # The fused op reads the convs' weights and calls none of the submodules: their hooks (a
+    # pruning mask, weight_norm, spectral norm) would stop running. The module's own hooks go to
+    # its replacement (``_Patcher.swap``).
+    reason = (_hook_reason(old, "SE-shaped", "the fused op reads the convs' weights and calls no submodule, so "
+                           "the hook would stop running", own=False)
+              or _meta_reason(c1.weight, "SE-shaped"))
+    if reason is not None:
+        return reason
+    # The probe: the module's own forward (its hooks not run) must be the SE formula.
     w = c1.weight
     x = _probe_input((2, C, 3, 2), w)
     with torch.no_grad():
         want = reference.squeeze_excitation(x, c1.weight, c1.bias, c2.weight, c2.bias,
                                             activation=new.activation_name, gate=new.gate_name)
         try:
-            got = old(x)
+            got = old.forward(x)
         except Exception as e:  # noqa: BLE001 - any failure means "not this structure"
             return f"SE-shaped, but its forward failed on a probe input ({type(e).__name__}: {e})"
     if not _probe_close(got, want, w.dtype):
@@ -92,14 +101,22 @@ def _squeeze_excitation(old: nn.Module, hardswish_input: bool = False) -> Result
 # h-swish + SE
 # ------------------------------------------------------------------------------------------------
 
+def _plain_sequential(m: nn.Module) -> bool:
+    """An ``nn.Sequential`` running its children in order: its class keeps Sequential's forward
+    (a subclass with its own may use them in any other way)."""
+    return isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward
+
+
 def _last_hardswish(m: nn.Module, parent: nn.Module, name: str):
-    """(owner, name, relative path) of the ``nn.Hardswish`` producing ``m``'s output, if ``m`` is
-    one or a Sequential ending in one."""
+    """(owner, name, relative path, [(relative path, module)] from ``m`` down to it) of the
+    ``nn.Hardswish`` producing ``m``'s output, if ``m`` is one or a plain Sequential ending in one."""
     rel = name
-    while isinstance(m, nn.Sequential) and len(m) > 0:
+    chain = [(rel, m)]
+    while _plain_sequential(m) and len(m) > 0:
         parent, name = m, list(m._modules)[-1]
         m, rel = m._modules[name], f"{rel}.{name}"
-    return (parent, name, rel) if type(m) is nn.Hardswish else None
+        chain.append((rel, m))
+    return (parent, name, rel, chain) if type(m) is nn.Hardswish else None
 
 
 def _previous_sibling_hardswish(parent: nn.Module, name: str) -> bool:
@@ -127,21 +144,39 @@ def _convert_se(old: nn.Module, site: Site) -> Result:
 
 
 def _fuse_hswish_se(parent: nn.Module, prefix: str, patcher) -> None:
-    """In a Sequential, an h-swish (or a Sequential ending in one) followed by an SE: the h-swish
-    becomes an Identity and the SE the fused module taking the h-swish's input."""
-    if not isinstance(parent, nn.Sequential):
+    """In a plain Sequential, an h-swish (or a plain Sequential ending in one) followed by an SE:
+    the h-swish becomes an Identity and the SE the fused module taking the h-swish's input.
+    Where a module on the way holds a hook, the pair is left (the SE alone is then replaced when
+    visited): the fusion would show the hook another tensor."""
+    if not _plain_sequential(parent):
         return
     names = list(parent._modules)
     for a, b in zip(names, names[1:]):
         producer = _last_hardswish(parent._modules[a], parent, a)
         se = parent._modules[b]
-        if producer is None or _is_fastnote(se) or _se_parts(se) is None:
+        if producer is None:
+            continue
+        spath = _join(prefix, b)
+        if type(se) in (fnn.SqueezeExcitation, fnn.SqueezeExcite) and not getattr(se, "hardswish_input", False):
+            patcher.left(spath, "hswish_se", "an h-swish feeds this SE, which an earlier patch replaced without "
+                         "the h-swish: unpatch and patch again to fuse them")
+            continue
+        if _is_fastnote(se) or _se_parts(se) is None:
+            continue
+        owner, hname, rel, chain = producer
+        # Fused, the h-swish's output never exists and the SE takes another input: a hook on any
+        # module on the way, or on the SE, would see other tensors (the SE alone is still replaced).
+        se_hook = _hooked(se)
+        hooked = [path for path, m in chain if _hooked(m) == ""] + ([_join(b, se_hook) if se_hook else b]
+                                                                   if se_hook is not None else [])
+        if hooked:
+            patcher.left(spath, "hswish_se", f"{_join(prefix, hooked[0])} holds a forward or backward hook, which "
+                         "the fused h-swish + SE would show other tensors: the pair is not fused")
             continue
         result = _squeeze_excitation(se, hardswish_input=True)
         if not isinstance(result, tuple):
             continue  # reported when the SE itself is visited
-        owner, hname, rel = producer
-        hpath, spath = _join(prefix, rel), _join(prefix, b)
+        hpath = _join(prefix, rel)
         patcher.swap(owner, hname, nn.Identity(), hpath, note="fused into the SE after it (hswish_se)")
         patcher.swap(parent, b, result[0], spath, note="hswish_se: takes the h-swish's input")
 

@@ -26,7 +26,7 @@ from torch import nn
 from .. import nn as fnn
 from ..nn.timm_swin import TimmWindowAttention, fused_block_class, fused_v2_block_class
 from ..nn.torchvision_swin import TorchvisionShiftedWindowAttention
-from .probe import _is_fastnote, _mode_of, _no_meta_left, _on_meta
+from .probe import _is_fastnote, _leave_if_hooked, _mode_of, _no_meta_left, _on_meta
 from .registry import Result, Site, register
 
 
@@ -253,5 +253,7 @@ def _timm_swin_v2_block(old: nn.Module, site: Optional[Site] = None) -> Result:
                                        "order: roll, then pad)")
 
 
-register("WindowAttention", (_window_attention,))
-register("ShiftedWindowAttention", (_shifted_window_attention, _timm_swin_block, _timm_swin_v2_block))
+# The block converters switch a block's class: the engine checks the children they read itself
+# (``_fastnote_fused_children``) for hooks.
+register("WindowAttention", (_leave_if_hooked(_window_attention),))
+register("ShiftedWindowAttention", (_leave_if_hooked(_shifted_window_attention), _timm_swin_block, _timm_swin_v2_block))
