@@ -7,7 +7,10 @@ eager function, and ``fastnote.hswish_se``, which never writes ``hard_swish(u)``
 Shapes: batch 128 and the SE layers of MobileNetV3-Large (224x224 input), x axis = the layer's
 index in this list: (C, H, W) = (72, 28, 28), (120, 28, 28), (480, 14, 14), (672, 14, 14),
 (672, 7, 7), (960, 7, 7), squeeze channels Cr = make_divisible(C // 4, 8); bf16 and fp32; the
-SE weights are in the activation dtype.
+SE weights are in the activation dtype. The same layers in bf16 once more with the input in
+channels_last (``layout`` in the config, plotted apart), as a model converted with
+``.to(memory_format=torch.channels_last)`` feeds them: eager keeps that layout through its
+elementwise ops, and so do the kernels (no copy in or out).
 
 Bytes model (minimum traffic, from triton_kernels/squeeze_excitation.py), T = B*C*H*W*itemsize:
   fwd   pool pass reads u (T), gate pass reads u and writes out (2T)          3T
@@ -43,10 +46,16 @@ def make_divisible(v, divisor=8):
     return new_v
 
 
-def _cases(batch, layers, dtypes):
+def _cases(batch, layers, dtypes, layout=None):
+    extra = {"layout": layout} if layout else {}   # NCHW cases keep the configs of earlier results
     return [Case("se_layer", i, {"dtype": dtype, "B": batch, "C": C, "H": H, "W": W,
-                                 "Cr": make_divisible(C // 4, 8)})
+                                 "Cr": make_divisible(C // 4, 8), **extra})
             for dtype in dtypes for i, (C, H, W) in enumerate(layers)]
+
+
+CASES = _cases(BATCH, SE_LAYERS, ["bf16", "fp32"]) + _cases(BATCH, SE_LAYERS, ["bf16"], "channels_last")
+# --quick: the first layer of each dtype, and of the channels_last series
+QUICK_CASES = [CASES[0], CASES[len(SE_LAYERS)], CASES[2 * len(SE_LAYERS)]]
 
 
 def make_inputs(case, device):
@@ -57,7 +66,10 @@ def make_inputs(case, device):
         t = (torch.rand(*shape, device=device) * 2 - 1) / fan_in ** 0.5  # conv's default init range
         return t.to(case.dtype).requires_grad_()
 
-    u = (torch.randn(B, C, H, W, device=device) * 3).to(case.dtype).requires_grad_()
+    u = (torch.randn(B, C, H, W, device=device) * 3).to(case.dtype)
+    if cfg.get("layout") == "channels_last":
+        u = u.to(memory_format=torch.channels_last)
+    u.requires_grad_()
     return {"u": u, "fc1_weight": param(Cr, C, 1, 1, fan_in=C), "fc1_bias": param(Cr, fan_in=C),
             "fc2_weight": param(C, Cr, 1, 1, fan_in=Cr), "fc2_bias": param(C, fan_in=Cr)}
 
@@ -93,9 +105,12 @@ BENCHMARKS = [
             Provider("torch.compile", eager, compile=True),
             Provider("fastnote", ours),
         ],
-        cases=_cases(BATCH, SE_LAYERS, ["bf16", "fp32"]),
-        smoke_cases=_cases(SMOKE_BATCH, SMOKE_LAYERS, ["fp32", "bf16"]),
+        cases=CASES,
+        quick_cases=QUICK_CASES,
+        smoke_cases=_cases(SMOKE_BATCH, SMOKE_LAYERS, ["fp32", "bf16"])
+        + _cases(SMOKE_BATCH, SMOKE_LAYERS[:1], ["fp32"], "channels_last"),
         bytes_moved=bytes_moved,
+        plot_by=("dtype", "layout"),
     )
 ]
 

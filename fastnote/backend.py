@@ -130,9 +130,10 @@ def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return out
 
 
-def empty_like(t: torch.Tensor) -> torch.Tensor:
-    """``empty(t.shape, t.dtype, t.device)`` for a contiguous ``t`` (cheaper on the host)."""
-    out = torch.empty_like(t, memory_format=torch.contiguous_format)
+def empty_like(t: torch.Tensor, memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """``empty(t.shape, t.dtype, t.device)`` for a contiguous ``t`` (cheaper on the host), or in
+    ``memory_format``."""
+    out = torch.empty_like(t, memory_format=memory_format)
     poison = _poison if _poison is not None else settings().poison
     if poison and out.is_floating_point():
         out.fill_(float("nan"))

@@ -93,15 +93,24 @@ def _se_weights(device):
             "fc2_weight": _leaf(72, 24, device=device), "fc2_bias": _leaf(72, device=device)}
 
 
+def _channels_last_leaf(*shape, dtype, device):
+    return _leaf(*shape, dtype=dtype, device=device).detach().to(memory_format=torch.channels_last).requires_grad_()
+
+
 def _se_build(dtype, device):
-    return [dict(x=_leaf(4, 72, 28, 28, dtype=dtype, device=device), **_se_weights(device))]
+    # NCHW, and a channels_last model's layout (the kernels' channels-last variants)
+    return [dict(x=_leaf(4, 72, 28, 28, dtype=dtype, device=device), **_se_weights(device)),
+            dict(x=_channels_last_leaf(4, 72, 28, 28, dtype=dtype, device=device), **_se_weights(device))]
 
 
 def _hswish_se_build(dtype, device):
-    # MobileNetV3's gate and the two other (activation, gate) pairs people use
+    # MobileNetV3's gate and the two other (activation, gate) pairs people use; MobileNetV3's in
+    # channels_last too
     return [dict(x=_leaf(4, 72, 28, 28, dtype=dtype, device=device), activation=act, gate=gate,
                  **_se_weights(device))
-            for act, gate in (("relu", "hard_sigmoid"), ("silu", "sigmoid"), ("hard_swish", "hard_sigmoid"))]
+            for act, gate in (("relu", "hard_sigmoid"), ("silu", "sigmoid"), ("hard_swish", "hard_sigmoid"))] + [
+        dict(x=_channels_last_leaf(4, 72, 28, 28, dtype=dtype, device=device), activation="relu",
+             gate="hard_sigmoid", **_se_weights(device))]
 
 
 def _se_repeat(device):

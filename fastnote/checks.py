@@ -6,7 +6,6 @@ place where optional tensors are made contiguous before a kernel launch.
 """
 from __future__ import annotations
 
-import math
 import numbers
 from typing import Optional, Sequence, Tuple
 
@@ -93,7 +92,9 @@ def real(name: str, value, *, positive: bool = False) -> float:
     """A finite real number (not a bool); ``positive``: also > 0."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    if not math.isfinite(value) or (positive and not value > 0):
+    # value - value == 0 is False only for inf and nan, and traces on a symbolic float (a default
+    # argument torch.compile(dynamic=True) made one), where math.isfinite cannot
+    if not value - value == 0 or (positive and not value > 0):
         raise ValueError(f"{name} must be a finite number{' > 0' if positive else ''}, got {value}")
     return float(value)
 
@@ -166,6 +167,27 @@ def boolean(name: str, value) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
     return value
+
+
+def process_group(owner: str, rank, world_size, group):
+    """The process group of an open_clip-style loss module built with ``rank`` and ``world_size``:
+    None for one process (``world_size`` 1 and no ``group``), else ``group`` (default the world
+    group, as open_clip uses), checked to have ``world_size`` ranks with this process at ``rank``;
+    None again for a group of one."""
+    if world_size <= 1 and group is None:
+        return None
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(f"{owner}(world_size={world_size}) needs torch.distributed to be "
+                           "initialised (dist.init_process_group)")
+    group = group if group is not None else dist.group.WORLD
+    size, me = dist.get_world_size(group), dist.get_rank(group)
+    if size != world_size:
+        raise ValueError(f"{owner} was built with world_size={world_size}, but its process group has {size} ranks")
+    if me != rank:
+        raise ValueError(f"{owner} was built with rank={rank}, but this process is rank {me} of its process group")
+    return group if size > 1 else None
 
 
 def has_channels(name: str, t: torch.Tensor, dim: int = 1, what: str = "") -> None:

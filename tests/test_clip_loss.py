@@ -120,6 +120,35 @@ def test_float_scale_and_module(device):
     assert_close(reference.clip_loss(img, txt, scale.detach().log()), want, "reduction")
 
 
+def test_module_takes_open_clips_arguments(device):
+    # open_clip_train builds ClipLoss(local_loss=..., gather_with_grad=..., cache_labels=True,
+    # rank=..., world_size=..., use_horovod=...) and calls it with logit_bias positionally (None
+    # for CLIP); with one process the local loss is the global one, as open_clip's.
+    img, txt, scale = _inputs(9, 12, device)
+    want = reference.clip_loss(img, txt, scale, exponentiated=True)
+    for module in (fastnote.nn.ClipLoss(local_loss=True, gather_with_grad=True, cache_labels=True, rank=0,
+                                        world_size=1, use_horovod=False),
+                   fastnote.nn.ClipLoss(True, False, True, 0, 1, False)):
+        assert_close(module(img, txt, scale, None), want, "reduction")
+        out = module(img, txt, scale, None, True)
+        assert set(out) == {"contrastive_loss"}
+        assert_close(out["contrastive_loss"], want, "reduction")
+    # a logit bias shifts every logit alike: the cross-entropy does not see it, its gradient is zero
+    bias = torch.tensor(-3.0, device=device, requires_grad=True)
+    loss = fastnote.nn.ClipLoss()(img, txt, scale, bias)
+    assert isinstance(loss, torch.Tensor) and loss.shape == ()
+    assert_close(loss, want, "reduction")
+    g_img, g_bias = torch.autograd.grad(loss, (img, bias))
+    assert g_bias.item() == 0.0
+    assert_close(g_img, torch.autograd.grad(want, img)[0], "reduction")
+    with pytest.raises(ValueError, match="use_horovod=True is not supported"):
+        fastnote.nn.ClipLoss(use_horovod=True)
+    with pytest.raises(RuntimeError, match=r"ClipLoss\(world_size=2\) needs torch.distributed"):
+        fastnote.nn.ClipLoss(rank=0, world_size=2)(img, txt, scale)
+    with pytest.raises(ValueError, match="logit_bias must be a scalar tensor"):
+        fastnote.nn.ClipLoss()(img, txt, scale, torch.zeros(2, device=device))
+
+
 def test_non_contiguous_and_one_element_scale(device):
     n, d = 21, 18
     img = torch.randn(d, n, device=device).t().requires_grad_()
@@ -239,41 +268,95 @@ def test_reference_backend_switch(device, monkeypatch):
 # Two processes over gloo against one process on the concatenated batch
 # ------------------------------------------------------------------------------------------------
 
+def _open_clip_in_worker():
+    """open_clip's ClipLoss in a spawned worker, or None (as in test_siglip_loss.py: open_clip
+    imports torchvision, which beside a CPU torch needs the op schemas tests/conftest.py defines)."""
+    import importlib.util
+
+    from fastnote.compat import torchvision_op_schemas
+
+    if importlib.util.find_spec("open_clip") is None:
+        return None
+    torchvision_op_schemas()
+    from open_clip.loss import ClipLoss
+    return ClipLoss
+
+
 def _ddp_body(rank, world_size):
     import torch.distributed as dist
 
+    OpenClipLoss = _open_clip_in_worker()
     n_local, d = 6, 12
     gen = torch.Generator().manual_seed(0)
     img_all = F.normalize(torch.randn(world_size * n_local, d, generator=gen), dim=1)
     txt_all = F.normalize(torch.randn(world_size * n_local, d, generator=gen), dim=1)
     rows = slice(rank * n_local, (rank + 1) * n_local)
+    # one process, the whole batch
+    ri, rt, rs = (t.clone().requires_grad_() for t in (img_all, txt_all, torch.tensor(10.0)))
+    full = reference.clip_loss(ri, rt, rs, exponentiated=True)
+    e_img, e_txt, e_scale = torch.autograd.grad(full, (ri, rt, rs))
     for local_loss in (False, True):
-        img = img_all[rows].clone().requires_grad_()
-        txt = txt_all[rows].clone().requires_grad_()
-        scale = torch.tensor(10.0, requires_grad=True)
-        loss = fastnote.nn.ClipLoss(group=dist.group.WORLD, local_loss=local_loss)(img, txt, scale)
-        g_img, g_txt, g_scale = torch.autograd.grad(loss, (img, txt, scale))
-        # one process, the whole batch
-        ri, rt, rs = (t.clone().requires_grad_() for t in (img_all, txt_all, torch.tensor(10.0)))
-        full = reference.clip_loss(ri, rt, rs, exponentiated=True)
-        e_img, e_txt, e_scale = torch.autograd.grad(full, (ri, rt, rs))
-        if local_loss:
-            s = rs.detach()
-            labels = torch.arange(n_local) + rank * n_local
-            mine = (F.cross_entropy(s * img_all[rows] @ txt_all.t(), labels)
-                    + F.cross_entropy(s * txt_all[rows] @ img_all.t(), labels)) / 2
-            assert_close(loss, mine, "reduction", msg=f"rank {rank} local loss")
-            mean = loss.detach().clone()
-            dist.all_reduce(mean)
-            assert_close(mean / world_size, full, "reduction", msg="mean of the local losses")
-            dist.all_reduce(g_scale)
-            assert_close(g_scale / world_size, e_scale, "reduction", msg="mean logit_scale gradient")
+        for with_grad in (True, False):
+            what = f"rank {rank} local_loss={local_loss} gather_with_grad={with_grad}"
+            leaves = [img_all[rows].clone().requires_grad_(), txt_all[rows].clone().requires_grad_(),
+                      torch.tensor(10.0, requires_grad=True)]
+            loss = fastnote.nn.ClipLoss(local_loss, with_grad, True, rank, world_size)(*leaves)
+            g_img, g_txt, g_scale = torch.autograd.grad(loss, leaves)
+            if OpenClipLoss is not None:
+                oc = [t.detach().clone().requires_grad_() for t in leaves]
+                want = OpenClipLoss(local_loss, with_grad, True, rank, world_size)(*oc)
+                assert_close(loss, want, "reduction", msg=f"{what}: loss vs open_clip")
+                for name, g, e in zip(("image", "text", "logit_scale"), (g_img, g_txt, g_scale),
+                                      torch.autograd.grad(want, oc)):
+                    assert_close(g, e, "reduction", msg=f"{what}: d {name} vs open_clip")
+            if local_loss:
+                s = rs.detach()
+                labels = torch.arange(n_local) + rank * n_local
+                mine = (F.cross_entropy(s * img_all[rows] @ txt_all.t(), labels)
+                        + F.cross_entropy(s * txt_all[rows] @ img_all.t(), labels)) / 2
+                assert_close(loss, mine, "reduction", msg=f"{what}: this rank's local loss")
+                mean = loss.detach().clone()
+                dist.all_reduce(mean)
+                assert_close(mean / world_size, full, "reduction", msg=f"{what}: mean of the local losses")
+                dist.all_reduce(g_scale)
+                assert_close(g_scale / world_size, e_scale, "reduction", msg=f"{what}: mean d logit_scale")
+            else:
+                assert_close(loss, full, "reduction", msg=f"{what}: loss")
+                assert_close(g_scale, e_scale, "reduction", msg=f"{what}: d logit_scale")
+            if with_grad:
+                # every rank's contribution summed into its own rows (DDP's average undoes the factor)
+                assert_close(g_img / world_size, e_img[rows], "reduction", msg=f"{what}: d image")
+                assert_close(g_txt / world_size, e_txt[rows], "reduction", msg=f"{what}: d text")
+            elif not local_loss:
+                # the other ranks' features are constants: the single-process gradient of these rows
+                assert_close(g_img, e_img[rows], "reduction", msg=f"{what}: d image")
+                assert_close(g_txt, e_txt[rows], "reduction", msg=f"{what}: d text")
+            else:
+                # this rank's rows of the logits only: the local loss's gradient with the other
+                # ranks' features held constant
+                a, b = img_all[rows].clone().requires_grad_(), txt_all[rows].clone().requires_grad_()
+                others_t, others_i = txt_all.clone(), img_all.clone()
+                mine = (F.cross_entropy(10.0 * a @ others_t.t(), labels)
+                        + F.cross_entropy(10.0 * b @ others_i.t(), labels)) / 2
+                w_img, w_txt = torch.autograd.grad(mine, (a, b))
+                assert_close(g_img, w_img, "reduction", msg=f"{what}: d image")
+                assert_close(g_txt, w_txt, "reduction", msg=f"{what}: d text")
+    # float64 runs the reference in float64, the local loss too
+    a, b = img_all[rows].double().requires_grad_(), txt_all[rows].double().requires_grad_()
+    loss = fastnote.nn.ClipLoss(True, True, rank=rank, world_size=world_size)(a, b, torch.tensor(10.0).double())
+    assert loss.dtype == torch.float64, loss.dtype
+    labels = torch.arange(n_local) + rank * n_local
+    mine = (F.cross_entropy(10.0 * img_all[rows].double() @ txt_all.double().t(), labels)
+            + F.cross_entropy(10.0 * txt_all[rows].double() @ img_all.double().t(), labels)) / 2
+    torch.testing.assert_close(loss, mine, rtol=1e-12, atol=1e-12)
+    for kwargs, message in (({"rank": rank, "world_size": 3}, "world_size=3, but its process group has 2"),
+                            ({"rank": 1 - rank, "world_size": 2}, f"this process is rank {rank}")):
+        try:
+            fastnote.nn.ClipLoss(**kwargs)(img_all[rows], txt_all[rows], torch.tensor(10.0))
+        except ValueError as e:
+            assert message in str(e), str(e)
         else:
-            assert_close(loss, full, "reduction", msg=f"rank {rank} loss")
-            assert_close(g_scale, e_scale, "reduction", msg=f"rank {rank} logit_scale gradient")
-        # every rank's contribution summed into its own rows (DDP's average undoes the factor)
-        assert_close(g_img / world_size, e_img[rows], "reduction", msg=f"rank {rank} d_image {local_loss}")
-        assert_close(g_txt / world_size, e_txt[rows], "reduction", msg=f"rank {rank} d_text {local_loss}")
+            raise AssertionError(f"no error for {kwargs}")
 
 
 def test_two_processes_match_one(tmp_path, interpreted_children):

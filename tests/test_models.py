@@ -56,6 +56,7 @@ SE = "SqueezeExcitation -> fastnote.nn.SqueezeExcitation"
 FUSED_HS = "Hardswish -> torch.nn.Identity"
 FUSED_SE = "SqueezeExcitation -> fastnote.nn.HardswishSqueezeExcitation"
 TIMM_SE = "SqueezeExcite -> fastnote.nn.SqueezeExcite"
+TIMM_SEMODULE = "SEModule -> fastnote.nn.SqueezeExcitation"
 TV_SWA = "ShiftedWindowAttention -> fastnote.nn.torchvision_swin.TorchvisionShiftedWindowAttention"
 TIMM_BLOCK = "SwinTransformerBlock -> fastnote.nn.timm_swin.FusedSwinTransformerBlock"
 MODELS = {
@@ -66,6 +67,8 @@ MODELS = {
     # timm's h-swish feeds its SE inside InvertedResidual.forward: only the SE is replaced (5 pairs
     # left); its 21 h-swish stay torch's.
     "timm-mobilenetv3_large_100": (_timm_model("mobilenetv3_large_100"), (1, 3, 64, 64), {TIMM_SE: 8}),
+    # timm's SEModule (fc1/fc2 names) gates with timm's own Sigmoid class, recognised by what it computes.
+    "timm-regnety_002": (_timm_model("regnety_002"), (1, 3, 64, 64), {TIMM_SEMODULE: 13}),
     # stages 28, 14, 7, 4: the 7x7 stage is one window (shift dropped), the 4x4 one padded to 7x7.
     "tv-swin_t-112": (_tv("swin_t"), (1, 3, 112, 112), {TV_SWA: 12}),
     # stages 24, 12, 6, 3 (windows 7, 7, 6, 3): timm rolls, then pads 24 -> 28 and 12 -> 14.
@@ -77,7 +80,7 @@ MODELS = {
 # modules the patch must leave none of (by their class name), per model family; a fused timm block
 # keeps its WindowAttention as the holder of the parameters, whose forward no longer runs. Not
 # torch's Hardswish: the one feeding an SE becomes an Identity, a standalone one stays (checked apart).
-ORIGINALS = ("SqueezeExcitation", "SqueezeExcite", "ShiftedWindowAttention", "WindowAttention")
+ORIGINALS = ("SqueezeExcitation", "SqueezeExcite", "SEModule", "ShiftedWindowAttention", "WindowAttention")
 
 
 def _still_running(model):
@@ -175,6 +178,29 @@ def test_patch_replaces_every_module_and_keeps_outputs(name, device, launches):
         launches.clear()
         _check_against_float64(eager, patched, x, f"{name} {mode}")
         assert launches, "no kernel ran: the patched model compared the reference with itself"
+
+
+def test_channels_last_mobilenet(device, launches):
+    """torchvision's MobileNetV3 converted to channels_last (as its and timm's training scripts
+    offer): the patched model matches the float64 result as eager does, and every SE kernel ran
+    in the channels_last layout (its output stays channels_last, so the convs after it get the
+    layout they expect, without a copy)."""
+    eager, patched, report, x = _pair("tv-mobilenet_v3_small", device)
+    eager, patched = (m.to(memory_format=torch.channels_last) for m in (eager, patched))
+    x = x.to(memory_format=torch.channels_last)
+    se_outputs = []
+    for m in patched.modules():
+        if isinstance(m, (fastnote.nn.SqueezeExcitation, fastnote.nn.HardswishSqueezeExcitation)):
+            m.register_forward_hook(lambda mod, args, out: se_outputs.append(out))
+    for mode in ("eval", "train"):
+        _train(eager, mode == "train")
+        _train(patched, mode == "train")
+        launches.clear()
+        se_outputs.clear()
+        _check_against_float64(eager, patched, x, f"channels_last {mode}")
+        assert launches and len(se_outputs) == 9 and sum(o.shape[-1] > 1 for o in se_outputs) >= 3
+        assert all(o.is_contiguous(memory_format=torch.channels_last) and not o.is_contiguous()
+                   for o in se_outputs if o.shape[-1] > 1)
 
 
 # timm's Swin once (at 96, where it pads), for CI time: 40-60 s a Swin model under the interpreter

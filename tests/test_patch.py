@@ -34,6 +34,22 @@ class SELayer(nn.Module):
         return x * self.gate(self.conv_expand(self.act1(self.conv_reduce(x.mean((2, 3), keepdim=True)))))
 
 
+class OwnSigmoid(nn.Module):
+    """A library's own sigmoid class (as timm's ``Sigmoid``, which RegNetY's SE gates with), in place."""
+
+    def __init__(self, inplace=True):
+        super().__init__()
+        self.inplace = inplace
+
+    def forward(self, x):
+        return x.sigmoid_() if self.inplace else x.sigmoid()
+
+
+class OwnTanh(OwnSigmoid):
+    def forward(self, x):
+        return torch.tanh(x)
+
+
 class NotSE(SELayer):
     """SE-shaped, but its forward adds instead of gating: must be left."""
 
@@ -180,6 +196,9 @@ def test_patch_keeps_objects_mode_and_random_state(device):
     pytest.param(lambda: SqueezeExcitation(24, 8, scale_activation=nn.Hardsigmoid), "fastnote.nn.SqueezeExcitation",
                  id="torchvision-names"),
     pytest.param(lambda: SELayer(24, 8), "fastnote.nn.SqueezeExcite", id="timm-names-user-class"),
+    # the gate's class is none of torch's, but computes the sigmoid: recognised by what it computes
+    pytest.param(lambda: SqueezeExcitation(24, 8, scale_activation=OwnSigmoid), "fastnote.nn.SqueezeExcitation",
+                 id="own-sigmoid-class"),
 ])
 def test_se_recognised_by_structure(make, new, device):
     eager, patched = _twins(lambda: nn.Sequential(nn.ReLU(), make()), device)
@@ -193,6 +212,7 @@ def test_se_recognised_by_structure(make, new, device):
 @pytest.mark.no_kernel
 @pytest.mark.parametrize("module,reason", [
     pytest.param(SqueezeExcitation(16, 4, activation=nn.GELU), "unsupported activation or gate", id="gelu"),
+    pytest.param(SqueezeExcitation(16, 4, scale_activation=OwnTanh), "unsupported activation or gate", id="own-tanh"),
     pytest.param(NotSE(16, 4), "its forward is not x * gate", id="additive-forward"),
 ])
 def test_se_candidates_left_with_reason(module, reason, device):
@@ -353,6 +373,50 @@ def test_sagan_self_attn_keeps_return_convention(device):
     ref_out, ref_attn = eager(x)
     assert_close(attn, ref_attn, "two_matmul")
     _same_forward_backward(eager, patched, x, "two_matmul", outputs=lambda y: y[0])
+
+
+def test_gradient_penalty_through_a_patched_discriminator(device):
+    """R1 (the squared norm of D's input gradient, differentiated again): through the patched
+    attention it raises, as the README says (the kernels have no double backward); patching only
+    the spectral norms keeps the penalty and its gradients equal to eager's."""
+    def make():
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.utils.spectral_norm(nn.Conv2d(3, 16, 3, padding=1)), nn.LeakyReLU(0.2),
+                          Self_Attn(16, "relu"), nn.utils.spectral_norm(nn.Conv2d(16, 1, 4)))
+        with torch.no_grad():
+            m[2].gamma.fill_(0.5)
+        return m
+
+    def penalty(model, x):
+        x = x.clone().requires_grad_()
+        y = model[3](model[2](model[1](model[0](x)))[0])
+        (g,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+        r1 = g.pow(2).sum()
+        # allow_unused: the last conv's bias does not reach the input gradient
+        return r1, torch.autograd.grad(r1, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
+
+    x = torch.randn(2, 3, 4, 4, device=device)
+    eager, patched = _twins(make, device)
+    fastnote.patch(patched, expect=3)
+    patched.eval(), eager.eval()     # the power iteration's u and v stay put between the runs
+    with pytest.raises(RuntimeError, match="autograd formula"):
+        penalty(patched, x)
+    eager, patched = _twins(make, device)
+    eager.eval(), patched.eval()
+    assert len(fastnote.patch(patched, include=["spectral_norm"])) == 2
+    # second derivatives of a random discriminator reach 1e8: each fp32 result is judged against
+    # the eager model run in float64, no further from it than 4x eager fp32 (as tests/test_models.py)
+    truth = copy.deepcopy(eager).double()
+    results = [penalty(m, x.to(dtype)) for m, dtype in ((eager, torch.float32), (patched, torch.float32),
+                                                        (truth, torch.float64))]
+    (want, want_grads), (got, got_grads), (exact, exact_grads) = results
+    assert [g is None for g in got_grads] == [g is None for g in want_grads] == [g is None for g in exact_grads]
+    floor = 64 * 2.0 ** -24
+    assert rms_relative_error(got, exact) <= 4 * rms_relative_error(want, exact) + floor
+    for i, (a, b, e) in enumerate(zip(got_grads, want_grads, exact_grads)):
+        if e is not None:
+            err, eager_err = rms_relative_error(a, e), rms_relative_error(b, e)
+            assert err <= 4 * eager_err + floor, f"parameter {i}: {err:.3g} against eager's {eager_err:.3g}"
 
 
 @pytest.mark.autocast

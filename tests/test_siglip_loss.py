@@ -409,6 +409,21 @@ def _ddp_body(rank, world_size):
             assert_close(summed[2] / world_size, e_bias, "reduction", msg=f"{what}: mean d logit_bias")
             assert_close(g_img / world_size, e_img[rows], "reduction", msg=f"{what}: d image")
             assert_close(g_txt / world_size, e_txt[rows], "reduction", msg=f"{what}: d text")
+    # text features laid out column-major (dense, not contiguous): the chunks received in exchange
+    # for them are packed buffers of their own
+    os.environ["FASTNOTE_BACKEND"] = "auto"
+    backend.refresh()
+    for impl in ("bidir", "shift"):
+        leaves = [img_all[rows].clone().requires_grad_(), txt_all[rows].t().contiguous().t().requires_grad_(),
+                  torch.tensor(5.0, requires_grad=True), torch.tensor(-2.0, requires_grad=True)]
+        assert not leaves[1].is_contiguous()
+        loss = fastnote.nn.SigLipLoss(rank=rank, world_size=world_size, dist_impl=impl)(*leaves)
+        g_img, g_txt = torch.autograd.grad(loss, leaves[:2])
+        summed = loss.detach().clone()
+        dist.all_reduce(summed)
+        assert_close(summed / world_size, full, "reduction", msg=f"rank {rank} {impl} column-major text: mean loss")
+        assert_close(g_img / world_size, e_img[rows], "reduction", msg=f"rank {rank} {impl} column-major: d image")
+        assert_close(g_txt / world_size, e_txt[rows], "reduction", msg=f"rank {rank} {impl} column-major: d text")
     img, txt = img_all[rows], txt_all[rows]
     for kwargs, message in (({"rank": rank, "world_size": 3}, "world_size=3, but its process group has 2"),
                             ({"rank": 1 - rank, "world_size": 2}, f"this process is rank {rank}")):

@@ -702,19 +702,24 @@ def test_torch_compile(front, compile_backend):
         _zero_grads(eager, compiled_model)
 
 
-def test_power_iteration_compiles(compile_backend):
-    @torch.compile(backend=compile_backend, fullgraph=True)
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_power_iteration_compiles(dynamic, compile_backend):
+    # dynamic=True makes the default eps a symbolic float, which the finiteness check must trace
+    torch._dynamo.reset()
+
+    @torch.compile(backend=compile_backend, fullgraph=True, dynamic=dynamic)
     def f(W, u, v):
         return fastnote.power_iteration(W, u, v, 2)
 
-    W = torch.randn(7, 5, requires_grad=True)
-    u, v = torch.randn(7), torch.randn(5)
-    got = f(W, u, v)
-    expected = reference.power_iteration(W, u, v, 2)
-    for a, b in zip(got, expected):
-        _close(a, b)
-    got[0].backward()
-    _close(W.grad, torch.outer(expected[1], expected[2]))
+    for rows, cols in ((7, 5), (9, 4)):
+        W = torch.randn(rows, cols, requires_grad=True)
+        u, v = torch.randn(rows), torch.randn(cols)
+        got = f(W, u, v)
+        expected = reference.power_iteration(W, u, v, 2)
+        for a, b in zip(got, expected):
+            _close(a, b)
+        got[0].backward()
+        _close(W.grad, torch.outer(expected[1], expected[2]))
 
 
 def _ddp_body(rank, world_size, broadcast_buffers):

@@ -99,6 +99,28 @@ def test_non_contiguous_and_empty(device):
     assert e.grad.shape == e.shape
 
 
+@pytest.mark.parametrize("fn,ref", FUSED, ids=FUSED_IDS)
+@pytest.mark.parametrize("B,C,H,W,Cr", [(2, 24, 7, 5, 8), (3, 130, 9, 9, 32), (2, 16, 1, 1, 4), (2, 1, 4, 4, 1)])
+def test_channels_last(fn, ref, B, C, H, W, Cr, device):
+    """A channels_last input (a model converted with .to(memory_format=torch.channels_last)) runs
+    the kernels in its own layout: the reference's values and gradients, and the output and the
+    input gradient stay channels_last (as torchvision's SE, made of elementwise ops, keeps them),
+    with the upstream gradient in either layout. 130 channels: three channel tiles, the last partial;
+    1x1 maps and one channel: contiguous both ways, the NCHW path."""
+    x, w1, b1, w2, b2 = _inputs(B, C, H, W, Cr, device)
+    x = x.detach().to(memory_format=torch.channels_last).requires_grad_()
+    _check(fn, ref, (x, w1, b1, w2, b2), "silu", "hard_sigmoid")
+    out = fn(x, w1, b1, w2, b2)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    eager = TorchvisionSqueezeExcitation(C, Cr, scale_activation=nn.Hardsigmoid).to(device)
+    assert eager(x).stride() == out.stride() or x.is_contiguous()
+    for grad in (torch.randn_like(out), torch.randn(B, C, H, W, device=device)):   # channels_last, NCHW
+        (dx,) = torch.autograd.grad(out, x, grad, retain_graph=True)
+        assert dx.is_contiguous(memory_format=torch.channels_last)
+        want = torch.autograd.grad(ref(x, w1, b1, w2, b2), x, grad)[0]
+        assert_close(dx, want, "reduction")
+
+
 @pytest.mark.parametrize("fn", [fastnote.squeeze_excitation, fastnote.hswish_se], ids=["se", "hswish_se"])
 def test_strided_weights_and_biases(fn, device):
     """Weights and biases that are views (every other element of a larger buffer, an expanded
@@ -144,8 +166,11 @@ def test_errors(device):
         fastnote.squeeze_excitation(x.detach().long(), w1, b1, w2, b2)
 
 
-def test_opcheck(device):
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_opcheck(layout, device):
     x, w1, b1, w2, b2 = _inputs(2, 8, 3, 5, 4, device)
+    if layout == "channels_last":   # the fake outputs must have the kernels' layout
+        x = x.detach().to(memory_format=torch.channels_last).requires_grad_()
     for hswish in (False, True):
         torch.library.opcheck(torch.ops.fastnote.squeeze_excitation.default,
                               (x, w1, b1, w2, b2, "relu", "hard_sigmoid", hswish))

@@ -1,6 +1,7 @@
 """Swin window attention: the core op, the WindowAttention drop-in and the fused block path, forward
 and backward, against fastnote.reference (and against transcribed Swin / timm modules)."""
 import copy
+import functools
 
 import pytest
 import torch
@@ -519,13 +520,26 @@ def test_block_autocast_bf16(device):
 
 
 @pytest.mark.no_kernel
-def test_block_empty_batch(device):
+@pytest.mark.parametrize("shape", [(0, 5, 5, 16), (1, 0, 7, 16), (2, 7, 0, 16)], ids=["batch0", "H0", "W0"])
+def test_block_empty_batch(shape, device):
+    # an empty batch or an empty map: empty outputs and gradients, zero parameter gradients (an
+    # empty map's backward divided by its zero windows per image)
     m = fastnote.nn.ShiftedWindowAttention(16, 4, 2, shift_size=2).to(device)
-    x = torch.randn(0, 5, 5, 16, device=device, requires_grad=True)
+    x = torch.randn(shape, device=device, requires_grad=True)
     y = m(x)
     assert y.shape == x.shape
     y.sum().backward()
-    assert torch.equal(m.relative_position_bias_table.grad, torch.zeros_like(m.relative_position_bias_table))
+    assert x.grad.shape == x.shape
+    for name, p in m.named_parameters():
+        assert torch.equal(p.grad, torch.zeros_like(p)), name
+    R = functools.partial(torch.randn, device=device)
+    x = torch.randn(shape, device=device, requires_grad=True)
+    table = R(25, 2, requires_grad=True)
+    y = fastnote.swin_window_attention_v2(x, R(48, 16), R(16), R(16), R(16, 16), R(16),
+                                          torch.ones(2, 1, 1, device=device), table, 3, 2, shift_size=1)
+    assert y.shape == x.shape
+    y.sum().backward()
+    assert x.grad.shape == x.shape and torch.equal(table.grad, torch.zeros_like(table))
 
 
 @pytest.mark.gpu

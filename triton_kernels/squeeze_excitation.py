@@ -1,4 +1,5 @@
-"""Squeeze-excitation on NCHW, optionally fused with the hard-swish that precedes it in MobileNetV3.
+"""Squeeze-excitation on NCHW or channels_last (NHWC in memory), optionally fused with the
+hard-swish that precedes it in MobileNetV3.
 
 With ``y = pre(x)`` (identity, or hard_swish for ``hswish_se``) and ``g = gate(MLP(mean_hw(y)))``:
 
@@ -14,7 +15,10 @@ Minimum traffic, with T = B*C*H*W*itemsize: forward 3T, backward 5T (eager PyTor
 separate hard-swish moves about 2T + 1T + 3T forward and more than 8T backward). ``y`` is never
 written. All passes accumulate in fp32; offsets are int64 so tensors past 2^31 elements work.
 The streaming passes tile [planes, positions] over a 3-D grid, so no element needs its plane index
-computed by division.
+computed by division. ``channels_last`` (constexpr ``CL``): the same tiles, addressed
+``b*HW*C + hw*C + c``, with the channels the contiguous axis of the tile; a channels_last model
+(timm's and torchvision's training scripts offer it) keeps its layout through the SE, with no copy
+in or out.
 """
 from __future__ import annotations
 
@@ -44,18 +48,24 @@ GATE_CODES = {"hard_sigmoid": 0, "sigmoid": 1}
 
 @triton.jit
 def _plane_reduce_kernel(x_ptr, grad_ptr, out_ptr, C, HW, scale,
-                         HSWISH: tl.constexpr, HAS_GRAD: tl.constexpr,
+                         HSWISH: tl.constexpr, HAS_GRAD: tl.constexpr, CL: tl.constexpr,
                          BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
     # out[b, c] = scale * sum_hw (grad *) pre(x) over a [BLOCK_C, BLOCK_HW] tile of planes.
     b = tl.program_id(0).to(tl.int64)
     cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = cs < C
-    base = (b * C + cs.to(tl.int64)) * HW
+    if CL:
+        base = b * C * HW + cs.to(tl.int64)
+    else:
+        base = (b * C + cs.to(tl.int64)) * HW
     acc = tl.zeros([BLOCK_C, BLOCK_HW], dtype=tl.float32)
     for start in range(0, HW, BLOCK_HW):
         hw = start + tl.arange(0, BLOCK_HW)
         mask = c_mask[:, None] & (hw < HW)[None, :]
-        offs = base[:, None] + hw[None, :]
+        if CL:
+            offs = base[:, None] + hw.to(tl.int64)[None, :] * C
+        else:
+            offs = base[:, None] + hw[None, :]
         y = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if HSWISH:
             y = hard_swish_f32(y)
@@ -67,21 +77,28 @@ def _plane_reduce_kernel(x_ptr, grad_ptr, out_ptr, C, HW, scale,
 
 
 @triton.jit
-def _planes_tile(C, HW, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
-    """This program's [BLOCK_C planes, BLOCK_HW positions] tile of a contiguous [B, C, HW] tensor,
-    grid (B, C blocks, HW blocks): the plane index of every element is known without dividing
-    (a per-element 64-bit division would cost more than the memory traffic it serves)."""
-    planes = tl.program_id(0).to(tl.int64) * C + tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C) < C
+def _planes_tile(C, HW, CL: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """This program's [BLOCK_C planes, BLOCK_HW positions] tile of a [B, C, HW] tensor, contiguous
+    or (``CL``) channels_last, grid (B, C blocks, HW blocks): the plane index of every element is
+    known without dividing (a per-element 64-bit division would cost more than the memory traffic
+    it serves)."""
+    b = tl.program_id(0).to(tl.int64)
+    cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    planes = b * C + cs
+    c_ok = cs < C
     hw = tl.program_id(2) * BLOCK_HW + tl.arange(0, BLOCK_HW)
     mask = c_ok[:, None] & (hw < HW)[None, :]
-    return planes, planes[:, None] * HW + hw[None, :], mask, c_ok
+    if CL:
+        offs = b * C * HW + hw.to(tl.int64)[None, :] * C + cs[:, None]
+    else:
+        offs = planes[:, None] * HW + hw[None, :]
+    return planes, offs, mask, c_ok
 
 
 @triton.jit
-def _apply_kernel(x_ptr, g_ptr, out_ptr, C, HW, HSWISH: tl.constexpr,
+def _apply_kernel(x_ptr, g_ptr, out_ptr, C, HW, HSWISH: tl.constexpr, CL: tl.constexpr,
                   BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
-    planes, offs, mask, c_ok = _planes_tile(C, HW, BLOCK_C, BLOCK_HW)
+    planes, offs, mask, c_ok = _planes_tile(C, HW, CL, BLOCK_C, BLOCK_HW)
     y = tl.load(x_ptr + offs, mask=mask).to(tl.float32)
     if HSWISH:
         y = hard_swish_f32(y)
@@ -91,8 +108,8 @@ def _apply_kernel(x_ptr, g_ptr, out_ptr, C, HW, HSWISH: tl.constexpr,
 
 @triton.jit
 def _input_grad_kernel(grad_ptr, x_ptr, g_ptr, ds_ptr, dx_ptr, C, HW, inv_hw,
-                       HSWISH: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
-    planes, offs, mask, c_ok = _planes_tile(C, HW, BLOCK_C, BLOCK_HW)
+                       HSWISH: tl.constexpr, CL: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+    planes, offs, mask, c_ok = _planes_tile(C, HW, CL, BLOCK_C, BLOCK_HW)
     grad = tl.load(grad_ptr + offs, mask=mask).to(tl.float32)
     g = tl.load(g_ptr + planes, mask=c_ok)
     ds = tl.load(ds_ptr + planes, mask=c_ok)
@@ -103,57 +120,74 @@ def _input_grad_kernel(grad_ptr, x_ptr, g_ptr, ds_ptr, dx_ptr, C, HW, inv_hw,
     tl.store(dx_ptr + offs, dy.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
+# the channels_last tiles' width along the (contiguous) channels: 64 channels of fp16 are one
+# 128-byte line per position
+CL_BLOCK_C = 64
+
+
 @functools.lru_cache(maxsize=256)
-def _reduce_blocks(C: int, HW: int):
+def _reduce_blocks(C: int, HW: int, channels_last: bool):
+    if channels_last:
+        block_c = min(next_pow2(C), CL_BLOCK_C)
+        return block_c, max(1, min(next_pow2(HW), 4096 // block_c))
     block_hw = min(next_pow2(HW), 256)
     block_c = max(1, min(next_pow2(C), 4096 // block_hw))
     return block_c, block_hw
 
 
-def plane_reduce(*, x: torch.Tensor, grad, hswish: bool, scale: float, out: torch.Tensor) -> torch.Tensor:
-    """out, fp32 [B, C] = ``scale * sum_hw((grad *) pre(x))`` for contiguous x (and grad) [B, C, H, W]."""
+def plane_reduce(*, x: torch.Tensor, grad, hswish: bool, scale: float, out: torch.Tensor,
+                 channels_last: bool = False) -> torch.Tensor:
+    """out, fp32 [B, C] = ``scale * sum_hw((grad *) pre(x))`` for x (and grad) [B, C, H, W], both
+    contiguous or both ``channels_last``."""
     B, C, H, W = x.shape
     HW = H * W
     if B * C * HW == 0:
         return out.zero_()
-    block_c, block_hw = _reduce_blocks(C, HW)
+    block_c, block_hw = _reduce_blocks(C, HW, channels_last)
     grid = (B, cdiv(C, block_c))
     launch(_plane_reduce_kernel, grid,
         x, grad if grad is not None else x, out, C, HW, scale,
-        HSWISH=hswish, HAS_GRAD=grad is not None, BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=4,
+        HSWISH=hswish, HAS_GRAD=grad is not None, CL=channels_last, BLOCK_C=block_c, BLOCK_HW=block_hw,
+        num_warps=4,
     )
     return out
 
 
-def _streaming_grid(x: torch.Tensor):
-    """(grid, C, HW, constexprs) for the streaming passes over contiguous x [B, C, H, W]: tiles of
-    about ELEMENTWISE_BLOCK elements, [BLOCK_C planes, BLOCK_HW positions]."""
+def _streaming_grid(x: torch.Tensor, channels_last: bool):
+    """(grid, C, HW, constexprs) for the streaming passes over x [B, C, H, W], contiguous or
+    channels_last: tiles of about ELEMENTWISE_BLOCK elements, [BLOCK_C planes, BLOCK_HW positions]."""
     B, C = x.shape[0], x.shape[1]
     HW = x.numel() // (B * C)
-    return _streaming_config(B, C, HW)
+    return _streaming_config(B, C, HW, channels_last)
 
 
 @functools.lru_cache(maxsize=256)
-def _streaming_config(B: int, C: int, HW: int):
+def _streaming_config(B: int, C: int, HW: int, channels_last: bool):
     # cached per shape, as the other launch configurations here: host time is per call
-    block_hw = min(next_pow2(HW), 1024)
-    block_c = max(1, min(next_pow2(C), ELEMENTWISE_BLOCK // block_hw))
+    if channels_last:
+        block_c = min(next_pow2(C), CL_BLOCK_C)
+        block_hw = max(1, min(next_pow2(HW), ELEMENTWISE_BLOCK // block_c))
+    else:
+        block_hw = min(next_pow2(HW), 1024)
+        block_c = max(1, min(next_pow2(C), ELEMENTWISE_BLOCK // block_hw))
     grid = (B, cdiv(C, block_c), cdiv(HW, block_hw))
-    return grid, C, HW, dict(BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=ELEMENTWISE_WARPS)
+    return grid, C, HW, dict(CL=channels_last, BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=ELEMENTWISE_WARPS)
 
 
-def apply(*, x: torch.Tensor, g: torch.Tensor, hswish: bool, out: torch.Tensor) -> torch.Tensor:
-    """out = pre(x) * g[b, c]; g fp32 contiguous [B, C]."""
+def apply(*, x: torch.Tensor, g: torch.Tensor, hswish: bool, out: torch.Tensor,
+          channels_last: bool = False) -> torch.Tensor:
+    """out = pre(x) * g[b, c]; g fp32 contiguous [B, C]; x and out contiguous or both channels_last."""
     if x.numel():
-        grid, C, HW, blocks = _streaming_grid(x)
+        grid, C, HW, blocks = _streaming_grid(x, channels_last)
         launch(_apply_kernel, grid, x, g, out, C, HW, HSWISH=hswish, **blocks)
     return out
 
 
-def input_grad(*, grad, x, g, ds, hswish: bool, out: torch.Tensor) -> torch.Tensor:
-    """dx = (grad * g + ds / HW) * pre'(x); g, ds fp32 contiguous [B, C] (ds = dL/d mean)."""
+def input_grad(*, grad, x, g, ds, hswish: bool, out: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """dx = (grad * g + ds / HW) * pre'(x); g, ds fp32 contiguous [B, C] (ds = dL/d mean); grad, x
+    and out contiguous or all channels_last."""
     if x.numel():
-        grid, C, HW, blocks = _streaming_grid(x)
+        grid, C, HW, blocks = _streaming_grid(x, channels_last)
         launch(_input_grad_kernel, grid, grad, x, g, ds, out, C, HW, 1.0 / HW, HSWISH=hswish, **blocks)
     return out
 

@@ -492,7 +492,7 @@ class Geometry(NamedTuple):
 
     @property
     def num_images(self) -> int:
-        return self.num_windows // self.nW
+        return self.num_windows // self.nW if self.nW else 0    # an empty map has no windows
 
     @property
     def masked(self) -> bool:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from .. import checks
 from ..ops.siglip_loss import DIST_IMPLS, siglip_loss
 
 
@@ -35,26 +36,9 @@ class SigLipLoss(nn.Module):
             raise ValueError(f"dist_impl must be one of {DIST_IMPLS} or None, got {dist_impl!r}")
         self.group = group
 
-    def _group(self):
-        import torch.distributed as dist
-
-        if self.world_size <= 1 and self.group is None:
-            return None
-        if not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError(f"SigLipLoss(world_size={self.world_size}) needs torch.distributed to be "
-                               "initialised (dist.init_process_group)")
-        group = self.group if self.group is not None else dist.group.WORLD
-        size, rank = dist.get_world_size(group), dist.get_rank(group)
-        if size != self.world_size:
-            raise ValueError(f"SigLipLoss was built with world_size={self.world_size}, but its process group "
-                             f"has {size} ranks")
-        if rank != self.rank:
-            raise ValueError(f"SigLipLoss was built with rank={self.rank}, but this process is rank {rank} "
-                             "of its process group")
-        return group if size > 1 else None
-
     def forward(self, image_features, text_features, logit_scale, logit_bias, output_dict: bool = False):
-        loss = siglip_loss(image_features, text_features, logit_scale, logit_bias, group=self._group(),
+        group = checks.process_group("SigLipLoss", self.rank, self.world_size, self.group)
+        loss = siglip_loss(image_features, text_features, logit_scale, logit_bias, group=group,
                            dist_impl=self.dist_impl)
         return {"contrastive_loss": loss} if output_dict else loss
 

@@ -1,6 +1,6 @@
 """clip_loss: CLIP's symmetric contrastive loss as streaming kernels that never store the [n, n]
-logits, on one device or across the ranks of a process group (open_clip's ClipLoss with
-gather_with_grad=True, and its local_loss option).
+logits, on one device or across the ranks of a process group (open_clip's ClipLoss, with its
+gather_with_grad and local_loss options).
 
 ``logit_scale`` is the multiplier itself, already exponentiated (``model.logit_scale.exp()``), as
 CLIP's and open_clip's training code pass it; ``fastnote.reference.clip_loss`` takes the
@@ -154,24 +154,36 @@ _row_forward_op.register_autograd(_row_backward, setup_context=_row_setup_contex
 
 
 def _row_loss_reference(a, b, logit_scale, offset):
-    """Plain-torch one-sided loss (open_clip's local_loss half), fp32 compute."""
+    """Plain-torch one-sided loss (open_clip's local_loss half), fp32 compute (fp64 for fp64 inputs)."""
+    dtype = torch.promote_types(a.dtype, torch.float32)
     with torch.autocast(a.device.type, enabled=False):
-        logits = logit_scale.float() * (a.float() @ b.float().t())
+        logits = logit_scale.to(dtype) * (a.to(dtype) @ b.to(dtype).t())
         labels = torch.arange(a.shape[0], device=a.device) + offset
         return F.cross_entropy(logits, labels)
 
 
-def _gather(t: Tensor, group) -> Tensor:
-    """All ranks' ``t`` concatenated in rank order, with the gradient flowing back to each rank
-    (backward sums every rank's gradient for this rank's slice, as open_clip's gather_with_grad)."""
-    import torch.distributed.nn.functional as dist_fn
+def _gather(t: Tensor, group, with_grad: bool, keep_own: bool) -> Tensor:
+    """All ranks' ``t`` concatenated in rank order. ``with_grad`` (open_clip's gather_with_grad=True):
+    the gradient flows back to each rank, whose slice gets the sum of every rank's gradient for it.
+    Else the gathered copies are constants, and with ``keep_own`` this rank's slice is ``t`` itself,
+    so its gradient is this rank's own loss's alone (open_clip's gather_with_grad=False, which keeps
+    its own slice for the global loss but not for the local one)."""
+    import torch.distributed as dist
 
-    return torch.cat(dist_fn.all_gather(t, group=group), dim=0)
+    if with_grad:
+        import torch.distributed.nn.functional as dist_fn
+
+        return torch.cat(dist_fn.all_gather(t, group=group), dim=0)
+    src = t.detach().contiguous()
+    parts = [torch.empty_like(src) for _ in range(dist.get_world_size(group=group))]
+    dist.all_gather(parts, src, group=group)
+    if keep_own:
+        parts[dist.get_rank(group=group)] = t
+    return torch.cat(parts, dim=0)
 
 
-
-
-def clip_loss(image_emb: Tensor, text_emb: Tensor, logit_scale, *, group=None, local_loss: bool = False) -> Tensor:
+def clip_loss(image_emb: Tensor, text_emb: Tensor, logit_scale, *, group=None, local_loss: bool = False,
+              gather_with_grad: bool = True) -> Tensor:
     """CLIP's symmetric contrastive loss: ``logits = logit_scale * image_emb @ text_emb^T``,
     ``(CE(logits, arange(n)) + CE(logits^T, arange(n))) / 2``; a 0-dim float32 tensor.
 
@@ -188,11 +200,15 @@ def clip_loss(image_emb: Tensor, text_emb: Tensor, logit_scale, *, group=None, l
     the inputs and their gradients: six fp32 vectors of n.
 
     ``group`` (a ``torch.distributed`` process group; every rank passes its own n_local rows,
-    the same n_local everywhere): features are all-gathered with their gradient, as open_clip's
-    ``ClipLoss(gather_with_grad=True)``, and the loss is the single-process loss on the
-    concatenated batch (N = world_size * n_local rows). As with open_clip, each rank's gradient
-    for its own rows is the sum of every rank's contribution, world_size times the
-    single-process gradient, which DDP's averaging brings back to it. ``local_loss=True``: only
+    the same n_local everywhere): features are all-gathered, and the loss is the single-process
+    loss on the concatenated batch (N = world_size * n_local rows). The gradients are open_clip's
+    under the same ``gather_with_grad``: True (the default here; open_clip's ``ClipLoss``
+    defaults to False, and so does ``fastnote.nn.ClipLoss``): the features are gathered with their
+    gradient, and each rank's gradient for its own rows is the sum of every rank's contribution,
+    world_size times the single-process gradient, which DDP's averaging brings back to it.
+    False: the other ranks' features are constants; with the global loss this rank's own slice
+    keeps its gradient, which is then the single-process gradient of those rows; with
+    ``local_loss`` only this rank's rows of the logits reach its features. ``local_loss=True``: only
     this rank's rows, open_clip's option: ``(CE(s * img_local @ txt_all^T, labels) +
     CE(s * txt_local @ img_all^T, labels)) / 2`` with ``labels = arange(n_local) + rank *
     n_local``; the mean over ranks is the global loss. Memory per rank: the gathered features
@@ -210,6 +226,7 @@ def clip_loss(image_emb: Tensor, text_emb: Tensor, logit_scale, *, group=None, l
     logit_scale = checks.scalar_operand("logit_scale", logit_scale, image_emb)
     checks.embedding_pair(image_emb, text_emb, logit_scale)
     checks.boolean("local_loss", local_loss)
+    checks.boolean("gather_with_grad", gather_with_grad)
     img, txt = checks.autocast(image_emb, text_emb)
     if group is None and local_loss:
         raise ValueError("local_loss=True needs a process group (group=...): without one every row is local")
@@ -218,7 +235,8 @@ def clip_loss(image_emb: Tensor, text_emb: Tensor, logit_scale, *, group=None, l
         import torch.distributed as dist
 
         rank = dist.get_rank(group=group)
-        all_img, all_txt = _gather(img, group), _gather(txt, group)
+        all_img = _gather(img, group, gather_with_grad, keep_own=not local_loss)
+        all_txt = _gather(txt, group, gather_with_grad, keep_own=not local_loss)
         if local_loss:
             offset = rank * img.shape[0]
             if use_kernels:

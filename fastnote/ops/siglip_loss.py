@@ -135,7 +135,8 @@ def _exchange(sends, recvs, group) -> List[Tensor]:
     def peer(r):
         return r if group is None or group is dist.group.WORLD else dist.get_global_rank(group, r)
 
-    out = [torch.empty_like(like) for like, _ in recvs]
+    # contiguous receive buffers: irecv fills packed memory (a column-major ``like`` would fail)
+    out = [torch.empty_like(like, memory_format=torch.contiguous_format) for like, _ in recvs]
     ops = [dist.P2POp(dist.isend, t.contiguous(), peer(p), group=group) for t, p in sends]
     ops += [dist.P2POp(dist.irecv, buf, peer(p), group=group) for buf, (_, p) in zip(out, recvs)]
     for req in dist.batch_isend_irecv(ops):

@@ -17,7 +17,10 @@ found too), with the family name ``include`` takes:
 - ``SqueezeExcitation``: a module made of two 1x1 convs (C -> Cr -> C), an activation, a gate and
   at most an average pool, whose forward is ``x * gate(conv2(act(conv1(mean(x)))))`` (checked on a
   small probe input): torchvision's ``SqueezeExcitation`` (``fc1``, ``fc2``), timm's
-  ``SqueezeExcite`` (``conv_reduce``, ``conv_expand``) and copies using either pair of names.
+  ``SqueezeExcite`` (``conv_reduce``, ``conv_expand``), timm's ``SEModule`` (RegNetY, SE-ResNet)
+  and copies using either pair of names. The activation (ReLU, SiLU, h-swish) and gate (sigmoid,
+  hard sigmoid) are known by class or, for a library's own class (timm's ``Sigmoid``), by what
+  they compute.
 - ``hswish_se``: in an ``nn.Sequential`` (not a subclass with a ``forward`` of its own), an
   ``nn.Hardswish`` (or such a Sequential ending in one, as torchvision's ``Conv2dNormActivation``)
   directly followed by such an SE: the h-swish becomes an ``nn.Identity`` and the SE the fused

@@ -18,6 +18,7 @@ from torch import nn
 
 from .. import nn as fnn
 from .. import reference
+from ..nn.squeeze_excitation import _ACTIVATIONS, _GATES
 from .probe import (_hook_reason, _hooked, _is_fastnote, _join, _meta_reason, _mode_of, _no_meta_left, _on_meta, _probe_close,
                     _probe_input)
 from .registry import Result, Site, register
@@ -53,19 +54,39 @@ def _se_parts(m: nn.Module):
     return (n1, n2), (c1, c2), acts[0], acts[1]
 
 
+def _as_known(act: nn.Module, table) -> type:
+    """The class in ``table`` that ``act`` is, or computes the same function as: libraries carry
+    their own classes for the same activation (timm's ``Sigmoid``, ``HardSigmoid``, ``Swish``),
+    which ``create_act_layer`` picks for RegNetY's and SE-ResNet's gates. ``type(act)`` when none
+    matches (the constructor then names what it takes)."""
+    if any(isinstance(act, base) for base in table):
+        return type(act)
+    x = torch.linspace(-8.0, 8.0, 161)
+    try:
+        with torch.no_grad():
+            got = act(x.clone())    # a clone: the module may be in place
+    except Exception:  # noqa: BLE001 - not a tensor function: leave it to the constructor's error
+        return type(act)
+    for base in table:
+        if torch.is_tensor(got) and got.shape == x.shape and torch.allclose(got, base()(x), rtol=1e-6, atol=1e-6):
+            return base
+    return type(act)
+
+
 def _squeeze_excitation(old: nn.Module, hardswish_input: bool = False) -> Result:
     parts = _se_parts(old)
     if parts is None:
         return None
     (n1, n2), (c1, c2), act, gate = parts
+    act, gate = _as_known(act, _ACTIVATIONS), _as_known(gate, _GATES)
     layout = _SE_NAMES.get((n1, n2))
     C, Cr = c1.in_channels, c1.out_channels
     try:
         if layout == "torchvision":
             cls = fnn.HardswishSqueezeExcitation if hardswish_input else fnn.SqueezeExcitation
-            new = _on_meta(lambda: cls(C, Cr, activation=type(act), scale_activation=type(gate)))
+            new = _on_meta(lambda: cls(C, Cr, activation=act, scale_activation=gate))
         elif layout == "timm":
-            new = _on_meta(lambda: fnn.SqueezeExcite(C, Cr, act_layer=type(act), gate_layer=type(gate),
+            new = _on_meta(lambda: fnn.SqueezeExcite(C, Cr, act_layer=act, gate_layer=gate,
                                                            hardswish_input=hardswish_input))
         else:
             return (f"SE-shaped, but its convs are named {n1!r}, {n2!r}: fastnote's SE modules keep "
