@@ -112,20 +112,21 @@ def report(ops: Sequence[str] = (), out=None) -> int:
               file=out)
     print(f"parity on {device.type}, fp32, vs fastnote.reference:", file=out)
     failed = 0
+    width = max((len(c.name) for c in selected), default=0)
     for case in selected:
         if not backend.use_triton(device) and case.name != "power_iteration":
-            print(f"  {case.name:<22} skipped (reference backend: it would compare the reference with itself)",
+            print(f"  {case.name:<{width}}  skipped (reference backend: it would compare the reference with itself)",
                   file=out)
             continue
         ok, detail = check(case, device)
         failed += not ok
-        print(f"  {case.name:<22} {'PASS' if ok else 'FAIL'}  {detail}", file=out)
+        print(f"  {case.name:<{width}}  {'PASS' if ok else 'FAIL'}  {detail}", file=out)
     print("parity: " + ("all passed" if not failed else f"{failed} failed"), file=out)
     return 1 if failed else 0
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastnote", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m fastnote", description=__doc__.split("\n\n")[0].replace("\n", " "))
     sub = parser.add_subparsers(dest="command", required=True)
     rep = sub.add_parser("report", help="environment and a short parity check of every op")
     rep.add_argument("--ops", default="", help="comma-separated op names to check (default: all)")

@@ -64,3 +64,17 @@ def test_table_covers_every_public_op():
 def test_case_names_are_unique():
     names = [c.name for c in cases.all_cases()]
     assert len(names) == len(set(names))
+
+
+def test_help_and_aligned_table():
+    # the description is the docstring's whole first paragraph (it once stopped mid-sentence), and
+    # every status sits in one column however long the op's name
+    proc = subprocess.run([sys.executable, "-m", "fastnote", "--help"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and "Exit status 1 if a" in proc.stdout and "check fails." in proc.stdout, proc.stdout
+    buf = io.StringIO()
+    assert cli.report(ops=["tv_loss", "swin_window_attention_v2"], out=buf) == 0
+    rows = [line for line in buf.getvalue().splitlines() if line.startswith("  ") and (" PASS " in line
+                                                                                      or " skipped " in line)]
+    assert len(rows) == 2
+    assert len({line.index(" PASS ") if " PASS " in line else line.index(" skipped ") for line in rows}) == 1, rows
