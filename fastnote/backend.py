@@ -130,11 +130,33 @@ def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return out
 
 
-def empty_like(t: torch.Tensor, memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
-    """``empty(t.shape, t.dtype, t.device)`` for a contiguous ``t`` (cheaper on the host), or in
-    ``memory_format``."""
-    out = torch.empty_like(t, memory_format=memory_format)
+def empty_like(t: torch.Tensor) -> torch.Tensor:
+    """``empty(t.shape, t.dtype, t.device)`` for a contiguous ``t`` (cheaper on the host)."""
+    out = torch.empty_like(t, memory_format=torch.contiguous_format)
     poison = _poison if _poison is not None else settings().poison
     if poison and out.is_floating_point():
         out.fill_(float("nan"))
     return out
+
+
+def channels_last(x: torch.Tensor) -> bool:
+    """Whether a 4-D ``x`` is laid out channels-last (NHWC memory) and not also contiguous (a
+    tensor contiguous both ways, H = W = 1 or C = 1, counts as contiguous). The kernels that take
+    channels-last read such an ``x`` in place and give its outputs and gradient the same layout,
+    as torch's elementwise ops keep it."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def empty_in_layout(x: torch.Tensor) -> torch.Tensor:
+    """A fresh buffer shaped like ``x`` (an output or gradient of it): channels-last when
+    ``channels_last(x)``, else contiguous."""
+    if channels_last(x):
+        B, C, H, W = x.shape
+        return empty((B, H, W, C), x.dtype, x.device).permute(0, 3, 1, 2)
+    return empty_like(x)
+
+
+def fake_in_layout(x: torch.Tensor) -> torch.Tensor:
+    """``empty_in_layout``'s shape and strides, for the fake (meta) registrations."""
+    fmt = torch.channels_last if channels_last(x) else torch.contiguous_format
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)

@@ -34,24 +34,6 @@ def _flat(x: Tensor) -> Tensor:
     return x.flatten(2)
 
 
-def _channels_last(x: Tensor) -> bool:
-    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-
-
-def grad_buffer(x: Tensor) -> Tensor:
-    """A fresh tensor shaped like x for its gradient: channels-last when x is, else contiguous."""
-    if _channels_last(x):
-        B, C, H, W = x.shape
-        return backend.empty((B, H, W, C), x.dtype, x.device).permute(0, 3, 1, 2)
-    return backend.empty_like(x)
-
-
-def fake_grad_buffer(x: Tensor) -> Tensor:
-    """``grad_buffer``'s shape and strides, for the fake (meta) registrations."""
-    fmt = torch.channels_last if _channels_last(x) else torch.contiguous_format
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
-
-
 # ------------------------------------------------------------------------------------------------
 # gram
 # ------------------------------------------------------------------------------------------------
@@ -85,14 +67,14 @@ def _gram_backward_op(grad: Tensor, x: Tensor, normalize: str) -> Tensor:
 
     f = _flat(x)
     B, C, K = f.shape
-    dx = grad_buffer(x)
+    dx = backend.empty_in_layout(x)
     kernels.backward(a=grad, f=f, df=dx.reshape(B, C, K), pre=0.5, post=2.0 / _norm(normalize, C, K))
     return dx
 
 
 @_gram_backward_op.register_fake
 def _(grad, x, normalize):
-    return fake_grad_buffer(x)
+    return backend.fake_in_layout(x)
 
 
 def _gram_setup(ctx, inputs, output):
@@ -184,7 +166,7 @@ def _style_backward_op(grad: Tensor, x: Tensor, diff: Tensor, normalize: str) ->
 
     f = _flat(x)
     B, C, K = f.shape
-    dx = grad_buffer(x)
+    dx = backend.empty_in_layout(x)
     norm = _norm(normalize, C, K)
     # sym(D) is rescaled to a per-position mean (norm / K) before it is rounded to x's dtype.
     kernels.backward(a=diff, f=f, df=dx.reshape(B, C, K), pre=0.5 * norm / K,
@@ -194,7 +176,7 @@ def _style_backward_op(grad: Tensor, x: Tensor, diff: Tensor, normalize: str) ->
 
 @_style_backward_op.register_fake
 def _(grad, x, diff, normalize):
-    return fake_grad_buffer(x)
+    return backend.fake_in_layout(x)
 
 
 def _style_setup(ctx, inputs, output):

@@ -17,19 +17,13 @@ GATES = ("hard_sigmoid", "sigmoid")
 # squeezes (none in MobileNetV3/EfficientNet) take the reference path.
 MAX_SQUEEZE = 1024
 
-def _channels_last(x: Tensor) -> bool:
-    """Whether the kernels take ``x`` as it is in channels_last (NHWC memory): a model converted
-    with ``.to(memory_format=torch.channels_last)`` keeps its layout through the SE, as torch's
-    elementwise ops keep it. A tensor contiguous both ways (H = W = 1, C = 1) goes as NCHW; any
-    other layout is copied to NCHW."""
-    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-
-
 def _layout(x: Tensor):
-    """(x in a layout the kernels take, its memory format, whether that is channels_last)."""
-    if _channels_last(x):
-        return x, torch.channels_last, True
-    return x.contiguous(), torch.contiguous_format, False
+    """(x in a layout the kernels take, whether that is channels-last): a channels-last ``x`` (a
+    model converted with ``.to(memory_format=torch.channels_last)``) as it is, any other one
+    contiguous (one copy at most)."""
+    if backend.channels_last(x):
+        return x, True
+    return x.contiguous(), False
 
 
 @kernel_op("fastnote::squeeze_excitation")
@@ -37,7 +31,7 @@ def _forward_op(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
                 activation: str, gate: str, hswish: bool) -> List[Tensor]:
     kernels = _kernels.squeeze_excitation
 
-    x, fmt, cl = _layout(x)
+    x, cl = _layout(x)
     s = backend.empty(x.shape[:2], torch.float32, x.device)   # s and g are outputs: no shared storage
     g = backend.empty(x.shape[:2], torch.float32, x.device)
     kernels.plane_reduce(x=x, grad=None, hswish=hswish, scale=1.0 / max(x.shape[2] * x.shape[3], 1), out=s,
@@ -46,7 +40,7 @@ def _forward_op(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
     # larger buffer, an expanded scalar bias); contiguous ones go as they are.
     kernels.mlp_forward(s=s, w1=_matrix(w1), b1=b1.contiguous(), w2=_matrix(w2), b2=b2.contiguous(),
                         activation=activation, gate=gate, g=g)
-    out = kernels.apply(x=x, g=g, hswish=hswish, out=backend.empty_like(x, fmt), channels_last=cl)
+    out = kernels.apply(x=x, g=g, hswish=hswish, out=backend.empty_in_layout(x), channels_last=cl)
     return [out, s, g]     # s and g, [B, C] fp32 each, are kept for backward
 
 
@@ -57,14 +51,9 @@ def _matrix(w: Tensor) -> Tensor:
     return w if w.is_contiguous() else w.reshape(w.shape[0], w.shape[1]).contiguous()
 
 
-def _empty_in_layout(x: Tensor) -> Tensor:
-    """What the kernels write for ``x``: channels_last for a channels_last ``x``, else contiguous."""
-    return torch.empty_like(x, memory_format=torch.channels_last if _channels_last(x) else torch.contiguous_format)
-
-
 @_forward_op.register_fake
 def _(x, w1, b1, w2, b2, activation, gate, hswish):
-    return [_empty_in_layout(x), x.new_empty(x.shape[:2], dtype=torch.float32),
+    return [backend.fake_in_layout(x), x.new_empty(x.shape[:2], dtype=torch.float32),
             x.new_empty(x.shape[:2], dtype=torch.float32)]
 
 
@@ -74,8 +63,9 @@ def _backward_op(grad: Tensor, x: Tensor, s: Tensor, g: Tensor, w1: Tensor, b1: 
     """g: the forward's gate values (saved: [B, C] fp32, cheaper than a launch to recompute)."""
     kernels = _kernels.squeeze_excitation
 
-    x, fmt, cl = _layout(x)
-    grad = (grad if grad.dtype == x.dtype else grad.to(x.dtype)).contiguous(memory_format=fmt)
+    x, cl = _layout(x)
+    grad = (grad if grad.dtype == x.dtype else grad.to(x.dtype)).contiguous(
+        memory_format=torch.channels_last if cl else torch.contiguous_format)
     m1, m2 = _matrix(w1), _matrix(w2)
     B, C = s.shape
     CR = m1.shape[0]
@@ -88,7 +78,7 @@ def _backward_op(grad: Tensor, x: Tensor, s: Tensor, g: Tensor, w1: Tensor, b1: 
                                                   dg=dg, activation=activation, gate=gate, a=a, dz1=dz1, dz2=dz2,
                                                   ds=ds)
     del dg, a, dz1   # freed before dx is allocated (the backward's peak)
-    dx = kernels.input_grad(grad=grad, x=x, g=g, ds=ds, hswish=hswish, out=backend.empty_like(x, fmt),
+    dx = kernels.input_grad(grad=grad, x=x, g=g, ds=ds, hswish=hswish, out=backend.empty_in_layout(x),
                             channels_last=cl)
     return [dx, _like(dw1, w1), _like(db1, b1), _like(dw2, w2), _like(db2, b2)]
 
@@ -103,7 +93,7 @@ def _like(grad: Tensor, param: Tensor) -> Tensor:
 
 @_backward_op.register_fake
 def _(grad, x, s, g, w1, b1, w2, b2, activation, gate, hswish):
-    return [_empty_in_layout(x), w1.new_empty(w1.shape), b1.new_empty(b1.shape),
+    return [backend.fake_in_layout(x), w1.new_empty(w1.shape), b1.new_empty(b1.shape),
             w2.new_empty(w2.shape), b2.new_empty(b2.shape)]
 
 

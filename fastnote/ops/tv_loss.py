@@ -10,7 +10,6 @@ from torch import Tensor
 
 from .. import backend, checks, reference
 from ._fast import kernel_op, kernels as _kernels
-from .gram import fake_grad_buffer, grad_buffer
 
 
 @kernel_op("fastnote::tv_loss")
@@ -29,14 +28,14 @@ def _(y):
 def _tv_backward_op(grad: Tensor, y: Tensor) -> Tensor:
     kernels = _kernels.tv_loss
 
-    dy = grad_buffer(y)
+    dy = backend.empty_in_layout(y)
     kernels.backward(y=y, grad=grad.reshape(1), dy=dy)
     return dy
 
 
 @_tv_backward_op.register_fake
 def _(grad, y):
-    return fake_grad_buffer(y)
+    return backend.fake_in_layout(y)
 
 
 def _setup(ctx, inputs, output):

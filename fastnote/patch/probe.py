@@ -42,14 +42,18 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
+def _has_hooks(m: nn.Module) -> bool:
+    """Whether ``m`` itself holds a forward or backward hook or pre-hook."""
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+
+
 def _hooked(m: nn.Module, own: bool = True) -> Optional[str]:
     """The name of the first of ``m`` (``""``; skipped unless ``own``) and its submodules holding
     a forward or backward hook or pre-hook (pruning, ``weight_norm``, spectral norm, a user's
     feature hook), or None. A replacement that does not call a submodule would silently stop
     running that submodule's hooks, so a converter leaves such a module."""
     for name, sub in m.named_modules():
-        if (own or sub is not m) and (sub._forward_hooks or sub._forward_pre_hooks or sub._backward_hooks
-                                      or sub._backward_pre_hooks):
+        if (own or sub is not m) and _has_hooks(sub):
             return name
     return None
 

@@ -19,8 +19,8 @@ from torch import nn
 from .. import nn as fnn
 from .. import reference
 from ..nn.squeeze_excitation import _ACTIVATIONS, _GATES
-from .probe import (_hook_reason, _hooked, _is_fastnote, _join, _meta_reason, _mode_of, _no_meta_left, _on_meta, _probe_close,
-                    _probe_input)
+from .probe import (_has_hooks, _hook_reason, _hooked, _is_fastnote, _join, _meta_reason, _mode_of, _no_meta_left,
+                    _on_meta, _probe_close, _probe_input)
 from .registry import Result, Site, register
 
 _POOLS = (nn.AdaptiveAvgPool2d, nn.Identity)
@@ -187,9 +187,10 @@ def _fuse_hswish_se(parent: nn.Module, prefix: str, patcher) -> None:
         owner, hname, rel, chain = producer
         # Fused, the h-swish's output never exists and the SE takes another input: a hook on any
         # module on the way, or on the SE, would see other tensors (the SE alone is still replaced).
+        hooked = [path for path, m in chain if _has_hooks(m)]
         se_hook = _hooked(se)
-        hooked = [path for path, m in chain if _hooked(m) == ""] + ([_join(b, se_hook) if se_hook else b]
-                                                                   if se_hook is not None else [])
+        if se_hook is not None:
+            hooked.append(_join(b, se_hook) if se_hook else b)
         if hooked:
             patcher.left(spath, "hswish_se", f"{_join(prefix, hooked[0])} holds a forward or backward hook, which "
                          "the fused h-swish + SE would show other tensors: the pair is not fused")
