@@ -361,7 +361,7 @@ void check_power_iteration_args(const at::Tensor& weight, const at::Tensor& u, c
               "fastnote::spectral_power_iteration_: weight, u and v must be on one device");
   TORCH_CHECK(n_power_iterations >= 0, "fastnote::spectral_power_iteration_: n_power_iterations must be >= 0, got ",
               n_power_iterations);
-  TORCH_CHECK(eps > 0, "fastnote::spectral_power_iteration_: eps must be > 0, got ", eps);
+  TORCH_CHECK(eps >= 0, "fastnote::spectral_power_iteration_: eps must be >= 0, got ", eps);
 }
 
 at::Tensor matrix_with_unit_column_stride(const at::Tensor& weight) {

@@ -88,14 +88,15 @@ def integer(name: str, value, minimum: Optional[int] = None, below: Optional[int
     return int(value)
 
 
-def real(name: str, value, *, positive: bool = False) -> float:
-    """A finite real number (not a bool); ``positive``: also > 0."""
+def real(name: str, value, *, positive: bool = False, nonnegative: bool = False) -> float:
+    """A finite real number (not a bool); ``positive``: also > 0; ``nonnegative``: also >= 0."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
     # value - value == 0 is False only for inf and nan, and traces on a symbolic float (a default
     # argument torch.compile(dynamic=True) made one), where math.isfinite cannot
-    if not value - value == 0 or (positive and not value > 0):
-        raise ValueError(f"{name} must be a finite number{' > 0' if positive else ''}, got {value}")
+    if not value - value == 0 or (positive and not value > 0) or (nonnegative and not value >= 0):
+        bound = " > 0" if positive else " >= 0" if nonnegative else ""
+        raise ValueError(f"{name} must be a finite number{bound}, got {value}")
     return float(value)
 
 

@@ -566,6 +566,43 @@ def test_spectral_norm_training_continues_exactly(front, device):
     assert_close(patched(x), eager(x), "reduction")
 
 
+def _train_alike(eager, patched, x, steps=3):
+    opt_e = torch.optim.SGD(eager.parameters(), lr=0.1)
+    opt_p = torch.optim.SGD(patched.parameters(), lr=0.1)
+    for step in range(steps):
+        for model, opt in ((eager, opt_e), (patched, opt_p)):
+            model.train(step != 1)
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+        se, sp = eager.state_dict(), patched.state_dict()
+        assert list(sp) == list(se)
+        for k in se:
+            assert_close(sp[k], se[k], "reduction", msg=f"step {step}: {k}")
+
+
+@pytest.mark.no_kernel
+def test_spectral_norm_settings_torch_accepts():
+    """eps = 0 and spectral norm after weight_norm (the parametrization list then holds original0
+    and original1) are replaced and train as torch's; a negative eps is left with the reason."""
+    P = torch.nn.utils.parametrizations
+    torch.manual_seed(0)
+    eager = nn.Sequential(nn.utils.spectral_norm(nn.Linear(6, 5), eps=0.0), nn.Tanh(),
+                          P.spectral_norm(P.weight_norm(nn.Linear(5, 4)), eps=0.0), nn.Tanh(),
+                          nn.utils.spectral_norm(nn.Linear(4, 2), eps=-1.0))
+    patched = copy.deepcopy(eager)
+    u_before = patched[2].parametrizations.weight[1]._u
+    report = fastnote.patch(patched)
+    assert list(report) == [
+        "0.weight: torch.nn.utils.spectral_norm -> fastnote.nn.utils.spectral_norm",
+        "2.parametrizations.weight.1: torch.nn.utils.parametrizations.spectral_norm -> "
+        "fastnote.nn.utils.parametrizations.spectral_norm"]
+    assert [(e.path, e.kind) for e in report.left] == [("4.weight", "spectral_norm")]
+    assert "eps=-1.0" in report.left[0].reason
+    assert patched[2].parametrizations.weight[1]._u is u_before, "the same u tensor, nothing drawn"
+    _train_alike(eager, patched, torch.randn(3, 6))
+
+
 # ------------------------------------------------------------------------------------------------
 # unpatch, checkpoints, compile
 # ------------------------------------------------------------------------------------------------

@@ -226,7 +226,6 @@ BAD_CALLS = [
     (dict(n_power_iterations=-1), ValueError, "n_power_iterations"),
     (dict(n_power_iterations=1.0), TypeError, "n_power_iterations"),
     (dict(n_power_iterations=True), TypeError, "n_power_iterations"),
-    (dict(eps=0.0), ValueError, "eps"),
     (dict(eps=-1e-3), ValueError, "eps"),
     (dict(eps=float("nan")), ValueError, "eps"),
     (dict(eps="1e-12"), TypeError, "eps"),
@@ -256,7 +255,7 @@ def test_front_end_errors(apply):
     with pytest.raises(TypeError, match="n_power_iterations"):
         apply(nn.Linear(3, 4), n_power_iterations=1.5)
     with pytest.raises(ValueError, match="eps"):
-        apply(nn.Linear(3, 4), eps=0.0)
+        apply(nn.Linear(3, 4), eps=-1e-3)
     with pytest.raises(ValueError, match="bias2|no parameter"):
         apply(nn.Linear(3, 4), name="bias2")
     with pytest.raises(TypeError, match="module"):
@@ -549,6 +548,151 @@ def test_sagan_d_real_minus_d_fake_uses_each_forwards_u_v():
     (F.linear(real, w1, bias).mean() - F.linear(fake, w2, bias).mean()).backward()
     _close(layer.module.weight_bar.grad, w_bar.grad)
     _close(layer.module.weight_u, u)
+
+
+# ------------------------------------------------------------------------------------------------
+# What torch and SAGAN accept, the front ends accept: eps = 0, complex weights (hook), torch.func
+# transforms, spectral norm after another parametrization, SAGAN's u and v made trainable
+# ------------------------------------------------------------------------------------------------
+def _hook_buffers(m):
+    return m.weight_u, m.weight_v
+
+
+def _param_buffers(m):
+    return m.parametrizations.weight[0]._u, m.parametrizations.weight[0]._v
+
+
+@pytest.mark.parametrize("front", ["hook", "parametrization"])
+def test_eps_zero_matches_torch(front):
+    torch_fn, ours_fn, bufs = ((torch_hook, spectral_norm, _hook_buffers) if front == "hook"
+                               else (torch_param, fn_param.spectral_norm, _param_buffers))
+    base = nn.Linear(7, 5)
+    torch.manual_seed(3)
+    ref = torch_fn(copy.deepcopy(base), eps=0.0)
+    torch.manual_seed(3)
+    ours = ours_fn(copy.deepcopy(base), eps=0.0)
+    with torch.no_grad():
+        for a, b in zip(bufs(ours), bufs(ref)):
+            a.copy_(b)
+    grads = [n for n, _ in ref.named_parameters()]
+    steps = list(_run_schedule(ours, ref, lambda: torch.randn(3, 7), lambda m: m.weight, bufs, grads))
+    assert [changed for _, changed in steps] == [True, True, False, True]
+
+
+def test_power_iteration_eps_zero():
+    W, u, v = torch.randn(6, 4), torch.randn(6), torch.randn(4)
+    sigma, u1, v1 = fastnote.power_iteration(W, u, v, 3, eps=0.0)
+    u_ref, v_ref = u.clone(), v.clone()
+    for _ in range(3):
+        v_ref = F.normalize(W.t() @ u_ref, dim=0, eps=0.0)
+        u_ref = F.normalize(W @ v_ref, dim=0, eps=0.0)
+    _close(u1, u_ref)
+    _close(v1, v_ref)
+    _close(sigma, u_ref @ (W @ v_ref))
+    # a zero matrix: 0 / 0, NaN, as F.normalize(eps=0) gives
+    assert torch.isnan(fastnote.power_iteration(torch.zeros(6, 4), u, v, 1, eps=0.0)[1]).all()
+
+
+def test_hook_complex_weight_matches_torch():
+    # torch's hook iterates with W^T and an unconjugated dot on complex weights (its
+    # parametrization with W^H): the hook gives torch's hook's numbers
+    base = nn.Linear(5, 4, dtype=torch.cfloat)
+    torch.manual_seed(0)
+    ref = torch_hook(copy.deepcopy(base))
+    torch.manual_seed(0)
+    ours = spectral_norm(copy.deepcopy(base))
+    x = torch.randn(3, 5, dtype=torch.cfloat)
+    for training in SCHEDULE:
+        ours.train(training)
+        ref.train(training)
+        y_ours, y_ref = ours(x), ref(x)
+        torch.testing.assert_close(y_ours, y_ref)
+        torch.testing.assert_close(ours.weight_u, ref.weight_u)
+        y_ours.abs().sum().backward()
+        y_ref.abs().sum().backward()
+        torch.testing.assert_close(ours.weight_orig.grad, ref.weight_orig.grad)
+        _zero_grads(ours, ref)
+
+
+@pytest.mark.parametrize("front", ["hook", "parametrization"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_torch_func_grad_matches_torch(front, training):
+    from torch.func import functional_call, grad
+
+    torch_fn, ours_fn = (torch_hook, spectral_norm) if front == "hook" else (torch_param, fn_param.spectral_norm)
+    x = torch.randn(3, 6)
+    results = []
+    for fn in (torch_fn, ours_fn):
+        torch.manual_seed(0)
+        m = fn(nn.Linear(6, 4)).train(training)
+        params = {k: p.detach().clone() for k, p in m.named_parameters()}
+        g = grad(lambda p: functional_call(m, p, (x,)).square().sum())(params)
+        results.append((g, [b.clone() for b in m.buffers()]))
+    (g_ref, b_ref), (g_ours, b_ours) = results
+    assert sorted(g_ours) == sorted(g_ref)
+    for k in g_ref:
+        _close(g_ours[k], g_ref[k], k)
+    for a, b in zip(b_ours, b_ref):
+        _close(a, b, "u/v")
+
+
+def test_power_iteration_under_torch_func():
+    from torch.func import grad
+
+    W, u, v = torch.randn(5, 3), F.normalize(torch.randn(5), dim=0), F.normalize(torch.randn(3), dim=0)
+    g = grad(lambda w: fastnote.power_iteration(w, u, v, 2)[0])(W)
+    _, u2, v2 = fastnote.power_iteration(W, u, v, 2)
+    _close(g, torch.outer(u2, v2))  # d sigma / dW = u v^T
+
+
+def _after_weight_norm(wrap):
+    torch.manual_seed(0)
+    return nn.Sequential(wrap(nn.utils.parametrizations.weight_norm(nn.Linear(6, 5))), nn.Tanh(),
+                         wrap(nn.Linear(5, 2)))
+
+
+def test_after_weight_norm_matches_torch():
+    """Spectral norm registered after weight_norm: the list holds original0/original1, not original."""
+    ref = _after_weight_norm(torch_param)
+    ours = _after_weight_norm(fn_param.spectral_norm)
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(4, 6)
+    for training in SCHEDULE:
+        for m in (ours, ref):
+            m.train(training)
+        y_ours, y_ref = ours(x), ref(x)
+        _close(y_ours, y_ref, f"training={training}")
+        y_ours.square().sum().backward()
+        y_ref.square().sum().backward()
+        _grads_close(ours, ref, [n for n, _ in ref.named_parameters()])
+        _zero_grads(ours, ref)
+
+
+def test_sagan_trainable_u_v_match_sagan():
+    """A loop that sets requires_grad on every parameter (pix2pix's set_requires_grad) gives SAGAN's
+    u and v gradients, and its optimiser moves them: the wrapper follows."""
+    def model(cls):
+        torch.manual_seed(0)
+        m = nn.Sequential(cls(nn.Linear(6, 4)), nn.LeakyReLU(0.2), cls(nn.Linear(4, 1)))
+        for p in m.parameters():
+            p.requires_grad_(True)
+        return m
+
+    ref, ours = model(OriginalSagan), model(SaganSpectralNorm)
+    opt_ref = torch.optim.Adam(ref.parameters(), lr=1e-2)
+    opt_ours = torch.optim.Adam(ours.parameters(), lr=1e-2)
+    for step in range(3):
+        x = torch.randn(8, 6)
+        for m, opt in ((ref, opt_ref), (ours, opt_ours)):
+            opt.zero_grad()
+            m(x).mean().backward()
+        assert ours[0].module.weight_u.grad is not None and ours[0].module.weight_v.grad is not None
+        _grads_close(ours, ref, [n for n, _ in ref.named_parameters()])
+        opt_ref.step()
+        opt_ours.step()
+        for k, t in ref.state_dict().items():
+            _close(ours.state_dict()[k], t, f"step {step}: {k}")
 
 
 def test_pool_reuses_only_free_buffers():

@@ -154,8 +154,12 @@ def test_errors(device):
     x, w1, b1, w2, b2 = _inputs(2, 8, 4, 4, 4, device)
     with pytest.raises(ValueError, match="x must have 4 dimensions"):
         fastnote.squeeze_excitation(x[0], w1, b1, w2, b2)
-    with pytest.raises(ValueError, match=r"fc1_weight must have shape \[4, 8\]"):
+    with pytest.raises(ValueError, match=r"x has 8 channels \(shape \[2, 8, 4, 4\]\), but fc1_weight \[4, 7\] takes 7"):
         fastnote.squeeze_excitation(x, w1[:, :7], b1, w2, b2)
+    with pytest.raises(ValueError, match=r"x has 16 channels .*, but fc1_weight \[4, 8\] takes 8"):
+        fastnote.squeeze_excitation(torch.cat([x, x], 1), w1, b1, w2, b2)
+    with pytest.raises(ValueError, match=r"fc1_weight must have shape \[4, 8, 1, 1\], got \[4, 8, 2, 1\]"):
+        fastnote.squeeze_excitation(x, w1[:, :, None, None].expand(4, 8, 2, 1), b1, w2, b2)
     with pytest.raises(ValueError, match=r"fc2_bias must have shape \[8\]"):
         fastnote.squeeze_excitation(x, w1, b1, w2, b2[:3])
     with pytest.raises(ValueError, match="gate must be one of"):

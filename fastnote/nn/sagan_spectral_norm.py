@@ -13,7 +13,9 @@ sets ``module.<name> = weight_bar / sigma`` with ``sigma = u . (W v)`` and calls
 One deliberate difference: SAGAN replaces ``u.data``/``v.data``, so when two forwards share one
 backward (``D(real) - D(fake)``) its first forward's gradient silently uses the second forward's
 u and v. Here each forward's gradient uses the u and v that forward computed (as torch's hooks
-do); a single forward and backward gives identical results.
+do); a single forward and backward gives identical results. When ``<name>_u`` or ``<name>_v``
+requires grad (a training loop that sets requires_grad on every parameter), SAGAN's sigma gives
+them gradients: then the wrapper takes SAGAN's own steps, ``.data`` replacement included.
 """
 from __future__ import annotations
 
@@ -33,6 +35,20 @@ def _l2normalize(a: torch.Tensor, eps: float = _EPS) -> torch.Tensor:
 
 
 class SpectralNorm(nn.Module):
+    """SAGAN's ``SpectralNorm(module, name="weight", power_iterations=1)``: wraps ``module`` so that
+    every forward (training and eval) runs ``power_iterations`` of power iteration on
+    ``<name>_u``/``<name>_v`` and calls ``module.forward`` with ``<name> = <name>_bar / sigma``.
+    The parameters and state_dict keys are SAGAN's (``module.weight_u``, ``module.weight_v``,
+    ``module.weight_bar``); a module that already has them is taken as it is (nothing drawn).
+
+    >>> import torch, fastnote
+    >>> conv = fastnote.nn.SpectralNorm(torch.nn.Conv2d(3, 8, 3))
+    >>> sorted(conv.state_dict())
+    ['module.bias', 'module.weight_bar', 'module.weight_u', 'module.weight_v']
+    >>> conv(torch.randn(1, 3, 5, 5)).shape
+    torch.Size([1, 8, 3, 3])
+    """
+
     def __init__(self, module: nn.Module, name: str = "weight", power_iterations: int = 1) -> None:
         super().__init__()
         checks.module("module", module)
@@ -71,10 +87,28 @@ class SpectralNorm(nn.Module):
         # cannot trace ``module.__dict__.pop``.
         attrs = self.module.__dict__
         attrs[self.name] = None
-        attrs[self.name] = _pi.spectral_weight(
-            getattr(self.module, self.name + "_bar"), getattr(self.module, self.name + "_u"),
-            getattr(self.module, self.name + "_v"), 0, self.power_iterations, _EPS,
-            add_rule=True, u_first=False, pool=self._pool)
+        w = getattr(self.module, self.name + "_bar")
+        u = getattr(self.module, self.name + "_u")
+        v = getattr(self.module, self.name + "_v")
+        if (u.requires_grad or v.requires_grad) and torch.is_grad_enabled():
+            attrs[self.name] = self._weight_differentiating_u_v(w, u, v)
+            return
+        attrs[self.name] = _pi.spectral_weight(w, u, v, 0, self.power_iterations, _EPS,
+                                               add_rule=True, u_first=False, pool=self._pool)
+
+    def _weight_differentiating_u_v(self, w: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # A training loop that turns requires_grad on for every parameter (pix2pix's
+        # set_requires_grad) makes SAGAN's sigma = u . (W v) give u and v gradients, which its
+        # optimiser then applies: SAGAN's own steps, its ``.data`` replacements included.
+        height = w.shape[0]
+        with torch.no_grad():
+            u_new = u.detach().clone(memory_format=torch.contiguous_format)
+            v_new = v.detach().clone(memory_format=torch.contiguous_format)
+            _pi.iterate_(w.detach().reshape(height, -1), u_new, v_new, self.power_iterations, _EPS,
+                         add_rule=True, u_first=False)
+        u.data = u_new
+        v.data = v_new
+        return w / u.dot(w.reshape(height, -1).mv(v))
 
     def forward(self, *args, **kwargs):
         self._update_u_v()

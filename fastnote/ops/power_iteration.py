@@ -228,6 +228,14 @@ class _Sigma(torch.autograd.Function):
 
 _PLAIN_TYPES = checks.PLAIN_TENSORS
 _torch_function_mode_enabled = torch._C._is_torch_function_mode_enabled
+_functorch_active = torch._C._are_functorch_transforms_active
+
+
+def _traced() -> bool:
+    """Compiling, or under a torch.func transform (grad, vjp, jacrev, ...), whose wrapped tensors
+    the C++ autograd function and the Python ones here (no ``setup_context``) cannot take: sigma
+    and ``W / sigma`` are then plain torch ops that the compiler or the transform differentiates."""
+    return torch.compiler.is_compiling() or _functorch_active()
 
 
 def spectral_weight(weight: Tensor, u: Tensor, v: Tensor, dim: int, n_power_iterations: int, eps: float,
@@ -236,9 +244,9 @@ def spectral_weight(weight: Tensor, u: Tensor, v: Tensor, dim: int, n_power_iter
     ``weight / sigma``, differentiable (twice) w.r.t. weight. No argument checks.
 
     Eager with the extension: one C++ call (``_C.spectral_weight``: the op, then the C++ twin of
-    ``_DivideBySigma``). Under torch.compile: the op plus plain torch ops. Without the extension
-    or for other dtypes: torch ops throughout."""
-    if torch.compiler.is_compiling() or weight.dtype not in KERNEL_DTYPES:
+    ``_DivideBySigma``). Under torch.compile or a torch.func transform: the op plus plain torch
+    ops. Without the extension or for other dtypes: torch ops throughout."""
+    if _traced() or weight.dtype not in KERNEL_DTYPES:
         mat = as_matrix(weight, dim)
         _, u_c, v_c = iterate_(mat, u, v, n_power_iterations, eps, add_rule, u_first)
         return weight / torch.vdot(u_c, torch.mv(mat, v_c))
@@ -278,14 +286,14 @@ def power_iteration(weight_mat: Tensor, u: Tensor, v: Tensor, n_power_iterations
     checks.shape("u", u, [weight_mat.shape[0]])
     checks.shape("v", v, [weight_mat.shape[1]])
     n = checks.integer("n_power_iterations", n_power_iterations, minimum=0)
-    eps = checks.real("eps", eps, positive=True)
+    eps = checks.real("eps", eps, nonnegative=True)
     checks.choice("rule", rule, _RULES)
 
     u_new = u.detach().clone(memory_format=torch.contiguous_format)
     v_new = v.detach().clone(memory_format=torch.contiguous_format)
     sigma, u_c, v_c = iterate_(weight_mat, u_new, v_new, n, eps, rule == "add", False)
     if weight_mat.requires_grad and torch.is_grad_enabled():
-        if torch.compiler.is_compiling():
+        if _traced():
             sigma = torch.dot(u_c, torch.mv(weight_mat, v_c))
         else:
             sigma = _Sigma.apply(weight_mat, sigma, u_c, v_c)

@@ -133,6 +133,10 @@ def _checked_weights(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
     w1 = checks.tensor("fc1_weight", fc1_weight, ndim=(2, 4))
     w2 = checks.tensor("fc2_weight", fc2_weight, ndim=(2, 4))
     Cr = w1.shape[0]
+    if w1.shape[1] != C:
+        # one of the two is wrong: name both (usually x, the weights come from the module)
+        raise ValueError(f"x has {C} channels (shape {list(x.shape)}), but fc1_weight {list(w1.shape)} "
+                         f"takes {w1.shape[1]}")
     checks.shape("fc1_weight", w1, [Cr, C] + ([1, 1] if w1.dim() == 4 else []))
     checks.shape("fc2_weight", w2, [C, Cr] + ([1, 1] if w2.dim() == 4 else []))
     b1 = checks.tensor("fc1_bias", fc1_bias, ndim=1) if fc1_bias is not None else w1.new_zeros(Cr)

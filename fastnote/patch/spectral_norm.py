@@ -48,6 +48,10 @@ def _patch_spectral_norm_in(module: nn.Module, path: str, patcher) -> None:
 
     for hid, hook in list(module._forward_pre_hooks.items()):
         if type(hook) is tsn.SpectralNorm:
+            reason = _unsupported(hook)
+            if reason:
+                patcher.left(_join(path, hook.name), "spectral_norm", reason)
+                continue
             new = fsn_hook.SpectralNorm(hook.name, hook.n_power_iterations, hook.dim, hook.eps)
             holders = [h for h in module._state_dict_hooks.values() if getattr(h, "fn", None) is hook]
             holders += [getattr(h, "hook", h) for h in module._load_state_dict_pre_hooks.values()
@@ -65,22 +69,24 @@ def _patch_spectral_norm_in(module: nn.Module, path: str, patcher) -> None:
         for i, p in enumerate(list(plist)):
             if type(p) is not tp._SpectralNorm:
                 continue
-            new = _parametrization_like(p, plist.original, fp._SpectralNorm)
-            patcher.swap_in_list(plist, i, new, _join(path, f"parametrizations.{tensor_name}.{i}"),
-                                 "torch.nn.utils.parametrizations.spectral_norm",
+            entry = _join(path, f"parametrizations.{tensor_name}.{i}")
+            reason = _unsupported(p)
+            if reason:
+                patcher.left(entry, "spectral_norm", reason)
+                continue
+            # the same u and v tensors, nothing drawn: also where the list holds no single
+            # ``original`` (a parametrization before it, e.g. weight_norm, returns several tensors)
+            new = _mode_of(p, fp._SpectralNorm.taking_over(p))
+            patcher.swap_in_list(plist, i, new, entry, "torch.nn.utils.parametrizations.spectral_norm",
                                  "fastnote.nn.utils.parametrizations.spectral_norm")
 
 
-def _parametrization_like(old: nn.Module, original: torch.Tensor, cls) -> nn.Module:
-    # Built on a scratch copy of the weight with the generators forked (its constructor draws u, v
-    # and warms them up), then handed the original's u and v tensors.
-    devices = [original.device] if original.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), torch.no_grad():
-        new = cls(original.detach().clone(), getattr(old, "n_power_iterations", 1), old.dim, old.eps)
-    for name in ("_u", "_v"):
-        if name in old._buffers:
-            new._buffers[name] = old._buffers[name]
-    return _mode_of(old, new)
+def _unsupported(sn) -> str:
+    """Why torch's spectral norm ``sn`` (hook or parametrization) stays torch's, or ""."""
+    eps = getattr(sn, "eps", None)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps - eps == 0 or eps < 0:
+        return f"eps={eps!r}: fastnote's power iteration takes a finite eps >= 0"
+    return ""
 
 
 register("spectral_norm", (_sagan_spectral_norm,), before_children=_patch_spectral_norm_in)

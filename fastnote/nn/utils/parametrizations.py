@@ -32,7 +32,7 @@ class _SpectralNorm(nn.Module):
             raise IndexError(f"dim out of range: expected a value in [-{ndim}, {ndim - 1}], got {dim}")
         checks.integer("n_power_iterations", n_power_iterations, minimum=1)
         self.dim = dim if dim >= 0 else dim + ndim
-        self.eps = checks.real("eps", eps, positive=True)
+        self.eps = checks.real("eps", eps, nonnegative=True)
         self._pool = _pi.OutputPool()
         if ndim > 1:
             self.n_power_iterations = n_power_iterations
@@ -45,6 +45,21 @@ class _SpectralNorm(nn.Module):
                 self.register_buffer("_u", F.normalize(u, dim=0, eps=self.eps))
                 self.register_buffer("_v", F.normalize(v, dim=0, eps=self.eps))
                 _pi.iterate_(mat, self._u, self._v, _WARMUP_ITERATIONS, self.eps, False, True)
+
+    @classmethod
+    def taking_over(cls, old: nn.Module) -> "_SpectralNorm":
+        """This parametrization in the place of ``old`` (torch's ``_SpectralNorm``): the same
+        settings and the same ``_u``/``_v`` tensors (not copies), nothing drawn or iterated."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.dim = old.dim
+        new.eps = checks.real("eps", old.eps, nonnegative=True)
+        new._pool = _pi.OutputPool()
+        if hasattr(old, "n_power_iterations"):  # a weight of 2 or more dims
+            new.n_power_iterations = checks.integer("n_power_iterations", old.n_power_iterations, minimum=1)
+            new._buffers["_u"] = old._buffers["_u"]
+            new._buffers["_v"] = old._buffers["_v"]
+        return new
 
     def forward(self, weight: Tensor) -> Tensor:
         if weight.ndim == 1:

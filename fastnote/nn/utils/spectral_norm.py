@@ -50,6 +50,10 @@ class SpectralNorm(_torch_sn.SpectralNorm):
 
     def _weight(self, module: nn.Module, do_power_iteration: bool, pool) -> torch.Tensor:
         weight, u, v = self._tensors(module)
+        if weight.is_complex():
+            # torch's hook iterates with W^T and an unconjugated dot here, unlike the
+            # parametrization (W^H): its own code keeps its numbers
+            return super().compute_weight(module, do_power_iteration)
         return _pi.spectral_weight(weight, u, v, self.dim, self.n_power_iterations if do_power_iteration else 0,
                                    self.eps, False, False, pool)
 
@@ -112,7 +116,7 @@ def spectral_norm(module: T_module, name: str = "weight", n_power_iterations: in
     if not isinstance(name, str):
         raise TypeError(f"name must be a str, got {type(name).__name__}")
     checks.integer("n_power_iterations", n_power_iterations, minimum=1)
-    eps = checks.real("eps", eps, positive=True)
+    eps = checks.real("eps", eps, nonnegative=True)
     if dim is None:
         dim = 1 if isinstance(module, _TRANSPOSED) else 0
     elif isinstance(dim, bool) or not isinstance(dim, int):
