@@ -932,6 +932,103 @@ def test_window_attention_with_an_attention_map_hook_is_left(device):
     assert torch.equal(patched(x), eager(x)) and len(maps) == 2 and torch.equal(maps[0], maps[1])
 
 
+@pytest.mark.no_kernel
+def test_sagan_attention_with_a_softmax_hook_is_left(device):
+    """SAGAN's Self_Attn with a hook on its softmax (how its map is read out): left with the
+    reason, and the hook sees what it saw; nothing of it runs while patching."""
+    eager, patched = _twins(lambda: nn.Sequential(Self_Attn(16, "relu")), device)
+    maps = []
+    for model in (eager, patched):
+        model[0].gamma.data.fill_(0.5)
+        model[0].softmax.register_forward_hook(lambda m, i, o: maps.append(o.detach()))
+    report = fastnote.patch(patched)
+    assert not report.replaced and maps == []
+    assert [(e.path, e.kind) for e in report.left] == [("0", "SelfAttention")]
+    assert "'softmax' holds a forward or backward hook" in report.left[0].reason
+    x = torch.randn(2, 16, 4, 3, device=device)
+    assert torch.equal(patched(x)[0], eager(x)[0]) and len(maps) == 2 and torch.equal(maps[0], maps[1])
+
+
+def test_sagan_attention_probe_runs_no_hooks(device):
+    """A hook on a conv the replacement still calls stays (the module is replaced): the probe that
+    recognises the module runs on a copy without hooks, so the hook first runs in the user's
+    forward, with the user's tensor."""
+    eager, patched = _twins(lambda: nn.Sequential(Self_Attn(16, "relu")), device)
+    seen = {"eager": [], "patched": []}
+    for key, model in (("eager", eager), ("patched", patched)):
+        model[0].gamma.data.fill_(0.5)
+        model[0].query_conv.register_forward_hook(lambda m, i, o, key=key: seen[key].append(o.detach()))
+    report = fastnote.patch(patched)
+    assert list(report) == ["0: Self_Attn -> fastnote.nn.SelfAttention"] and seen["patched"] == []
+    x = torch.randn(2, 16, 4, 3, device=device)
+    assert_close(patched(x)[0], eager(x)[0], "reduction")
+    assert len(seen["patched"]) == len(seen["eager"]) == 1
+    assert_close(seen["patched"][0], seen["eager"][0], "reduction")
+
+
+@pytest.mark.no_kernel
+def test_sagan_attention_with_its_own_buffer_is_left(device):
+    """A subclass's own buffer would be dropped by the replacement (and with it the state_dict key
+    a checkpoint holds): left with the reason."""
+    class CountingSelfAttn(Self_Attn):
+        def __init__(self, c):
+            super().__init__(c)
+            self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+        def forward(self, x):
+            self.calls += 1
+            return super().forward(x)
+
+    model = nn.Sequential(CountingSelfAttn(16)).to(device)
+    report = fastnote.patch(model)
+    assert not report.replaced
+    assert "other parameters or buffers (calls)" in report.left[0].reason
+    assert "0.calls" in model.state_dict()
+
+
+@pytest.mark.no_kernel
+def test_replacements_keep_the_submodules_of_the_original(device):
+    """The drop-ins hold the original's parameter-free submodules under its names (code reading
+    ``se.scale_activation`` or ``attn.softmax`` keeps working); the state_dict is unchanged."""
+    timm = pytest.importorskip("fastnote.compat").import_timm()
+    from timm.layers.squeeze_excite import SEModule
+
+    model = nn.Sequential(Self_Attn(16), SqueezeExcitation(16, 8, scale_activation=nn.Hardsigmoid),
+                          SELayer(16, 8), SEModule(16, rd_channels=8)).to(device)
+    names = [[n for n, _ in m.named_children()] for m in model]
+    children = [list(m.children()) for m in model]
+    keys = list(model.state_dict())
+    assert len(fastnote.patch(model)) == 4
+    assert [type(m).__module__.split(".")[0] for m in model] == ["fastnote"] * 4
+    assert [[n for n, _ in m.named_children()] for m in model] == names
+    assert all(a is b for before, m in zip(children, model) for a, b in zip(before, m.children()))
+    assert list(model.state_dict()) == keys
+    assert isinstance(model[1].scale_activation, nn.Hardsigmoid) and isinstance(model[0].softmax, nn.Softmax)
+    # built directly, the drop-ins have their library's submodules too
+    assert [n for n, _ in fastnote.nn.SqueezeExcitation(16, 8).named_children()] == [
+        "avgpool", "fc1", "fc2", "activation", "scale_activation"]
+    assert [n for n, _ in fastnote.nn.SqueezeExcite(16, 8).named_children()] == [
+        "conv_reduce", "act1", "conv_expand", "gate"]
+    assert [n for n, _ in fastnote.nn.SelfAttention(16).named_children()] == [
+        "query_conv", "key_conv", "value_conv", "softmax"]
+
+
+@pytest.mark.no_kernel
+def test_se_with_a_norm_layer_is_reported_left():
+    """RexNet's SE (timm's SEModule with a BatchNorm between the convs) is not fastnote's SE: the
+    report says it stayed eager, and why."""
+    timm = pytest.importorskip("fastnote.compat").import_timm()
+    from timm.layers.squeeze_excite import SEModule
+
+    model = nn.Sequential(SEModule(16, rd_channels=8, norm_layer=nn.BatchNorm2d), nn.Sequential(nn.Conv2d(3, 4, 1),
+                          nn.Linear(4, 4)))
+    report = fastnote.patch(model)
+    assert not report.replaced
+    assert [(e.path, e.kind) for e in report.left] == [("0", "SqueezeExcitation")]
+    assert "timm's conv_reduce" not in report.left[0].reason and "torchvision's fc1, fc2" in report.left[0].reason
+    assert "bn (BatchNorm2d)" in report.left[0].reason
+
+
 def test_timm_block_whose_attention_is_hooked_is_not_fused(device):
     """The fused timm block reads attn's parameters and never calls attn: a hook on attn (or in
     it) leaves the block; attn itself is then replaced by the core op, its hook going with it."""

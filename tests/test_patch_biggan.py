@@ -178,6 +178,25 @@ def test_self_attn_look_alike_left_with_reason():
     assert "not a 2x2 max pool" in report.left[0].reason
 
 
+def test_self_attn_with_a_softmax_hook_is_left():
+    """The kernel does the softmax, so a hook on it would stop running: left with the reason, and
+    no hook of the module runs while patching (a user's on a conv, which the replacement calls,
+    neither: the probe's copy holds none)."""
+    lib = _library()
+    m = lib.SelfAttn(16)
+    calls = []
+    m.softmax.register_forward_hook(lambda *a: calls.append("softmax"))
+    m.snconv1x1_theta.register_forward_hook(lambda *a: calls.append("theta"))
+    report = fastnote.patch(nn.Sequential(m), include=["SelfAttention"])
+    assert list(report) == [] and calls == []
+    assert [(e.path, e.kind) for e in report.left] == [("0", "SelfAttention")]
+    assert "'softmax' holds a forward or backward hook" in report.left[0].reason
+    m = lib.SelfAttn(16)
+    m.snconv1x1_theta.register_forward_hook(lambda *a: calls.append("theta"))
+    assert list(fastnote.patch(nn.Sequential(m), include=["SelfAttention"])) == [f"0: {ATTN}"]
+    assert calls == []
+
+
 # ------------------------------------------------------------------------------------------------
 # A small generator
 # ------------------------------------------------------------------------------------------------

@@ -261,6 +261,7 @@ def test_kinds_come_from_the_registry_in_registration_order():
     assert KINDS == tuple(f.kind for f in registry.families()) == (
         "SqueezeExcitation", "hswish_se", "WindowAttention", "ShiftedWindowAttention",
         "SelfAttention", "spectral_norm", "hf_swin", "spandrel_swin")
+    assert fastnote.patch.KINDS is KINDS   # as the docs spell it: fastnote.patch is the function
     # every family does something: converts modules, or acts before a module's children
     assert all(f.converters or f.before_children for f in registry.families())
     with pytest.raises(ValueError, match="registered twice"):

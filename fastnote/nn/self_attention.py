@@ -19,7 +19,9 @@ class SelfAttention(nn.Module):
     the block O(N) in memory. With ``return_attention=True`` it is computed as well, O(N^2).
 
     ``activation`` is accepted and stored, unused, as ``Self_Attn`` does, so ``Self_Attn(C, 'relu')``
-    call sites keep working; ``return_attention`` is keyword-only for the same reason.
+    call sites keep working; ``return_attention`` is keyword-only for the same reason. ``softmax``
+    is there as in ``Self_Attn``, but the kernel computes the softmax: hooks on it do not run
+    (``fastnote.patch`` leaves a ``Self_Attn`` whose softmax holds one).
     """
 
     def __init__(self, in_dim: int, activation=None, *, return_attention: bool = False):
@@ -33,6 +35,7 @@ class SelfAttention(nn.Module):
         self.key_conv = nn.Conv2d(in_dim, in_dim // 8, kernel_size=1)
         self.value_conv = nn.Conv2d(in_dim, in_dim, kernel_size=1)
         self.gamma = nn.Parameter(torch.zeros(1))
+        self.softmax = nn.Softmax(dim=-1)
 
     def forward(self, x):
         checks.tensor("x", x, ndim=4)

@@ -12,6 +12,11 @@ _ACTIVATIONS = {nn.ReLU: "relu", nn.SiLU: "silu", nn.Hardswish: "hard_swish"}
 _GATES = {nn.Hardsigmoid: "hard_sigmoid", nn.Sigmoid: "sigmoid"}
 
 
+def _module(activation) -> nn.Module:
+    """An activation given as a class (torchvision's convention) or an instance, as a module."""
+    return activation() if isinstance(activation, type) else activation
+
+
 def _name(kind: str, activation, table) -> str:
     """The op's name for an activation given as a class (torchvision's convention) or instance."""
     cls = activation if isinstance(activation, type) else type(activation)
@@ -28,15 +33,24 @@ class SqueezeExcitation(nn.Module):
 
     Defaults follow MobileNetV3 (``scale_activation=nn.Hardsigmoid``); torchvision's own default is
     ``nn.Sigmoid``: pass it explicitly when replacing a default-built torchvision module.
+
+    The submodules are torchvision's (``avgpool``, ``fc1``, ``fc2``, ``activation``,
+    ``scale_activation``), but the kernel computes the pool and the activations given at
+    construction (``activation_name``, ``gate_name``) and calls only the convs' parameters:
+    hooks on these submodules do not run, and replacing one changes nothing (``fastnote.patch``
+    leaves an SE whose submodules hold hooks).
     """
 
     def __init__(self, input_channels: int, squeeze_channels: int, activation=nn.ReLU,
                  scale_activation=nn.Hardsigmoid):
         super().__init__()
-        self.fc1 = nn.Conv2d(input_channels, squeeze_channels, 1)
-        self.fc2 = nn.Conv2d(squeeze_channels, input_channels, 1)
         self.activation_name = _name("activation", activation, _ACTIVATIONS)
         self.gate_name = _name("scale_activation", scale_activation, _GATES)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc1 = nn.Conv2d(input_channels, squeeze_channels, 1)
+        self.fc2 = nn.Conv2d(squeeze_channels, input_channels, 1)
+        self.activation = _module(activation)
+        self.scale_activation = _module(scale_activation)
 
     def forward(self, x):
         return squeeze_excitation(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
@@ -51,7 +65,9 @@ class SqueezeExcite(nn.Module):
     ``SqueezeExcite`` state_dict loads as it is. ``act_layer`` / ``gate_layer``: a class or an
     instance among ReLU, SiLU, Hardswish / Hardsigmoid, Sigmoid (timm's default gate is Sigmoid,
     MobileNetV3's Hardsigmoid). ``hardswish_input=True``: the module receives the pre-activation
-    ``u`` and computes ``SE(hard_swish(u))`` fused.
+    ``u`` and computes ``SE(hard_swish(u))`` fused. The submodules are timm's (``conv_reduce``,
+    ``act1``, ``conv_expand``, ``gate``); as in ``SqueezeExcitation``, the kernel computes the
+    activations and hooks on ``act1`` and ``gate`` do not run.
 
     >>> import torch, fastnote
     >>> from fastnote.nn import SqueezeExcite
@@ -65,10 +81,12 @@ class SqueezeExcite(nn.Module):
     def __init__(self, in_chs: int, rd_channels: int, act_layer=nn.ReLU, gate_layer=nn.Sigmoid, *,
                  hardswish_input: bool = False):
         super().__init__()
-        self.conv_reduce = nn.Conv2d(in_chs, rd_channels, 1)
-        self.conv_expand = nn.Conv2d(rd_channels, in_chs, 1)
         self.activation_name = _name("act_layer", act_layer, _ACTIVATIONS)
         self.gate_name = _name("gate_layer", gate_layer, _GATES)
+        self.conv_reduce = nn.Conv2d(in_chs, rd_channels, 1)
+        self.act1 = _module(act_layer)
+        self.conv_expand = nn.Conv2d(rd_channels, in_chs, 1)
+        self.gate = _module(gate_layer)
         self.hardswish_input = bool(hardswish_input)
 
     def forward(self, x):

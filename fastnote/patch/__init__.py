@@ -93,5 +93,8 @@ from .engine import patch, unpatch
 from .report import Left, PatchReport, Replaced
 
 KINDS = registry.kinds()
+# ``fastnote.patch`` is this function once fastnote is imported (the package's name is taken by
+# it), so the families are on it too: ``fastnote.patch.KINDS``
+patch.KINDS = KINDS
 
 __all__ = ["patch", "unpatch", "PatchReport", "Replaced", "Left", "KINDS"]

@@ -269,7 +269,7 @@ class _Patcher:
 
 def patch(model: nn.Module, include: Optional[Sequence[str]] = None, expect: Optional[int] = None) -> PatchReport:
     """Replace, in place, every submodule of ``model`` that fastnote has a drop-in for (the
-    ``fastnote.patch`` module docstring lists them), keeping parameters (the same objects),
+    docstring of the ``fastnote/patch/__init__.py`` module lists them), keeping parameters (the same objects),
     buffers, device, dtype, train/eval mode and state_dict keys.
 
     include: families to replace, among ``fastnote.patch.KINDS`` (default: all). expect: raise

@@ -68,6 +68,28 @@ def _hook_reason(m: nn.Module, what: str, why: str, own: bool = True) -> Optiona
     return f"{what}, but {where} holds a forward or backward hook (pruning, weight_norm, a user's hook): {why}"
 
 
+def _uncalled_hook_reason(m: nn.Module, what: str, called) -> Optional[str]:
+    """The reason to leave ``m`` when a submodule its replacement does not call holds a hook (an
+    attention-map hook on ``softmax``), else None. ``called``: the children the replacement runs
+    as modules (their hooks, and those of everything inside them, keep running)."""
+    for name, sub in m.named_modules():
+        if name and name.split(".", 1)[0] not in called and _has_hooks(sub):
+            return (f"{what}, but its submodule {name!r} holds a forward or backward hook: the fused op "
+                    "computes what it does and never calls it, so the hook would stop running")
+    return None
+
+
+def _unhooked(m: nn.Module) -> nn.Module:
+    """``m`` (a copy made for a probe) with every hook of it and its submodules removed: the probe
+    runs forwards on a made-up input, which a user's hooks (a feature logger) must not see."""
+    for sub in m.modules():
+        for attr in _HOOK_DICTS:
+            hooks = getattr(sub, attr, None)
+            if hooks:
+                hooks.clear()
+    return m
+
+
 def _leave_if_hooked(convert):
     """A converter whose replacement reads its submodules' parameters instead of calling them (a
     fused attention): a module whose submodules hold hooks (an attention-map hook on ``softmax``,

@@ -16,6 +16,7 @@ output is the input whatever the attention computes).
 from __future__ import annotations
 
 import copy
+import itertools
 from typing import Optional
 
 import torch
@@ -23,7 +24,8 @@ from torch import nn
 
 from .. import nn as fnn
 from .. import reference
-from .probe import _is_fastnote, _meta_reason, _mode_of, _no_meta_left, _on_meta, _probe_close, _probe_input
+from .probe import (_is_fastnote, _meta_reason, _mode_of, _no_meta_left, _on_meta, _probe_close, _probe_input,
+                    _uncalled_hook_reason, _unhooked)
 from .registry import Result, Site, register
 
 
@@ -40,10 +42,9 @@ def _self_attention(old: nn.Module, site: Optional[Site] = None) -> Result:
     if q.out_channels != C // 8 or k.out_channels != C // 8 or v.out_channels != C or C < 8:
         return (f"SAGAN-shaped, but query/key have {q.out_channels}/{k.out_channels} channels and value "
                 f"{v.out_channels} for in_dim {C}: fastnote.nn.SelfAttention has C // 8 and C")
-    extra = [n for n, _ in old.named_parameters() if n not in ("gamma",) and not n.split(".")[0].endswith("_conv")]
-    if extra:
-        return f"SAGAN-shaped, but it has other parameters ({', '.join(extra)})"
-    reason = _meta_reason(v.weight, "SAGAN-shaped")
+    reason = (_extra_state_reason(old, _SAGAN_CONVS, "SAGAN-shaped")
+              or _uncalled_hook_reason(old, "SAGAN-shaped", _SAGAN_CONVS)
+              or _meta_reason(v.weight, "SAGAN-shaped"))
     if reason is not None:
         return reason
     # The probe, on a copy with gamma != 0 (SAGAN starts at 0, where out == x says nothing).
@@ -64,7 +65,7 @@ def _self_attention(old: nn.Module, site: Optional[Site] = None) -> Result:
     if not (_probe_close(got[0], want, v.weight.dtype) and _probe_close(got[1], want_attn, v.weight.dtype)):
         return "SAGAN-shaped, but its forward is not SAGAN's gamma * (v @ softmax(q^T k)^T) + x"
     new = _on_meta(lambda: fnn.SelfAttention(C, getattr(old, "activation", None), return_attention=True))
-    new.query_conv, new.key_conv, new.value_conv = q, k, v
+    new._modules = type(old._modules)(old._modules)   # its convs and softmax, in its order
     new.gamma = gamma
     return _mode_of(old, _no_meta_left(new, "SelfAttention")), "returns (out, attention) as the original"
 
@@ -79,10 +80,11 @@ def _biggan_attention(old: nn.Module, site: Optional[Site] = None) -> Result:
     reason = _non_local_convs_reason(convs, gamma, "BigGAN-shaped (theta, phi, g, o, gamma)", "BigGANAttention")
     if reason is not None:
         return reason
-    names = {"theta", "phi", "g", "o"}
-    extra = [n for n, _ in old.named_parameters() if n != "gamma" and n.split(".")[0] not in names]
-    if extra:
-        return f"BigGAN-shaped, but it has other parameters ({', '.join(extra)})"
+    names = ("theta", "phi", "g", "o")
+    reason = (_extra_state_reason(old, names, "BigGAN-shaped")
+              or _uncalled_hook_reason(old, "BigGAN-shaped", names))
+    if reason is not None:
+        return reason
     reason = _pooled_probe(old, C, theta.weight, ("theta", "phi", "g", "o"), "BigGAN-shaped")
     if reason is not None:
         return reason
@@ -109,13 +111,27 @@ def _pretrained_biggan_attention(old: nn.Module, site: Optional[Site] = None) ->
     if not (isinstance(pool, nn.MaxPool2d) and _pair(pool.kernel_size) == (2, 2) and _pair(pool.stride) == (2, 2)
             and _pair(pool.padding) == (0, 0) and _pair(pool.dilation) == (1, 1) and not pool.ceil_mode):
         return "BigGAN SelfAttn-shaped, but its maxpool is not a 2x2 max pool of stride 2"
-    extra = [n for n, _ in old.named_parameters() if n != "gamma" and n.split(".")[0] not in _PRETRAINED_BIGGAN_CONVS]
-    if extra:
-        return f"BigGAN SelfAttn-shaped, but it has other parameters ({', '.join(extra)})"
+    reason = (_extra_state_reason(old, _PRETRAINED_BIGGAN_CONVS, "BigGAN SelfAttn-shaped")
+              or _uncalled_hook_reason(old, "BigGAN SelfAttn-shaped", _PRETRAINED_BIGGAN_CONVS + ("maxpool",)))
+    if reason is not None:
+        return reason
     reason = _pooled_probe(old, C, theta.weight, _PRETRAINED_BIGGAN_CONVS, "BigGAN SelfAttn-shaped")
     if reason is not None:
         return reason
     return fnn.PretrainedBigGANSelfAttn.from_biggan(old), "pooled keys/values; the [B, N, N/4] map is not stored"
+
+
+_SAGAN_CONVS = ("query_conv", "key_conv", "value_conv")
+
+
+def _extra_state_reason(old: nn.Module, convs, what: str) -> Optional[str]:
+    """The reason to leave ``old`` when it holds parameters or buffers besides ``gamma`` and those
+    of its ``convs`` (a subclass's own state), which the replacement would drop, else None."""
+    extra = [n for n, _ in itertools.chain(old.named_parameters(), old.named_buffers())
+             if n != "gamma" and n.split(".", 1)[0] not in convs]
+    if extra:
+        return f"{what}, but it has other parameters or buffers ({', '.join(extra)}), which the replacement would drop"
+    return None
 
 
 def _non_local_convs_reason(convs, gamma: nn.Parameter, what: str, ours: str) -> Optional[str]:
@@ -162,11 +178,11 @@ def _pooled_probe(old: nn.Module, C: int, weight: torch.Tensor, convs, what: str
 
 
 def _probe_copy(old: nn.Module, what: str):
-    """A copy to probe (its gamma is set, its forward run), or the reason it cannot be made: a
-    module holding a tensor computed with gradient (an attention map kept from the last training
-    forward) does not deep-copy."""
+    """A copy to probe (its gamma is set, its forward run; no hooks, so a user's do not see the
+    probe), or the reason it cannot be made: a module holding a tensor computed with gradient (an
+    attention map kept from the last training forward) does not deep-copy."""
     try:
-        return copy.deepcopy(old)
+        return _unhooked(copy.deepcopy(old))
     except Exception as e:  # noqa: BLE001
         return f"{what}, but it could not be copied to probe ({type(e).__name__}: {e})"
 

@@ -73,10 +73,29 @@ def _as_known(act: nn.Module, table) -> type:
     return type(act)
 
 
+def _near_se_reason(m: nn.Module):
+    """The reason to report ``m`` as left when it has an SE's two convs under torchvision's or
+    timm's names and a gate, but more than ``_se_parts`` takes (RexNet's SE holds a BatchNorm
+    between them), else None: a model's report then says its SEs stayed eager."""
+    if _is_fastnote(m):
+        return None
+    children = m._modules
+    for (n1, n2), library in _SE_NAMES.items():
+        if not (isinstance(children.get(n1), nn.Conv2d) and isinstance(children.get(n2), nn.Conv2d)):
+            continue
+        if any(c is not None and not any(True for _ in c.parameters()) and not c._modules
+               and _as_known(c, _GATES) in _GATES for c in children.values()):
+            others = [f"{name} ({type(c).__name__})" for name, c in children.items() if name not in (n1, n2)]
+            own = sorted(set(m._parameters) | set(m._buffers))
+            return (f"SE-shaped ({library}'s {n1}, {n2} and a gate), but fastnote's SE is two 1x1 convs, "
+                    f"an activation, a gate and a pool; this one holds {', '.join(others + own)}")
+    return None
+
+
 def _squeeze_excitation(old: nn.Module, hardswish_input: bool = False) -> Result:
     parts = _se_parts(old)
     if parts is None:
-        return None
+        return _near_se_reason(old)
     (n1, n2), (c1, c2), act, gate = parts
     act, gate = _as_known(act, _ACTIVATIONS), _as_known(gate, _GATES)
     layout = _SE_NAMES.get((n1, n2))
@@ -113,8 +132,9 @@ def _squeeze_excitation(old: nn.Module, hardswish_input: bool = False) -> Result
             return f"SE-shaped, but its forward failed on a probe input ({type(e).__name__}: {e})"
     if not _probe_close(got, want, w.dtype):
         return "SE-shaped, but its forward is not x * gate(conv2(act(conv1(mean(x)))))"
-    setattr(new, "fc1" if layout == "torchvision" else "conv_reduce", c1)
-    setattr(new, "fc2" if layout == "torchvision" else "conv_expand", c2)
+    # its own children, in its order: the convs (what the kernel reads), the pool and activations
+    # under the names its library gives them (timm's SEModule: bn, act, gate)
+    new._modules = type(old._modules)(old._modules)
     return _mode_of(old, _no_meta_left(new, "SqueezeExcitation")), ""
 
 
