@@ -64,12 +64,14 @@ MODELS = {
     "tv-mobilenet_v3_small": (_tv("mobilenet_v3_small"), (1, 3, 64, 64), {SE: 1, FUSED_HS: 8, FUSED_SE: 8}),
     # 5 of its 21 h-swish feed an SE, 16 stand alone.
     "tv-mobilenet_v3_large": (_tv("mobilenet_v3_large"), (1, 3, 64, 64), {SE: 3, FUSED_HS: 5, FUSED_SE: 5}),
-    # timm's h-swish feeds its SE inside InvertedResidual.forward: only the SE is replaced (5 pairs
-    # left); its 21 h-swish stay torch's. Batch 2: at batch 1 its training-mode batch norms over
+    # 5 of its SEs take an h-swish: their block's bn2.act (timm's BatchNormAct2d) becomes an
+    # Identity and the SE the fused one (the block's forward checked on a probe); the other 16
+    # h-swish stay torch's. Batch 2: at batch 1 its training-mode batch norms over
     # the last stages' 2x2 maps make the gradients noise in bf16 (eager's own autocast error 170%
     # median over the tensors on an AVX2 CPU, 56% at batch 2, 29% at batch 4), so the autocast
     # comparison below would compare one rounding noise with another.
-    "timm-mobilenetv3_large_100": (_timm_model("mobilenetv3_large_100"), (2, 3, 64, 64), {TIMM_SE: 8}),
+    "timm-mobilenetv3_large_100": (_timm_model("mobilenetv3_large_100"), (2, 3, 64, 64),
+                                   {TIMM_SE: 8, FUSED_HS: 5}),
     # timm's SEModule (fc1/fc2 names) gates with timm's own Sigmoid class, recognised by what it computes.
     "timm-regnety_002": (_timm_model("regnety_002"), (1, 3, 64, 64), {TIMM_SEMODULE: 13}),
     # stages 28, 14, 7, 4: the 7x7 stage is one window (shift dropped), the 4x4 one padded to 7x7.

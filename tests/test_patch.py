@@ -889,6 +889,54 @@ def test_hswish_se_pair_with_a_hook_is_not_fused(device):
     assert len(seen) == 2 and torch.equal(seen[0], seen[1])
 
 
+def _timm_block():
+    timm = pytest.importorskip("fastnote.compat").import_timm()
+    torch.manual_seed(0)
+    block = timm.create_model("mobilenetv3_large_100").blocks[4][0]   # conv_pw, bn1, conv_dw, bn2 (h-swish), se
+    assert type(block.bn2.act) is nn.Hardswish
+    return nn.Sequential(block)
+
+
+def test_timm_block_fuses_its_norms_hswish_into_the_se(device):
+    """timm's InvertedResidual: bn2's h-swish (timm's BatchNormAct2d) feeds the SE, so it becomes an
+    Identity and the SE the fused one; forward and gradients as the eager block's."""
+    eager, patched = _twins(_timm_block, device)
+    report = fastnote.patch(patched)
+    assert list(report) == ["0.bn2.act: Hardswish -> torch.nn.Identity",
+                            "0.se: SqueezeExcite -> fastnote.nn.SqueezeExcite"]
+    assert patched[0].se.hardswish_input and not report.left
+    _same_forward_backward(eager, patched, torch.randn(2, 80, 6, 5, device=device))
+
+
+@pytest.mark.no_kernel
+def test_timm_block_with_a_hook_or_another_order_is_not_fused(device, monkeypatch):
+    """A hook on the norm (it would see the pre-activation) keeps the pair apart; so does a block
+    whose forward no longer feeds the norm's h-swish straight to the SE (found by the probe). The
+    SE alone is replaced, with one report line for the pair."""
+    model = _timm_block().to(device)
+    model[0].bn2.register_forward_hook(lambda *a: None)
+    report = fastnote.patch(model)
+    assert list(report) == ["0.se: SqueezeExcite -> fastnote.nn.SqueezeExcite"]
+    assert [(e.path, e.kind) for e in report.left] == [("0.se", "hswish_se")]
+    assert "0.bn2 holds a forward or backward hook" in report.left[0].reason
+
+    cls = type(model[0])
+
+    def se_before_bn2(self, x):
+        shortcut = x
+        x = self.conv_dw(self.bn1(self.conv_pw(x)))
+        x = self.bn2(self.se(x))
+        x = self.bn3(self.conv_pwl(x))
+        return x + shortcut if self.has_skip else x
+
+    monkeypatch.setattr(cls, "forward", se_before_bn2)
+    model = _timm_block().to(device)
+    report = fastnote.patch(model)
+    assert list(report) == ["0.se: SqueezeExcite -> fastnote.nn.SqueezeExcite"]
+    assert [(e.path, e.kind) for e in report.left] == [("0.se", "hswish_se")]
+    assert "does not feed bn2's h-swish straight into the SE" in report.left[0].reason
+
+
 def test_sequential_with_its_own_forward_is_not_fused(device):
     """A Sequential subclass with its own forward may use its children in another order: its
     h-swish is not fused into the SE after it (only the SE is replaced, where it stands)."""

@@ -24,9 +24,12 @@ found too), with the family name ``include`` takes:
 - ``hswish_se``: in an ``nn.Sequential`` (not a subclass with a ``forward`` of its own), an
   ``nn.Hardswish`` (or such a Sequential ending in one, as torchvision's ``Conv2dNormActivation``)
   directly followed by such an SE: the h-swish becomes an ``nn.Identity`` and the SE the fused
-  ``hswish_se`` module (so the Sequential that held the h-swish now returns its input). Where the order is not given by a
-  Sequential (timm's ``InvertedResidual``), the pair is reported as left, and the SE is
-  replaced alone (the h-swish stays torch's).
+  ``hswish_se`` module (so the Sequential that held the h-swish now returns its input). In timm's
+  ``InvertedResidual`` and ``DepthwiseSeparableConv`` (MobileNetV3, EfficientNet-lite and the like)
+  the h-swish is the ``act`` of the ``BatchNormAct2d`` before the SE: it becomes the Identity
+  there, once the block's forward, run on a probe copy, is shown to feed it straight to the SE.
+  Where the order is known neither way (a block of another class), the pair is reported as left,
+  and the SE is replaced alone (the h-swish stays torch's).
 - ``WindowAttention``: Swin's / timm's ``WindowAttention`` (``qkv``, ``proj``,
   ``relative_position_bias_table``, an ``[N, N]`` ``relative_position_index``) -> the core op
   module ``fastnote.nn.WindowAttention``, inside a block that keeps its own shift, pad and

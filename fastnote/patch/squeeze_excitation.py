@@ -7,11 +7,15 @@
   ``SqueezeExcite``.
 - ``hswish_se``: before the children of an ``nn.Sequential`` are visited, each ``nn.Hardswish``
   (or Sequential ending in one) directly followed by such an SE becomes an ``nn.Identity`` and the
-  SE the fused module taking the h-swish's input. An SE replaced elsewhere whose previous sibling
-  ends in an h-swish is reported as a left ``hswish_se`` pair: the order of a ``forward`` is not
-  known from structure.
+  SE the fused module taking the h-swish's input; in timm's MobileNetV3 / EfficientNet blocks,
+  the same with the h-swish that is the ``act`` of the norm before the SE (the block's forward
+  checked on a probe). An SE replaced elsewhere whose previous sibling ends in an h-swish is
+  reported as a left ``hswish_se`` pair: the order of a ``forward`` is not known from structure.
 """
 from __future__ import annotations
+
+import copy
+from typing import Optional
 
 import torch
 from torch import nn
@@ -20,7 +24,7 @@ from .. import nn as fnn
 from .. import reference
 from ..nn.squeeze_excitation import _ACTIVATIONS, _GATES
 from .probe import (_has_hooks, _hook_reason, _hooked, _is_fastnote, _join, _meta_reason, _mode_of, _no_meta_left,
-                    _on_meta, _probe_close, _probe_input)
+                    _on_meta, _probe_close, _probe_input, _unhooked)
 from .registry import Result, Site, register
 
 _POOLS = (nn.AdaptiveAvgPool2d, nn.Identity)
@@ -176,7 +180,7 @@ def _previous_sibling_hardswish(parent: nn.Module, name: str) -> bool:
 def _convert_se(old: nn.Module, site: Site) -> Result:
     result = _squeeze_excitation(old)
     if isinstance(result, tuple) and site.wants("hswish_se") and not isinstance(site.parent, nn.Sequential) \
-            and _previous_sibling_hardswish(site.parent, site.name):
+            and _timm_block_pair(site.parent) is None and _previous_sibling_hardswish(site.parent, site.name):
         site.left("hswish_se",
                   f"an h-swish feeds this SE inside {type(site.parent).__name__}.forward, not in a "
                   "Sequential: the order is not known from structure, so only the SE is replaced "
@@ -184,11 +188,86 @@ def _convert_se(old: nn.Module, site: Site) -> Result:
     return result
 
 
+# timm's MobileNetV3 / EfficientNet / MnasNet blocks run ``... conv_dw, <norm>, aa, se ...`` in
+# their forward, the norm a BatchNormAct2d (batch norm, drop, then its ``act``): with ``aa`` an
+# Identity and ``act`` an h-swish, the SE's input is that h-swish's output.
+_TIMM_BLOCK_NORM = {"InvertedResidual": "bn2", "DepthwiseSeparableConv": "bn1"}
+
+
+def _timm_block_pair(block: nn.Module):
+    """(norm name, norm, SE) when ``block`` is timm's own InvertedResidual or DepthwiseSeparableConv
+    whose SE takes its norm's h-swish directly, else None."""
+    cls = type(block)
+    norm_name = _TIMM_BLOCK_NORM.get(cls.__name__)
+    if norm_name is None or not cls.__module__.startswith("timm.models."):
+        return None
+    children = block._modules
+    norm, aa, se = children.get(norm_name), children.get("aa"), children.get("se")
+    if type(aa) is not nn.Identity or se is None or _is_fastnote(se) or _se_parts(se) is None:
+        return None
+    if type(norm).__name__ != "BatchNormAct2d" or not type(norm).__module__.startswith("timm.layers"):
+        return None
+    if type(norm._modules.get("act")) is not nn.Hardswish:
+        return None
+    return norm_name, norm, se
+
+
+def _fused_block_probe(block: nn.Module, norm_name: str) -> Optional[str]:
+    """None when ``block`` (a copy of it, in eval mode, without hooks) computes the same with its
+    norm's h-swish folded into its SE, else the reason: its forward's order is checked, not assumed."""
+    try:
+        twin = _unhooked(copy.deepcopy(block)).eval()
+    except Exception as e:  # noqa: BLE001
+        return f"the block could not be copied to probe ({type(e).__name__}: {e})"
+    conv = next(m for m in twin.modules() if isinstance(m, nn.Conv2d))
+    x = _probe_input((2, conv.in_channels, 4, 4), conv.weight)
+    with torch.no_grad():
+        try:
+            want = twin(x)
+            fused = _squeeze_excitation(twin.se, hardswish_input=True)
+            if not isinstance(fused, tuple):
+                return fused or "its SE is not recognised"
+            getattr(twin, norm_name).act = nn.Identity()
+            twin.se = fused[0]
+            got = twin(x)
+        except Exception as e:  # noqa: BLE001
+            return f"the block's forward failed on a probe input ({type(e).__name__}: {e})"
+    if not _probe_close(got, want, conv.weight.dtype):
+        return f"{type(block).__name__}.forward does not feed {norm_name}'s h-swish straight into the SE"
+    return None
+
+
+def _fuse_in_timm_block(block: nn.Module, prefix: str, patcher, norm_name: str, norm: nn.Module,
+                        se: nn.Module) -> None:
+    spath = _join(prefix, "se")
+    hooked = [name for name, m in ((norm_name, norm), (f"{norm_name}.act", norm.act), ("aa", block.aa))
+              if _has_hooks(m)]
+    se_hook = _hooked(se)
+    if se_hook is not None:
+        hooked.append(_join("se", se_hook) if se_hook else "se")
+    reason = (f"{_join(prefix, hooked[0])} holds a forward or backward hook, which the fused h-swish + SE "
+              "would show other tensors: the pair is not fused") if hooked else _fused_block_probe(block, norm_name)
+    if reason is not None:
+        patcher.left(spath, "hswish_se", reason)
+        return
+    result = _squeeze_excitation(se, hardswish_input=True)
+    if not isinstance(result, tuple):
+        return  # reported when the SE itself is visited
+    patcher.swap(norm, "act", nn.Identity(), _join(prefix, f"{norm_name}.act"),
+                 note="fused into the SE after it (hswish_se)")
+    patcher.swap(block, "se", result[0], spath, note="hswish_se: takes the h-swish's input")
+
+
 def _fuse_hswish_se(parent: nn.Module, prefix: str, patcher) -> None:
     """In a plain Sequential, an h-swish (or a plain Sequential ending in one) followed by an SE:
     the h-swish becomes an Identity and the SE the fused module taking the h-swish's input.
     Where a module on the way holds a hook, the pair is left (the SE alone is then replaced when
-    visited): the fusion would show the hook another tensor."""
+    visited): the fusion would show the hook another tensor. In timm's blocks, the h-swish of the
+    norm before the SE, the same way (the block's forward checked on a probe)."""
+    pair = _timm_block_pair(parent)
+    if pair is not None:
+        _fuse_in_timm_block(parent, prefix, patcher, *pair)
+        return
     if not _plain_sequential(parent):
         return
     names = list(parent._modules)
