@@ -33,7 +33,8 @@ Cases (x = M, the negatives per row for PatchNCE; n, the batch, for CLIP):
              the [n, n] logits and labels (8 GB in fp32 at 32768, and autograd keeps more).
 
 FLOP model (matmuls, the minimum: no recomputation counted; R rows, M negatives per row):
-  patch_nce  fwd 2 R M d; bwd 4 R M d (the scores again, then P K); both the sum (x layers)
+  patch_nce  fwd 2 R M d; bwd 2 R M d (dq = (P - onehot) k; k is detached, as CUT's loss takes
+             it, so no dk; the kernels also recompute the scores, not counted); both the sum (x layers)
   clip_loss  fwd 2 n^2 d; bwd 2 * 2 n^2 d (scores, d_image and d_text); both the sum
   siglip_loss as clip_loss: fwd 2 n^2 d; bwd 2 * 2 n^2 d (d_image and d_text); both the sum (the
              kernels also recompute the scores in backward, once per channel slice: see
@@ -130,7 +131,7 @@ def _nce_rows(case):
 
 def _nce_flops(case, mode):
     R, M, d, layers = _nce_rows(case)
-    return {"fwd": 2, "bwd": 4, "both": 6}[mode] * R * M * d * layers
+    return {"fwd": 2, "bwd": 2, "both": 4}[mode] * R * M * d * layers
 
 
 def _nce_bytes(case, mode):

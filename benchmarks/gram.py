@@ -21,13 +21,18 @@ FLOP model, "useful" (triangular) FLOPs, E = B*C*H*W, s = itemsize:
   gram / style fwd   B * C * (C + 1) * H*W       the triangle and diagonal of F F^T (eager bmm
                                                  does 2 * B * C^2 * H*W)
   style bwd          2 * B * C^2 * H*W            dF = (dG + dG^T) F / norm
-Bytes model (minimum HBM traffic):
+Bytes model (minimum HBM traffic; the target T is [C, C] in x's dtype, as the benchmark builds it):
   gram fwd   E*s + B*C^2*s (read F, write G)
-  style fwd  E*s + C^2*4 + B*C^2*4 (read F and T, write D = G - T in fp32 for backward)
-  style bwd  2*E*s + B*C^2*4;  both: the sum
+  style fwd  E*s + C^2*s (read F and T; the loss is a scalar)
+  style bwd  2*E*s + C^2*s (read F and T, write dF; fastnote's kernels also write and read D =
+             G - T in fp32, B*C^2*4 each way, to spare the backward a second Gram product: its
+             own choice, not counted)
+  both       the sum
   tv         fwd E*s, bwd 2*E*s, both 3*E*s
-Gram and style are compute-bound at these shapes except relu1_2's small C: TFLOP/s against the
-dense bf16 / fp32 peak is their figure of merit; TV is bandwidth-bound (GB/s).
+With these, the bf16 Grams are bandwidth-bound at the copy bandwidth: the useful FLOPs of relu4_3
+(C = 512) can reach at most 73.5% of the dense bf16 peak (relu3_3 52%, relu2_2 27.5%, relu1_2 14%),
+so "% of peak TFLOP/s" and "% of copy BW" both matter; in fp32 (no TF32) relu3_3 and relu4_3 are
+compute-bound. TV is bandwidth-bound (GB/s).
 
     python benchmarks/gram.py [--smoke] [--out DIR] [--modes fwd,bwd,both] [--dtypes bf16,fp32]
 """
@@ -107,8 +112,8 @@ def gram_bytes(case, mode):
 def style_bytes(case, mode):
     B, C, _, E = _dims(case)
     s = case.itemsize
-    fwd = E * s + C * C * 4 + B * C * C * 4
-    bwd = 2 * E * s + B * C * C * 4
+    fwd = E * s + C * C * s
+    bwd = 2 * E * s + C * C * s
     return {"fwd": fwd, "bwd": bwd, "both": fwd + bwd}[mode]
 
 

@@ -26,7 +26,14 @@ FLOP model (matmuls only; softmax, exp and the recomputation in backward not cou
   fwd   2 * B * N * N_k * (d_qk + d_v)          q^T k and v P^T
   bwd   2 * B * N * N_k * 2 * (d_qk + d_v)      dv, dP, dq, dk
   both  the sum
-Compute-bound, so the figure of merit is TFLOP/s; memory rows show what O(N) memory buys.
+Bytes model (minimum traffic, s = itemsize; gamma is an fp32 [1], so the output and its gradient
+are fp32 whatever the inputs' dtype, as torch promotes them):
+  fwd   reads q, k, v, x (s), writes out (4 bytes)
+  bwd   reads q, k, v (s) and dout (4), writes dq, dk, dv (s) and, for bf16 / fp16 inputs, dx
+        (dout cast to x's dtype; in fp32 dx is dout itself, no bytes)
+Compute-bound at the generator's layers and at 128x128 (TFLOP/s is the figure of merit there);
+the discriminator's 16x16 layer in bf16 (N = 256, C = 512) is bandwidth-bound. Memory rows show
+what O(N) memory buys.
 
     python benchmarks/sagan_attention.py [--smoke] [--out DIR] [--modes fwd,bwd,both] [--dtypes bf16,fp32]
 """
@@ -101,6 +108,15 @@ def flops(case, mode):
     return {"fwd": fwd, "bwd": 2 * fwd, "both": 3 * fwd}[mode]
 
 
+def bytes_moved(case, mode):
+    cfg = case.config
+    B, C, N, N_k, s = cfg["B"], cfg["C"], cfg["N"], cfg["N_k"], case.itemsize
+    qkv = B * (C // 8 * (N + N_k) + C * N_k) * s
+    fwd = qkv + B * C * N * s + B * C * N * 4
+    bwd = 2 * qkv + B * C * N * 4 + (B * C * N * s if s != 4 else 0)
+    return {"fwd": fwd, "bwd": bwd, "both": fwd + bwd}[mode]
+
+
 BENCHMARKS = [Benchmark(
     op="sagan_attention",
     make_inputs=make_inputs,
@@ -115,6 +131,7 @@ BENCHMARKS = [Benchmark(
     cases=_cases(LAYERS, ["bf16", "fp32"]),
     smoke_cases=_cases(SMOKE_LAYERS, ["fp32", "bf16"]),
     flops=flops,
+    bytes_moved=bytes_moved,
     plot_by=("dtype", "C"),
 )]
 

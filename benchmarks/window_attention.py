@@ -17,33 +17,37 @@ for the GPU's numbers to confirm or change that default. In fp16/bf16 the V1 ker
 per window) are software-pipelined over each program's windows (two stages: the next window loads
 while this one computes); "fastnote one stage" times them built as before (``PIPELINED``).
 
-Bytes model (minimum traffic). Core, T = B*nW * heads * N * d * itemsize (bias and mask, at most
-``nW*N*N``, are small next to T and ignored):
-  fwd   reads q, k, v, writes o                                  4T
-  bwd   reads q, k, v, do, writes dq, dk, dv                     7T
+Speed of light: the minimum bytes (each input read once, each output written once) and the useful
+FLOPs (each matmul of the maths once, no recomputation) of the computation, whatever computes it;
+the bound is the larger of bytes / copy bandwidth and FLOPs / dense peak, the same for every provider.
+Core, T = B*nW * heads * N * d * itemsize; the bias [heads, N, N] and, in shifted stages, the mask
+[nW, N, N] in the same dtype:
+  fwd   reads q, k, v, bias, mask, writes o                      4T + bias + mask
+  bwd   reads q, k, v, do, bias, mask, writes dq, dk, dv, dbias  7T + 2 bias + mask
         (softmax's backward needs rowsum(P * dP), which equals rowsum(O * dO); the kernel takes
         the first from registers when one tile holds a whole row, N <= 64, and reads O, 8T, only
         for larger N)
-  both                                                           11T
-Block, X = B*H*W*C*itemsize (the unfused parts are GEMMs that each read and write their operands):
-  fwd   qkv Linear reads x writes qkv (1+3), attention reads qkv writes o (3+1), proj (1+1)   10X
-  bwd   proj (dy, o -> do: 3), attention (qkv, do -> dqkv: 7), qkv Linear (dqkv twice,
-        x -> dx: 8)                                                                          18X
-  both                                                                                      28X
-FLOPs (core): fwd 4 * B*nW*heads*N^2*d, bwd 10 * B*nW*heads*N^2*d (the scores are recomputed).
+  both  the sum
+FLOPs (core): fwd 4 * B*nW*heads*N^2*d (q k^T, P v); bwd 8 * B*nW*heads*N^2*d (dv, dP, dq, dk; the
+kernels also recompute q k^T, 2 * B*nW*heads*N^2*d more, not counted as useful).
+Block, M = B*H*W tokens, X = M*C*itemsize, weights Wb = (4 C^2 + 4 C + (2 window - 1)^2 heads) *
+itemsize (qkv and proj with biases, the bias table; the shift mask is computed from coordinates):
+  fwd   reads x and the weights, writes y                        2X + Wb
+  bwd   reads x, dy and the weights, writes dx and their grads   3X + 2 Wb
+  FLOPs fwd 8 M C^2 (qkv 6, proj 2) + 4 M N C (attention); bwd 16 M C^2 + 8 M N C (each GEMM's
+  input and weight gradients; the attention's four products). The GEMMs make most stages
+  compute-bound. What fastnote's path moves is more: its qkv and proj GEMMs write and read qkv
+  and the attention output (10X forward, 18X backward).
 
 Swin V2 (``window_attention_v2``, ``swin_window_attention_v2``: cosine attention, per-head logit
 scale, continuous position bias) on the same kernels with COSINE on. Minimum bytes are V1's: the
 row norms of q and k are computed from the tiles the kernels load anyway (forward and backward,
-nothing saved), the per-head scale is ``heads * 4`` bytes, and the backward's d(logit scale)
-partials are ``programs * heads * 4`` bytes (tiny next to T):
-  core   fwd 4T, bwd 7T (8T for N > 64: O is read for delta), both 11T
-  block  fwd 10X, bwd 18X, both 28X (the continuous-position-bias MLP runs on the
-         ``[(2Ws-1)^2, 2]`` coordinates: negligible)
+nothing saved) and the per-head scale is ``heads * 4`` bytes (the block's q and v biases and its
+continuous-position-bias MLP are counted as V1's qkv bias and table: a difference of a few KB).
 FLOPs (core): V1's plus the normalisation, ``3 * B*nW*heads*N*d`` per pass over q and over k in
-the forward (squares, sum, scale), and in the backward the recomputed norms and the projection
+the forward (squares, sum, scale), and in the backward the projection
 ``dx = (dx^ - x^ (x^ . dx^)) / ||x||`` (``~7 * B*nW*heads*N*d`` for each of q, k), all O(N d)
-against the O(N^2 d) products, so 4 and 10 * B*nW*heads*N^2*d still describe it.
+against the O(N^2 d) products, so 4 and 8 * B*nW*heads*N^2*d still describe it.
 Shapes: Swin V2-T at 256x256 (x axis = stage 1..4: 64x64 C=96 3 heads ... 8x8 C=768 24 heads),
 window 8 (shift 4) and window 16 (shift 8; the 8x8 last stage is one window there, and its
 window shrinks to 8 as timm and torchvision build it), batch 64. Providers: eager (timm's
@@ -139,15 +143,20 @@ def _core_provider(fn):
 
 
 def core_bytes(case, mode):
-    nW, N, d = _geometry(case.config)
-    T = case.config["B"] * nW * case.config["heads"] * N * d * case.itemsize
-    return {"fwd": 4, "bwd": 7, "both": 11}[mode] * T
+    cfg = case.config
+    nW, N, d = _geometry(cfg)
+    s = case.itemsize
+    T = cfg["B"] * nW * cfg["heads"] * N * d * s
+    bias = cfg["heads"] * N * N * s
+    mask = nW * N * N * s if cfg["shift"] else 0
+    fwd, bwd = 4 * T + bias + mask, 7 * T + 2 * bias + mask
+    return {"fwd": fwd, "bwd": bwd, "both": fwd + bwd}[mode]
 
 
 def core_flops(case, mode):
     nW, N, d = _geometry(case.config)
     base = case.config["B"] * nW * case.config["heads"] * N * N * d
-    return {"fwd": 4, "bwd": 10, "both": 14}[mode] * base
+    return {"fwd": 4, "bwd": 8, "both": 12}[mode] * base
 
 
 # ------------------------------------------------------------------------------------------------
@@ -212,8 +221,19 @@ def fastnote_block(all_inputs, case):
 
 def block_bytes(case, mode):
     cfg = case.config
-    X = cfg["B"] * cfg["H"] * cfg["W"] * cfg["C"] * case.itemsize
-    return {"fwd": 10, "bwd": 18, "both": 28}[mode] * X
+    C = cfg["C"]
+    X = cfg["B"] * cfg["H"] * cfg["W"] * C * case.itemsize
+    weights = (4 * C * C + 4 * C + (2 * cfg["window"] - 1) ** 2 * cfg["heads"]) * case.itemsize
+    fwd, bwd = 2 * X + weights, 3 * X + 2 * weights
+    return {"fwd": fwd, "bwd": bwd, "both": fwd + bwd}[mode]
+
+
+def block_flops(case, mode):
+    cfg = case.config
+    M, C = cfg["B"] * cfg["H"] * cfg["W"], cfg["C"]
+    N = cfg["window"] ** 2
+    fwd = 8 * M * C * C + 4 * M * N * C
+    return {"fwd": fwd, "bwd": 2 * fwd, "both": 3 * fwd}[mode]
 
 
 CASES = _cases([SWIN_T, SWIN_B_384], ["bf16", "fp16", "fp32"])
@@ -388,6 +408,7 @@ BENCHMARKS = [
         cases=CASES,
         smoke_cases=SMOKE_CASES,
         bytes_moved=block_bytes,
+        flops=block_flops,
         plot_by=("dtype", "model"),
     ),
     Benchmark(
@@ -417,6 +438,7 @@ BENCHMARKS = [
         cases=CASES_V2,
         smoke_cases=SMOKE_CASES_V2,
         bytes_moved=block_bytes,
+        flops=block_flops,
         plot_by=("dtype", "model"),
     ),
 ]

@@ -121,8 +121,44 @@ def test_style_loss_module(device):
         fastnote.nn.StyleLoss(target, normalize="x")
 
 
+def test_targets_built_under_autocast_stay_float32(device):
+    """Built under autocast, the style targets are still fp32 Grams (autocast would round them to
+    half: inf in fp16 with normalize="none"), and the modules work without autocast after."""
+    vgg, style, x, y_hat = _setup(device)
+    target = torch.randn(1, 20, 6, 6, device=device) * 30
+    want = fastnote.nn.StyleLoss(target, normalize="none").target_gram
+    for dtype in (torch.bfloat16, torch.float16):
+        with torch.autocast(device.type, dtype=dtype):
+            module = fastnote.nn.StyleLoss(target, normalize="none")
+            loss = fastnote.nn.PerceptualLoss(vgg, style_image=style)
+        assert module.target_gram.dtype == torch.float32 and torch.equal(module.target_gram, want)
+        assert all(b.dtype == torch.float32 for b in loss.buffers())
+        assert torch.isfinite(module(torch.randn(2, 20, 6, 6, device=device)))
+        assert torch.isfinite(loss(x, y_hat))
+
+
+def test_checkpoint_restores_into_an_instance_without_style_image(device):
+    """The style targets travel in the state_dict: a fresh PerceptualLoss built without
+    style_image loads them (strictly) and gives the same loss, so training resumes without the
+    style image."""
+    vgg, style, x, y_hat = _setup(device)
+    trained = fastnote.nn.PerceptualLoss(vgg, style_layers=[0, 2], style_image=style)
+    fresh = fastnote.nn.PerceptualLoss(vgg)
+    fresh.load_state_dict(trained.state_dict())
+    assert list(fresh.state_dict()) == list(trained.state_dict())
+    _close(fresh(x, y_hat), trained(x, y_hat))
+    # and into one built with another style image: the checkpoint's targets win
+    other = fastnote.nn.PerceptualLoss(vgg, style_image=torch.rand_like(style))
+    other.load_state_dict(trained.state_dict())
+    _close(other(x, y_hat), trained(x, y_hat))
+
+
 def test_errors(device):
     vgg, style, x, y_hat = _setup(device)
+    with pytest.raises(ValueError, match="style_layers must name at least one"):
+        fastnote.nn.PerceptualLoss(vgg, style_layers=[], style_image=style)
+    with pytest.raises(ValueError, match=r"x has 20 channels .*, but target_gram \[1, 8, 8\] is the Gram matrix of 8"):
+        fastnote.nn.StyleLoss(torch.randn(1, 8, 4, 4, device=device))(torch.randn(2, 20, 4, 4, device=device))
     with pytest.raises(ValueError, match="content_layer must be < 4"):
         fastnote.nn.PerceptualLoss(vgg, content_layer=4, style_image=style)
     with pytest.raises(ValueError, match="style_layers must index"):

@@ -31,7 +31,9 @@ pointer so no host sync) and the positive of row i at column i + offset:
 Saved for backward: the inputs and the fp32 row statistics ([2, n] per side): O(n) beyond the
 inputs.
 
-Bytes model (minimum HBM traffic, n = n_x = n_y, itemsize b; Y blocks re-read from L2):
+Bytes model (these kernels' HBM traffic, n = n_x = n_y, itemsize b; Y blocks re-read from L2; the
+computation's minimum is 2 n D b forward and 4 n D b backward, with 2 n^2 D useful FLOPs forward
+and 4 n^2 D backward, as benchmarks/contrastive.py counts):
   fwd (symmetric)  read X, Y twice: 4 n D b; write stats, ce: 24 n      FLOPs 2 * 2 n^2 D
   bwd (symmetric)  read X, Y twice, write dX, dY: 6 n D b + 8 n        FLOPs 2 * 2 n^2 D (1 + n_slices)
 n_slices = ceil(D / BLOCK_G), BLOCK_G the gradient slice (``contrastive_tiles.GRADIENT_SLICES``): 2 at

@@ -48,7 +48,9 @@ Gram / style backward
     the activations squared whatever ``normalize`` is; it is rounded to x's dtype for the tensor
     cores and the remaining (tiny: ~1e-13 for relu1_2) factor is applied to the fp32 accumulator,
     so nothing underflows fp16.
-BYTES MODEL (minimum HBM traffic, per call; s = itemsize of x, E = B*C*K)
+BYTES MODEL (these kernels' HBM traffic, per call; s = itemsize of x, E = B*C*K; the style loss's
+    minimum, without D, is E*s + C^2*s forward and 2*E*s + C^2*s backward, as benchmarks/gram.py
+    counts)
     gram fwd        read F, write G:              E*s + B*C^2*s;   useful FLOPs B*C*(C+1)*K
                     (triangle + diagonal; eager bmm does 2*B*C^2*K)
     style fwd       read F and T (+ write D fp32 when grad is needed):

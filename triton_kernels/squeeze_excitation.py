@@ -11,8 +11,9 @@ backward  pass A ``plane_reduce``: dg[b, c] = sum_hw grad * y      reads grad, x
                            dW = dZ^T @ S are two small matmuls in torch
           pass B ``input_grad``:   dx = (grad * g + ds / HW) * pre'(x)   reads grad, x, writes dx
 
-Minimum traffic, with T = B*C*H*W*itemsize: forward 3T, backward 5T (eager PyTorch with a
-separate hard-swish moves about 2T + 1T + 3T forward and more than 8T backward). ``y`` is never
+Traffic of these passes, with T = B*C*H*W*itemsize: forward 3T, backward 5T, against the
+computation's minimum of 2T and 3T (each input read once, each output written once); eager
+PyTorch with a separate hard-swish moves about 2T + 1T + 3T forward and more than 8T backward. ``y`` is never
 written. All passes accumulate in fp32; offsets are int64 so tensors past 2^31 elements work.
 The streaming passes tile [planes, positions] over a 3-D grid, so no element needs its plane index
 computed by division. ``channels_last`` (constexpr ``CL``): the same tiles, addressed

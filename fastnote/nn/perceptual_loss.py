@@ -15,12 +15,25 @@ from ..ops.tv_loss import tv_loss
 TERMS = ("content", "style", "pixel", "tv")
 
 
+def _target_gram(features: Tensor, normalize: str) -> Tensor:
+    """A style target: the Gram matrix of ``features`` in float32, without grad, and without
+    autocast (which would round it to half precision: inf in fp16 with ``normalize="none"``)."""
+    with torch.no_grad(), torch.autocast(features.device.type, enabled=False):
+        return gram(features.detach().float(), normalize)
+
+
 class StyleLoss(nn.Module):
     """Style loss against fixed target features: ``forward(x) = style_loss(x, gram(target))``.
 
     target_features: [1, C, H, W] (one style image, broadcast over any batch), [B, C, H, W] or
-    the [.., C, N] forms; their Gram matrix is computed once, in float32 without grad, and kept
-    as the buffer ``target_gram`` ([1 or B, C, C]; saved in the state_dict, moved by ``.to``).
+    the [.., C, N] forms; their Gram matrix is computed once, in float32 without grad or autocast,
+    and kept as the buffer ``target_gram`` ([1 or B, C, C]; saved in the state_dict, moved by
+    ``.to``).
+
+    A criterion: ``forward`` returns the loss. The PyTorch tutorial's ``StyleLoss`` (same
+    constructor) is a layer that returns its input and keeps the loss in ``.loss``, and its loss,
+    ``mse(G, T)`` (a mean over the C x C entries), is ``H*W / C`` times this one at batch 1;
+    docs/ops.md section 2.2 relates the other published style losses to this one.
 
     >>> import torch, fastnote
     >>> loss = fastnote.nn.StyleLoss(torch.randn(1, 8, 6, 6))
@@ -32,9 +45,7 @@ class StyleLoss(nn.Module):
         super().__init__()
         self.normalize = checks.choice("normalize", normalize, NORMALIZE)
         checks.tensor("target_features", target_features, ndim=(3, 4))
-        with torch.no_grad():
-            target = gram(target_features.detach().float(), normalize)
-        self.register_buffer("target_gram", target)
+        self.register_buffer("target_gram", _target_gram(target_features, normalize))
 
     def forward(self, x: Tensor) -> Tensor:
         return style_loss(x, self.target_gram, self.normalize)
@@ -104,6 +115,9 @@ class PerceptualLoss(nn.Module):
         self.content_layer = checks.integer("content_layer", content_layer, minimum=0)
         if style_layers is not None:
             style_layers = [checks.integer("style_layers[]", j, minimum=0) for j in style_layers]
+            if not style_layers:
+                raise ValueError("style_layers must name at least one feature map (None: every one); for no style "
+                                 "term, give it weight 0")
         self.style_layers = style_layers
         self.weights = self._weights(weights)
         self.normalize = checks.choice("normalize", normalize, NORMALIZE)
@@ -144,17 +158,34 @@ class PerceptualLoss(nn.Module):
         return list(range(n)) if self.style_layers is None else list(self.style_layers)
 
     def set_style(self, style_image: Tensor) -> None:
-        """Compute and store the style targets (Gram matrices, fp32, no grad) of ``style_image``."""
+        """Compute and store the style targets (Gram matrices, fp32, no grad or autocast) of
+        ``style_image``."""
         checks.tensor("style_image", style_image, ndim=4)
-        for name in self._style_names:
-            delattr(self, name)
         with torch.no_grad():
             feats = self._features(style_image.detach())
-            self._style_names = []
-            for j in self._layers(len(feats)):
-                name = f"style_gram_{j}"
-                self.register_buffer(name, gram(feats[j].float(), self.normalize))
-                self._style_names.append(name)
+        targets = {f"style_gram_{j}": _target_gram(feats[j], self.normalize) for j in self._layers(len(feats))}
+        self._set_targets(targets)
+
+    def _set_targets(self, targets) -> None:
+        for name in self._style_names:
+            delattr(self, name)
+        self._style_names = []
+        for name, t in targets.items():
+            self.register_buffer(name, t)
+            self._style_names.append(name)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # The style targets a checkpoint holds are what it was trained against: an instance built
+        # without style_image (or with other layers) takes them, so training resumes without it.
+        saved = {k[len(prefix):]: v for k, v in state_dict.items()
+                 if k.startswith(prefix + "style_gram_") and "." not in k[len(prefix):]}
+        if saved and sorted(saved) != sorted(self._style_names):
+            order = sorted(saved, key=lambda name: int(name.rsplit("_", 1)[1]) if name.rsplit("_", 1)[1].isdigit()
+                           else -1)
+            self._set_targets({name: torch.empty_like(saved[name]) for name in order})
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def terms(self, x: Tensor, y_hat: Tensor) -> PerceptualLossTerms:
         """The unweighted (content, style, pixel, tv) terms for content image x and output y_hat."""

@@ -91,8 +91,6 @@ def _gram_backward(ctx, grad):
 _gram_op.register_autograd(_gram_backward, setup_context=_gram_setup)
 
 
-
-
 def _check_x(x: Tensor, op: str) -> None:
     if type(x) in checks.PLAIN_TENSORS and x.dtype in checks.FLOAT_DTYPES:
         shape = x.shape
@@ -215,14 +213,19 @@ def _check_target(x: Tensor, target: Tensor) -> None:
             return
     checks.tensor("target_gram", target, ndim=(2, 3))
     B, C = x.shape[0], x.shape[1]
+    if target.shape[-1] == target.shape[-2] != C:
+        raise ValueError(f"x has {C} channels (shape {list(x.shape)}), but target_gram {list(target.shape)} is "
+                         f"the Gram matrix of {target.shape[-1]}")
     if target.dim() == 2:
         checks.shape("target_gram", target, [C, C])
     elif target.shape[0] not in (1, B) or tuple(target.shape[1:]) != (C, C):
         raise ValueError(f"target_gram must have shape [{C}, {C}], [1, {C}, {C}] or [{B}, {C}, {C}] for x of "
-                         f"shape {list(x.shape)}, got {list(target.shape)}")
+                         f"shape {list(x.shape)}, got {list(target.shape)} (one target per image needs x's batch "
+                         f"size; a [1, {C}, {C}] target is shared by any batch)")
     if target.dtype not in (x.dtype, torch.float32):
-        raise TypeError(f"target_gram must have x's dtype ({checks.dtype_name(x.dtype)}) or float32, "
-                        f"got {checks.dtype_name(target.dtype)}")
+        want = ("dtype float32 (x's)" if x.dtype == torch.float32
+                else f"x's dtype ({checks.dtype_name(x.dtype)}) or float32")
+        raise TypeError(f"target_gram must have {want}, got {checks.dtype_name(target.dtype)}")
     checks.same_device(x=x, target_gram=target)
 
 
