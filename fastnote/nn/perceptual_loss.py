@@ -13,6 +13,7 @@ from ..ops.gram import NORMALIZE, gram, style_loss
 from ..ops.tv_loss import tv_loss
 
 TERMS = ("content", "style", "pixel", "tv")
+_TARGET = "style_gram_"   # + the layer index: PerceptualLoss's buffers of style targets
 
 
 def _target_gram(features: Tensor, normalize: str) -> Tensor:
@@ -163,7 +164,7 @@ class PerceptualLoss(nn.Module):
         checks.tensor("style_image", style_image, ndim=4)
         with torch.no_grad():
             feats = self._features(style_image.detach())
-        targets = {f"style_gram_{j}": _target_gram(feats[j], self.normalize) for j in self._layers(len(feats))}
+        targets = {f"{_TARGET}{j}": _target_gram(feats[j], self.normalize) for j in self._layers(len(feats))}
         self._set_targets(targets)
 
     def _set_targets(self, targets) -> None:
@@ -178,12 +179,11 @@ class PerceptualLoss(nn.Module):
                               error_msgs):
         # The style targets a checkpoint holds are what it was trained against: an instance built
         # without style_image (or with other layers) takes them, so training resumes without it.
-        saved = {k[len(prefix):]: v for k, v in state_dict.items()
-                 if k.startswith(prefix + "style_gram_") and "." not in k[len(prefix):]}
-        if saved and sorted(saved) != sorted(self._style_names):
-            order = sorted(saved, key=lambda name: int(name.rsplit("_", 1)[1]) if name.rsplit("_", 1)[1].isdigit()
-                           else -1)
-            self._set_targets({name: torch.empty_like(saved[name]) for name in order})
+        key = prefix + _TARGET
+        saved = {int(k[len(key):]): v for k, v in state_dict.items() if k.startswith(key) and k[len(key):].isdigit()}
+        layers = sorted(saved)
+        if layers and [f"{_TARGET}{j}" for j in layers] != self._style_names:
+            self._set_targets({f"{_TARGET}{j}": torch.empty_like(saved[j]) for j in layers})
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 

@@ -2,6 +2,7 @@
 the probe that checks a candidate's forward is the formula fastnote computes."""
 from __future__ import annotations
 
+import copy
 import functools
 import itertools
 from typing import Callable, Optional
@@ -88,6 +89,17 @@ def _unhooked(m: nn.Module) -> nn.Module:
             if hooks:
                 hooks.clear()
     return m
+
+
+def _probe_copy(old: nn.Module, what: str):
+    """A copy of ``old`` to probe (its forward run on a made-up input, its state changed at will;
+    no hooks, so a user's do not see the probe), or the reason it cannot be made: a module holding
+    a tensor computed with gradient (an attention map kept from the last training forward) does
+    not deep-copy."""
+    try:
+        return _unhooked(copy.deepcopy(old))
+    except Exception as e:  # noqa: BLE001
+        return f"{what}, but it could not be copied to probe ({type(e).__name__}: {e})"
 
 
 def _leave_if_hooked(convert):

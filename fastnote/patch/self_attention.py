@@ -15,7 +15,6 @@ output is the input whatever the attention computes).
 """
 from __future__ import annotations
 
-import copy
 import itertools
 from typing import Optional
 
@@ -24,8 +23,8 @@ from torch import nn
 
 from .. import nn as fnn
 from .. import reference
-from .probe import (_is_fastnote, _meta_reason, _mode_of, _no_meta_left, _on_meta, _probe_close, _probe_input,
-                    _uncalled_hook_reason, _unhooked)
+from .probe import (_is_fastnote, _meta_reason, _mode_of, _no_meta_left, _on_meta, _probe_close, _probe_copy,
+                    _probe_input, _uncalled_hook_reason)
 from .registry import Result, Site, register
 
 
@@ -175,16 +174,6 @@ def _pooled_probe(old: nn.Module, C: int, weight: torch.Tensor, convs, what: str
     if not _probe_close(got, want, weight.dtype):
         return f"{what}, but its forward is not x + gamma * o(g' softmax(theta^T phi')^T) with 2x2-pooled phi', g'"
     return None
-
-
-def _probe_copy(old: nn.Module, what: str):
-    """A copy to probe (its gamma is set, its forward run; no hooks, so a user's do not see the
-    probe), or the reason it cannot be made: a module holding a tensor computed with gradient (an
-    attention map kept from the last training forward) does not deep-copy."""
-    try:
-        return _unhooked(copy.deepcopy(old))
-    except Exception as e:  # noqa: BLE001
-        return f"{what}, but it could not be copied to probe ({type(e).__name__}: {e})"
 
 
 def _pair(v):

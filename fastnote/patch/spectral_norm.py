@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .. import checks
 from .. import nn as fnn
 from .probe import _is_fastnote, _join, _mode_of
 from .registry import Result, Site, register
@@ -84,8 +85,10 @@ def _patch_spectral_norm_in(module: nn.Module, path: str, patcher) -> None:
 def _unsupported(sn) -> str:
     """Why torch's spectral norm ``sn`` (hook or parametrization) stays torch's, or ""."""
     eps = getattr(sn, "eps", None)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps - eps == 0 or eps < 0:
-        return f"eps={eps!r}: fastnote's power iteration takes a finite eps >= 0"
+    try:
+        checks.real("eps", eps, nonnegative=True)
+    except (TypeError, ValueError) as e:
+        return f"eps={eps!r}: fastnote's power iteration refuses it ({e})"
     return ""
 
 

@@ -14,7 +14,6 @@
 """
 from __future__ import annotations
 
-import copy
 from typing import Optional
 
 import torch
@@ -24,11 +23,16 @@ from .. import nn as fnn
 from .. import reference
 from ..nn.squeeze_excitation import _ACTIVATIONS, _GATES
 from .probe import (_has_hooks, _hook_reason, _hooked, _is_fastnote, _join, _meta_reason, _mode_of, _no_meta_left,
-                    _on_meta, _probe_close, _probe_input, _unhooked)
+                    _on_meta, _probe_close, _probe_copy, _probe_input)
 from .registry import Result, Site, register
 
 _POOLS = (nn.AdaptiveAvgPool2d, nn.Identity)
 _SE_NAMES = {("fc1", "fc2"): "torchvision", ("conv_reduce", "conv_expand"): "timm"}
+
+
+def _parameter_free_leaf(m: nn.Module) -> bool:
+    """An activation or gate as far as structure tells: no parameters, no children."""
+    return not m._modules and next(m.parameters(), None) is None
 
 
 def _se_parts(m: nn.Module):
@@ -42,7 +46,7 @@ def _se_parts(m: nn.Module):
         elif isinstance(child, _POOLS):
             if isinstance(child, nn.AdaptiveAvgPool2d) and child.output_size not in (1, (1, 1)):
                 return None
-        elif len(list(child.parameters())) == 0 and len(list(child.children())) == 0:
+        elif _parameter_free_leaf(child):
             acts.append(child)
         else:
             return None
@@ -87,8 +91,8 @@ def _near_se_reason(m: nn.Module):
     for (n1, n2), library in _SE_NAMES.items():
         if not (isinstance(children.get(n1), nn.Conv2d) and isinstance(children.get(n2), nn.Conv2d)):
             continue
-        if any(c is not None and not any(True for _ in c.parameters()) and not c._modules
-               and _as_known(c, _GATES) in _GATES for c in children.values()):
+        if any(c is not None and _parameter_free_leaf(c) and _as_known(c, _GATES) in _GATES
+               for c in children.values()):
             others = [f"{name} ({type(c).__name__})" for name, c in children.items() if name not in (n1, n2)]
             own = sorted(set(m._parameters) | set(m._buffers))
             return (f"SE-shaped ({library}'s {n1}, {n2} and a gate), but fastnote's SE is two 1x1 convs, "
@@ -213,22 +217,20 @@ def _timm_block_pair(block: nn.Module):
 
 
 def _fused_block_probe(block: nn.Module, norm_name: str) -> Optional[str]:
-    """None when ``block`` (a copy of it, in eval mode, without hooks) computes the same with its
-    norm's h-swish folded into its SE, else the reason: its forward's order is checked, not assumed."""
-    try:
-        twin = _unhooked(copy.deepcopy(block)).eval()
-    except Exception as e:  # noqa: BLE001
-        return f"the block could not be copied to probe ({type(e).__name__}: {e})"
+    """None when ``block`` computes the same with its norm's h-swish moved in front of its SE
+    (the input the fused SE takes), else the reason: its forward's order is checked on a probe
+    copy in eval mode, not assumed."""
+    twin = _probe_copy(block, f"{type(block).__name__} with an h-swish + SE pair")
+    if isinstance(twin, str):
+        return twin
+    twin.eval()
     conv = next(m for m in twin.modules() if isinstance(m, nn.Conv2d))
     x = _probe_input((2, conv.in_channels, 4, 4), conv.weight)
     with torch.no_grad():
         try:
             want = twin(x)
-            fused = _squeeze_excitation(twin.se, hardswish_input=True)
-            if not isinstance(fused, tuple):
-                return fused or "its SE is not recognised"
             getattr(twin, norm_name).act = nn.Identity()
-            twin.se = fused[0]
+            twin.se = nn.Sequential(nn.Hardswish(), twin.se)
             got = twin(x)
         except Exception as e:  # noqa: BLE001
             return f"the block's forward failed on a probe input ({type(e).__name__}: {e})"
@@ -237,25 +239,40 @@ def _fused_block_probe(block: nn.Module, norm_name: str) -> Optional[str]:
     return None
 
 
+def _pair_hook_reason(prefix: str, chain, se_name: str, se: nn.Module) -> Optional[str]:
+    """Fused, the h-swish's output never exists and the SE takes another input: the reason to
+    leave the pair when a module on the way (``chain``: (relative path, module) pairs) or the SE
+    holds a hook, which would see other tensors (the SE alone is still replaced), else None."""
+    hooked = [path for path, m in chain if _has_hooks(m)]
+    se_hook = _hooked(se)
+    if se_hook is not None:
+        hooked.append(_join(se_name, se_hook) if se_hook else se_name)
+    if not hooked:
+        return None
+    return (f"{_join(prefix, hooked[0])} holds a forward or backward hook, which the fused h-swish + SE would "
+            "show other tensors: the pair is not fused")
+
+
 def _fuse_in_timm_block(block: nn.Module, prefix: str, patcher, norm_name: str, norm: nn.Module,
                         se: nn.Module) -> None:
     spath = _join(prefix, "se")
-    hooked = [name for name, m in ((norm_name, norm), (f"{norm_name}.act", norm.act), ("aa", block.aa))
-              if _has_hooks(m)]
-    se_hook = _hooked(se)
-    if se_hook is not None:
-        hooked.append(_join("se", se_hook) if se_hook else "se")
-    reason = (f"{_join(prefix, hooked[0])} holds a forward or backward hook, which the fused h-swish + SE "
-              "would show other tensors: the pair is not fused") if hooked else _fused_block_probe(block, norm_name)
+    chain = ((norm_name, norm), (f"{norm_name}.act", norm.act), ("aa", block.aa))
+    reason = _pair_hook_reason(prefix, chain, "se", se) or _fused_block_probe(block, norm_name)
     if reason is not None:
         patcher.left(spath, "hswish_se", reason)
         return
-    result = _squeeze_excitation(se, hardswish_input=True)
-    if not isinstance(result, tuple):
-        return  # reported when the SE itself is visited
-    patcher.swap(norm, "act", nn.Identity(), _join(prefix, f"{norm_name}.act"),
-                 note="fused into the SE after it (hswish_se)")
-    patcher.swap(block, "se", result[0], spath, note="hswish_se: takes the h-swish's input")
+    _fuse(patcher, norm, "act", _join(prefix, f"{norm_name}.act"), block, "se", spath)
+
+
+def _fuse(patcher, act_owner: nn.Module, act_name: str, act_path: str, se_owner: nn.Module, se_name: str,
+          se_path: str) -> None:
+    """The h-swish ``act_owner.<act_name>`` becomes an Identity and the SE ``se_owner.<se_name>``
+    the fused module taking its input; nothing when the SE is not recognised (reported when the
+    SE itself is visited)."""
+    result = _squeeze_excitation(se_owner._modules[se_name], hardswish_input=True)
+    if isinstance(result, tuple):
+        patcher.swap(act_owner, act_name, nn.Identity(), act_path, note="fused into the SE after it (hswish_se)")
+        patcher.swap(se_owner, se_name, result[0], se_path, note="hswish_se: takes the h-swish's input")
 
 
 def _fuse_hswish_se(parent: nn.Module, prefix: str, patcher) -> None:
@@ -284,22 +301,11 @@ def _fuse_hswish_se(parent: nn.Module, prefix: str, patcher) -> None:
         if _is_fastnote(se) or _se_parts(se) is None:
             continue
         owner, hname, rel, chain = producer
-        # Fused, the h-swish's output never exists and the SE takes another input: a hook on any
-        # module on the way, or on the SE, would see other tensors (the SE alone is still replaced).
-        hooked = [path for path, m in chain if _has_hooks(m)]
-        se_hook = _hooked(se)
-        if se_hook is not None:
-            hooked.append(_join(b, se_hook) if se_hook else b)
-        if hooked:
-            patcher.left(spath, "hswish_se", f"{_join(prefix, hooked[0])} holds a forward or backward hook, which "
-                         "the fused h-swish + SE would show other tensors: the pair is not fused")
+        reason = _pair_hook_reason(prefix, chain, b, se)
+        if reason is not None:
+            patcher.left(spath, "hswish_se", reason)
             continue
-        result = _squeeze_excitation(se, hardswish_input=True)
-        if not isinstance(result, tuple):
-            continue  # reported when the SE itself is visited
-        hpath = _join(prefix, rel)
-        patcher.swap(owner, hname, nn.Identity(), hpath, note="fused into the SE after it (hswish_se)")
-        patcher.swap(parent, b, result[0], spath, note="hswish_se: takes the h-swish's input")
+        _fuse(patcher, owner, hname, _join(prefix, rel), parent, b, spath)
 
 
 register("SqueezeExcitation", (_convert_se,))
