@@ -207,8 +207,9 @@ def test_half_sums_past_fp16_range(dtype, device):
 
 def test_channels_last_read_in_place(device):
     x = _features((2, 24, 5, 6), device).contiguous(memory_format=torch.channels_last)
-    flat = gram_ops._flat(x)
-    assert flat.data_ptr() == x.data_ptr() and flat.stride() == (5 * 6 * 24, 1, 24)   # a view, no copy
+    f, plan = gram_ops._plan(x, False)
+    assert f is x and plan.f_strides == (5 * 6 * 24, 1, 24)   # read in place: no copy, not even a view
+    assert gram_ops._flat(x) is x
     _check_gram(x)
     _check_style(x, torch.randn(24, 24, device=device))
     x = _leaf(x)
@@ -219,7 +220,17 @@ def test_channels_last_read_in_place(device):
 def test_non_contiguous(device):
     base = torch.randn(3, 40, 6, 10, device=device)
     _check_gram(base[:, ::2])                       # channel slice: strided C, merged H*W
-    _check_gram(base[..., ::2])                     # H and W do not merge: copied once
+    _check_gram(base[..., ::2])                     # every other column: H and W still merge
+    assert gram_ops._plan(base[..., ::2], False)[1].f_strides == (2400, 60, 2)
+    _check_gram(base[..., :5])                      # H and W do not merge: copied once
+    f, plan = gram_ops._plan(base[..., :5], True)
+    assert f.shape == (3, 40, 30) and f.is_contiguous() and plan.f_strides == (1200, 30, 1)
+    f, plan = gram_ops._plan(base[:, :, :1, ::2], False)   # H = 1: W's stride is K's
+    assert f.dim() == 4 and plan.f_strides == (2400, 60, 2)
+    f, plan = gram_ops._plan(base[:, :, ::3, :1], False)   # W = 1: H's stride is K's
+    assert f.dim() == 4 and plan.f_strides == (2400, 60, 30)
+    _check_gram(base[:, :, :1, ::2])
+    _check_gram(base[:, :, ::3, :1])
     _check_gram(base.transpose(2, 3))
     _check_style(base[1:, 5:30], torch.randn(25, 25, device=device))
     # an expanded upstream gradient (stride 0 from sum()) into the backward kernel

@@ -2,10 +2,12 @@
 
 F = x viewed as [B, C, K] (K = H*W); G = F F^T / norm with norm = C*K ("chw"), K ("hw") or 1.
 
-Strides: F is read in x's own strides (sb, sc, sk). ``x.reshape(B, C, K)`` is a view whenever H
-and W merge into one stride -- NCHW-contiguous (sk = 1), channels-last (sc = 1, sk = C), batch
-or channel slices -- so those layouts are never copied; only layouts where H and W do not merge
-(e.g. ``x[..., ::2]``) are copied once by that reshape. Offsets are int64 throughout.
+Strides: F is read in x's own strides (sb, sc, sk). The launchers take F as [B, C, K], or as x
+itself, [B, C, H, W], whenever H and W merge into one stride (``flat_layout``) -- NCHW-contiguous
+(sk = 1), channels-last (sc = 1, sk = C), batch or channel slices -- so those layouts are never
+copied, and no view is made either (``x.flatten(2)`` costs ~1.5 us of host time a call); only
+layouts where H and W do not merge (e.g. ``x[..., :W - 1]``) are copied once, by the caller's
+``flatten``. Offsets are int64 throughout.
 
 Gram forward
     ``_forward_kernel``, grid (B * T, SPLIT). G is symmetric, so only the T = nt (nt + 1) / 2
@@ -68,7 +70,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import CPU, MIN_DOT, cdiv, dot, dot_key, dot_switches, launch, next_pow2, switches_for_key
+from .utils import (CPU, MIN_DOT, cdiv, dot, dot_key, dot_switches, fp32_matmul_allows_tf32, launch, next_pow2,
+                    switches_for_key)
 
 DEFAULT_SMS = 132       # H100 / H200 SXM
 PROGRAMS_PER_SM = 3
@@ -295,10 +298,16 @@ def _reduce_rows(block_m: int, tiles: int, sms: int) -> int:
 
 
 class ForwardPlan(NamedTuple):
-    """A forward launch per shape and setting: the tile config, tiles per side ``nt``, triangle
-    tiles ``T``, ``BT = B*T``, the K-splits and K per split, rows per reduce program (0 without a
-    split), and the keyword arguments of the two launches but SAVE_DIFF (tiles, warps, dot
-    switches and the STYLE / SINGLE_TILE / SPLIT_K flags: one dict each, built once)."""
+    """A forward launch per shape, strides and setting: F's sizes B, C, K and strides as [B, C, K]
+    (``f_strides``; None for a [B, C, H, W] F whose H and W do not merge: the caller flattens it,
+    one copy, and plans again), the tile config, tiles per side ``nt``, triangle tiles ``T``,
+    ``BT = B*T``, the K-splits and K per split, rows per reduce program (0 without a split),
+    1 / (C*K), and the keyword arguments of the launches (tiles, warps, dot switches and the
+    STYLE / SINGLE_TILE / SPLIT_K flags: one dict each, built once; indexed by SAVE_DIFF)."""
+    B: int
+    C: int
+    K: int
+    f_strides: Optional[Tuple[int, int, int]]
     cfg: dict
     nt: int
     T: int
@@ -306,8 +315,9 @@ class ForwardPlan(NamedTuple):
     n_split: int
     k_chunk: int
     rows: int
-    forward_kwargs: dict
-    reduce_kwargs: dict
+    inv_ck: float
+    forward_kwargs: Tuple[dict, dict]
+    reduce_kwargs: Tuple[dict, dict]
 
     @property
     def part_shape(self) -> Optional[Tuple[int, int, int, int]]:
@@ -322,9 +332,24 @@ class ForwardPlan(NamedTuple):
         return self.BT * (self.cfg["BLOCK_M"] // self.rows) if self.n_split > 1 else self.BT
 
 
-@functools.lru_cache(maxsize=1024)
-def _forward_plan(style: bool, B: int, C: int, K: int, sms: int, split, *key) -> ForwardPlan:
-    # per shape and setting: computed once, since the launchers' host time is paid on every call
+def flat_layout(shape, strides) -> Tuple[int, int, int, Optional[Tuple[int, int, int]]]:
+    """(B, C, K, strides as [B, C, K]) of a [B, C, K] tensor, or of a [B, C, H, W] one read as its
+    [B, C, H*W] view without making it (``x.flatten(2)`` costs ~1.5 us of host time); the strides
+    are None when H and W do not merge into one stride (no such view exists)."""
+    if len(shape) == 3:
+        return shape[0], shape[1], shape[2], tuple(strides)
+    B, C, H, W = shape
+    if W == 1:
+        sk = strides[2]
+    elif H == 1 or strides[2] == W * strides[3]:
+        sk = strides[3]
+    else:
+        return B, C, H * W, None
+    return B, C, H * W, (strides[0], strides[1], sk)
+
+
+def _forward_plan(style: bool, shape, strides, split, sms: int, *key) -> ForwardPlan:
+    B, C, K, f_strides = flat_layout(shape, strides)
     cfg = _forward_config(key[0] == torch.float32, C, style)
     nt = cdiv(C, cfg["BLOCK_M"])
     T = nt * (nt + 1) // 2
@@ -336,29 +361,47 @@ def _forward_plan(style: bool, B: int, C: int, K: int, sms: int, split, *key) ->
     n_split = cdiv(K, k_chunk)   # no empty split
     rows = _reduce_rows(cfg["BLOCK_M"], BT, sms) if n_split > 1 else 0
     common = dict(STYLE=style, SINGLE_TILE=nt == 1)
-    return ForwardPlan(cfg, nt, T, BT, n_split, k_chunk, rows,
-                       dict(SPLIT_K=n_split > 1, **common, **switches_for_key(*key), **cfg),
-                       dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_R=rows, num_warps=4, **common))
+    forward_kwargs = dict(SPLIT_K=n_split > 1, **common, **switches_for_key(*key), **cfg)
+    reduce_kwargs = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_R=rows, num_warps=4, **common)
+    return ForwardPlan(B, C, K, f_strides, cfg, nt, T, BT, n_split, k_chunk, rows, 1.0 / (C * K),
+                       tuple(dict(forward_kwargs, SAVE_DIFF=d) for d in (False, True)),
+                       tuple(dict(reduce_kwargs, SAVE_DIFF=d) for d in (False, True)))
+
+
+# Plans per (style, shape, strides, dtype, device, split, TF32 allowed): the launchers' host time
+# is paid on every call, so a call costs one lookup (the dict is cleared at _PLANS_MAX entries).
+_PLANS: dict = {}
+_PLANS_MAX = 1024
 
 
 def forward_plan(f: torch.Tensor, style: bool, split: Optional[int] = None) -> ForwardPlan:
-    """The plan of ``forward`` for f [B, C, K]; ``split`` forces the K-split (tests; 1 wherever
-    ``SPLIT_K`` is off)."""
-    B, C, K = f.shape
+    """The plan of ``forward`` for f, [B, C, K] or [B, C, H, W] (see ``flat_layout``; a plan whose
+    ``f_strides`` is None cannot run: flatten f first); ``split`` forces the K-split (tests; 1
+    wherever ``SPLIT_K`` is off)."""
     if split is None and not SPLIT_K:
         split = 1
-    return _forward_plan(style, B, C, K, _sm_count(f.device), split, *dot_key(f.dtype, f.device))
+    shape, strides, dtype, device = f.shape, f.stride(), f.dtype, f.device
+    key = (style, shape, strides, dtype, device, split, dtype is torch.float32 and fp32_matmul_allows_tf32())
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= _PLANS_MAX:
+            _PLANS.clear()
+        plan = _PLANS[key] = _forward_plan(style, shape, strides, split, _sm_count(device), *dot_key(dtype, device))
+    return plan
 
 
 def forward(*, f: torch.Tensor, inv_norm: float, plan: ForwardPlan, out=None, target=None, diff=None,
             part=None, losses=None) -> None:
-    """f: [B, C, K] (any strides); ``plan`` from ``forward_plan`` (with ``style`` as here),
-    ``part`` its ``part_shape`` scratch (fp32) when it splits K. gram mode (``out`` [B, C, C]
-    contiguous, f's dtype): G = f f^T * inv_norm. style mode (``target`` [Bt, C, C] with Bt in
-    (1, B), any strides): writes the per-program partial losses to ``losses`` (fp32
-    [plan.loss_programs], to be summed), and D = G - target (fp32 contiguous [B, C, C]) to
-    ``diff`` when given."""
-    C, K = f.shape[1], f.shape[2]
+    """f: [B, C, K] or [B, C, H, W], any strides where H and W merge; ``plan`` from
+    ``forward_plan(f, style)`` (with ``style`` as here), ``part`` its ``part_shape`` scratch
+    (fp32) when it splits K. gram mode (``out`` [B, C, C] contiguous, f's dtype): G = f f^T *
+    inv_norm. style mode (``target`` [Bt, C, C] with Bt in (1, B), any strides): writes the
+    per-program partial losses to ``losses`` (fp32 [plan.loss_programs], to be summed), and
+    D = G - target (fp32 contiguous [B, C, C]) to ``diff`` when given."""
+    C, K, sf = plan.C, plan.K, plan.f_strides
+    if sf is None:
+        raise ValueError(f"f's last two dimensions do not merge into one stride (shape {list(f.shape)}, strides "
+                         f"{list(f.stride())}): pass f.flatten(2)")
     style = target is not None
     if style:
         st = (0 if target.shape[0] == 1 else target.stride(0), target.stride(1), target.stride(2))
@@ -366,19 +409,17 @@ def forward(*, f: torch.Tensor, inv_norm: float, plan: ForwardPlan, out=None, ta
         st = (0, 0, 0)
     dummy = out if out is not None else f
     save_diff = diff is not None
-    inv_ck = 1.0 / (C * K)
     split = plan.n_split > 1
     launch(_forward_kernel, (plan.BT, plan.n_split),
         f, dummy, part if split else dummy, target if style else dummy,
         diff if save_diff else dummy, losses if style and not split else dummy,
-        C, K, plan.T, plan.k_chunk, *f.stride(), *st, inv_norm, inv_ck,
-        SAVE_DIFF=save_diff, **plan.forward_kwargs,
+        C, K, plan.T, plan.k_chunk, *sf, *st, inv_norm, plan.inv_ck, **plan.forward_kwargs[save_diff],
     )
     if split:
         launch(_reduce_kernel, (plan.BT * (plan.cfg["BLOCK_M"] // plan.rows),),
             part, dummy, target if style else dummy, diff if save_diff else dummy,
-            losses if style else dummy, C, plan.T, plan.BT, plan.n_split, *st, inv_norm, inv_ck,
-            SAVE_DIFF=save_diff, **plan.reduce_kwargs,
+            losses if style else dummy, C, plan.T, plan.BT, plan.n_split, *st, inv_norm, plan.inv_ck,
+            **plan.reduce_kwargs[save_diff],
         )
 
 
@@ -396,12 +437,16 @@ def _backward_config(fp32: bool, C: int) -> dict:
 def backward(*, a: torch.Tensor, f: torch.Tensor, df: torch.Tensor, pre: float, post: float, coef=None) -> None:
     """df = post (* coef) * cast(pre * (a + a^T)) f: a [B, C, C] (any strides, stride 0 included), f
     and df [B, C, K] (any strides), coef None or a one-element tensor (the loss's upstream
-    gradient, read on the device: no host sync)."""
-    B, C, K = f.shape
+    gradient, read on the device: no host sync). f and df may also be [B, C, H, W] with H and W
+    merging into one stride (see ``flat_layout``)."""
+    B, C, K, sf = flat_layout(f.shape, f.stride())
+    sd = flat_layout(df.shape, df.stride())[3]
+    if sf is None or sd is None:
+        raise ValueError("f's and df's last two dimensions must merge into one stride: pass them flattened")
     cfg = _backward_config(f.dtype == torch.float32, C)
     grid = (B * cdiv(C, cfg["BLOCK_M"]) * cdiv(K, cfg["BLOCK_N"]),)
     launch(_backward_kernel, grid,
         a, f, df, coef if coef is not None else a, C, K, pre, post,
-        *a.stride(), *f.stride(), *df.stride(), HAS_COEF=coef is not None,
+        *a.stride(), *sf, *sd, HAS_COEF=coef is not None,
         **dot_switches(f.dtype, f.device), **cfg,
     )

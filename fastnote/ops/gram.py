@@ -29,9 +29,26 @@ def _norm(normalize: str, C: int, K: int) -> float:
 
 
 def _flat(x: Tensor) -> Tensor:
-    """x as [B, C, K] with K = H*W (or N): x itself when 3-D, a view whenever H and W merge into
-    one stride (contiguous, channels-last, batch/channel slices), else one copy."""
-    return x.flatten(2)
+    """x as the backward launcher takes it: itself when 3-D or when H and W merge into one stride
+    (contiguous, channels-last, batch/channel slices: read in place, without making the view),
+    else its [B, C, H*W] copy."""
+    return x if _kernels.gram.flat_layout(x.shape, x.stride())[3] is not None else x.flatten(2)
+
+
+def _plan(x: Tensor, style: bool):
+    """(F, forward plan): F is x itself unless its H and W do not merge (then one copy)."""
+    kernels = _kernels.gram
+    plan = kernels.forward_plan(x, style)
+    if plan.f_strides is None:
+        x = x.flatten(2)
+        plan = kernels.forward_plan(x, style)
+    return x, plan
+
+
+def _sizes(x: Tensor):
+    """B, C, K = H*W (or N) of x."""
+    shape = x.shape
+    return shape[0], shape[1], (shape[2] if len(shape) == 3 else shape[2] * shape[3])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -42,11 +59,10 @@ def _flat(x: Tensor) -> Tensor:
 def _gram_op(x: Tensor, normalize: str) -> Tensor:
     kernels = _kernels.gram
 
-    f = _flat(x)
-    B, C, K = f.shape
-    plan = kernels.forward_plan(f, style=False)
-    out = backend.empty((B, C, C), x.dtype, x.device)
-    kernels.forward(f=f, inv_norm=1.0 / _norm(normalize, C, K), plan=plan, out=out, part=_part(plan, x.device))
+    f, plan = _plan(x, False)
+    C = plan.C
+    out = backend.empty((plan.B, C, C), x.dtype, x.device)
+    kernels.forward(f=f, inv_norm=1.0 / _norm(normalize, C, plan.K), plan=plan, out=out, part=_part(plan, x.device))
     return out
 
 
@@ -65,10 +81,9 @@ def _gram_backward_op(grad: Tensor, x: Tensor, normalize: str) -> Tensor:
     """dx = (grad + grad^T) F / norm, computed as 2 sym(grad) F / norm."""
     kernels = _kernels.gram
 
-    f = _flat(x)
-    B, C, K = f.shape
-    dx = backend.empty_in_layout(x)
-    kernels.backward(a=grad, f=f, df=dx.reshape(B, C, K), pre=0.5, post=2.0 / _norm(normalize, C, K))
+    B, C, K = _sizes(x)
+    dx = backend.empty_in_layout(x)   # contiguous or channels-last: H and W merge
+    kernels.backward(a=grad, f=_flat(x), df=dx, pre=0.5, post=2.0 / _norm(normalize, C, K))
     return dx
 
 
@@ -140,9 +155,8 @@ def _style_op(x: Tensor, target: Tensor, normalize: str, save_diff: bool) -> Lis
     """[loss (0-dim fp32), D = gram(x) - target in fp32 [B, C, C] (shape [0] without save_diff)]."""
     kernels = _kernels.gram
 
-    f = _flat(x)
-    B, C, K = f.shape
-    plan = kernels.forward_plan(f, style=True)
+    f, plan = _plan(x, True)
+    B, C, K = plan.B, plan.C, plan.K
     diff = backend.empty((B, C, C) if save_diff else (0,), torch.float32, x.device)
     losses = backend.empty((plan.loss_programs,), torch.float32, x.device)
     kernels.forward(f=f, inv_norm=1.0 / _norm(normalize, C, K), plan=plan, target=target.reshape(-1, C, C),
@@ -162,12 +176,11 @@ def _style_backward_op(grad: Tensor, x: Tensor, diff: Tensor, normalize: str) ->
     """dx for loss = sum(D^2) / (C*K): dG = 2 grad D / (C*K), dx = (dG + dG^T) F / norm."""
     kernels = _kernels.gram
 
-    f = _flat(x)
-    B, C, K = f.shape
-    dx = backend.empty_in_layout(x)
+    B, C, K = _sizes(x)
+    dx = backend.empty_in_layout(x)   # contiguous or channels-last: H and W merge
     norm = _norm(normalize, C, K)
     # sym(D) is rescaled to a per-position mean (norm / K) before it is rounded to x's dtype.
-    kernels.backward(a=diff, f=f, df=dx.reshape(B, C, K), pre=0.5 * norm / K,
+    kernels.backward(a=diff, f=_flat(x), df=dx, pre=0.5 * norm / K,
                      post=4.0 / (C * norm * norm), coef=grad.reshape(1))
     return dx
 
