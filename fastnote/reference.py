@@ -417,7 +417,10 @@ def sagan_output_dtype(q, x=None, gamma=None) -> torch.dtype:
     ``Self_Attn`` (an fp32 gamma of shape [1]) thus returns fp32."""
     if x is None:
         return q.dtype
-    dtype = q.dtype if gamma.dim() == 0 else torch.promote_types(q.dtype, gamma.dtype)
+    q_dtype = q.dtype
+    if x.dtype is q_dtype and gamma.dtype is q_dtype:   # the common case, without promote_types
+        return q_dtype
+    dtype = q_dtype if gamma.dim() == 0 else torch.promote_types(q_dtype, gamma.dtype)
     return torch.promote_types(dtype, x.dtype)
 
 

@@ -41,12 +41,13 @@ beyond that. The batch is folded into grid axis 0 with the tiles, so it has no 6
 from __future__ import annotations
 
 import functools
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from .utils import MIN_DOT, cdiv, dot, dot_key, launch, next_pow2, switches_for_key
+from .utils import MIN_DOT, cdiv, dot, dot_key, fp32_matmul_allows_tf32, launch, next_pow2, switches_for_key
 MAX_BLOCK_DV = 128    # value channels per program, fp16/bf16 (tiles for each case: _config)
 PREPROCESS_BLOCK_N = 128
 PREPROCESS_BLOCK_C = 32
@@ -372,25 +373,67 @@ def check_sizes(q: torch.Tensor, v: torch.Tensor) -> None:
                          f"image (the kernels' in-tile offsets are 32-bit), got N = {N:,}, N_k = {NK:,}")
 
 
-def forward(*, q, k, v, x, gamma, out, o, lse) -> None:
+class ForwardPlan(NamedTuple):
+    """The forward launch of one (q, v) shape and setting: sizes, grid, and the keyword arguments
+    (tiles, warps, dot switches) for each (HAS_RESIDUAL, STORE_O), built once."""
+    B: int
+    DQK: int
+    N: int
+    NK: int
+    DV: int
+    grid: Tuple[int, int]
+    kwargs: Dict[Tuple[bool, bool], dict]
+
+
+# Plans per (q's shape, v's shape, dtype, device, TF32 allowed, backward tiles): the launchers'
+# host time is paid on every call, so a call costs one lookup (cleared at _PLANS_MAX entries).
+_PLANS: dict = {}
+_PLANS_MAX = 1024
+
+
+def forward_plan(q: torch.Tensor, v: torch.Tensor) -> ForwardPlan:
+    """The plan of ``forward`` for q [B, d_qk, N] and v [B, d_v, N_k]; raises ``check_sizes``'s
+    error (once per shape: nothing is cached then)."""
+    q_shape, v_shape, dtype, device = q.shape, v.shape, q.dtype, q.device
+    key = (q_shape, v_shape, dtype, device, dtype is torch.float32 and fp32_matmul_allows_tf32(), BACKWARD_TILES)
+    plan = _PLANS.get(key)
+    if plan is None:
+        check_sizes(q, v)
+        B, DQK, N = q_shape
+        DV, NK = v_shape[1], v_shape[2]
+        cfg = _config(q, max(N, 1), max(NK, 1), DV, "forward")
+        kwargs = {(r, s): dict(HAS_RESIDUAL=r, STORE_O=s, num_stages=2, **cfg) for r in (False, True)
+                  for s in (False, True)}
+        plan = ForwardPlan(B, DQK, N, NK, DV, (B * cdiv(N, cfg["BLOCK_M"]), cdiv(DV, cfg["BLOCK_DV"])), kwargs)
+        if len(_PLANS) >= _PLANS_MAX:
+            _PLANS.clear()
+        _PLANS[key] = plan
+    return plan
+
+
+def forward(*, q, k, v, x, gamma, out, o, lse, plan: Optional[ForwardPlan] = None) -> None:
     """out = gamma * v softmax(q^T k)^T + x (or the attention output alone when x is None); o =
     the attention output O in fp32, or None where backward can read O from ``out`` (fp32 inputs
     without a residual); lse [B, N] fp32. q, k, v, x may be strided (a 4-D x [B, d_v, W, H] with
     mergeable W, H); out ([B, d_v, N] or x's 4-D shape), o, lse are contiguous; gamma a one-element
-    tensor of any float dtype, or None when x is None."""
-    B, _, N = q.shape
-    DV, NK = v.shape[1], v.shape[2]
-    if B == 0 or N == 0:
+    tensor of any float dtype, or None when x is None. ``plan``: ``forward_plan(q, v)``, made
+    here when not given."""
+    if plan is None:
+        plan = forward_plan(q, v)
+    if plan.B == 0 or plan.N == 0:
         return
-    cfg = _config(q, N, NK, DV, "forward")
     has_res = x is not None
     # x [B, d_v, N], or [B, d_v, W, H] whose last two dimensions merge (stride(2) = H * stride(3))
-    xs = (x.stride() if x.dim() == 3 else (x.stride(0), x.stride(1), x.stride(3))) if has_res else (0, 0, 0)
-    grid = (B * cdiv(N, cfg["BLOCK_M"]), cdiv(DV, cfg["BLOCK_DV"]))
-    launch(_forward_kernel, grid,
+    if has_res:
+        xs = x.stride()
+        if len(xs) == 4:
+            xs = (xs[0], xs[1], xs[3])
+    else:
+        xs = (0, 0, 0)
+    launch(_forward_kernel, plan.grid,
         q, k, v, x if has_res else q, gamma if has_res else lse, out, o if o is not None else lse, lse,
-        N, NK, q.shape[1], DV, *q.stride(), *k.stride(), *v.stride(), *xs,
-        HAS_RESIDUAL=has_res, STORE_O=o is not None, num_stages=2, **cfg,
+        plan.N, plan.NK, plan.DQK, plan.DV, *q.stride(), *k.stride(), *v.stride(), *xs,
+        **plan.kwargs[has_res, o is not None],
     )
 
 

@@ -27,22 +27,30 @@ def _forward_op(q: Tensor, k: Tensor, v: Tensor, x: Optional[Tensor], gamma: Opt
     autograd graph)."""
     kernels = _kernels.sagan_attention
 
-    kernels.check_sizes(q, v)
-    out_shape, o_shape, lse_shape = _shapes(q, v, x)
-    out = backend.empty(out_shape, reference.sagan_output_dtype(q, x, gamma), q.device)
-    o = backend.empty(o_shape, torch.float32, q.device)
-    lse = backend.empty(lse_shape, torch.float32, q.device)
-    # gamma is read as one element of its own dtype; a 4-D x is read through its strides when its
-    # last two dimensions merge into one (else one copy), and out is written as [B, d_v, N]
-    if x is not None and x.dim() == 4 and x.stride(2) != x.shape[3] * x.stride(3):
-        x = x.reshape(o_shape)
-    kernels.forward(q=q, k=k, v=v, x=x, gamma=gamma, out=out, o=o if o.dim() == 3 else None, lse=lse)
+    plan = kernels.forward_plan(q, v)   # checks the sizes
+    B, N, device = plan.B, plan.N, q.device
+    o_shape = (B, plan.DV, N)
+    if x is None:
+        out = backend.empty(o_shape, q.dtype, device)
+        store_o = q.dtype is not torch.float32
+    else:
+        x_shape = x.shape
+        out = backend.empty(x_shape, reference.sagan_output_dtype(q, x, gamma), device)
+        store_o = True
+        # gamma is read as one element of its own dtype; a 4-D x is read through its strides when
+        # its last two dimensions merge into one (else one copy), and out is written as [B, d_v, N]
+        if len(x_shape) == 4 and x.stride(2) != x_shape[3] * x.stride(3):
+            x = x.reshape(o_shape)
+    o = backend.empty(o_shape if store_o else (0,), torch.float32, device)
+    lse = backend.empty((B, N), torch.float32, device)
+    kernels.forward(q=q, k=k, v=v, x=x, gamma=gamma, out=out, o=o if store_o else None, lse=lse, plan=plan)
     return [out, o, lse]
 
 
 def _shapes(q, v, x):
     """out [B, d_v, N] (x's shape when x is given); the saved O in fp32 [B, d_v, N], or [0] when it
-    is ``out`` itself (fp32 without a residual); lse [B, N]."""
+    is ``out`` itself (fp32 without a residual); lse [B, N]. (The fake; the op computes the same
+    from its launch plan.)"""
     B, _, N = q.shape
     shape = (B, v.shape[1], N)
     if x is not None:
