@@ -119,7 +119,8 @@ print(" ".join(os.path.basename(p)[:-3] for p in discover() if not p.endswith("m
 PYEOF
 )
 if [ "$SIMULATE" = 1 ]; then
-  bench_mode=(--smoke --out "$LOGS/bench")
+  # no plots: tests/test_benchmarks.py checks them; here they cost ~4 s a family
+  bench_mode=(--smoke --no-plot --out "$LOGS/bench")
   # the smoke benchmarks run under the interpreter: building one family's kernels checks the step
   precompile=(--smoke --only gram --jobs 2)
   # one quick test per family (CPU-runnable: the gpu-marked ones skip here)

@@ -187,6 +187,33 @@ def test_overridden_forward_left_with_reason():
     assert len(report.left) == 4 and all(e.kind == "hf_swin" and "not its forward" in e.reason for e in report.left)
 
 
+def _tempered_attention(module, q, k, v, mask, scaling=None, dropout=0.0, **kwargs):
+    """An attention function a user registers with transformers: eager's, at half the scaling."""
+    from transformers.models.swin.modeling_swin import eager_attention_forward
+
+    return eager_attention_forward(module, q, k, v, mask, scaling=scaling * 0.5, dropout=dropout, **kwargs)
+
+
+def test_registered_attention_backend_is_not_fused():
+    # V1's attention calls the function config._attn_implementation names; one a user registered
+    # may compute anything: such a block is left at patch time, and a block patched under eager
+    # runs the library's forward once the model is switched to it
+    transformers.AttentionInterface.register("fastnote_test_tempered", _tempered_attention)
+    x = torch.randn(1, 3, 44, 52)
+    eager = _model("Swin").eval()
+    patched = copy.deepcopy(eager)
+    assert len(fastnote.patch(patched)) == 4
+    for model in (eager, patched):
+        model.set_attn_implementation("fastnote_test_tempered")
+        assert model.encoder.layers[0].blocks[0].attention.config._attn_implementation == "fastnote_test_tempered"
+    with torch.no_grad():
+        want, got = eager(x).last_hidden_state, patched(x).last_hidden_state
+    assert torch.equal(got, want)
+    report = fastnote.patch(copy.deepcopy(eager))
+    assert list(report) == [] and len(report.left) == 4
+    assert all(e.kind == "hf_swin" and "'fastnote_test_tempered'" in e.reason for e in report.left)
+
+
 def test_v2_mask_added_twice_is_measured():
     # the library's V2 attention adds the shift mask twice: the probe finds it, the fused op is given -200
     from fastnote.patch.hf_swin import _v2_mask_count

@@ -572,8 +572,10 @@ def test_timm_swin_tiny_swap(device):
     timm = pytest.importorskip("timm")
     from timm.models.swin_transformer import WindowAttention as TimmWA
 
-    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False).to(device).eval()
-    x = torch.randn(2, 3, 224, 224, device=device)
+    # at 112 x 112 (stages 28, 14, 7, 4; windows 7, 7, 7, 4): the 12 swaps and the fit of the
+    # state_dicts are what is checked, and 224 x 224 took 150 s under the interpreter
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=112).to(device).eval()
+    x = torch.randn(1, 3, 112, 112, device=device)
     with torch.no_grad():
         want = model(x)
         swapped = 0
@@ -591,6 +593,39 @@ def test_timm_swin_tiny_swap(device):
         got = model(x)
     # 12 blocks of fp32 attention in a different summation order: a little looser than one op.
     torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)
+
+
+def test_timm_init_hooks_after_to_empty(device):
+    """timm's meta-device flow on fastnote's drop-in for timm's WindowAttention: ``to_empty``, load a
+    checkpoint, ``init_non_persistent_buffers`` (what timm's ``reinit_non_persistent_buffers``
+    calls): the index is not in the state_dict, so without the hook it keeps whatever memory it
+    got. ``reset_parameters`` draws the table as timm's does (truncated normal, std 0.02)."""
+    timm_swin = pytest.importorskip("timm.models.swin_transformer")
+    if not hasattr(timm_swin.WindowAttention, "init_non_persistent_buffers"):
+        pytest.skip("this timm's WindowAttention has no init_non_persistent_buffers")
+    from fastnote.nn.timm_swin import TimmWindowAttention
+
+    torch.manual_seed(0)
+    theirs = timm_swin.WindowAttention(8, 2, window_size=4).to(device).eval()
+    with torch.no_grad():
+        theirs.relative_position_bias_table.normal_(0, 0.5)
+    x = torch.randn(3, 16, 8, device=device)
+    with torch.no_grad():
+        want = theirs(x)
+    ours = TimmWindowAttention(8, 2, window_size=4).to(device).eval()
+    ours.to_empty(device=device)
+    with torch.no_grad():
+        ours.relative_position_index.fill_(3)
+    ours.load_state_dict(theirs.state_dict())
+    ours.init_non_persistent_buffers()
+    assert torch.equal(ours.relative_position_index, theirs.relative_position_index)
+    with torch.no_grad():
+        assert_close(ours(x), want, "two_matmul")
+    loaded = ours.relative_position_bias_table.detach().clone()
+    ours.reset_parameters()
+    table = ours.relative_position_bias_table
+    assert not torch.equal(table, loaded) and 0.01 < table.std().item() < 0.03
+    assert torch.equal(ours.relative_position_index, theirs.relative_position_index)
 
 
 @pytest.mark.parametrize("H,W,ws,shift", [pytest.param(9, 11, 4, 2, id="9x11-ws4-shift2-padded"),

@@ -259,6 +259,41 @@ def test_block_matches_timm_v2_block_attn(device):
         assert_close(u, w, KIND, msg=name)
 
 
+def test_timm_init_hooks_after_to_empty(device):
+    """timm's meta-device flow: ``to_empty``, load a checkpoint, then ``init_non_persistent_buffers``
+    (what ``timm.models._manipulate.reinit_non_persistent_buffers`` calls on every module that has
+    it): k_bias, the coordinates table and the index are not in the state_dict, so without the hook
+    they keep whatever memory they got. ``reset_parameters`` (``init_weights(needs_reset=True)``)
+    sets what timm's does."""
+    timm_v2 = pytest.importorskip("timm.models.swin_transformer_v2")
+    if not hasattr(timm_v2.WindowAttention, "init_non_persistent_buffers"):
+        pytest.skip("this timm's WindowAttention has no init_non_persistent_buffers")
+    torch.manual_seed(0)
+    theirs = timm_v2.WindowAttention(8, (4, 4), 2, pretrained_window_size=(6, 6)).to(device).eval()
+    _randomise(theirs)
+    state = copy.deepcopy(theirs.state_dict())
+    x = torch.randn(3, 16, 8, device=device)
+    with torch.no_grad():
+        want = theirs(x)
+    for ours in (WindowAttentionV2.from_timm(copy.deepcopy(theirs)),
+                 WindowAttentionV2(8, (4, 4), 2, pretrained_window_size=(6, 6)).to(device).eval()):
+        ours.to_empty(device=device)
+        with torch.no_grad():
+            for b in ours.buffers():
+                b.fill_(3)
+        ours.load_state_dict(state)
+        ours.init_non_persistent_buffers()
+        with torch.no_grad():
+            assert_close(ours(x), want, KIND)
+        for name, b in theirs.named_buffers():
+            assert torch.equal(getattr(ours, name), b), name
+        ours.reset_parameters()
+        reset = copy.deepcopy(theirs)
+        reset.reset_parameters()
+        for name in ("logit_scale", "q_bias", "v_bias"):
+            assert torch.equal(getattr(ours, name), getattr(reset, name)), name
+
+
 # ------------------------------------------------------------------------------------------------
 # Modules against timm's and torchvision's V2 attention
 # ------------------------------------------------------------------------------------------------

@@ -22,8 +22,10 @@ Same submodules, parameters and state_dict; ``fastnote.patch`` switches a block'
 The library's own ``forward`` runs instead (same results, nothing fused) where the fused op would
 not compute what it does: attention weights requested (``output_attentions``), attention dropout
 active in training, a window that no longer matches the position table (V1 shrinks its window to a
-small input), and a shifted block on a map whose padded side equals the window (the library rolls
-there; the fused op, following torchvision, drops the shift along such an axis).
+small input), a shifted block on a map whose padded side equals the window (the library rolls
+there; the fused op, following torchvision, drops the shift along such an axis), and a V1 attention
+backend other than eager or sdpa selected after patching (``config._attn_implementation``: a
+function registered with transformers' ``AttentionInterface`` may compute something else).
 """
 from __future__ import annotations
 
@@ -36,6 +38,15 @@ from ..ops.window_attention import swin_window_attention
 from ..ops.window_attention_v2 import swin_window_attention_v2
 
 HF_SWIN_V2_MASK_VALUE = -200.0   # the library's V2 attention adds its -100 mask twice
+# The V1 attention's backends (``config._attn_implementation``, transformers' ``AttentionInterface``)
+# that compute softmax(q k^T * scaling + bias + mask) v, the fused op's maths. Any other (a function
+# a user registered) may compute something else: the library's forward runs it.
+HF_PLAIN_ATTENTION = (None, "eager", "sdpa")
+
+
+def hf_attention_backend(config) -> Optional[str]:
+    """The attention backend a V1 block's config selects (None where the config has no such setting)."""
+    return getattr(config, "_attn_implementation", None)
 
 
 def _padded(n: int, ws: int) -> int:
@@ -68,7 +79,8 @@ class _FusedSwinLayer:
         ws, shift = self.window_size, self.shift_size
         wants_weights = kwargs.get("output_attentions") or getattr(attn.config, "output_attentions", False)
         if (wants_weights or (attn.training and attn.attention_dropout > 0) or not isinstance(ws, int)
-                or tuple(rpb.window_size) != (ws, ws) or not _shift_ok(height, width, ws, int(shift))):
+                or tuple(rpb.window_size) != (ws, ws) or not _shift_ok(height, width, ws, int(shift))
+                or hf_attention_backend(attn.config) not in HF_PLAIN_ATTENTION):
             return super().forward(hidden_states, input_dimensions, always_partition=True, **kwargs)
         batch_size, _, channels = hidden_states.shape
         shortcut = hidden_states

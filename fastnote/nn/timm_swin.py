@@ -59,6 +59,24 @@ class TimmWindowAttention(WindowAttention):
         # it for Swin's persistent layout).
         nn.Module._load_from_state_dict(self, *args, **kwargs)
 
+    # timm's initialisation hooks, which its walks call by name: ``init_weights(needs_reset=True)``
+    # calls ``reset_parameters`` on every module that has one, ``reinit_non_persistent_buffers``
+    # (after ``to_empty`` from the meta device) calls ``init_non_persistent_buffers``: without them
+    # the index (not in the state_dict) would keep uninitialised memory.
+    def reset_parameters(self) -> None:
+        """timm's: the bias table drawn from a truncated normal (std 0.02), the index rebuilt."""
+        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+        self._init_buffers()
+
+    def _init_buffers(self) -> None:
+        index = self.relative_position_index
+        with torch.no_grad():
+            index.copy_(relative_position_index(self.window_size, device=index.device))
+
+    def init_non_persistent_buffers(self) -> None:
+        """timm's: the non-persistent index recomputed in place."""
+        self._init_buffers()
+
     def set_window_size(self, window_size) -> None:
         """timm's ``WindowAttention.set_window_size`` (what timm's ``set_input_size`` calls on a
         block's ``attn``): the bias table resized by timm's own interpolation

@@ -155,6 +155,33 @@ class WindowAttentionV2(_CosineAttention):
         out = window_attention_v2(q, k, v, self.logit_scale, bias=self.relative_position_bias(), mask=mask)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B_, N, C)))
 
+    # timm's initialisation hooks, which its walks call by name: ``init_weights(needs_reset=True)``
+    # calls ``reset_parameters`` on every module that has one, ``reinit_non_persistent_buffers``
+    # (after ``to_empty`` from the meta device) calls ``init_non_persistent_buffers``: without them
+    # k_bias, the coordinates table and the index (none in the state_dict) would keep
+    # uninitialised memory.
+    def reset_parameters(self) -> None:
+        """timm's: ``logit_scale`` log(10), the q and v biases zero, the buffers recomputed."""
+        with torch.no_grad():
+            self.logit_scale.fill_(math.log(10))
+            if self.q_bias is not None:
+                self.q_bias.zero_()
+                self.v_bias.zero_()
+        self._init_buffers()
+
+    def _init_buffers(self) -> None:
+        weight = self.proj.weight
+        with torch.no_grad():
+            if self.k_bias is not None:
+                self.k_bias.zero_()
+            self.relative_coords_table.copy_(relative_coords_table(
+                self.window_size, self.pretrained_window_size, weight.device, weight.dtype))
+            self.relative_position_index.copy_(relative_position_index(self.window_size, device=weight.device))
+
+    def init_non_persistent_buffers(self) -> None:
+        """timm's: k_bias, the coordinates table and the index recomputed in place."""
+        self._init_buffers()
+
     def set_window_size(self, window_size) -> None:
         """timm's ``set_window_size`` (what timm's ``set_input_size`` calls on a block's ``attn``):
         the coordinates table and the index rebuilt for the new window (the MLP is unchanged: it

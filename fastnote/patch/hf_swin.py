@@ -26,7 +26,9 @@ the value the fused op is given.
 
 Left, with the reason (reported at the block's attention, the module that looks like attention):
 attention dropout > 0 (the kernels have none), a V2 key projection with a bias, a layout or
-forward that is not the library's. At run time the fused block hands over to the library's
+forward that is not the library's, a V1 attention backend other than eager or sdpa
+(``config._attn_implementation``: a function registered with ``AttentionInterface`` may compute
+anything). At run time the fused block hands over to the library's
 ``forward`` where the result would differ (attention weights requested, see ``fastnote.nn.hf_swin``).
 """
 from __future__ import annotations
@@ -38,7 +40,7 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from ..nn.hf_swin import HF_SWIN_V2_MASK_VALUE, fused_layer_class
+from ..nn.hf_swin import HF_PLAIN_ATTENTION, HF_SWIN_V2_MASK_VALUE, fused_layer_class, hf_attention_backend
 from .probe import PROBE_TOLERANCE, _hook_reason, _is_fastnote
 from .registry import Result, Site, register
 
@@ -112,6 +114,10 @@ def _v1_reason(m: nn.Module) -> Optional[str]:
                 f"attention probabilities")
     if abs(float(attn.scaling) - attn.head_dim ** -0.5) > 1e-12 * attn.head_dim ** -0.5:
         return f"scaling {attn.scaling} is not head_dim ** -0.5"
+    backend = hf_attention_backend(getattr(attn, "config", None))
+    if backend not in HF_PLAIN_ATTENTION:
+        return (f"attention backend {backend!r} (config._attn_implementation): the fused op computes eager / "
+                f"sdpa attention, and a registered attention function may compute something else")
     return None
 
 
