@@ -214,6 +214,24 @@ def test_registered_attention_backend_is_not_fused():
     assert all(e.kind == "hf_swin" and "'fastnote_test_tempered'" in e.reason for e in report.left)
 
 
+def test_other_library_signature_left_with_reason(monkeypatch):
+    # transformers 4.x's Swinv2Layer.forward (hidden_states, input_dimensions, head_mask=None,
+    # output_attentions=False), called positionally by its stage: the fused forward, written for
+    # 5.x's, would take head_mask for output_attentions
+    from transformers.models.swinv2 import modeling_swinv2
+
+    library = modeling_swinv2.Swinv2Layer.forward
+
+    def forward(self, hidden_states, input_dimensions, head_mask=None, output_attentions=False):
+        return library(self, hidden_states, input_dimensions, output_attentions)
+
+    forward.__module__, forward.__qualname__ = library.__module__, library.__qualname__
+    monkeypatch.setattr(modeling_swinv2.Swinv2Layer, "forward", forward)
+    report = fastnote.patch(_model("Swinv2"))
+    assert list(report) == [] and len(report.left) == 4
+    assert all("head_mask" in e.reason and "transformers version" in e.reason for e in report.left)
+
+
 def test_v2_mask_added_twice_is_measured():
     # the library's V2 attention adds the shift mask twice: the probe finds it, the fused op is given -200
     from fastnote.patch.hf_swin import _v2_mask_count

@@ -26,7 +26,8 @@ the value the fused op is given.
 
 Left, with the reason (reported at the block's attention, the module that looks like attention):
 attention dropout > 0 (the kernels have none), a V2 key projection with a bias, a layout or
-forward that is not the library's, a V1 attention backend other than eager or sdpa
+forward that is not the library's (or whose parameters are not those the fused forward is written
+for: another transformers version), a V1 attention backend other than eager or sdpa
 (``config._attn_implementation``: a function registered with ``AttentionInterface`` may compute
 anything). At run time the fused block hands over to the library's
 ``forward`` where the result would differ (attention weights requested, see ``fastnote.nn.hf_swin``).
@@ -34,13 +35,15 @@ anything). At run time the fused block hands over to the library's
 from __future__ import annotations
 
 import copy
+import inspect
 import weakref
 from typing import Optional, Tuple
 
 import torch
 from torch import nn
 
-from ..nn.hf_swin import HF_PLAIN_ATTENTION, HF_SWIN_V2_MASK_VALUE, fused_layer_class, hf_attention_backend
+from ..nn.hf_swin import (HF_PLAIN_ATTENTION, HF_SWIN_V2_MASK_VALUE, _FusedSwinLayer, _FusedSwinv2Layer,
+                          fused_layer_class, hf_attention_backend)
 from .probe import PROBE_TOLERANCE, _hook_reason, _is_fastnote
 from .registry import Result, Site, register
 
@@ -56,14 +59,21 @@ def _linear(m, *names) -> bool:
     return all(isinstance(getattr(m, n, None), nn.Linear) for n in names)
 
 
-def _library_forward(cls: type, module_name: str, class_name: str) -> Optional[str]:
-    """None if ``cls.forward`` is the library's ``class_name.forward``, else the reason."""
+def _library_forward(cls: type, module_name: str, class_name: str, fused_forward) -> Optional[str]:
+    """None if ``cls.forward`` is the library's ``class_name.forward`` with the parameters the fused
+    ``forward`` is written for, else the reason. (transformers 4.x's ``Swinv2Layer.forward`` also
+    takes ``head_mask``, positionally: the fused forward would take it for another argument.)"""
     forward = getattr(cls, "forward", None)
-    if getattr(forward, "__module__", None) == module_name and getattr(forward, "__qualname__", "") == \
+    if getattr(forward, "__module__", None) != module_name or getattr(forward, "__qualname__", "") != \
             f"{class_name}.forward":
-        return None
-    return (f"{cls.__name__} has the structure of transformers' {class_name} but not its forward: the fused path "
-            f"replaces that forward, so it is not used")
+        return (f"{cls.__name__} has the structure of transformers' {class_name} but not its forward: the fused "
+                f"path replaces that forward, so it is not used")
+    theirs, ours = (tuple((p.name, p.kind) for p in inspect.signature(f).parameters.values())
+                    for f in (forward, fused_forward))
+    if theirs != ours:
+        return (f"this transformers version's {class_name}.forward takes ({', '.join(n for n, _ in theirs[1:])}); "
+                f"the fused forward is written for ({', '.join(n for n, _ in ours[1:])})")
+    return None
 
 
 def _version(m: nn.Module) -> int:
@@ -94,7 +104,7 @@ def _version(m: nn.Module) -> int:
 
 
 def _v1_reason(m: nn.Module) -> Optional[str]:
-    reason = _library_forward(type(m), _V1_MODULE, "SwinLayer")
+    reason = _library_forward(type(m), _V1_MODULE, "SwinLayer", _FusedSwinLayer.forward)
     if reason:
         return reason
     attn = m.attention
@@ -151,7 +161,7 @@ def _v2_mask_count(sa: nn.Module, ws: int) -> Optional[float]:
 
 
 def _v2_reason(m: nn.Module) -> Tuple[Optional[str], float]:
-    reason = _library_forward(type(m), _V2_MODULE, "Swinv2Layer")
+    reason = _library_forward(type(m), _V2_MODULE, "Swinv2Layer", _FusedSwinv2Layer.forward)
     if reason:
         return reason, 0.0
     sa, dense = m.attention.self, m.attention.output.dense
