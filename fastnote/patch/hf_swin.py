@@ -68,12 +68,27 @@ def _library_forward(cls: type, module_name: str, class_name: str, fused_forward
             f"{class_name}.forward":
         return (f"{cls.__name__} has the structure of transformers' {class_name} but not its forward: the fused "
                 f"path replaces that forward, so it is not used")
-    theirs, ours = (tuple((p.name, p.kind) for p in inspect.signature(f).parameters.values())
-                    for f in (forward, fused_forward))
-    if theirs != ours:
-        return (f"this transformers version's {class_name}.forward takes ({', '.join(n for n, _ in theirs[1:])}); "
-                f"the fused forward is written for ({', '.join(n for n, _ in ours[1:])})")
+    theirs, ours = (inspect.signature(f).parameters.values() for f in (forward, fused_forward))
+    if not _takes_the_same_calls(list(theirs), list(ours)):
+        return (f"this transformers version's {class_name}.forward takes ({', '.join(p.name for p in theirs)}); "
+                f"the fused forward is written for ({', '.join(p.name for p in ours)})")
     return None
+
+
+def _takes_the_same_calls(theirs, ours) -> bool:
+    """Whether a forward with parameters ``ours`` takes every call the library's (``theirs``) takes,
+    as the library does: the same positional parameters in the same order, and its keyword-only
+    ones (or any, when it takes ``**kwargs``)."""
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                  inspect.Parameter.VAR_POSITIONAL)
+    if [(p.name, p.kind) for p in theirs if p.kind in positional] != \
+            [(p.name, p.kind) for p in ours if p.kind in positional]:
+        return False
+    any_keyword = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in ours)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in theirs) and not any_keyword:
+        return False
+    named = {p.name for p in ours if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    return any_keyword or all(p.name in named for p in theirs if p.kind is inspect.Parameter.KEYWORD_ONLY)
 
 
 def _version(m: nn.Module) -> int:
