@@ -70,8 +70,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import (CPU, MIN_DOT, cdiv, dot, dot_key, dot_switches, fp32_matmul_allows_tf32, launch, next_pow2,
-                    switches_for_key)
+from .utils import (CPU, MIN_DOT, PlanCache, cdiv, dot, dot_key, dot_switches, launch, next_pow2, switches_for_key,
+                    tf32_key)
 
 DEFAULT_SMS = 132       # H100 / H200 SXM
 PROGRAMS_PER_SM = 3
@@ -368,10 +368,7 @@ def _forward_plan(style: bool, shape, strides, split, sms: int, *key) -> Forward
                        tuple(dict(reduce_kwargs, SAVE_DIFF=d) for d in (False, True)))
 
 
-# Plans per (style, shape, strides, dtype, device, split, TF32 allowed): the launchers' host time
-# is paid on every call, so a call costs one lookup (the dict is cleared at _PLANS_MAX entries).
-_PLANS: dict = {}
-_PLANS_MAX = 1024
+_PLANS = PlanCache()   # per (style, shape, strides, dtype, device, split, TF32 allowed)
 
 
 def forward_plan(f: torch.Tensor, style: bool, split: Optional[int] = None) -> ForwardPlan:
@@ -381,12 +378,10 @@ def forward_plan(f: torch.Tensor, style: bool, split: Optional[int] = None) -> F
     if split is None and not SPLIT_K:
         split = 1
     shape, strides, dtype, device = f.shape, f.stride(), f.dtype, f.device
-    key = (style, shape, strides, dtype, device, split, dtype is torch.float32 and fp32_matmul_allows_tf32())
+    key = (style, shape, strides, dtype, device, split, tf32_key(dtype))
     plan = _PLANS.get(key)
     if plan is None:
-        if len(_PLANS) >= _PLANS_MAX:
-            _PLANS.clear()
-        plan = _PLANS[key] = _forward_plan(style, shape, strides, split, _sm_count(device), *dot_key(dtype, device))
+        plan = _PLANS.put(key, _forward_plan(style, shape, strides, split, _sm_count(device), *dot_key(dtype, device)))
     return plan
 
 

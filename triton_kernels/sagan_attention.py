@@ -47,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import MIN_DOT, cdiv, dot, dot_key, fp32_matmul_allows_tf32, launch, next_pow2, switches_for_key
+from .utils import MIN_DOT, PlanCache, cdiv, dot, dot_key, launch, next_pow2, switches_for_key, tf32_key
 MAX_BLOCK_DV = 128    # value channels per program, fp16/bf16 (tiles for each case: _config)
 PREPROCESS_BLOCK_N = 128
 PREPROCESS_BLOCK_C = 32
@@ -385,17 +385,14 @@ class ForwardPlan(NamedTuple):
     kwargs: Dict[Tuple[bool, bool], dict]
 
 
-# Plans per (q's shape, v's shape, dtype, device, TF32 allowed, backward tiles): the launchers'
-# host time is paid on every call, so a call costs one lookup (cleared at _PLANS_MAX entries).
-_PLANS: dict = {}
-_PLANS_MAX = 1024
+_PLANS = PlanCache()   # per (q's shape, v's shape, dtype, device, TF32 allowed, backward tiles)
 
 
 def forward_plan(q: torch.Tensor, v: torch.Tensor) -> ForwardPlan:
     """The plan of ``forward`` for q [B, d_qk, N] and v [B, d_v, N_k]; raises ``check_sizes``'s
     error (once per shape: nothing is cached then)."""
     q_shape, v_shape, dtype, device = q.shape, v.shape, q.dtype, q.device
-    key = (q_shape, v_shape, dtype, device, dtype is torch.float32 and fp32_matmul_allows_tf32(), BACKWARD_TILES)
+    key = (q_shape, v_shape, dtype, device, tf32_key(dtype), BACKWARD_TILES)
     plan = _PLANS.get(key)
     if plan is None:
         check_sizes(q, v)
@@ -404,10 +401,8 @@ def forward_plan(q: torch.Tensor, v: torch.Tensor) -> ForwardPlan:
         cfg = _config(q, max(N, 1), max(NK, 1), DV, "forward")
         kwargs = {(r, s): dict(HAS_RESIDUAL=r, STORE_O=s, num_stages=2, **cfg) for r in (False, True)
                   for s in (False, True)}
-        plan = ForwardPlan(B, DQK, N, NK, DV, (B * cdiv(N, cfg["BLOCK_M"]), cdiv(DV, cfg["BLOCK_DV"])), kwargs)
-        if len(_PLANS) >= _PLANS_MAX:
-            _PLANS.clear()
-        _PLANS[key] = plan
+        plan = _PLANS.put(key, ForwardPlan(B, DQK, N, NK, DV, (B * cdiv(N, cfg["BLOCK_M"]), cdiv(DV, cfg["BLOCK_DV"])),
+                                           kwargs))
     return plan
 
 

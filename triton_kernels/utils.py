@@ -156,6 +156,29 @@ def fp32_matmul_allows_tf32() -> bool:
     return torch.get_float32_matmul_precision() != "highest" or bool(torch.backends.cuda.matmul.allow_tf32)
 
 
+def tf32_key(dtype: torch.dtype) -> bool:
+    """The fp32 setting's part of a cached launch plan's key: whether fp32 dots may use TF32
+    (False for fp16/bf16, which it does not concern)."""
+    return dtype is torch.float32 and fp32_matmul_allows_tf32()
+
+
+class PlanCache(dict):
+    """Launch plans per key (shapes, strides, dtype, device, settings) for launchers whose host time
+    is paid on every call: ``get`` is a plain dict lookup; ``put`` stores a plan made after a miss
+    (a plan that raised is never stored) and clears the cache when it holds ``size`` of them, so
+    shapes that keep changing do not grow it without bound."""
+
+    def __init__(self, size: int = 1024) -> None:
+        super().__init__()
+        self.size = size
+
+    def put(self, key, plan):
+        if len(self) >= self.size:
+            self.clear()
+        self[key] = plan
+        return plan
+
+
 def dot_precision() -> str:
     """``input_precision`` for ``tl.dot`` on fp32 inputs, from torch's own setting: TF32 only when
     the user allowed it (``fp32_precision = "tf32"``, ``set_float32_matmul_precision('high')``,

@@ -28,11 +28,12 @@ def _norm(normalize: str, C: int, K: int) -> float:
     return float(K) if normalize == "hw" else 1.0
 
 
-def _flat(x: Tensor) -> Tensor:
-    """x as the backward launcher takes it: itself when 3-D or when H and W merge into one stride
-    (contiguous, channels-last, batch/channel slices: read in place, without making the view),
-    else its [B, C, H*W] copy."""
-    return x if _kernels.gram.flat_layout(x.shape, x.stride())[3] is not None else x.flatten(2)
+def _flat(x: Tensor):
+    """(F, B, C, K) for the backward launcher: F is x itself when 3-D or when H and W merge into
+    one stride (contiguous, channels-last, batch/channel slices: read in place, without making the
+    view), else its [B, C, H*W] copy; K = H*W (or N)."""
+    B, C, K, strides = _kernels.gram.flat_layout(x.shape, x.stride())
+    return (x if strides is not None else x.flatten(2)), B, C, K
 
 
 def _plan(x: Tensor, style: bool):
@@ -43,12 +44,6 @@ def _plan(x: Tensor, style: bool):
         x = x.flatten(2)
         plan = kernels.forward_plan(x, style)
     return x, plan
-
-
-def _sizes(x: Tensor):
-    """B, C, K = H*W (or N) of x."""
-    shape = x.shape
-    return shape[0], shape[1], (shape[2] if len(shape) == 3 else shape[2] * shape[3])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -81,9 +76,9 @@ def _gram_backward_op(grad: Tensor, x: Tensor, normalize: str) -> Tensor:
     """dx = (grad + grad^T) F / norm, computed as 2 sym(grad) F / norm."""
     kernels = _kernels.gram
 
-    B, C, K = _sizes(x)
+    f, B, C, K = _flat(x)
     dx = backend.empty_in_layout(x)   # contiguous or channels-last: H and W merge
-    kernels.backward(a=grad, f=_flat(x), df=dx, pre=0.5, post=2.0 / _norm(normalize, C, K))
+    kernels.backward(a=grad, f=f, df=dx, pre=0.5, post=2.0 / _norm(normalize, C, K))
     return dx
 
 
@@ -176,11 +171,11 @@ def _style_backward_op(grad: Tensor, x: Tensor, diff: Tensor, normalize: str) ->
     """dx for loss = sum(D^2) / (C*K): dG = 2 grad D / (C*K), dx = (dG + dG^T) F / norm."""
     kernels = _kernels.gram
 
-    B, C, K = _sizes(x)
+    f, B, C, K = _flat(x)
     dx = backend.empty_in_layout(x)   # contiguous or channels-last: H and W merge
     norm = _norm(normalize, C, K)
     # sym(D) is rescaled to a per-position mean (norm / K) before it is rounded to x's dtype.
-    kernels.backward(a=diff, f=_flat(x), df=dx, pre=0.5 * norm / K,
+    kernels.backward(a=diff, f=f, df=dx, pre=0.5 * norm / K,
                      post=4.0 / (C * norm * norm), coef=grad.reshape(1))
     return dx
 
