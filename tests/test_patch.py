@@ -1145,3 +1145,66 @@ def test_meta_model_is_left_with_the_reason():
     assert not report.replaced
     assert [e.path for e in report.left] == ["2", "3"]
     assert all("meta device" in e.reason for e in report.left)
+
+
+class _LoRALinear(nn.Linear):
+    """loralib's ``lora.Linear`` in miniature: an nn.Linear subclass whose forward adds a low-rank
+    update to what its ``weight`` computes (quantised Linear layers override forward too)."""
+
+    def __init__(self, linear: nn.Linear, rank: int = 2):
+        super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None)
+        self.load_state_dict(linear.state_dict())
+        self.lora_A = nn.Parameter(torch.randn(rank, linear.in_features))
+        self.lora_B = nn.Parameter(torch.randn(linear.out_features, rank))
+
+    def forward(self, x):
+        return super().forward(x) + x @ self.lora_A.t() @ self.lora_B.t()
+
+
+def _swin_candidates():
+    """(id, make, where the Linear sits, the path that must be reported) for each window-attention
+    family whose fused path reads qkv / proj by weight."""
+    timm_swin = pytest.importorskip("timm.models.swin_transformer")
+    timm_v2 = pytest.importorskip("timm.models.swin_transformer_v2")
+    tv = pytest.importorskip("torchvision.models.swin_transformer")
+    return [
+        ("swin-original", lambda: nn.Sequential(SwinWindowAttention(16, (4, 4), 2)), "0", "0", (3, 16, 16)),
+        ("timm-core", lambda: nn.Sequential(timm_swin.WindowAttention(16, 2, window_size=(4, 4))), "0", "0",
+         (3, 16, 16)),
+        ("timm-v2-core", lambda: nn.Sequential(timm_v2.WindowAttention(16, (4, 4), 2)), "0", "0", (3, 16, 16)),
+        ("torchvision", lambda: nn.Sequential(tv.ShiftedWindowAttention(16, [4, 4], [2, 2], 2)), "0", "0",
+         (1, 8, 8, 16)),
+        ("torchvision-v2", lambda: nn.Sequential(tv.ShiftedWindowAttentionV2(16, [4, 4], [2, 2], 2)), "0", "0",
+         (1, 8, 8, 16)),
+        ("timm-block", lambda: nn.Sequential(timm_swin.SwinTransformerBlock(16, (8, 8), 2, window_size=4,
+                                                                            shift_size=2)), "0.attn", "0",
+         (1, 8, 8, 16)),
+        ("timm-v2-block", lambda: nn.Sequential(timm_v2.SwinTransformerV2Block(16, (8, 8), 2, window_size=4,
+                                                                               shift_size=2)), "0.attn", "0",
+         (1, 8, 8, 16)),
+    ]
+
+
+@pytest.mark.no_kernel
+@pytest.mark.parametrize("case", range(7), ids=["swin-original", "timm-core", "timm-v2-core", "torchvision",
+                                                "torchvision-v2", "timm-block", "timm-v2-block"])
+@pytest.mark.parametrize("linear", ["qkv", "proj"])
+def test_window_attention_whose_linear_has_its_own_forward_is_left(case, linear, device):
+    """The fused window attention reads qkv's and proj's weights and calls neither: a Linear
+    subclass with a forward of its own (a LoRA adapter, a quantised layer) would be dropped
+    silently. Left with the reason, in the core converters and in timm's block converters, and
+    the model computes what it did."""
+    name, make, attn_path, block_path, shape = _swin_candidates()[case]
+    torch.manual_seed(0)
+    eager = make().to(device)
+    attn = eager.get_submodule(attn_path)
+    setattr(attn, linear, _LoRALinear(getattr(attn, linear)).to(device))
+    patched = copy.deepcopy(eager)
+    report = fastnote.patch(patched)
+    assert list(report) == [], name
+    reasons = {e.path: e.reason for e in report.left}
+    assert f"'{linear}' (_LoRALinear) has a forward of its own" in reasons[attn_path], reasons
+    if block_path != attn_path:
+        assert f"'attn.{linear}' (_LoRALinear) has a forward of its own" in reasons[block_path], reasons
+    x = torch.randn(shape, device=device)
+    assert torch.equal(patched(x), eager(x))

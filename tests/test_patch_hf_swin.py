@@ -295,3 +295,48 @@ def test_layer_whose_attention_is_hooked_is_left(version, launches):
     assert launches
     assert len(seen["patched"]) == len(seen["eager"]) == 1
     assert_close(seen["patched"][0], seen["eager"][0], "reduction")
+
+
+class _DoubledLinear(torch.nn.Linear):
+    """A Linear subclass with its own forward (as quantised or adapter layers have): its weight
+    alone is not what it computes."""
+
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+def _tempered_v1_attention(self, hidden_states, attention_mask=None, **kwargs):
+    out, weights = type(self).__mro__[1].forward(self, hidden_states, attention_mask, **kwargs)
+    return 0.5 * out, weights
+
+
+@pytest.mark.parametrize("version,path,kind", [
+    ("Swin", "attention.q_proj", "linear"), ("Swin", "attention.o_proj", "linear"),
+    ("Swin", "attention", "forward"), ("Swin", "attention.relative_position_bias", "forward"),
+    ("Swinv2", "attention.self.key", "linear"), ("Swinv2", "attention.output.dense", "linear"),
+    ("Swinv2", "attention", "forward"), ("Swinv2", "attention.output", "forward")])
+def test_module_the_fused_layer_bypasses_with_its_own_forward_is_left(version, path, kind):
+    """The fused layer reads these modules' parameters and calls none of them: one whose class
+    brings its own forward (a Linear subclass, an attention subclass) is left with the reason,
+    and the patched model computes what the unpatched one does."""
+    eager = _model(version).eval()
+    block = eager.encoder.layers[0].blocks[1]
+    module = block.get_submodule(path)
+    if kind == "linear":
+        module.__class__ = _DoubledLinear
+    else:
+        library = type(module).forward
+        if path == "attention" and version == "Swin":
+            sub = type("MyAttention", (type(module),), {"forward": _tempered_v1_attention})
+        else:
+            sub = type("Mine", (type(module),), {"forward": lambda self, *a, **k: library(self, *a, **k)})
+        module.__class__ = sub
+    patched = copy.deepcopy(eager)
+    report = fastnote.patch(patched)
+    assert len(report.replaced) == len(_blocks(eager)) - 1
+    (left,) = report.left
+    assert left.path == "encoder.layers.0.blocks.1.attention" + ("" if version == "Swin" else ".self")
+    assert f"'{path}' " in left.reason and "has a forward of its own" in left.reason, left.reason
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert_close(patched(pixel_values=x).last_hidden_state, eager(pixel_values=x).last_hidden_state, "reduction")

@@ -109,3 +109,35 @@ def test_without_the_family_swinir_attention_goes_to_the_core_op():
     model = _model("SwinIR")
     report = fastnote.patch(model, include=["WindowAttention"])
     assert list(report) == [f"{p}.attn: WindowAttention -> fastnote.nn.WindowAttention" for p in _blocks(model)]
+
+
+class _Scaled(torch.nn.Linear):
+    """A Linear subclass with a forward of its own (as LoRA adapters and quantised layers have)."""
+
+    def forward(self, x):
+        return 0.5 * super().forward(x)
+
+
+@pytest.mark.parametrize("name", ["SwinIR", "Swin2SR"])
+@pytest.mark.parametrize("path", ["attn.qkv", "attn.proj", "attn"])
+def test_block_whose_attention_has_its_own_forward_is_left(name, path):
+    """The fused block reads attn's parameters and calls neither attn nor its Linears: a block where
+    one of them has a forward of its own is left with the reason, the others fused, and the
+    model computes what it did."""
+    eager = _model(name).eval()
+    block = eager.get_submodule(_blocks(eager)[1])
+    module = block.get_submodule(path)
+    if path == "attn":
+        library = type(module).forward
+        module.__class__ = type("MyAttention", (type(module),), {"forward": lambda s, *a, **k: 2 * library(s, *a, **k)})
+    else:
+        module.__class__ = _Scaled
+    patched = copy.deepcopy(eager)
+    report = fastnote.patch(patched, include=["spandrel_swin"])
+    assert len(report.replaced) == len(_blocks(eager)) - 1
+    (left,) = report.left
+    assert left.path == _blocks(eager)[1] and f"'{path}' " in left.reason, left.reason
+    assert "has a forward of its own" in left.reason
+    x = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        assert_close(patched(x), eager(x), "two_matmul")

@@ -75,7 +75,10 @@ calling them, so a module whose submodules hold hooks (a pruning mask or ``weigh
 SE's conv, an attention-map hook on a ``softmax``, a user's feature hook) is left, with the
 reason, rather than have the hook silently stop running; so is an h-swish + SE pair where a hook
 would see the h-swish's output or the SE's input, which the fused module never forms.
-Parametrizations are not hooks: a parametrized weight is read through them.
+Parametrizations are not hooks: a parametrized weight is read through them. For the same reason a
+Swin attention whose Linear layers (or the attention module itself, where a fused block reads it)
+have a forward of their own, as loralib's LoRA ``Linear`` and quantised Linear layers do, is left
+with the reason: the fused path reads their weights and would drop what that forward adds.
 
 All or nothing: an error part way through undoes what the call had changed before it is raised.
 Probes run a candidate's forward without its own hooks, on a copy where it has state to change (a

@@ -44,7 +44,7 @@ from torch import nn
 
 from ..nn.hf_swin import (HF_PLAIN_ATTENTION, HF_SWIN_V2_MASK_VALUE, _FusedSwinLayer, _FusedSwinv2Layer,
                           fused_layer_class, hf_attention_backend)
-from .probe import PROBE_TOLERANCE, _hook_reason, _is_fastnote
+from .probe import PROBE_TOLERANCE, _bypassed_forward_reason, _hook_reason, _is_fastnote
 from .registry import Result, Site, register
 
 _V1_MODULE = "transformers.models.swin.modeling_swin"
@@ -73,6 +73,21 @@ def _library_forward(cls: type, module_name: str, class_name: str, fused_forward
         return (f"this transformers version's {class_name}.forward takes ({', '.join(p.name for p in theirs)}); "
                 f"the fused forward is written for ({', '.join(p.name for p in ours)})")
     return None
+
+
+# modules the fused layers read the parameters of and never call: (path in the layer, the forward
+# the fused maths is written from), per version
+_LINEAR = nn.Linear.forward
+_BYPASSED = {
+    1: (("attention", (_V1_MODULE, "SwinAttention.forward")),
+        ("attention.relative_position_bias", (_V1_MODULE, "SwinRelativePositionBias.forward")),
+        ("attention.q_proj", _LINEAR), ("attention.k_proj", _LINEAR), ("attention.v_proj", _LINEAR),
+        ("attention.o_proj", _LINEAR)),
+    2: (("attention", (_V2_MODULE, "Swinv2Attention.forward")),
+        ("attention.self", (_V2_MODULE, "Swinv2SelfAttention.forward")),
+        ("attention.output", (_V2_MODULE, "Swinv2SelfOutput.forward")), ("attention.self.query", _LINEAR),
+        ("attention.self.key", _LINEAR), ("attention.self.value", _LINEAR), ("attention.output.dense", _LINEAR)),
+}
 
 
 def _takes_the_same_calls(theirs, ours) -> bool:
@@ -207,9 +222,11 @@ def _hf_swin_layer(old: nn.Module, site: Optional[Site] = None) -> Result:
     version = _version(old)
     if version == 0:
         return None
-    # hooks first: the V2 probe runs the attention, and the fused layer would never call it
-    hooked = _hook_reason(old.attention, "Swin layer", "the fused path reads the attention's parameters and calls "
-                          "none of its modules, so the hook would stop running")
+    # hooks, and modules the fused layer bypasses that have a forward of their own, first: the V2
+    # probe runs the attention, and the fused layer would never call it
+    hooked = (_hook_reason(old.attention, "Swin layer", "the fused path reads the attention's parameters and calls "
+                           "none of its modules, so the hook would stop running")
+              or _bypassed_forward_reason(old, _BYPASSED[version]))
     attention = old.attention if version == 1 else old.attention.self
     if hooked is not None:
         reason, count = hooked, 1.0

@@ -80,6 +80,31 @@ def _uncalled_hook_reason(m: nn.Module, what: str, called) -> Optional[str]:
     return None
 
 
+def _bypassed_forward_reason(m: nn.Module, expected) -> Optional[str]:
+    """The reason to leave ``m`` when a submodule that its fused replacement reads the parameters
+    of, without calling it, has another forward than the one the fused maths is written from, else
+    None. ``expected``: (path in ``m``, forward) pairs, where the forward is a function (torch's
+    ``nn.Linear.forward``) or a (module, qualified name) pair naming a library's. A Linear subclass
+    with a forward of its own (a quantised layer, loralib's LoRA ``Linear``) computes more than its
+    ``weight``, and an attention subclass may compute anything: fused, it would silently be dropped."""
+    for path, want in expected:
+        sub = m.get_submodule(path)
+        forward = getattr(type(sub), "forward", None)
+        if callable(want):
+            plain = forward is want
+        else:
+            plain = (getattr(forward, "__module__", None), getattr(forward, "__qualname__", None)) == tuple(want)
+        if not plain:
+            return (f"{path!r} ({type(sub).__name__}) has a forward of its own: the fused path reads its "
+                    f"parameters and does not call it, so what that forward adds would be lost")
+    return None
+
+
+def _linears_reason(m: nn.Module, *paths: str) -> Optional[str]:
+    """``_bypassed_forward_reason`` for Linear children read by weight only."""
+    return _bypassed_forward_reason(m, [(p, nn.Linear.forward) for p in paths])
+
+
 def _unhooked(m: nn.Module) -> nn.Module:
     """``m`` (a copy made for a probe) with every hook of it and its submodules removed: the probe
     runs forwards on a made-up input, which a user's hooks (a feature logger) must not see."""

@@ -26,7 +26,7 @@ from torch import nn
 from .. import nn as fnn
 from ..nn.timm_swin import TimmWindowAttention, fused_block_class, fused_v2_block_class
 from ..nn.torchvision_swin import TorchvisionShiftedWindowAttention
-from .probe import _is_fastnote, _leave_if_hooked, _mode_of, _no_meta_left, _on_meta
+from .probe import _bypassed_forward_reason, _is_fastnote, _leave_if_hooked, _linears_reason, _mode_of, _no_meta_left, _on_meta
 from .registry import Result, Site, register
 
 
@@ -96,7 +96,7 @@ def _timm_v2_attention(old: nn.Module) -> Result:
     if reason is not None:
         return reason
     note = "core op (cosine attention): the block around it keeps its own shift, pad and partition"
-    return fnn.WindowAttentionV2.from_timm(old), note
+    return _linears_reason(old, "qkv", "proj") or (fnn.WindowAttentionV2.from_timm(old), note)
 
 
 def _torchvision_geometry_reason(old: nn.Module) -> Optional[str]:
@@ -124,7 +124,7 @@ def _torchvision_v2_attention(old: nn.Module) -> Result:
     if not hasattr(old, "dropout"):
         return "Swin V2 attention without torchvision's dropout attribute: not torchvision's layout"
     note = "fused (cosine attention): pad, shift, partition, attention, reverse"
-    return fnn.ShiftedWindowAttentionV2.from_torchvision(old), note
+    return _linears_reason(old, "qkv", "proj") or (fnn.ShiftedWindowAttentionV2.from_torchvision(old), note)
 
 
 def _window_attention(old: nn.Module, site: Optional[Site] = None) -> Result:
@@ -148,6 +148,9 @@ def _window_attention(old: nn.Module, site: Optional[Site] = None) -> Result:
     attn_dim = old.qkv.out_features // 3
     if attn_dim % heads or old.proj.in_features != attn_dim or old.qkv.out_features != 3 * attn_dim:
         return "qkv / proj widths do not split into num_heads heads"
+    reason = _linears_reason(old, "qkv", "proj")
+    if reason is not None:
+        return reason
     head_dim = attn_dim // heads
     scale = float(getattr(old, "scale", head_dim ** -0.5))
     if "relative_position_index" in old._non_persistent_buffers_set:   # timm's layout
@@ -186,6 +189,9 @@ def _shifted_window_attention(old: nn.Module, site: Optional[Site] = None) -> Re
     C, heads = old.qkv.in_features, old.num_heads
     if old.qkv.out_features != 3 * C or old.proj.in_features != C or C % heads:
         return "qkv / proj widths do not match dim and num_heads"
+    reason = _linears_reason(old, "qkv", "proj")
+    if reason is not None:
+        return reason
     new = _on_meta(lambda: TorchvisionShiftedWindowAttention(
         C, list(_window_pair(old.window_size)), list(_window_pair(old.shift_size)), heads,
         qkv_bias=old.qkv.bias is not None, proj_bias=old.proj.bias is not None,
@@ -195,6 +201,13 @@ def _shifted_window_attention(old: nn.Module, site: Optional[Site] = None) -> Re
     new._buffers["relative_position_index"] = index
     note = "fused: pad, shift, partition, attention, reverse"
     return _mode_of(old, _no_meta_left(new, "ShiftedWindowAttention")), note
+
+
+def _timm_attn(block: type):
+    """What a fused timm block reads without calling (``_bypassed_forward_reason``'s pairs): its
+    ``attn``, timm's ``WindowAttention`` of the block's own module, and the Linears in it."""
+    return (("attn", (block.__module__, "WindowAttention.forward")), ("attn.qkv", nn.Linear.forward),
+            ("attn.proj", nn.Linear.forward))
 
 
 def _timm_swin_block(old: nn.Module, site: Optional[Site] = None) -> Result:
@@ -218,6 +231,9 @@ def _timm_swin_block(old: nn.Module, site: Optional[Site] = None) -> Result:
         return "timm Swin block whose attention width differs from the block's (head_dim set): fused path not used"
     if _dropout_p(attn, "attn_drop") > 0:
         return "timm Swin block with attention dropout: the fused path has none"
+    reason = _bypassed_forward_reason(old, _timm_attn(cls))
+    if reason is not None:
+        return f"timm Swin block, fused path not used: {reason}"
     # a class, not a module: the block itself is switched to it in place (the engine's _Patcher.reclass), so
     # what changes the block later (timm's set_input_size) changes what unpatch gives back
     return fused_block_class(cls), ("roll, pad, partition and their reverse fused into the attention (timm's "
@@ -248,6 +264,9 @@ def _timm_swin_v2_block(old: nn.Module, site: Optional[Site] = None) -> Result:
     dim = old.norm1.normalized_shape[-1] if hasattr(old.norm1, "normalized_shape") else attn.qkv.in_features
     if attn.qkv.in_features != dim:
         return "timm Swin V2 block whose attention width differs from the block's: fused path not used"
+    reason = _bypassed_forward_reason(old, _timm_attn(cls))
+    if reason is not None:
+        return f"timm Swin V2 block, fused path not used: {reason}"
     # switched in place, as V1's block: a later set_input_size changes what unpatch gives back
     return fused_v2_block_class(cls), ("cosine attention with roll, pad, partition and their reverse fused (timm's "
                                        "order: roll, then pad)")
