@@ -278,3 +278,66 @@ def test_interpreter_patches_the_language_once_per_launch(monkeypatch):
     assert len(unpatched) == 1 + 4 * 6, unpatched                 # per program: 3 x _scaled, zeros, max, sum
     assert torch.equal(y, y_triton)
     torch.testing.assert_close(y, torch.softmax(6 * x, dim=1))
+
+
+@triton.jit
+def _index_math(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    """int32 index arithmetic that overflows (wraps) for the large factors below, then a float op."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs, mask=offs < n, other=0)
+    wrapped = x * 65537 + offs * 40503 - 7
+    tl.store(y_ptr + offs, wrapped, mask=offs < n)
+
+
+def test_interpreter_overflow_checks_it_discards_are_not_computed(monkeypatch):
+    # Triton's front end wraps each int32 +, -, * in an overflow check that device_assert drops
+    # unless `debug` is on, which the interpreter's options never are: fastnote's kernel modules
+    # turn the option off (a quarter of a Swin-T step). Premise and result: with Triton's own
+    # option, an overflowing kernel raises nothing either, and both give the same (wrapped) bits.
+    import dataclasses
+
+    from triton.runtime import interpreter
+
+    from fastnote.triton_kernels import utils
+
+    if not backend.interpreter_on():
+        pytest.skip("the interpreter is off: compiled kernels are not touched")
+    assert utils.interpreter_skip_discarded_overflow_checks()
+    options = interpreter.interpreter_builder.options
+    assert not options.debug and not options.sanitize_overflow
+    x = torch.randint(-2**31, 2**31 - 1, (3000,), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+
+    def run():
+        y = torch.empty_like(x)
+        _index_math[(3,)](x, y, x.numel(), BLOCK=1024)
+        return y
+
+    ours = run()
+    monkeypatch.setattr(interpreter.interpreter_builder, "options", dataclasses.replace(options, sanitize_overflow=True))
+    theirs = run()
+    offs = torch.arange(x.numel(), dtype=torch.int64)
+    want = ((x.long() * 65537 + offs * 40503 - 7 + 2**31) % 2**32 - 2**31).int()   # two's complement wrap
+    assert torch.equal(ours, theirs) and torch.equal(ours, want)
+    assert (x.long() * 65537).abs().max() > 2**31        # it did overflow
+
+
+def test_interpreter_numpy_dtype_table_is_tritons():
+    # fastnote's kernel modules give the interpreter a dtype table built once (Triton's rebuilds
+    # it on every call): the same answer as Triton's own function for every type it takes
+    from triton.runtime import interpreter
+
+    from fastnote.triton_kernels import utils
+
+    assert utils.interpreter_cache_numpy_dtypes()
+    ours, theirs = interpreter._get_np_dtype, interpreter._get_np_dtype.original
+    scalars = [tl.int1, tl.int8, tl.uint8, tl.int16, tl.uint16, tl.int32, tl.uint32, tl.int64, tl.uint64,
+               tl.float16, tl.bfloat16, tl.float32, tl.float64, tl.float8e5, tl.float8e5b16, tl.float8e4nv,
+               tl.float8e4b8, tl.float8e4b15]
+    types = scalars + [tl.pointer_type(t) for t in scalars] + [tl.block_type(t, [4, 2]) for t in scalars] \
+        + [tl.block_type(tl.pointer_type(t), [8]) for t in scalars]
+    for t in types + types:     # twice: the second from the table
+        assert ours(t) == theirs(t), t
+    with pytest.raises(KeyError):
+        theirs(tl.void)
+    with pytest.raises(KeyError):
+        ours(tl.void)

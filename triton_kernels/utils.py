@@ -109,6 +109,71 @@ def interpreter_patch_language_once_per_launch() -> bool:
 
 interpreter_patch_language_once_per_launch()
 
+
+def interpreter_skip_discarded_overflow_checks() -> bool:
+    """Stop Triton's interpreter from computing integer-overflow checks that it then discards.
+    Triton 3.6 to 3.9's front end wraps every 32-bit integer ``+``, ``-`` and ``*`` of a kernel
+    (its index arithmetic) in a check while the builder's ``sanitize_overflow`` option is on, as
+    it is by default: both operands cast to int64, the operation again, two comparisons, then
+    ``device_assert``, which emits nothing unless ``debug`` is on. The interpreter's options have
+    ``debug`` off (``TRITON_DEBUG`` does not reach them), so every check is computed and thrown
+    away: a quarter of a Swin-T step under the interpreter. Compiled kernels drop the checks the
+    same way unless built with ``debug``. Turning the option off skips only that computation; a
+    kernel's results are unchanged, and with ``debug`` on the checks stay. Called when this module
+    is imported; idempotent; False where the interpreter has no such option."""
+    import dataclasses
+
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return False
+    builder = getattr(interpreter, "interpreter_builder", None)
+    options = getattr(builder, "options", None)
+    if not (dataclasses.is_dataclass(options) and hasattr(options, "sanitize_overflow")
+            and hasattr(options, "debug")) or options.debug:
+        return False
+    if options.sanitize_overflow:
+        builder.options = dataclasses.replace(options, sanitize_overflow=False)
+    return True
+
+
+def interpreter_cache_numpy_dtypes() -> bool:
+    """Make Triton's interpreter look up the numpy dtype of a Triton type in a table built once.
+    Triton 3.6 to 3.9's ``_get_np_dtype`` builds a dict of every Triton dtype (hashing each) on
+    each of its calls, which come once or more per operation of every program: 10% of a Swin-T
+    step under the interpreter. The table here holds what Triton's own function returns for each
+    scalar type, by name (pointers, and blocks of them, are uint64 addresses, as there). Called
+    when this module is imported; idempotent; False where the interpreter has no such function."""
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return False
+    original = getattr(interpreter, "_get_np_dtype", None)
+    if original is None:
+        return False
+    if hasattr(original, "original"):     # already made
+        return True
+    address = original(tl.pointer_type(tl.float32))
+    by_name = {}
+
+    def get_np_dtype(tt_dtype):
+        if isinstance(tt_dtype, tl.block_type):
+            tt_dtype = tt_dtype.element_ty
+        if isinstance(tt_dtype, tl.pointer_type):
+            return address
+        found = by_name.get(tt_dtype.name)
+        if found is None:
+            found = by_name[tt_dtype.name] = original(tt_dtype)
+        return found
+
+    get_np_dtype.original = original      # Triton's own (the test compares)
+    interpreter._get_np_dtype = get_np_dtype
+    return True
+
+
+interpreter_skip_discarded_overflow_checks()
+interpreter_cache_numpy_dtypes()
+
 # One program per BLOCK elements for streaming kernels. Large enough that the interpreter (which
 # runs programs one after another) stays fast, and that each GPU program moves >= 16 KB.
 ELEMENTWISE_BLOCK = 4096
