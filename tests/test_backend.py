@@ -313,7 +313,8 @@ def test_interpreter_overflow_checks_it_discards_are_not_computed(monkeypatch):
         return y
 
     ours = run()
-    monkeypatch.setattr(interpreter.interpreter_builder, "options", dataclasses.replace(options, sanitize_overflow=True))
+    monkeypatch.setattr(interpreter.interpreter_builder, "options",
+                        dataclasses.replace(options, sanitize_overflow=True))
     theirs = run()
     offs = torch.arange(x.numel(), dtype=torch.int64)
     want = ((x.long() * 65537 + offs * 40503 - 7 + 2**31) % 2**32 - 2**31).int()   # two's complement wrap

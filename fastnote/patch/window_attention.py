@@ -26,7 +26,8 @@ from torch import nn
 from .. import nn as fnn
 from ..nn.timm_swin import TimmWindowAttention, fused_block_class, fused_v2_block_class
 from ..nn.torchvision_swin import TorchvisionShiftedWindowAttention
-from .probe import _bypassed_forward_reason, _is_fastnote, _leave_if_hooked, _linears_reason, _mode_of, _no_meta_left, _on_meta
+from .probe import (_bypassed_forward_reason, _is_fastnote, _leave_if_hooked, _linears_reason, _mode_of, _no_meta_left,
+                    _on_meta)
 from .registry import Result, Site, register
 
 
