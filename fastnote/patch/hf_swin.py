@@ -44,7 +44,7 @@ from torch import nn
 
 from ..nn.hf_swin import (HF_PLAIN_ATTENTION, HF_SWIN_V2_MASK_VALUE, _FusedSwinLayer, _FusedSwinv2Layer,
                           fused_layer_class, hf_attention_backend)
-from .probe import PROBE_TOLERANCE, _bypassed_forward_reason, _hook_reason, _is_fastnote
+from .probe import PROBE_TOLERANCE, _bypassed_forward_reason, _forward_is, _hook_reason, _is_fastnote
 from .registry import Result, Site, register
 
 _V1_MODULE = "transformers.models.swin.modeling_swin"
@@ -63,12 +63,10 @@ def _library_forward(cls: type, module_name: str, class_name: str, fused_forward
     """None if ``cls.forward`` is the library's ``class_name.forward`` with the parameters the fused
     ``forward`` is written for, else the reason. (transformers 4.x's ``Swinv2Layer.forward`` also
     takes ``head_mask``, positionally: the fused forward would take it for another argument.)"""
-    forward = getattr(cls, "forward", None)
-    if getattr(forward, "__module__", None) != module_name or getattr(forward, "__qualname__", "") != \
-            f"{class_name}.forward":
+    if not _forward_is(cls, module_name, f"{class_name}.forward"):
         return (f"{cls.__name__} has the structure of transformers' {class_name} but not its forward: the fused "
                 f"path replaces that forward, so it is not used")
-    theirs, ours = (inspect.signature(f).parameters.values() for f in (forward, fused_forward))
+    theirs, ours = (inspect.signature(f).parameters.values() for f in (cls.forward, fused_forward))
     if not _takes_the_same_calls(list(theirs), list(ours)):
         return (f"this transformers version's {class_name}.forward takes ({', '.join(p.name for p in theirs)}); "
                 f"the fused forward is written for ({', '.join(p.name for p in ours)})")

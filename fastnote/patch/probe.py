@@ -80,6 +80,13 @@ def _uncalled_hook_reason(m: nn.Module, what: str, called) -> Optional[str]:
     return None
 
 
+def _forward_is(cls: type, module: str, qualname: str) -> bool:
+    """Whether ``cls.forward`` is the function ``qualname`` of module ``module`` (a library's own,
+    not a subclass's override)."""
+    forward = getattr(cls, "forward", None)
+    return (getattr(forward, "__module__", None), getattr(forward, "__qualname__", None)) == (module, qualname)
+
+
 def _bypassed_forward_reason(m: nn.Module, expected) -> Optional[str]:
     """The reason to leave ``m`` when a submodule that its fused replacement reads the parameters
     of, without calling it, has another forward than the one the fused maths is written from, else
@@ -88,14 +95,10 @@ def _bypassed_forward_reason(m: nn.Module, expected) -> Optional[str]:
     with a forward of its own (a quantised layer, loralib's LoRA ``Linear``) computes more than its
     ``weight``, and an attention subclass may compute anything: fused, it would silently be dropped."""
     for path, want in expected:
-        sub = m.get_submodule(path)
-        forward = getattr(type(sub), "forward", None)
-        if callable(want):
-            plain = forward is want
-        else:
-            plain = (getattr(forward, "__module__", None), getattr(forward, "__qualname__", None)) == tuple(want)
+        cls = type(m.get_submodule(path))
+        plain = getattr(cls, "forward", None) is want if callable(want) else _forward_is(cls, *want)
         if not plain:
-            return (f"{path!r} ({type(sub).__name__}) has a forward of its own: the fused path reads its "
+            return (f"{path!r} ({cls.__name__}) has a forward of its own: the fused path reads its "
                     f"parameters and does not call it, so what that forward adds would be lost")
     return None
 
@@ -103,6 +106,13 @@ def _bypassed_forward_reason(m: nn.Module, expected) -> Optional[str]:
 def _linears_reason(m: nn.Module, *paths: str) -> Optional[str]:
     """``_bypassed_forward_reason`` for Linear children read by weight only."""
     return _bypassed_forward_reason(m, [(p, nn.Linear.forward) for p in paths])
+
+
+def _block_attention_reason(block: nn.Module, module: str) -> Optional[str]:
+    """``_bypassed_forward_reason`` for a fused Swin block (timm's, spandrel's) that reads its
+    ``attn`` (``module``'s ``WindowAttention``) and that attention's ``qkv`` and ``proj``."""
+    return _bypassed_forward_reason(block, (("attn", (module, "WindowAttention.forward")),
+                                            ("attn.qkv", nn.Linear.forward), ("attn.proj", nn.Linear.forward)))
 
 
 def _unhooked(m: nn.Module) -> nn.Module:

@@ -22,7 +22,7 @@ from typing import Optional
 from torch import nn
 
 from ..nn.spandrel_swin import fused_block_class
-from .probe import _bypassed_forward_reason, _is_fastnote
+from .probe import _block_attention_reason, _forward_is, _is_fastnote
 from .registry import Result, Site, register
 
 _MODULES = {1: "spandrel.architectures.SwinIR.__arch.SwinIR", 2: "spandrel.architectures.Swin2SR.__arch.Swin2SR"}
@@ -45,13 +45,10 @@ def _version(m: nn.Module) -> int:
 
 
 def _reason(m: nn.Module, version: int) -> Optional[str]:
-    forward = getattr(type(m), "forward", None)
-    if getattr(forward, "__module__", None) != _MODULES[version] or \
-            getattr(forward, "__qualname__", "") != "SwinTransformerBlock.forward":
+    if not _forward_is(type(m), _MODULES[version], "SwinTransformerBlock.forward"):
         return (f"{type(m).__name__} has the structure of spandrel's SwinTransformerBlock but not its forward: the "
                 f"fused path replaces that forward, so it is not used")
-    reason = _bypassed_forward_reason(m, (("attn", (_MODULES[version], "WindowAttention.forward")),
-                                          ("attn.qkv", nn.Linear.forward), ("attn.proj", nn.Linear.forward)))
+    reason = _block_attention_reason(m, _MODULES[version])
     if reason is not None:
         return reason
     attn, ws = m.attn, m.window_size

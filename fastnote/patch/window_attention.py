@@ -26,7 +26,7 @@ from torch import nn
 from .. import nn as fnn
 from ..nn.timm_swin import TimmWindowAttention, fused_block_class, fused_v2_block_class
 from ..nn.torchvision_swin import TorchvisionShiftedWindowAttention
-from .probe import (_bypassed_forward_reason, _is_fastnote, _leave_if_hooked, _linears_reason, _mode_of, _no_meta_left,
+from .probe import (_block_attention_reason, _is_fastnote, _leave_if_hooked, _linears_reason, _mode_of, _no_meta_left,
                     _on_meta)
 from .registry import Result, Site, register
 
@@ -204,13 +204,6 @@ def _shifted_window_attention(old: nn.Module, site: Optional[Site] = None) -> Re
     return _mode_of(old, _no_meta_left(new, "ShiftedWindowAttention")), note
 
 
-def _timm_attn(block: type):
-    """What a fused timm block reads without calling (``_bypassed_forward_reason``'s pairs): its
-    ``attn``, timm's ``WindowAttention`` of the block's own module, and the Linears in it."""
-    return (("attn", (block.__module__, "WindowAttention.forward")), ("attn.qkv", nn.Linear.forward),
-            ("attn.proj", nn.Linear.forward))
-
-
 def _timm_swin_block(old: nn.Module, site: Optional[Site] = None) -> Result:
     """timm's ``SwinTransformerBlock`` (its class, not a look-alike: the fused path replaces the
     block's private ``_attn``) -> the same block on fastnote's fused path in timm's order."""
@@ -232,7 +225,7 @@ def _timm_swin_block(old: nn.Module, site: Optional[Site] = None) -> Result:
         return "timm Swin block whose attention width differs from the block's (head_dim set): fused path not used"
     if _dropout_p(attn, "attn_drop") > 0:
         return "timm Swin block with attention dropout: the fused path has none"
-    reason = _bypassed_forward_reason(old, _timm_attn(cls))
+    reason = _block_attention_reason(old, cls.__module__)   # timm's WindowAttention is in the block's module
     if reason is not None:
         return f"timm Swin block, fused path not used: {reason}"
     # a class, not a module: the block itself is switched to it in place (the engine's _Patcher.reclass), so
@@ -265,7 +258,7 @@ def _timm_swin_v2_block(old: nn.Module, site: Optional[Site] = None) -> Result:
     dim = old.norm1.normalized_shape[-1] if hasattr(old.norm1, "normalized_shape") else attn.qkv.in_features
     if attn.qkv.in_features != dim:
         return "timm Swin V2 block whose attention width differs from the block's: fused path not used"
-    reason = _bypassed_forward_reason(old, _timm_attn(cls))
+    reason = _block_attention_reason(old, cls.__module__)
     if reason is not None:
         return f"timm Swin V2 block, fused path not used: {reason}"
     # switched in place, as V1's block: a later set_input_size changes what unpatch gives back
