@@ -105,6 +105,13 @@ if ! installed transformers && installed torch; then
   log "installing transformers"
   pip_install transformers || log "transformers not installed: its Swin tests will skip"
 fi
+# peft, whose LoRA adapters tests/test_patch_peft.py puts into Swin models before and after
+# fastnote.patch: without its dependencies (they would bring another torch), plus accelerate and
+# psutil, which its import needs beyond transformers'. Best effort, as timm.
+if ! installed peft && installed transformers; then
+  log "installing peft and accelerate (no dependencies) and psutil"
+  { pip_install --no-deps peft accelerate && pip_install psutil; } || log "peft not installed: its tests will skip"
+fi
 if ! installed spandrel && installed torchvision; then
   log "installing spandrel (no dependencies), einops and safetensors"
   { pip_install --no-deps spandrel && pip_install einops safetensors; } \

@@ -1203,8 +1203,8 @@ def test_window_attention_whose_linear_has_its_own_forward_is_left(case, linear,
     report = fastnote.patch(patched)
     assert list(report) == [], name
     reasons = {e.path: e.reason for e in report.left}
-    assert f"'{linear}' (_LoRALinear) has a forward of its own" in reasons[attn_path], reasons
+    assert f"'{linear}' (_LoRALinear from {__name__}) has a forward of its own" in reasons[attn_path], reasons
     if block_path != attn_path:
-        assert f"'attn.{linear}' (_LoRALinear) has a forward of its own" in reasons[block_path], reasons
+        assert f"'attn.{linear}' (_LoRALinear from {__name__}) has a forward of its own" in reasons[block_path], reasons
     x = torch.randn(shape, device=device)
     assert torch.equal(patched(x), eager(x))

@@ -25,7 +25,9 @@ active in training, a window that no longer matches the position table (V1 shrin
 small input), a shifted block on a map whose padded side equals the window (the library rolls
 there; the fused op, following torchvision, drops the shift along such an axis), and a V1 attention
 backend other than eager or sdpa selected after patching (``config._attn_implementation``: a
-function registered with transformers' ``AttentionInterface`` may compute something else).
+function registered with transformers' ``AttentionInterface`` may compute something else), and an
+attention module or projection changed after patching (a LoRA layer, another class, a hook:
+``fastnote.nn._reads``).
 """
 from __future__ import annotations
 
@@ -36,12 +38,14 @@ from torch import Tensor
 
 from ..ops.window_attention import swin_window_attention
 from ..ops.window_attention_v2 import swin_window_attention_v2
+from ._reads import LINEAR, compile_reads, intact
 
 HF_SWIN_V2_MASK_VALUE = -200.0   # the library's V2 attention adds its -100 mask twice
 # The V1 attention's backends (``config._attn_implementation``, transformers' ``AttentionInterface``)
 # that compute softmax(q k^T * scaling + bias + mask) v, the fused op's maths. Any other (a function
 # a user registered) may compute something else: the library's forward runs it.
 HF_PLAIN_ATTENTION = (None, "eager", "sdpa")
+HF_SWIN_MODULES = {1: "transformers.models.swin.modeling_swin", 2: "transformers.models.swinv2.modeling_swinv2"}
 
 
 def hf_attention_backend(config) -> Optional[str]:
@@ -69,6 +73,11 @@ class _FusedSwinLayer:
     """``forward`` of a fused ``SwinLayer`` (transformers' Swin V1 block)."""
 
     _fastnote_fused_children = ("attention",)   # read by fastnote.patch: the block uses attention's parameters
+    # what the fused path reads without calling (fastnote.nn._reads), checked by fastnote.patch and on every call
+    _fastnote_reads = (("attention", (HF_SWIN_MODULES[1], "SwinAttention.forward")),
+                       ("attention.relative_position_bias", (HF_SWIN_MODULES[1], "SwinRelativePositionBias.forward")),
+                       ("attention.q_proj", LINEAR), ("attention.k_proj", LINEAR), ("attention.v_proj", LINEAR),
+                       ("attention.o_proj", LINEAR))
 
     def forward(self, hidden_states, input_dimensions, always_partition: bool = False, **kwargs):
         if not always_partition:
@@ -80,7 +89,8 @@ class _FusedSwinLayer:
         wants_weights = kwargs.get("output_attentions") or getattr(attn.config, "output_attentions", False)
         if (wants_weights or (attn.training and attn.attention_dropout > 0) or not isinstance(ws, int)
                 or tuple(rpb.window_size) != (ws, ws) or not _shift_ok(height, width, ws, int(shift))
-                or hf_attention_backend(attn.config) not in HF_PLAIN_ATTENTION):
+                or hf_attention_backend(attn.config) not in HF_PLAIN_ATTENTION
+                or not intact(self, self._fastnote_compiled_reads)):
             return super().forward(hidden_states, input_dimensions, always_partition=True, **kwargs)
         batch_size, _, channels = hidden_states.shape
         shortcut = hidden_states
@@ -103,13 +113,19 @@ class _FusedSwinv2Layer:
 
     _fastnote_fused_children = ("attention",)
     _fastnote_mask_value = HF_SWIN_V2_MASK_VALUE
+    _fastnote_reads = (("attention", (HF_SWIN_MODULES[2], "Swinv2Attention.forward")),
+                       ("attention.self", (HF_SWIN_MODULES[2], "Swinv2SelfAttention.forward")),
+                       ("attention.output", (HF_SWIN_MODULES[2], "Swinv2SelfOutput.forward")),
+                       ("attention.self.query", LINEAR), ("attention.self.key", LINEAR),
+                       ("attention.self.value", LINEAR), ("attention.output.dense", LINEAR))
 
     def forward(self, hidden_states, input_dimensions, output_attentions: Optional[bool] = False):
         sa = self.attention.self
         height, width = (int(d) for d in input_dimensions)
         ws, shift = self.window_size, self.shift_size
         if (output_attentions or (sa.training and sa.dropout.p > 0)
-                or tuple(sa.window_size) != (ws, ws) or not _shift_ok(height, width, ws, int(shift))):
+                or tuple(sa.window_size) != (ws, ws) or not _shift_ok(height, width, ws, int(shift))
+                or not intact(self, self._fastnote_compiled_reads)):
             return super().forward(hidden_states, input_dimensions, output_attentions)
         batch_size, _, channels = hidden_states.shape
         shortcut = hidden_states
@@ -139,7 +155,8 @@ def fused_layer_class(cls: type, version: int) -> type:
         mixin = _FusedSwinLayer if version == 1 else _FusedSwinv2Layer
         name = "Fused" + cls.__name__
         doc = f"transformers' {cls.__name__} on fastnote's fused window attention."
-        _FUSED[cls] = type(name, (mixin, cls), {"__module__": __name__, "__qualname__": name, "__doc__": doc})
+        _FUSED[cls] = type(name, (mixin, cls), {"__module__": __name__, "__qualname__": name, "__doc__": doc,
+                                                "_fastnote_compiled_reads": compile_reads(mixin._fastnote_reads)})
     return _FUSED[cls]
 
 

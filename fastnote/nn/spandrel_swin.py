@@ -15,7 +15,8 @@ The shift mask is computed from the geometry (the same -100 regions as the block
 ``calculate_mask`` and its ``attn_mask`` buffer, which stays in place and in the state_dict).
 The block's own ``forward`` runs instead where the fused op would not compute what it does: a map
 whose sides are not window multiples (the library fails there), attention dropout active in
-training, or a window that does not match the attention's.
+training, a window that does not match the attention's, or ``attn``, ``qkv`` or ``proj`` changed after
+patching (a LoRA layer, another attention class, a hook: ``fastnote.nn._reads``).
 """
 from __future__ import annotations
 
@@ -25,16 +26,28 @@ import torch
 
 from ..ops.window_attention import swin_window_attention
 from ..ops.window_attention_v2 import swin_window_attention_v2
+from ._reads import LINEAR, compile_reads, intact
+
+# the modules spandrel's blocks and their WindowAttention are defined in, per version
+SPANDREL_MODULES = {1: "spandrel.architectures.SwinIR.__arch.SwinIR", 2: "spandrel.architectures.Swin2SR.__arch.Swin2SR"}
+
+
+def _reads(version: int):
+    """What the fused block reads without calling (``fastnote.nn._reads``): checked by fastnote.patch
+    and on every call."""
+    return (("attn", (SPANDREL_MODULES[version], "WindowAttention.forward")), ("attn.qkv", LINEAR),
+            ("attn.proj", LINEAR))
 
 
 def _fusable(block, H: int, W: int) -> bool:
     attn, ws = block.attn, block.window_size
     return (isinstance(ws, int) and H % ws == 0 and W % ws == 0 and tuple(attn.window_size) == (ws, ws)
-            and not (attn.training and attn.attn_drop.p > 0))
+            and not (attn.training and attn.attn_drop.p > 0) and intact(block, block._fastnote_compiled_reads))
 
 
 class _FusedSwinIRBlock:
     _fastnote_fused_children = ("attn",)   # read by fastnote.patch: the block uses attn's parameters itself
+    _fastnote_reads = _reads(1)
 
     def forward(self, x, x_size):
         H, W = (int(s) for s in x_size)
@@ -54,6 +67,7 @@ class _FusedSwinIRBlock:
 
 class _FusedSwin2SRBlock:
     _fastnote_fused_children = ("attn",)
+    _fastnote_reads = _reads(2)
 
     def forward(self, x, x_size):
         H, W = (int(s) for s in x_size)
@@ -80,7 +94,8 @@ def fused_block_class(cls: type, version: int) -> type:
         mixin = _FusedSwinIRBlock if version == 1 else _FusedSwin2SRBlock
         name = f"Fused{_NAMES[version]}Block"
         doc = f"spandrel's {_NAMES[version]} {cls.__name__} on fastnote's fused window attention."
-        _FUSED[cls] = type(name, (mixin, cls), {"__module__": __name__, "__qualname__": name, "__doc__": doc})
+        _FUSED[cls] = type(name, (mixin, cls), {"__module__": __name__, "__qualname__": name, "__doc__": doc,
+                                                "_fastnote_compiled_reads": compile_reads(mixin._fastnote_reads)})
     return _FUSED[cls]
 
 
@@ -88,7 +103,6 @@ def __getattr__(name: str):
     # the names pickling records, resolved without importing spandrel when fastnote is imported
     if name in ("FusedSwinIRBlock", "FusedSwin2SRBlock"):
         version = 1 if name == "FusedSwinIRBlock" else 2
-        module = __import__(f"spandrel.architectures.{_NAMES[version]}.__arch.{_NAMES[version]}",
-                            fromlist=["SwinTransformerBlock"])
+        module = __import__(SPANDREL_MODULES[version], fromlist=["SwinTransformerBlock"])
         return fused_block_class(module.SwinTransformerBlock, version)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

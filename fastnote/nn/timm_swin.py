@@ -30,6 +30,7 @@ from torch import nn
 from ..checks import window_pair
 from ..ops.window_attention import relative_position_index, swin_window_attention
 from ..ops.window_attention_v2 import swin_window_attention_v2
+from ._reads import LINEAR, compile_reads, intact
 from .window_attention import WindowAttention
 
 
@@ -105,12 +106,17 @@ class _FusedAttention:
     """The ``_attn`` of a fused timm block: ``x`` [B, H, W, C] (after ``norm1``) -> [B, H, W, C]."""
 
     _fastnote_fused_children = ("attn",)   # read by fastnote.patch: the block uses attn's parameters itself
+    # what the fused path reads without calling (fastnote.nn._reads), checked by fastnote.patch and on every call
+    _fastnote_reads = (("attn", ("timm.models.swin_transformer", "WindowAttention.forward")),
+                       ("attn.qkv", LINEAR), ("attn.proj", LINEAR))
 
     def _attn(self, x):
         attn = self.attn
         (wh, ww), (sh, sw) = self.window_size, self.shift_size
-        if wh != ww or sh != sw:
-            return super()._attn(x)   # timm's own path: the fused one takes square windows, one shift
+        if wh != ww or sh != sw or not intact(self, self._fastnote_compiled_reads):
+            # timm's own path: the fused one takes square windows, one shift, and attn, qkv and proj as
+            # patched (a LoRA layer put in place of qkv after patching, a hook, are called there)
+            return super()._attn(x)
         if attn.training and attn.attn_drop.p > 0:
             raise ValueError("fastnote's fused Swin block has no attention dropout: attn_drop must be 0 in training")
         out = swin_window_attention(x, attn.qkv.weight, attn.qkv.bias, attn.proj.weight, attn.proj.bias,
@@ -125,12 +131,14 @@ class _FusedAttentionV2:
     the block's post-attention ``norm1``)."""
 
     _fastnote_fused_children = ("attn",)
+    _fastnote_reads = (("attn", ("timm.models.swin_transformer_v2", "WindowAttention.forward")),
+                       ("attn.qkv", LINEAR), ("attn.proj", LINEAR))
 
     def _attn(self, x):
         attn = self.attn
         (wh, ww), (sh, sw) = self.window_size, self.shift_size
-        if wh != ww or sh != sw:
-            return super()._attn(x)   # timm's own path: the fused one takes square windows, one shift
+        if wh != ww or sh != sw or not intact(self, self._fastnote_compiled_reads):
+            return super()._attn(x)   # timm's own path, as in V1's
         if attn.training and attn.attn_drop.p > 0:
             raise ValueError("fastnote's fused Swin V2 block has no attention dropout: attn_drop must be 0 in "
                              "training")
@@ -149,7 +157,8 @@ def _fused_class(cls: type, mixin: type) -> type:
     if cls not in _FUSED:
         name = "Fused" + cls.__name__
         doc = f"timm's {cls.__name__} on fastnote's fused path."
-        _FUSED[cls] = type(name, (mixin, cls), {"__module__": __name__, "__qualname__": name, "__doc__": doc})
+        _FUSED[cls] = type(name, (mixin, cls), {"__module__": __name__, "__qualname__": name, "__doc__": doc,
+                                                "_fastnote_compiled_reads": compile_reads(mixin._fastnote_reads)})
     return _FUSED[cls]
 
 

@@ -77,8 +77,12 @@ reason, rather than have the hook silently stop running; so is an h-swish + SE p
 would see the h-swish's output or the SE's input, which the fused module never forms.
 Parametrizations are not hooks: a parametrized weight is read through them. For the same reason a
 Swin attention whose Linear layers (or the attention module itself, where a fused block reads it)
-have a forward of their own, as loralib's LoRA ``Linear`` and quantised Linear layers do, is left
-with the reason: the fused path reads their weights and would drop what that forward adds.
+have a forward of their own, as peft's and loralib's LoRA layers and quantised Linear layers do,
+is left with the reason: the fused path reads their weights and would drop what that forward adds.
+Models change after patching too (``get_peft_model`` on a patched model, a hook added later): a
+fused Swin block checks on every call that what it reads is still as patched and unhooked
+(``fastnote.nn._reads``) and otherwise runs the library's own forward; fastnote's own fused
+``ShiftedWindowAttention`` modules raise a ``ValueError`` there.
 
 All or nothing: an error part way through undoes what the call had changed before it is raised.
 Probes run a candidate's forward without its own hooks, on a copy where it has state to change (a

@@ -42,21 +42,22 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from ..nn.hf_swin import (HF_PLAIN_ATTENTION, HF_SWIN_V2_MASK_VALUE, _FusedSwinLayer, _FusedSwinv2Layer,
-                          fused_layer_class, hf_attention_backend)
+from ..nn.hf_swin import (HF_PLAIN_ATTENTION, HF_SWIN_MODULES, HF_SWIN_V2_MASK_VALUE, _FusedSwinLayer,
+                          _FusedSwinv2Layer, fused_layer_class, hf_attention_backend)
 from .probe import PROBE_TOLERANCE, _bypassed_forward_reason, _forward_is, _hook_reason, _is_fastnote
 from .registry import Result, Site, register
 
-_V1_MODULE = "transformers.models.swin.modeling_swin"
-_V2_MODULE = "transformers.models.swinv2.modeling_swinv2"
+_V1_MODULE, _V2_MODULE = HF_SWIN_MODULES[1], HF_SWIN_MODULES[2]
 
 # attention module of a block left by the block converter -> the reason, reported when the walk
 # reaches that attention (one entry, at the module that looks like attention)
 _LEFT: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
 
 
-def _linear(m, *names) -> bool:
-    return all(isinstance(getattr(m, n, None), nn.Linear) for n in names)
+def _modules_at(m, *names) -> bool:
+    """A module at each of ``names``: the library's nn.Linear, or what was put in its place (peft's
+    LoRA layer, a quantised layer), which ``_bypassed_forward_reason`` then reports."""
+    return all(isinstance(getattr(m, n, None), nn.Module) for n in names)
 
 
 def _library_forward(cls: type, module_name: str, class_name: str, fused_forward) -> Optional[str]:
@@ -74,18 +75,8 @@ def _library_forward(cls: type, module_name: str, class_name: str, fused_forward
 
 
 # modules the fused layers read the parameters of and never call: (path in the layer, the forward
-# the fused maths is written from), per version
-_LINEAR = nn.Linear.forward
-_BYPASSED = {
-    1: (("attention", (_V1_MODULE, "SwinAttention.forward")),
-        ("attention.relative_position_bias", (_V1_MODULE, "SwinRelativePositionBias.forward")),
-        ("attention.q_proj", _LINEAR), ("attention.k_proj", _LINEAR), ("attention.v_proj", _LINEAR),
-        ("attention.o_proj", _LINEAR)),
-    2: (("attention", (_V2_MODULE, "Swinv2Attention.forward")),
-        ("attention.self", (_V2_MODULE, "Swinv2SelfAttention.forward")),
-        ("attention.output", (_V2_MODULE, "Swinv2SelfOutput.forward")), ("attention.self.query", _LINEAR),
-        ("attention.self.key", _LINEAR), ("attention.self.value", _LINEAR), ("attention.output.dense", _LINEAR)),
-}
+# the fused maths is written from), per version; the fused layers check them again on every call
+_BYPASSED = {1: _FusedSwinLayer._fastnote_reads, 2: _FusedSwinv2Layer._fastnote_reads}
 
 
 def _takes_the_same_calls(theirs, ours) -> bool:
@@ -114,13 +105,13 @@ def _version(m: nn.Module) -> int:
         return 0
     attn = m.attention
     rpb = getattr(attn, "relative_position_bias", None)
-    if (_linear(attn, "q_proj", "k_proj", "v_proj", "o_proj") and rpb is not None
+    if (_modules_at(attn, "q_proj", "k_proj", "v_proj", "o_proj") and rpb is not None
             and isinstance(getattr(rpb, "relative_position_bias_table", None), nn.Parameter)
             and isinstance(getattr(m, "mlp", None), nn.Module) and isinstance(getattr(m, "dropout", None), nn.Dropout)
             and callable(getattr(m, "set_shift_and_window_size", None))):
         return 1
     sa, out = getattr(attn, "self", None), getattr(attn, "output", None)
-    if (sa is not None and out is not None and _linear(sa, "query", "key", "value") and _linear(out, "dense")
+    if (sa is not None and out is not None and _modules_at(sa, "query", "key", "value") and _modules_at(out, "dense")
             and isinstance(getattr(sa, "logit_scale", None), nn.Parameter)
             and isinstance(getattr(sa, "continuous_position_bias_mlp", None), nn.Module)
             and getattr(sa, "relative_coords_table", None) is not None

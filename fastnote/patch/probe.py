@@ -98,21 +98,14 @@ def _bypassed_forward_reason(m: nn.Module, expected) -> Optional[str]:
         cls = type(m.get_submodule(path))
         plain = getattr(cls, "forward", None) is want if callable(want) else _forward_is(cls, *want)
         if not plain:
-            return (f"{path!r} ({cls.__name__}) has a forward of its own: the fused path reads its "
-                    f"parameters and does not call it, so what that forward adds would be lost")
+            return (f"{path!r} ({cls.__name__} from {cls.__module__}) has a forward of its own: the fused path "
+                    f"reads its parameters and does not call it, so what that forward adds would be lost")
     return None
 
 
 def _linears_reason(m: nn.Module, *paths: str) -> Optional[str]:
     """``_bypassed_forward_reason`` for Linear children read by weight only."""
     return _bypassed_forward_reason(m, [(p, nn.Linear.forward) for p in paths])
-
-
-def _block_attention_reason(block: nn.Module, module: str) -> Optional[str]:
-    """``_bypassed_forward_reason`` for a fused Swin block (timm's, spandrel's) that reads its
-    ``attn`` (``module``'s ``WindowAttention``) and that attention's ``qkv`` and ``proj``."""
-    return _bypassed_forward_reason(block, (("attn", (module, "WindowAttention.forward")),
-                                            ("attn.qkv", nn.Linear.forward), ("attn.proj", nn.Linear.forward)))
 
 
 def _unhooked(m: nn.Module) -> nn.Module:

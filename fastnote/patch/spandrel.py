@@ -21,11 +21,12 @@ from typing import Optional
 
 from torch import nn
 
-from ..nn.spandrel_swin import fused_block_class
-from .probe import _block_attention_reason, _forward_is, _is_fastnote
+from ..nn.spandrel_swin import SPANDREL_MODULES as _MODULES
+from ..nn.spandrel_swin import _FusedSwin2SRBlock, _FusedSwinIRBlock, fused_block_class
+from .probe import _bypassed_forward_reason, _forward_is, _is_fastnote
 from .registry import Result, Site, register
 
-_MODULES = {1: "spandrel.architectures.SwinIR.__arch.SwinIR", 2: "spandrel.architectures.Swin2SR.__arch.Swin2SR"}
+_MIXINS = {1: _FusedSwinIRBlock, 2: _FusedSwin2SRBlock}
 
 
 def _version(m: nn.Module) -> int:
@@ -48,7 +49,7 @@ def _reason(m: nn.Module, version: int) -> Optional[str]:
     if not _forward_is(type(m), _MODULES[version], "SwinTransformerBlock.forward"):
         return (f"{type(m).__name__} has the structure of spandrel's SwinTransformerBlock but not its forward: the "
                 f"fused path replaces that forward, so it is not used")
-    reason = _block_attention_reason(m, _MODULES[version])
+    reason = _bypassed_forward_reason(m, _MIXINS[version]._fastnote_reads)
     if reason is not None:
         return reason
     attn, ws = m.attn, m.window_size

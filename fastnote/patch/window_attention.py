@@ -24,9 +24,10 @@ from typing import Optional, Tuple
 from torch import nn
 
 from .. import nn as fnn
-from ..nn.timm_swin import TimmWindowAttention, fused_block_class, fused_v2_block_class
+from ..nn.timm_swin import (TimmWindowAttention, _FusedAttention, _FusedAttentionV2, fused_block_class,
+                            fused_v2_block_class)
 from ..nn.torchvision_swin import TorchvisionShiftedWindowAttention
-from .probe import (_block_attention_reason, _is_fastnote, _leave_if_hooked, _linears_reason, _mode_of, _no_meta_left,
+from .probe import (_bypassed_forward_reason, _is_fastnote, _leave_if_hooked, _linears_reason, _mode_of, _no_meta_left,
                     _on_meta)
 from .registry import Result, Site, register
 
@@ -41,7 +42,9 @@ def _dropout_p(m, name) -> float:
 
 
 def _window_attention_like(m: nn.Module) -> bool:
-    return (isinstance(getattr(m, "qkv", None), nn.Linear) and isinstance(getattr(m, "proj", None), nn.Linear)
+    # qkv and proj any module: a LoRA wrapper (peft's) or a quantised layer in their place is then
+    # reported (_linears_reason) before anything reads their widths
+    return (isinstance(getattr(m, "qkv", None), nn.Module) and isinstance(getattr(m, "proj", None), nn.Module)
             and isinstance(getattr(m, "num_heads", None), int) and hasattr(m, "window_size"))
 
 
@@ -93,11 +96,11 @@ def _timm_v2_reason(m: nn.Module) -> Optional[str]:
 
 
 def _timm_v2_attention(old: nn.Module) -> Result:
-    reason = _timm_v2_reason(old)
+    reason = _linears_reason(old, "qkv", "proj") or _timm_v2_reason(old)
     if reason is not None:
         return reason
     note = "core op (cosine attention): the block around it keeps its own shift, pad and partition"
-    return _linears_reason(old, "qkv", "proj") or (fnn.WindowAttentionV2.from_timm(old), note)
+    return fnn.WindowAttentionV2.from_timm(old), note
 
 
 def _torchvision_geometry_reason(old: nn.Module) -> Optional[str]:
@@ -116,7 +119,7 @@ def _torchvision_geometry_reason(old: nn.Module) -> Optional[str]:
 
 
 def _torchvision_v2_attention(old: nn.Module) -> Result:
-    reason = _v2_layout_reason(old, 1)
+    reason = _linears_reason(old, "qkv", "proj") or _v2_layout_reason(old, 1)
     if reason is not None:
         return reason
     reason = _torchvision_geometry_reason(old)
@@ -125,7 +128,7 @@ def _torchvision_v2_attention(old: nn.Module) -> Result:
     if not hasattr(old, "dropout"):
         return "Swin V2 attention without torchvision's dropout attribute: not torchvision's layout"
     note = "fused (cosine attention): pad, shift, partition, attention, reverse"
-    return _linears_reason(old, "qkv", "proj") or (fnn.ShiftedWindowAttentionV2.from_torchvision(old), note)
+    return fnn.ShiftedWindowAttentionV2.from_torchvision(old), note
 
 
 def _window_attention(old: nn.Module, site: Optional[Site] = None) -> Result:
@@ -143,15 +146,15 @@ def _window_attention(old: nn.Module, site: Optional[Site] = None) -> Result:
     heads = old.num_heads
     if tuple(table.shape) != ((2 * wh - 1) * (2 * ww - 1), heads) or tuple(index.shape) != (wh * ww, wh * ww):
         return "relative position table or index does not match window_size and num_heads"
+    reason = _linears_reason(old, "qkv", "proj")
+    if reason is not None:
+        return reason
     p = _dropout_p(old, "attn_drop")
     if p > 0:
         return f"attention dropout p={p} > 0: the kernels implement no dropout on the attention probabilities"
     attn_dim = old.qkv.out_features // 3
     if attn_dim % heads or old.proj.in_features != attn_dim or old.qkv.out_features != 3 * attn_dim:
         return "qkv / proj widths do not split into num_heads heads"
-    reason = _linears_reason(old, "qkv", "proj")
-    if reason is not None:
-        return reason
     head_dim = attn_dim // heads
     scale = float(getattr(old, "scale", head_dim ** -0.5))
     if "relative_position_index" in old._non_persistent_buffers_set:   # timm's layout
@@ -184,15 +187,12 @@ def _shifted_window_attention(old: nn.Module, site: Optional[Site] = None) -> Re
         return None
     if not hasattr(old, "shift_size"):
         return "flat relative position index without shift_size: not torchvision's ShiftedWindowAttention"
-    reason = _torchvision_geometry_reason(old)
+    reason = _linears_reason(old, "qkv", "proj") or _torchvision_geometry_reason(old)
     if reason is not None:
         return reason
     C, heads = old.qkv.in_features, old.num_heads
     if old.qkv.out_features != 3 * C or old.proj.in_features != C or C % heads:
         return "qkv / proj widths do not match dim and num_heads"
-    reason = _linears_reason(old, "qkv", "proj")
-    if reason is not None:
-        return reason
     new = _on_meta(lambda: TorchvisionShiftedWindowAttention(
         C, list(_window_pair(old.window_size)), list(_window_pair(old.shift_size)), heads,
         qkv_bias=old.qkv.bias is not None, proj_bias=old.proj.bias is not None,
@@ -217,6 +217,9 @@ def _timm_swin_block(old: nn.Module, site: Optional[Site] = None) -> Result:
             or getattr(getattr(attn, "relative_position_index", None), "shape", None) != (ws[0] * ws[-1],) * 2:
         return ("timm Swin block whose attn is not timm's WindowAttention (or is already fastnote's core op): "
                 "left on the block's own path")
+    reason = _bypassed_forward_reason(old, _FusedAttention._fastnote_reads)
+    if reason is not None:
+        return f"timm Swin block, fused path not used: {reason}"
     if len(ws) != 2 or ws[0] != ws[1] or len(shift) != 2 or shift[0] != shift[1]:
         return (f"timm Swin block with window {ws} and shift {shift}: the fused path takes square windows and "
                 f"equal shifts (its attention core is still replaced)")
@@ -225,9 +228,6 @@ def _timm_swin_block(old: nn.Module, site: Optional[Site] = None) -> Result:
         return "timm Swin block whose attention width differs from the block's (head_dim set): fused path not used"
     if _dropout_p(attn, "attn_drop") > 0:
         return "timm Swin block with attention dropout: the fused path has none"
-    reason = _block_attention_reason(old, cls.__module__)   # timm's WindowAttention is in the block's module
-    if reason is not None:
-        return f"timm Swin block, fused path not used: {reason}"
     # a class, not a module: the block itself is switched to it in place (the engine's _Patcher.reclass), so
     # what changes the block later (timm's set_input_size) changes what unpatch gives back
     return fused_block_class(cls), ("roll, pad, partition and their reverse fused into the attention (timm's "
@@ -246,7 +246,7 @@ def _timm_swin_v2_block(old: nn.Module, site: Optional[Site] = None) -> Result:
     if attn is None or _is_fastnote(attn) or not _window_attention_like(attn) or not _is_v2(attn):
         return ("timm Swin V2 block whose attn is not timm's V2 WindowAttention (or is already fastnote's core op): "
                 "left on the block's own path")
-    reason = _timm_v2_reason(attn)
+    reason = _bypassed_forward_reason(old, _FusedAttentionV2._fastnote_reads) or _timm_v2_reason(attn)
     if reason is not None:
         return f"timm Swin V2 block, fused path not used: {reason}"
     ws, shift = tuple(getattr(old, "window_size", ())), tuple(getattr(old, "shift_size", ()))
@@ -258,9 +258,6 @@ def _timm_swin_v2_block(old: nn.Module, site: Optional[Site] = None) -> Result:
     dim = old.norm1.normalized_shape[-1] if hasattr(old.norm1, "normalized_shape") else attn.qkv.in_features
     if attn.qkv.in_features != dim:
         return "timm Swin V2 block whose attention width differs from the block's: fused path not used"
-    reason = _block_attention_reason(old, cls.__module__)
-    if reason is not None:
-        return f"timm Swin V2 block, fused path not used: {reason}"
     # switched in place, as V1's block: a later set_input_size changes what unpatch gives back
     return fused_v2_block_class(cls), ("cosine attention with roll, pad, partition and their reverse fused (timm's "
                                        "order: roll, then pad)")

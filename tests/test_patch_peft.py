@@ -1,0 +1,206 @@
+"""peft's LoRA adapters and fastnote.patch, in either order.
+
+Every fused Swin path reads the weights of qkv / proj (Hugging Face: the four projections) and calls
+neither them nor the attention module. peft's ``inject_adapter_in_model`` (what ``get_peft_model``
+does) puts its own ``lora.Linear`` in their place, whose ``weight`` is still the frozen base
+weight: a fused path that went on reading it would compute without the adapter and give the
+adapter's parameters no gradient. So:
+
+- adapters added before patching: the module is left, with a reason that names peft's class, and
+  the model computes what it did;
+- adapters added after patching: a fused block (timm's, Hugging Face's, spandrel's) runs the
+  library's own path, bitwise what the unpatched model with the same adapters computes, gradients
+  of the adapters included; fastnote's own fused modules (torchvision's layout) raise;
+- the same for a hook put on a projection after patching.
+"""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fastnote
+
+peft = pytest.importorskip("peft", reason="peft is not installed: LoRA adapters are not checked here")
+
+
+def _lora(model, targets, seed=1):
+    """``model`` with LoRA adapters of rank 2 on ``targets``, B initialised at random (peft's default
+    starts B at zero, where an adapter adds nothing yet and its loss would go unseen)."""
+    torch.manual_seed(seed)
+    return peft.inject_adapter_in_model(peft.LoraConfig(r=2, lora_alpha=4, target_modules=targets,
+                                                        init_lora_weights=False), model)
+
+
+def _timm(version):
+    """Two of timm's blocks, W-MSA then SW-MSA."""
+    if version == 1:
+        block = pytest.importorskip("timm.models.swin_transformer").SwinTransformerBlock
+    else:
+        block = pytest.importorskip("timm.models.swin_transformer_v2").SwinTransformerV2Block
+    return nn.Sequential(*(block(16, (8, 8), 2, window_size=4, shift_size=s) for s in (0, 2))), (1, 8, 8, 16)
+
+
+def _hf(version):
+    transformers = pytest.importorskip("transformers")
+    cfg = getattr(transformers, f"{version}Config")(image_size=32, patch_size=4, embed_dim=16, depths=[2],
+                                                    num_heads=[2], window_size=4, drop_path_rate=0.0)
+    model = getattr(transformers, f"{version}Model")(cfg)
+    with torch.no_grad():   # V1 starts its position table at zero: give it values
+        for name, p in model.named_parameters():
+            if name.endswith("relative_position_bias_table"):
+                p.normal_(0, 0.5)
+    return model, (1, 3, 32, 32)
+
+
+def _spandrel(name):
+    arch = pytest.importorskip(f"spandrel.architectures.{name}")
+    return getattr(arch, name)(upscale=2, img_size=16, window_size=4, embed_dim=16, depths=[2], num_heads=[2],
+                               in_chans=3, upsampler="pixelshuffledirect", drop_path_rate=0.0), (1, 3, 16, 16)
+
+
+# (id, make -> (model, input shape), LoRA targets, the fused class the blocks are switched to)
+FUSED_BLOCKS = [
+    ("timm", lambda: _timm(1), ["qkv", "proj"], "FusedSwinTransformerBlock"),
+    ("timm-v2", lambda: _timm(2), ["qkv", "proj"], "FusedSwinTransformerV2Block"),
+    ("hf-swin", lambda: _hf("Swin"), ["q_proj", "v_proj", "o_proj"], "FusedSwinLayer"),
+    ("hf-swinv2", lambda: _hf("Swinv2"), ["query", "value", "dense"], "FusedSwinv2Layer"),
+    ("swinir", lambda: _spandrel("SwinIR"), ["qkv", "proj"], "FusedSwinIRBlock"),
+    ("swin2sr", lambda: _spandrel("Swin2SR"), ["qkv", "proj"], "FusedSwin2SRBlock"),
+]
+
+
+def _out(model, x):
+    y = model(x) if not hasattr(model, "config") else model(pixel_values=x).last_hidden_state
+    return y
+
+
+def _adapter_grads(model):
+    return {n: p.grad for n, p in model.named_parameters() if "lora_" in n}
+
+
+def _made(make, train):
+    torch.manual_seed(0)
+    model, shape = make()
+    return model.train(train), shape
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("case", FUSED_BLOCKS, ids=[c[0] for c in FUSED_BLOCKS])
+def test_adapters_added_after_patching_are_not_dropped(case, train):
+    """Patch, then add adapters: the fused blocks take the library's path, and the model computes
+    what the unpatched model with the same adapters does, bitwise, the adapters' gradients
+    included."""
+    _, make, targets, fused = case
+    eager, shape = _made(make, train)
+    patched = copy.deepcopy(eager)
+    report = fastnote.patch(patched)
+    assert report.replaced and all(type(m).__name__ != fused for m in eager.modules())
+    assert sum(type(m).__name__ == fused for m in patched.modules()) >= 2, str(report)
+    x = torch.randn(shape)
+    torch.testing.assert_close(_out(patched, x), _out(eager, x))   # the fused path runs (a kernel launch)
+    before = _out(eager, x).detach()
+    _lora(eager, targets)
+    _lora(patched, targets, seed=2)
+    patched.load_state_dict(eager.state_dict())
+    assert sum("lora_" in n for n, _ in eager.named_parameters()) >= 2 * len(targets)
+    ours, theirs = _out(patched, x), _out(eager, x)
+    assert (theirs - before).abs().max() > 1e-3   # the premise: the adapters change the output
+    assert torch.equal(ours, theirs)
+    ours.square().sum().backward()
+    theirs.square().sum().backward()
+    # timm's V2 attention and Swin2SR's compute qkv with F.linear on qkv.weight themselves: an
+    # adapter on qkv gets no gradient there, unpatched as patched
+    got, want = _adapter_grads(patched), _adapter_grads(eager)
+    assert got.keys() == want.keys() and any(g is not None for g in want.values())
+    for name in want:
+        assert (got[name] is None) == (want[name] is None), name
+        assert want[name] is None or torch.equal(got[name], want[name]), name
+
+
+@pytest.mark.parametrize("case", FUSED_BLOCKS, ids=[c[0] for c in FUSED_BLOCKS])
+def test_hook_added_after_patching_runs(case):
+    """Patch, then hook one of the projections the fused path reads: the library's path runs, and
+    so the hook (here one that changes the projection's output) does."""
+    _, make, targets, fused = case
+    eager, shape = _made(make, False)
+    patched = copy.deepcopy(eager)
+    fastnote.patch(patched)
+    x = torch.randn(shape)
+    torch.testing.assert_close(_out(patched, x), _out(eager, x))
+    calls = []
+    for model in (eager, patched):
+        for name, m in model.named_modules():
+            if name.endswith("." + targets[-1]):
+                m.register_forward_hook(lambda mod, args, out: calls.append(1) or 1.5 * out)
+    with torch.no_grad():
+        theirs = _out(eager, x)
+        n = len(calls)
+        ours = _out(patched, x)
+    assert len(calls) == 2 * n > 0
+    assert torch.equal(ours, theirs)
+
+
+def _torchvision(version):
+    tv = pytest.importorskip("torchvision.models.swin_transformer")
+    cls = tv.ShiftedWindowAttention if version == 1 else tv.ShiftedWindowAttentionV2
+    return nn.Sequential(cls(16, [4, 4], [2, 2], 2))
+
+
+@pytest.mark.parametrize("version", [1, 2], ids=["v1", "v2"])
+def test_fastnote_fused_module_refuses_adapters_added_after_patching(version):
+    """fastnote's own fused modules (torchvision's layout, which reads qkv's and proj's weights
+    itself) have no library path to fall back on: adapters added after patching raise, naming the
+    module and peft's class, rather than be dropped."""
+    torch.manual_seed(0)
+    patched = _torchvision(version)
+    report = fastnote.patch(patched)
+    assert report.replaced
+    x = torch.randn(1, 8, 8, 16)
+    patched(x)
+    _lora(patched, ["qkv"])
+    with pytest.raises(ValueError, match=r"'qkv' is a peft\.tuners\.lora\.layer\.Linear.*silently dropped"):
+        patched(x)
+
+
+# (id, make -> model, input shape, LoRA target, the paths reported): the core converters (timm's
+# WindowAttention V1 / V2, torchvision's V1 / V2), timm's blocks (block and attention both),
+# Hugging Face's layers (at their attention) and spandrel's blocks (at their attention)
+BEFORE = [
+    ("timm-core", lambda: nn.Sequential(pytest.importorskip("timm.models.swin_transformer").WindowAttention(
+        16, 2, window_size=(4, 4))), (3, 16, 16), "qkv", ["0"]),
+    ("timm-v2-core", lambda: nn.Sequential(pytest.importorskip("timm.models.swin_transformer_v2").WindowAttention(
+        16, (4, 4), 2)), (3, 16, 16), "qkv", ["0"]),
+    ("torchvision", lambda: _torchvision(1), (1, 8, 8, 16), "qkv", ["0"]),
+    ("torchvision-v2", lambda: _torchvision(2), (1, 8, 8, 16), "qkv", ["0"]),
+    ("timm-block", lambda: _timm(1)[0], (1, 8, 8, 16), "qkv", ["0", "0.attn", "1", "1.attn"]),
+    ("timm-v2-block", lambda: _timm(2)[0], (1, 8, 8, 16), "proj", ["0", "0.attn", "1", "1.attn"]),
+    ("hf-swin", lambda: _hf("Swin")[0], (1, 3, 32, 32), "q_proj",
+     [f"encoder.layers.0.blocks.{i}.attention" for i in (0, 1)]),
+    ("hf-swinv2", lambda: _hf("Swinv2")[0], (1, 3, 32, 32), "dense",
+     [f"encoder.layers.0.blocks.{i}.attention.self" for i in (0, 1)]),
+    ("swinir", lambda: _spandrel("SwinIR")[0], (1, 3, 16, 16), "qkv",
+     [f"layers.0.residual_group.blocks.{i}.attn" for i in (0, 1)]),
+    ("swin2sr", lambda: _spandrel("Swin2SR")[0], (1, 3, 16, 16), "proj",
+     [f"layers.0.residual_group.blocks.{i}.attn" for i in (0, 1)]),
+]
+
+
+@pytest.mark.no_kernel
+@pytest.mark.parametrize("case", BEFORE, ids=[c[0] for c in BEFORE])
+def test_adapters_added_before_patching_are_reported(case):
+    """Add adapters, then patch: each module whose fused path would read the adapted Linear's
+    weight is left, with a reason naming peft's class, and the model computes what it did."""
+    _, make, shape, target, paths = case
+    torch.manual_seed(0)
+    eager = _lora(make().eval(), [target])
+    patched = copy.deepcopy(eager)
+    report = fastnote.patch(patched)
+    assert not report.replaced, str(report)
+    reasons = {e.path: e.reason for e in report.left}
+    assert sorted(reasons) == paths, str(report)
+    for reason in reasons.values():
+        assert f"{target}' (Linear from peft.tuners.lora.layer) has a forward of its own" in reason, reason
+    x = torch.randn(shape)
+    with torch.no_grad():
+        assert torch.equal(_out(patched, x), _out(eager, x))
