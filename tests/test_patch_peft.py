@@ -204,3 +204,53 @@ def test_adapters_added_before_patching_are_reported(case):
     x = torch.randn(shape)
     with torch.no_grad():
         assert torch.equal(_out(patched, x), _out(eager, x))
+
+
+# squeeze-excitation: fastnote's SE modules read the two convs' weights and call neither
+def _se(layout):
+    if layout == "torchvision":
+        se = pytest.importorskip("torchvision.ops").SqueezeExcitation(16, 8, scale_activation=nn.Hardsigmoid)
+        return nn.Sequential(nn.Conv2d(4, 16, 1), nn.ReLU(), se), "fc1"
+    se = pytest.importorskip("timm.models._efficientnet_blocks").SqueezeExcite(16, rd_channels=8)   # MobileNetV3's
+    return nn.Sequential(nn.Conv2d(4, 16, 1), nn.ReLU(), se), "conv_reduce"
+
+
+@pytest.mark.parametrize("layout", ["torchvision", "timm"])
+@pytest.mark.parametrize("how", ["lora", "hook"])
+def test_se_refuses_a_conv_changed_after_patching(layout, how):
+    """Patch, then put an adapter on (or hook) the SE's first conv: fastnote's SE raises, naming
+    it, rather than compute without it."""
+    torch.manual_seed(0)
+    patched, conv = _se(layout)
+    report = fastnote.patch(patched)
+    assert len(report.replaced) == 1 and isinstance(patched[2], (fastnote.nn.SqueezeExcitation,
+                                                                 fastnote.nn.SqueezeExcite)), str(report)
+    x = torch.randn(2, 4, 5, 5)
+    patched(x)
+    if how == "lora":
+        _lora(patched, [conv])
+        match = rf"'{conv}' is a peft\.tuners\.lora\.layer\.Conv2d.*silently dropped"
+    else:
+        getattr(patched[2], conv).register_forward_hook(lambda m, i, o: 2 * o)
+        match = rf"'{conv}' holds a forward or backward hook.*silently dropped"
+    with pytest.raises(ValueError, match=match):
+        patched(x)
+
+
+@pytest.mark.no_kernel
+@pytest.mark.parametrize("layout", ["torchvision", "timm"])
+def test_se_with_an_adapter_before_patching_is_reported(layout):
+    """Add an adapter to the SE's first conv, then patch: the SE is left, with a reason naming
+    peft's class, and the model computes what it did."""
+    torch.manual_seed(0)
+    model, conv = _se(layout)
+    eager = _lora(model, [conv])
+    patched = copy.deepcopy(eager)
+    report = fastnote.patch(patched)
+    assert not report.replaced
+    (left,) = report.left
+    assert left.path == "2" and f"'{conv}' (Conv2d from peft.tuners.lora.layer) has a forward of its own" in \
+        left.reason, left.reason
+    x = torch.randn(2, 4, 5, 5)
+    with torch.no_grad():
+        assert torch.equal(patched(x), eager(x))

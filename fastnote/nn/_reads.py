@@ -78,17 +78,20 @@ def what_changed(module: nn.Module, reads: Compiled) -> str:
     return "nothing"
 
 
-def check_intact(module: nn.Module, reads: Compiled) -> None:
+def check_intact(module: nn.Module, reads: Compiled, instead: str = "") -> None:
     """For fastnote's own fused modules, which have no library path to fall back on: raise where
-    ``intact`` is False, rather than compute without what the changed submodule adds."""
+    ``intact`` is False, rather than compute without what the changed submodule adds.
+    ``instead``: what to use where that submodule must stay as it is."""
     if not intact(module, reads):
         raise ValueError(
             f"{type(module).__name__}'s fused path reads the weights of {', '.join('.'.join(p) for p, _ in reads)} "
             f"without calling them, but {what_changed(module, reads)}: what it adds (a LoRA adapter, a quantised "
-            "layer's maths, a hook) would be silently dropped. Wrap or hook these modules before fastnote.patch "
-            "(which then leaves the module on the library's path), or use fastnote.nn.WindowAttention, which calls "
-            "qkv and proj")
+            "layer's maths, a hook) would be silently dropped. Wrap or hook these modules before fastnote.patch, "
+            f"which then leaves the module on the library's path{instead}")
 
 
-# fastnote's own fused shifted window attention modules (V1, V2, torchvision's layout) read these
+# fastnote's own fused modules: shifted window attention (V1, V2, torchvision's layout) and SE
 QKV_PROJ = compile_reads((("qkv", LINEAR), ("proj", LINEAR)))
+CALLS_QKV = ", or fastnote.nn.WindowAttention (the core op), which calls qkv and proj"
+FC1_FC2 = compile_reads((("fc1", nn.Conv2d.forward), ("fc2", nn.Conv2d.forward)))
+CONV_REDUCE_EXPAND = compile_reads((("conv_reduce", nn.Conv2d.forward), ("conv_expand", nn.Conv2d.forward)))

@@ -29,7 +29,8 @@ from ..ops.window_attention_v2 import swin_window_attention_v2
 from ._reads import LINEAR, compile_reads, intact
 
 # the modules spandrel's blocks and their WindowAttention are defined in, per version
-SPANDREL_MODULES = {1: "spandrel.architectures.SwinIR.__arch.SwinIR", 2: "spandrel.architectures.Swin2SR.__arch.Swin2SR"}
+SPANDREL_MODULES = {1: "spandrel.architectures.SwinIR.__arch.SwinIR",
+                    2: "spandrel.architectures.Swin2SR.__arch.Swin2SR"}
 
 
 def _reads(version: int):

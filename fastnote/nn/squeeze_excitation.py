@@ -7,6 +7,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..ops.squeeze_excitation import hswish_se, squeeze_excitation
+from ._reads import CONV_REDUCE_EXPAND, FC1_FC2, check_intact
 
 _ACTIVATIONS = {nn.ReLU: "relu", nn.SiLU: "silu", nn.Hardswish: "hard_swish"}
 _GATES = {nn.Hardsigmoid: "hard_sigmoid", nn.Sigmoid: "sigmoid"}
@@ -36,9 +37,10 @@ class SqueezeExcitation(nn.Module):
 
     The submodules are torchvision's (``avgpool``, ``fc1``, ``fc2``, ``activation``,
     ``scale_activation``), but the kernel computes the pool and the activations given at
-    construction (``activation_name``, ``gate_name``) and calls only the convs' parameters:
-    hooks on these submodules do not run, and replacing one changes nothing (``fastnote.patch``
-    leaves an SE whose submodules hold hooks).
+    construction (``activation_name``, ``gate_name``) and reads only the convs' parameters:
+    hooks on the pool and the activations do not run, and replacing one changes nothing
+    (``fastnote.patch`` leaves an SE whose submodules hold hooks). A conv replaced (a LoRA
+    adapter), or hooked after construction, raises a ``ValueError``, rather than be dropped.
     """
 
     def __init__(self, input_channels: int, squeeze_channels: int, activation=nn.ReLU,
@@ -53,6 +55,7 @@ class SqueezeExcitation(nn.Module):
         self.scale_activation = _module(scale_activation)
 
     def forward(self, x):
+        check_intact(self, FC1_FC2)
         return squeeze_excitation(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
                                   activation=self.activation_name, gate=self.gate_name)
 
@@ -67,7 +70,7 @@ class SqueezeExcite(nn.Module):
     MobileNetV3's Hardsigmoid). ``hardswish_input=True``: the module receives the pre-activation
     ``u`` and computes ``SE(hard_swish(u))`` fused. The submodules are timm's (``conv_reduce``,
     ``act1``, ``conv_expand``, ``gate``); as in ``SqueezeExcitation``, the kernel computes the
-    activations and hooks on ``act1`` and ``gate`` do not run.
+    activations, hooks on ``act1`` and ``gate`` do not run, and a conv replaced or hooked raises.
 
     >>> import torch, fastnote
     >>> from fastnote.nn import SqueezeExcite
@@ -90,6 +93,7 @@ class SqueezeExcite(nn.Module):
         self.hardswish_input = bool(hardswish_input)
 
     def forward(self, x):
+        check_intact(self, CONV_REDUCE_EXPAND)
         fn = hswish_se if self.hardswish_input else squeeze_excitation
         return fn(x, self.conv_reduce.weight, self.conv_reduce.bias, self.conv_expand.weight,
                   self.conv_expand.bias, activation=self.activation_name, gate=self.gate_name)
@@ -114,6 +118,7 @@ class HardswishSqueezeExcitation(SqueezeExcitation):
     """
 
     def forward(self, u):
+        check_intact(self, FC1_FC2)
         return hswish_se(u, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
                          activation=self.activation_name, gate=self.gate_name)
 

@@ -9,7 +9,7 @@ from typing import List
 import torch
 
 from ..ops.window_attention import swin_window_attention
-from ._reads import QKV_PROJ, check_intact
+from ._reads import CALLS_QKV, QKV_PROJ, check_intact
 from .window_attention import ShiftedWindowAttention
 
 
@@ -47,7 +47,7 @@ class TorchvisionShiftedWindowAttention(ShiftedWindowAttention):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_dropout()
-        check_intact(self, QKV_PROJ)
+        check_intact(self, QKV_PROJ, CALLS_QKV)
         n = self.window_size[0] * self.window_size[1]
         out = swin_window_attention(
             x, self.qkv.weight, self.qkv.bias, self.proj.weight, self.proj.bias,

@@ -10,7 +10,7 @@ from torch import nn
 from ..checks import window_pair
 from ..ops.window_attention import (MASK_VALUE, relative_position_bias, relative_position_index,
                                     swin_window_attention, window_attention)
-from ._reads import QKV_PROJ, check_intact
+from ._reads import CALLS_QKV, QKV_PROJ, check_intact
 
 
 class WindowAttention(nn.Module):
@@ -111,7 +111,7 @@ class ShiftedWindowAttention(WindowAttention):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_dropout()
-        check_intact(self, QKV_PROJ)
+        check_intact(self, QKV_PROJ, CALLS_QKV)
         out = swin_window_attention(
             x, self.qkv.weight, self.qkv.bias, self.proj.weight, self.proj.bias,
             self.relative_position_bias_table, self.window_size[0], self.num_heads, self.shift_size,

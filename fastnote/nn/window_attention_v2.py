@@ -18,7 +18,7 @@ from torch import nn
 from ..checks import window_pair
 from ..ops.window_attention import MASK_VALUE, relative_position_index
 from ..ops.window_attention_v2 import swin_window_attention_v2, window_attention_v2
-from ._reads import QKV_PROJ, check_intact
+from ._reads import CALLS_QKV, QKV_PROJ, check_intact
 
 
 def relative_coords_table(window_size: Tuple[int, int], pretrained_window_size: Tuple[int, int] = (0, 0),
@@ -269,7 +269,7 @@ class ShiftedWindowAttentionV2(_CosineAttention):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_dropout(self.attention_dropout)
-        check_intact(self, QKV_PROJ)
+        check_intact(self, QKV_PROJ, CALLS_QKV)
         C = x.shape[-1]
         n = self.window_size[0] * self.window_size[1]
         bias = self.qkv.bias

@@ -82,7 +82,7 @@ is left with the reason: the fused path reads their weights and would drop what 
 Models change after patching too (``get_peft_model`` on a patched model, a hook added later): a
 fused Swin block checks on every call that what it reads is still as patched and unhooked
 (``fastnote.nn._reads``) and otherwise runs the library's own forward; fastnote's own fused
-``ShiftedWindowAttention`` modules raise a ``ValueError`` there.
+modules (``ShiftedWindowAttention``, the SE modules' convs) raise a ``ValueError`` there.
 
 All or nothing: an error part way through undoes what the call had changed before it is raised.
 Probes run a candidate's forward without its own hooks, on a copy where it has state to change (a

@@ -22,8 +22,8 @@ from torch import nn
 from .. import nn as fnn
 from .. import reference
 from ..nn.squeeze_excitation import _ACTIVATIONS, _GATES
-from .probe import (_has_hooks, _hook_reason, _hooked, _is_fastnote, _join, _meta_reason, _mode_of, _no_meta_left,
-                    _on_meta, _probe_close, _probe_copy, _probe_input)
+from .probe import (_bypassed_forward_reason, _has_hooks, _hook_reason, _hooked, _is_fastnote, _join, _meta_reason,
+                    _mode_of, _no_meta_left, _on_meta, _probe_close, _probe_copy, _probe_input)
 from .registry import Result, Site, register
 
 _POOLS = (nn.AdaptiveAvgPool2d, nn.Identity)
@@ -89,10 +89,18 @@ def _near_se_reason(m: nn.Module):
         return None
     children = m._modules
     for (n1, n2), library in _SE_NAMES.items():
-        if not (isinstance(children.get(n1), nn.Conv2d) and isinstance(children.get(n2), nn.Conv2d)):
+        # a conv, or a module wrapping one in its place (peft's LoRA lora.Conv2d, a quantised conv)
+        if not all(isinstance(children.get(n), nn.Module)
+                   and any(isinstance(c, nn.Conv2d) for c in children[n].modules()) for n in (n1, n2)):
             continue
-        if any(c is not None and _parameter_free_leaf(c) and _as_known(c, _GATES) in _GATES
-               for c in children.values()):
+        gated = any(c is not None and _parameter_free_leaf(c) and _as_known(c, _GATES) in _GATES
+                    for c in children.values())
+        if not (isinstance(children[n1], nn.Conv2d) and isinstance(children[n2], nn.Conv2d)):
+            reason = _bypassed_forward_reason(m, ((n1, nn.Conv2d.forward), (n2, nn.Conv2d.forward)))
+            if gated and reason is not None:
+                return f"SE-shaped ({library}'s {n1}, {n2} and a gate), but {reason}"
+            continue
+        if gated:
             others = [f"{name} ({type(c).__name__})" for name, c in children.items() if name not in (n1, n2)]
             own = sorted(set(m._parameters) | set(m._buffers))
             return (f"SE-shaped ({library}'s {n1}, {n2} and a gate), but fastnote's SE is two 1x1 convs, "
@@ -125,6 +133,7 @@ def _squeeze_excitation(old: nn.Module, hardswish_input: bool = False) -> Result
     # its replacement (``_Patcher.swap``).
     reason = (_hook_reason(old, "SE-shaped", "the fused op reads the convs' weights and calls no submodule, so "
                            "the hook would stop running", own=False)
+              or _bypassed_forward_reason(old, ((n1, nn.Conv2d.forward), (n2, nn.Conv2d.forward)))
               or _meta_reason(c1.weight, "SE-shaped"))
     if reason is not None:
         return reason
