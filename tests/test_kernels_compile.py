@@ -1,5 +1,6 @@
 """Every Triton kernel builds for sm_90, sm_80 and sm_89 (Triton's compiler and ptxas, no GPU
-needed; sm_89 is checked on the sm_80 build, which it matches), with the argument specialisation
+needed; sm_80 to the LLVM IR, where its shared memory is fixed; sm_89 is checked on the sm_80
+build, which it matches), with the argument specialisation
 Triton's JIT would pick: the interpreter that runs the kernels elsewhere in the suite accepts code
 the real compiler rejects, and what ptxas reports (registers, spills, shared memory) is the GPU's
 own figure."""
