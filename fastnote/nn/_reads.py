@@ -48,7 +48,8 @@ def compile_reads(reads: Sequence[Read]) -> Compiled:
 def intact(module: nn.Module, reads: Compiled) -> bool:
     """Whether every submodule in ``reads`` is there, has its class's forward the one named, and
     holds no forward or backward hook or pre-hook: then a fused forward that reads their parameters
-    computes what calling them would. A few hundred nanoseconds per call (dict lookups only)."""
+    computes what calling them would. Dict and attribute lookups only, the checks torch's own module
+    call makes: 1.4-2.1 us for timm's three reads on a 2-core development VM."""
     for path, forward in reads:
         m = module
         for name in path:
