@@ -79,25 +79,25 @@ def _adapter_grads(model):
     return {n: p.grad for n, p in model.named_parameters() if "lora_" in n}
 
 
-def _made(make, train):
+def _made(make, train, device):
     torch.manual_seed(0)
     model, shape = make()
-    return model.train(train), shape
+    return model.to(device).train(train), shape
 
 
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("case", FUSED_BLOCKS, ids=[c[0] for c in FUSED_BLOCKS])
-def test_adapters_added_after_patching_are_not_dropped(case, train):
+def test_adapters_added_after_patching_are_not_dropped(case, train, device):
     """Patch, then add adapters: the fused blocks take the library's path, and the model computes
     what the unpatched model with the same adapters does, bitwise, the adapters' gradients
     included."""
     _, make, targets, fused = case
-    eager, shape = _made(make, train)
+    eager, shape = _made(make, train, device)
     patched = copy.deepcopy(eager)
     report = fastnote.patch(patched)
     assert report.replaced and all(type(m).__name__ != fused for m in eager.modules())
     assert sum(type(m).__name__ == fused for m in patched.modules()) >= 2, str(report)
-    x = torch.randn(shape)
+    x = torch.randn(shape, device=device)
     torch.testing.assert_close(_out(patched, x), _out(eager, x))   # the fused path runs (a kernel launch)
     before = _out(eager, x).detach()
     _lora(eager, targets)
@@ -119,14 +119,14 @@ def test_adapters_added_after_patching_are_not_dropped(case, train):
 
 
 @pytest.mark.parametrize("case", FUSED_BLOCKS, ids=[c[0] for c in FUSED_BLOCKS])
-def test_hook_added_after_patching_runs(case):
+def test_hook_added_after_patching_runs(case, device):
     """Patch, then hook one of the projections the fused path reads: the library's path runs, and
     so the hook (here one that changes the projection's output) does."""
     _, make, targets, fused = case
-    eager, shape = _made(make, False)
+    eager, shape = _made(make, False, device)
     patched = copy.deepcopy(eager)
     fastnote.patch(patched)
-    x = torch.randn(shape)
+    x = torch.randn(shape, device=device)
     torch.testing.assert_close(_out(patched, x), _out(eager, x))
     calls = []
     for model in (eager, patched):
@@ -141,6 +141,27 @@ def test_hook_added_after_patching_runs(case):
     assert torch.equal(ours, theirs)
 
 
+def test_merged_adapters_take_the_fused_path_again(device, launches):
+    """Patch, add adapters, train with them (the library's path), then merge them into the weights
+    (peft's ``merge_and_unload``): qkv and proj are plain Linear layers again, and the fused path
+    runs, with what the adapted model computed."""
+    eager, shape = _made(FUSED_BLOCKS[0][1], False, device)
+    patched = copy.deepcopy(eager)
+    fastnote.patch(patched)
+    model = peft.get_peft_model(patched, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["qkv", "proj"],
+                                                         init_lora_weights=False))
+    x = torch.randn(shape, device=device)
+    with torch.no_grad():
+        adapted = model(x)
+        launches.clear()
+        merged = model.merge_and_unload()
+        assert all(type(block.attn.qkv) is nn.Linear for block in merged)
+        ours = merged(x)
+    assert any("window_attention" in str(launch[0]) for launch in launches), launches
+    assert (adapted - _out(eager, x)).abs().max() > 1e-3
+    torch.testing.assert_close(ours, adapted)
+
+
 def _torchvision(version):
     tv = pytest.importorskip("torchvision.models.swin_transformer")
     cls = tv.ShiftedWindowAttention if version == 1 else tv.ShiftedWindowAttentionV2
@@ -148,15 +169,15 @@ def _torchvision(version):
 
 
 @pytest.mark.parametrize("version", [1, 2], ids=["v1", "v2"])
-def test_fastnote_fused_module_refuses_adapters_added_after_patching(version):
+def test_fastnote_fused_module_refuses_adapters_added_after_patching(version, device):
     """fastnote's own fused modules (torchvision's layout, which reads qkv's and proj's weights
     itself) have no library path to fall back on: adapters added after patching raise, naming the
     module and peft's class, rather than be dropped."""
     torch.manual_seed(0)
-    patched = _torchvision(version)
+    patched = _torchvision(version).to(device)
     report = fastnote.patch(patched)
     assert report.replaced
-    x = torch.randn(1, 8, 8, 16)
+    x = torch.randn(1, 8, 8, 16, device=device)
     patched(x)
     _lora(patched, ["qkv"])
     with pytest.raises(ValueError, match=r"'qkv' is a peft\.tuners\.lora\.layer\.Linear.*silently dropped"):
@@ -217,15 +238,16 @@ def _se(layout):
 
 @pytest.mark.parametrize("layout", ["torchvision", "timm"])
 @pytest.mark.parametrize("how", ["lora", "hook"])
-def test_se_refuses_a_conv_changed_after_patching(layout, how):
+def test_se_refuses_a_conv_changed_after_patching(layout, how, device):
     """Patch, then put an adapter on (or hook) the SE's first conv: fastnote's SE raises, naming
     it, rather than compute without it."""
     torch.manual_seed(0)
     patched, conv = _se(layout)
+    patched.to(device)
     report = fastnote.patch(patched)
     assert len(report.replaced) == 1 and isinstance(patched[2], (fastnote.nn.SqueezeExcitation,
                                                                  fastnote.nn.SqueezeExcite)), str(report)
-    x = torch.randn(2, 4, 5, 5)
+    x = torch.randn(2, 4, 5, 5, device=device)
     patched(x)
     if how == "lora":
         _lora(patched, [conv])
