@@ -100,11 +100,12 @@ def build(fn, args, kwargs, target, shared_memory_only=False):
     """Build one captured launch for ``target`` as the JIT would (Triton keeps it in its cache);
     returns (source, options, compiled kernel). ``shared_memory_only``: see ``_to_llir``."""
     src, options = jit_source(fn, args, kwargs, target)
-    knobs.runtime.add_stages_inspection_hook = _to_llir if shared_memory_only else None
+    previous = knobs.runtime.add_stages_inspection_hook
+    knobs.runtime.add_stages_inspection_hook = _to_llir if shared_memory_only else previous
     try:
         return src, options, triton.compile(src, target=target, options=options.__dict__)
     finally:
-        knobs.runtime.add_stages_inspection_hook = None
+        knobs.runtime.add_stages_inspection_hook = previous
 
 
 LLIR_ONLY = "fastnote-aot-llir-only"

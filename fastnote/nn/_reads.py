@@ -18,7 +18,7 @@ library's (``("timm.models.swin_transformer", "WindowAttention.forward")``), res
 from __future__ import annotations
 
 import importlib
-from typing import Callable, Sequence, Tuple, Union
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 from torch import nn
 
@@ -45,48 +45,41 @@ def compile_reads(reads: Sequence[Read]) -> Compiled:
     return tuple((tuple(path.split(".")), resolve(forward)) for path, forward in reads)
 
 
-def intact(module: nn.Module, reads: Compiled) -> bool:
-    """Whether every submodule in ``reads`` is there, has its class's forward the one named, and
-    holds no forward or backward hook or pre-hook: then a fused forward that reads their parameters
-    computes what calling them would. Dict and attribute lookups only, the checks torch's own module
-    call makes: 1.4-2.1 us for timm's three reads on a 2-core development VM."""
+def changed(module: nn.Module, reads: Compiled) -> Optional[str]:
+    """None when every submodule in ``reads`` is there, has its class's forward the one named, and
+    holds no forward or backward hook or pre-hook (then a fused forward that reads their parameters
+    computes what calling them would); else which one does not, and why, in words. Dict and
+    attribute lookups only, the checks torch's own module call makes: 1.4-2.1 us for timm's three
+    reads on a 2-core development VM."""
     for path, forward in reads:
         m = module
         for name in path:
             m = m._modules.get(name)
             if m is None:
-                return False
-        if (type(m).forward is not forward or m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
-                or m._backward_pre_hooks):
-            return False
-    return True
-
-
-def what_changed(module: nn.Module, reads: Compiled) -> str:
-    """Which read ``intact`` refuses, and why, in words (for an error message)."""
-    for path, forward in reads:
-        m, name = module, ".".join(path)
-        for part in path:
-            m = m._modules.get(part)
-            if m is None:
-                return f"{name!r} is missing"
+                return f"{'.'.join(path)!r} is missing"
         cls = type(m)
         if cls.forward is not forward:
-            return (f"{name!r} is a {cls.__module__}.{cls.__qualname__}, whose forward is not "
+            return (f"{'.'.join(path)!r} is a {cls.__module__}.{cls.__qualname__}, whose forward is not "
                     f"{forward.__module__}.{forward.__qualname__}")
         if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
-            return f"{name!r} holds a forward or backward hook"
-    return "nothing"
+            return f"{'.'.join(path)!r} holds a forward or backward hook"
+    return None
+
+
+def intact(module: nn.Module, reads: Compiled) -> bool:
+    """Whether ``changed`` finds nothing: the fused forward may read these submodules' parameters."""
+    return changed(module, reads) is None
 
 
 def check_intact(module: nn.Module, reads: Compiled, instead: str = "") -> None:
     """For fastnote's own fused modules, which have no library path to fall back on: raise where
     ``intact`` is False, rather than compute without what the changed submodule adds.
     ``instead``: what to use where that submodule must stay as it is."""
-    if not intact(module, reads):
+    what = changed(module, reads)
+    if what is not None:
         raise ValueError(
             f"{type(module).__name__}'s fused path reads the weights of {', '.join('.'.join(p) for p, _ in reads)} "
-            f"without calling them, but {what_changed(module, reads)}: what it adds (a LoRA adapter, a quantised "
+            f"without calling them, but {what}: what it adds (a LoRA adapter, a quantised "
             "layer's maths, a hook) would be silently dropped. Wrap or hook these modules before fastnote.patch, "
             f"which then leaves the module on the library's path{instead}")
 

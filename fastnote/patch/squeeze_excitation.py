@@ -81,6 +81,11 @@ def _as_known(act: nn.Module, table) -> type:
     return type(act)
 
 
+def _convs_reason(m: nn.Module, n1: str, n2: str) -> Optional[str]:
+    """``_bypassed_forward_reason`` for an SE's two convs, which the fused op reads by weight."""
+    return _bypassed_forward_reason(m, ((n1, nn.Conv2d.forward), (n2, nn.Conv2d.forward)))
+
+
 def _near_se_reason(m: nn.Module):
     """The reason to report ``m`` as left when it has an SE's two convs under torchvision's or
     timm's names and a gate, but more than ``_se_parts`` takes (RexNet's SE holds a BatchNorm
@@ -96,7 +101,7 @@ def _near_se_reason(m: nn.Module):
         gated = any(c is not None and _parameter_free_leaf(c) and _as_known(c, _GATES) in _GATES
                     for c in children.values())
         if not (isinstance(children[n1], nn.Conv2d) and isinstance(children[n2], nn.Conv2d)):
-            reason = _bypassed_forward_reason(m, ((n1, nn.Conv2d.forward), (n2, nn.Conv2d.forward)))
+            reason = _convs_reason(m, n1, n2)
             if gated and reason is not None:
                 return f"SE-shaped ({library}'s {n1}, {n2} and a gate), but {reason}"
             continue
@@ -133,7 +138,7 @@ def _squeeze_excitation(old: nn.Module, hardswish_input: bool = False) -> Result
     # its replacement (``_Patcher.swap``).
     reason = (_hook_reason(old, "SE-shaped", "the fused op reads the convs' weights and calls no submodule, so "
                            "the hook would stop running", own=False)
-              or _bypassed_forward_reason(old, ((n1, nn.Conv2d.forward), (n2, nn.Conv2d.forward)))
+              or _convs_reason(old, n1, n2)
               or _meta_reason(c1.weight, "SE-shaped"))
     if reason is not None:
         return reason
